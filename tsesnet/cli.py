@@ -1,0 +1,146 @@
+"""The `tsesnet` command: one parser, subcommands dispatched lazily to the modules that own them.
+
+Nothing heavy (torch, ray, mlflow, zarr) is imported until a subcommand runs, so `--help` is fast.
+Each handler takes the parsed `argparse.Namespace` and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> "module:function"; an explicit registry (STYLE.md §9).
+HANDLERS = {
+    "synth": "data_store.synth:cli",
+    "ingest": "data_store.ingest:cli",
+    "store info": "data_store.store:cli_info",
+    "store export": "data_store.store:cli_export",
+    "model-summary": "tsesnet.summary:cli",
+    "train": "tsesnet.train:cli",
+    "sweep": "sweeps.runner:cli",
+    "models list": "tsesnet.registry:cli_list",
+    "models show": "tsesnet.registry:cli_show",
+    "models promote": "tsesnet.registry:cli_promote",
+    "predict": "tsesnet.predict:cli",
+    "evaluate": "tsesnet.evaluate:cli",
+    "demo": "tsesnet.demo:cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a synthetic DCE-MRI cohort (nnU-Net raw layout)")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--cases", type=int, required=True, metavar="N")
+    s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None)
+    s.add_argument("--phases", type=int, default=None, metavar="T")
+
+    s = sub.add_parser("ingest", help="validate a NIfTI cohort and store it as Zarr")
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument(
+        "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d"]
+    )
+    s.add_argument("--workers", type=int, default=None, metavar="N")
+    s.add_argument("--folds", type=int, default=5, metavar="K", help="patient-level folds (5)")
+
+    store = sub.add_parser("store", help="inspect or export a store")
+    ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    s = ssub.add_parser("info", help="table of cases and totals")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--json", action="store_true")
+    s = ssub.add_parser("export", help="write a case back as NIfTI on its original grid")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--case", required=True, metavar="ID")
+    s.add_argument("out", metavar="OUT")
+
+    s = sub.add_parser("model-summary", help="parameters, MACs, FLOPs and step memory")
+    s.add_argument("--preset", default="paper")
+    s.add_argument("--fusion", default="tsff")
+    s.add_argument("--phases", type=int, default=6, metavar="T")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("train", help="train TSESNet on Ray Train, tracked in MLflow")
+    s.add_argument("--store", required=True)
+    s.add_argument("--config", default=None, metavar="FILE")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    s.add_argument("--workers", type=int, default=None, metavar="N")
+    s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
+    s.add_argument("--name", default=None, metavar="RUN")
+
+    s = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over alpha, beta, tau and fusion")
+    s.add_argument("--store", required=True)
+    s.add_argument("--config", default=None, metavar="FILE")
+    s.add_argument("--trials", type=int, default=None, metavar="N")
+    s.add_argument("--name", default=None)
+    s.add_argument("--resume", action="store_true")
+
+    models = sub.add_parser("models", help="browse and promote registered models")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    s = msub.add_parser("list", help="registered models and their aliases")
+    s.add_argument("--json", action="store_true")
+    s = msub.add_parser("show", help="versions, aliases and metrics of one model")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--json", action="store_true")
+    s = msub.add_parser("promote", help="point an alias at a version")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("version", metavar="VERSION")
+    s.add_argument("--alias", required=True, metavar="A")
+
+    s = sub.add_parser("predict", help="batch prediction with Ray Data from an MLflow model")
+    s.add_argument("--model", required=True, metavar="URI")
+    s.add_argument("--input", required=True, metavar="STORE_OR_DIR")
+    s.add_argument("--output", required=True, metavar="DIR")
+    s.add_argument("--workers", type=int, default=None, metavar="N")
+    s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
+    s.add_argument("--probabilities", action="store_true")
+    s.add_argument("--fold", type=int, default=None, metavar="K")
+
+    s = sub.add_parser("evaluate", help="DSC, HD95 and sensitivity of predicted masks")
+    s.add_argument("--pred", required=True, metavar="DIR")
+    s.add_argument("--labels", required=True, metavar="DIR")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("demo", help="the whole platform end to end on a synthetic cohort")
+    s.add_argument("--out", default="demo_output", metavar="DIR")
+    return p
+
+
+def _handler_key(args: argparse.Namespace) -> str:
+    for group in ("store_command", "models_command"):
+        action = getattr(args, group, None)
+        if action:
+            return f"{args.command} {action}"
+    return args.command
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = HANDLERS[_handler_key(args)].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"error: `tsesnet {_handler_key(args)}` is not available yet", file=sys.stderr)
+        return 2
+    from data_store.errors import InputError
+
+    try:
+        return int(handler(args) or 0)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
