@@ -1,0 +1,323 @@
+"""NIfTI reading/writing and the geometry contract at the I/O edge.
+
+Shape legend: T phases, Z Y X voxels in the store's canonical order, i j k voxels in the file's
+own order.
+
+The canonical orientation is nibabel's closest RAS+ orientation (`io_orientation`: axis flips
+and permutations only, never resampling, so it has an exact inverse), then the array transposed
+from (i=R, j=A, k=S) to (Z=S, Y=A, X=R). `Geometry` keeps what is needed to go back: the phase-0
+file's affine and shape, the orientation transform, and the header's qform/sform codes so that
+`write_nifti` reproduces the source file's affine.
+
+Voxel values: `read_nifti` returns the values stored in the file in their own dtype (native
+byte order; big-endian files are byte-swapped). When the header has a non-trivial scaling
+(`scl_slope` not in {0, 1} or `scl_inter` not 0), the exact transform applied is
+``float32(raw) * float32(slope) + float32(inter)`` and the result is float32; `NiftiVolume.scaling`
+records ``(slope, inter)``. Spacing is taken from the affine's column norms, in the affine's
+units, which NIfTI files from scanners give in mm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import io_orientation
+
+from data_store.errors import InputError
+
+__all__ = ["Geometry", "NiftiVolume", "read_nifti", "write_nifti"]
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a case's voxels sit in the world, and how to move between file and store order.
+
+    Attributes:
+        affine: (4, 4) float64, the phase-0 file's original voxel-to-world affine.
+        shape: original 3D shape in file (i, j, k) order.
+        ornt: (3, 2) nibabel orientation transform original -> RAS+ (row a: the RAS axis that
+            file axis a becomes, and +1/-1 for a flip).
+        spacing: voxel size in mm in canonical (Z, Y, X) order.
+        qform_code: the phase-0 file's qform code, reproduced by `write_nifti`.
+        sform_code: the phase-0 file's sform code, reproduced by `write_nifti`.
+        qform: (4, 4) the phase-0 file's qform affine (None: use `affine`).
+        nifti_version: 1 or 2, the phase-0 file's format, reproduced by `write_nifti`.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    ornt: np.ndarray
+    spacing: tuple[float, float, float]
+    qform_code: int = 1
+    sform_code: int = 1
+    qform: np.ndarray | None = field(default=None)
+    nifti_version: int = 1
+
+    @classmethod
+    def from_affine(
+        cls,
+        affine: np.ndarray,
+        shape: tuple[int, ...],
+        *,
+        qform_code: int = 1,
+        sform_code: int = 1,
+        qform: np.ndarray | None = None,
+        nifti_version: int = 1,
+    ) -> Geometry:
+        """Builds the geometry of a volume from its affine and (i, j, k) shape.
+
+        Raises:
+            InputError: if the affine is degenerate (an axis with no clear direction).
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise InputError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
+        ornt = io_orientation(affine)
+        if np.isnan(ornt).any():
+            raise InputError(f"affine is degenerate (no direction for an axis): {affine.tolist()}")
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # (i, j, k) voxel sizes
+        src = _canonical_source_axes(ornt)
+        spacing = tuple(float(zooms[a]) for a in src)
+        return cls(
+            affine=affine,
+            shape=tuple(int(s) for s in shape[:3]),
+            ornt=ornt.astype(np.float64),
+            spacing=spacing,
+            qform_code=int(qform_code),
+            sform_code=int(sform_code),
+            qform=None if qform is None else np.asarray(qform, dtype=np.float64),
+            nifti_version=int(nifti_version),
+        )
+
+    @classmethod
+    def from_image(cls, img: nib.Nifti1Image) -> Geometry:
+        """The geometry of a loaded nibabel NIfTI image (its first three axes)."""
+        hdr = img.header
+        qcode = int(hdr["qform_code"])
+        return cls.from_affine(
+            img.affine,
+            img.shape[:3],
+            qform_code=qcode,
+            sform_code=int(hdr["sform_code"]),
+            qform=hdr.get_qform() if qcode > 0 else None,
+            nifti_version=2 if isinstance(img, nib.Nifti2Image) else 1,
+        )
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """Shape in canonical (Z, Y, X) order."""
+        return tuple(self.shape[a] for a in _canonical_source_axes(self.ornt))
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """(4, 4) affine mapping canonical (z, y, x, 1) voxel indices to world (RAS mm)."""
+        # nibabel's inv_ornt_aff maps RAS-reoriented (r, a, s) indices to original (i, j, k).
+        ras_to_orig = nib.orientations.inv_ornt_aff(self.ornt, self.shape)
+        zyx_to_ras = np.eye(4)[[2, 1, 0, 3]].T  # (z, y, x) -> (r=x, a=y, s=z)
+        return self.affine @ ras_to_orig @ zyx_to_ras
+
+    def to_canonical(self, vol: np.ndarray) -> np.ndarray:
+        """Reorients a volume from file order to the store's canonical order.
+
+        Args:
+            vol: (..., i, j, k) in the file's axis order; leading axes (e.g. phases) are kept.
+
+        Returns:
+            (..., Z, Y, X) C-contiguous, same dtype and values (flips and transposes only).
+        """
+        vol = np.asarray(vol)
+        self._check_shape(vol.shape[-3:], self.shape, "file (i, j, k)")
+        lead = vol.ndim - 3
+        flips = tuple(lead + a for a in range(3) if self.ornt[a, 1] < 0)
+        if flips:
+            vol = np.flip(vol, axis=flips)
+        src = _canonical_source_axes(self.ornt)
+        vol = vol.transpose(*range(lead), *(lead + a for a in src))
+        return np.ascontiguousarray(vol)
+
+    def to_original(self, vol: np.ndarray) -> np.ndarray:
+        """Exact inverse of `to_canonical`: (..., Z, Y, X) -> (..., i, j, k), C-contiguous."""
+        vol = np.asarray(vol)
+        self._check_shape(vol.shape[-3:], self.canonical_shape, "canonical (Z, Y, X)")
+        lead = vol.ndim - 3
+        src = _canonical_source_axes(self.ornt)  # canonical axis c came from file axis src[c]
+        inverse = [src.index(a) for a in range(3)]
+        vol = vol.transpose(*range(lead), *(lead + c for c in inverse))
+        flips = tuple(lead + a for a in range(3) if self.ornt[a, 1] < 0)
+        if flips:
+            vol = np.flip(vol, axis=flips)
+        return np.ascontiguousarray(vol)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-able dict (lists and numbers) for Zarr attributes; inverse of `from_attrs`."""
+        return {
+            "affine": self.affine.tolist(),
+            "shape": list(self.shape),
+            "ornt": self.ornt.tolist(),
+            "spacing": list(self.spacing),
+            "canonical": "RAS+ transposed to (Z=S, Y=A, X=R)",
+            "qform_code": self.qform_code,
+            "sform_code": self.sform_code,
+            "qform": None if self.qform is None else self.qform.tolist(),
+            "nifti_version": self.nifti_version,
+        }
+
+    @classmethod
+    def from_attrs(cls, d: dict[str, Any]) -> Geometry:
+        """Rebuilds a `Geometry` from `to_attrs` output (extra keys are ignored)."""
+        qform = d.get("qform")
+        return cls(
+            affine=np.asarray(d["affine"], dtype=np.float64),
+            shape=tuple(int(s) for s in d["shape"]),
+            ornt=np.asarray(d["ornt"], dtype=np.float64),
+            spacing=tuple(float(s) for s in d["spacing"]),
+            qform_code=int(d.get("qform_code", 1)),
+            sform_code=int(d.get("sform_code", 1)),
+            qform=None if qform is None else np.asarray(qform, dtype=np.float64),
+            nifti_version=int(d.get("nifti_version", 1)),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        return self.to_attrs() == other.to_attrs()
+
+    __hash__ = None  # mutable numpy fields: not hashable
+
+    @staticmethod
+    def _check_shape(got: tuple[int, ...], want: tuple[int, ...], what: str) -> None:
+        if tuple(got) != tuple(want):
+            raise ValueError(f"volume's last three axes {tuple(got)} != {what} shape {want}")
+
+
+def _canonical_source_axes(ornt: np.ndarray) -> list[int]:
+    """For canonical axes (Z=S, Y=A, X=R), the file axis each one comes from."""
+    file_axis_of_ras = [0, 0, 0]
+    for a in range(3):
+        file_axis_of_ras[int(ornt[a, 0])] = a
+    return [file_axis_of_ras[2], file_axis_of_ras[1], file_axis_of_ras[0]]
+
+
+class NiftiVolume(NamedTuple):
+    """What `read_nifti` returns; unpacks as ``data, affine, header, scaling = ...``.
+
+    Attributes:
+        data: the voxel array in file (i, j, k[, t, ...]) order, native byte order, the file's
+            dtype (float32 when `scaling` is not None).
+        affine: (4, 4) float64 voxel-to-world affine (sform if set, else qform, as nibabel).
+        image: the nibabel image (header access: ``image.header``; data already read).
+        scaling: (slope, inter) when the header's scaling was applied, else None.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    image: nib.Nifti1Image
+    scaling: tuple[float, float] | None
+
+    @property
+    def geometry(self) -> Geometry:
+        """The geometry of the file's first three axes."""
+        return Geometry.from_image(self.image)
+
+
+def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolume:
+    """Reads a NIfTI-1 or NIfTI-2 file completely into memory.
+
+    The whole data block is read here, so truncated or corrupt files fail now, with a clear
+    message, not later in a worker.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        case: the case ID to name in error messages.
+
+    Returns:
+        A `NiftiVolume`; see the module docstring for the value/dtype rules.
+
+    Raises:
+        InputError: "file not found", "cannot read file", "not a NIfTI file" or
+            "truncated or corrupt image data", naming the case and file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", case=case, path=str(path))
+    try:
+        img = nib.load(str(path), mmap=False)
+    except nib.filebasedimages.ImageFileError as err:
+        raise InputError(f"not a NIfTI file ({_short(err)})", case=case, path=str(path)) from err
+    except Exception as err:  # permission, gzip header, short header...
+        raise InputError(
+            f"cannot read file ({type(err).__name__}: {_short(err)})", case=case, path=str(path)
+        ) from err
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise InputError(
+            f"not a NIfTI file (nibabel reads it as {type(img).__name__})",
+            case=case,
+            path=str(path),
+        )
+    try:
+        proxy = img.dataobj
+        raw = np.asarray(proxy.get_unscaled())
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    except Exception as err:  # EOFError, zlib.error, OSError, ValueError on short data
+        raise InputError(
+            f"truncated or corrupt image data ({type(err).__name__}: {_short(err)})",
+            case=case,
+            path=str(path),
+        ) from err
+    if raw.dtype.byteorder not in ("=", "|"):
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+    scaling = None
+    if (slope, inter) != (1.0, 0.0):
+        scaling = (slope, inter)
+        raw = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    return NiftiVolume(raw, np.asarray(img.affine, dtype=np.float64), img, scaling)
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    vol_zyx: np.ndarray,
+    geometry: Geometry,
+    dtype: np.dtype | str | None = None,
+) -> None:
+    """Writes a canonical volume back on the original grid of the case's phase-0 file.
+
+    The file gets the source's shape (i, j, k), affine, qform/sform codes and NIfTI version,
+    so it opens on top of the scan in 3D Slicer or ITK-SNAP. Voxel values are written as given
+    (no scaling).
+
+    Args:
+        path: output ``.nii`` or ``.nii.gz`` path (parent folders are created).
+        vol_zyx: (Z, Y, X) for a 3D file, or (T, Z, Y, X) for a 4D file with phases on axis 4.
+        geometry: the case's `Geometry`.
+        dtype: on-disk dtype (default: the array's dtype).
+    """
+    vol = np.asarray(vol_zyx)
+    if vol.ndim not in (3, 4):
+        raise ValueError(f"vol_zyx must be (Z, Y, X) or (T, Z, Y, X), got shape {vol.shape}")
+    if dtype is not None:
+        vol = vol.astype(dtype, copy=False)
+    data = geometry.to_original(vol)  # (i, j, k) or (T, i, j, k)
+    if data.ndim == 4:
+        data = np.ascontiguousarray(np.moveaxis(data, 0, -1))  # (i, j, k, T)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    cls = nib.Nifti2Image if geometry.nifti_version == 2 else nib.Nifti1Image
+    img = cls(data, geometry.affine)
+    qform = geometry.affine if geometry.qform is None else geometry.qform
+    img.set_qform(qform, code=geometry.qform_code)
+    img.set_sform(geometry.affine, code=geometry.sform_code)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    """One line of an exception's text, for error messages."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
