@@ -1,0 +1,275 @@
+"""`tsesnet evaluate`: DSC, HD95 (mm) and sensitivity of predicted masks against ground truth.
+
+Predictions and labels are NIfTI files matched by case ID (the file name without `.nii.gz` or
+`.nii`; probability maps `CASE_prob.nii.gz` are skipped). Both are read on their own grid, in file
+axis order, and the voxel spacing in mm comes from the label's header (`header.get_zooms()`), so
+HD95 is in mm whatever the orientation. A case whose prediction and label grids differ (shape or
+affine) is reported as failed rather than silently compared voxel by voxel.
+
+The summary (:func:`summarize`) is shared with `tsesnet predict`. Empty masks follow the rules
+of `tsesnet.metrics`: HD95 of a case where exactly one of prediction and ground truth is empty
+(a missed tumour, or a tumour "found" in a tumour-free case) is the image diagonal in mm, the
+worst distance the image can hold. It is finite and stays in the HD95 mean, and the summary
+counts such cases as `n_one_empty` so that a few missed tumours are visible rather than hidden
+in an average. An infinite HD95 (from any other source) is left out of the mean and sd and
+counted as `n_infinite`; in JSON it is written as null. DSC is 1.0 when both masks are empty,
+sensitivity 1.0 when the ground truth is empty (nothing to miss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_store.errors import InputError
+
+METRICS = ("dice", "hd95_mm", "sensitivity")
+_SUFFIXES = (".nii.gz", ".nii")
+# Affines are stored as float32 in NIfTI headers: compare grids to a tolerance well under a voxel.
+_AFFINE_ATOL_MM = 1e-3
+
+
+@dataclass
+class CaseMetrics:
+    """One case's metrics; `status` is "ok" or "error" (then `error` says why)."""
+
+    case_id: str
+    status: str = "ok"
+    dice: float | None = None
+    hd95_mm: float | None = None
+    sensitivity: float | None = None
+    pred_voxels: int | None = None
+    gt_voxels: int | None = None
+    error: str = ""
+
+    def to_json(self) -> dict:
+        """JSON-safe dict: a non-finite metric becomes null."""
+        d = asdict(self)
+        for k in METRICS:
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+
+@dataclass
+class EvaluationReport:
+    """Per-case metrics plus the IDs found on one side only."""
+
+    cases: list[CaseMetrics]
+    missing: list[str] = field(default_factory=list)  # labelled, but no prediction
+    extra: list[str] = field(default_factory=list)  # predicted, but no label
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.case_id for c in self.cases if c.status != "ok"]
+
+    @property
+    def summary(self) -> dict:
+        return summarize(self.cases)
+
+
+def case_metrics(case_id: str, pred: np.ndarray, gt: np.ndarray, spacing) -> CaseMetrics:
+    """DSC, HD95 (mm) and sensitivity of one binary prediction.
+
+    Args:
+        case_id: the case's ID, carried into the result.
+        pred: (Z, Y, X) (or any 3D axis order) mask, non-zero = tumour.
+        gt: same shape and axis order as `pred`.
+        spacing: voxel size in mm, same axis order as the arrays.
+
+    Returns:
+        The case's metrics (empty-mask rules of `tsesnet.metrics`).
+    """
+    from tsesnet import metrics
+
+    pred = np.asarray(pred) > 0
+    gt = np.asarray(gt) > 0
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    n_gt = int(gt.sum())
+    return CaseMetrics(
+        case_id=case_id,
+        dice=float(metrics.dice(pred, gt)),
+        hd95_mm=float(metrics.hd95(pred, gt, tuple(float(s) for s in spacing))),
+        sensitivity=float(metrics.sensitivity(pred, gt)),
+        pred_voxels=int(pred.sum()),
+        gt_voxels=n_gt,
+    )
+
+
+def _stats(values: list[float]) -> dict:
+    """Mean and sample sd (n - 1; None below two values) of the finite values, and counts."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    n_inf = sum(1 for v in values if v is not None and math.isinf(v))
+    arr = np.asarray(finite, dtype=np.float64)
+    return {
+        "mean": float(arr.mean()) if arr.size else None,
+        "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
+        "n": int(arr.size),
+        "n_infinite": int(n_inf),
+    }
+
+
+def summarize(cases) -> dict:
+    """Summary over the cases whose status is "ok": mean, sd, n and n_infinite per metric.
+
+    Args:
+        cases: `CaseMetrics` or dicts with the same keys.
+
+    Returns:
+        `{"n_cases", "n_ok", "n_failed", "dice": {...}, "hd95_mm": {...}, "sensitivity": {...}}`.
+    """
+    rows = [c if isinstance(c, dict) else asdict(c) for c in cases]
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    out = {"n_cases": len(rows), "n_ok": len(ok), "n_failed": len(rows) - len(ok)}
+    for k in METRICS:
+        out[k] = _stats([r.get(k) for r in ok])
+    # HD95 took the image-diagonal rule: exactly one of prediction and ground truth was empty.
+    out["hd95_mm"]["n_one_empty"] = sum(
+        1
+        for r in ok
+        if r.get("pred_voxels") is not None
+        and r.get("gt_voxels") is not None
+        and (r["pred_voxels"] == 0) != (r["gt_voxels"] == 0)
+    )
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """Lines like `DSC 0.812 ± 0.071 (n=20)`; HD95 notes how many cases were infinite."""
+    names = {"dice": "DSC", "hd95_mm": "HD95 (mm)", "sensitivity": "Sensitivity"}
+    lines = []
+    for k, name in names.items():
+        s = summary[k]
+        if s["mean"] is None:
+            text = "n/a"
+        else:
+            sd = f" ± {s['sd']:.3f}" if s["sd"] is not None else ""
+            text = f"{s['mean']:.3f}{sd}"
+        extra = ""
+        if s.get("n_one_empty"):
+            extra += f", {s['n_one_empty']} with an empty prediction or label: image diagonal"
+        if s["n_infinite"]:
+            extra += f", {s['n_infinite']} infinite, left out"
+        lines.append(f"{name:<12} {text} (n={s['n']}{extra})")
+    return "\n".join(lines)
+
+
+def find_masks(folder: Path) -> dict[str, Path]:
+    """Case ID -> NIfTI file in `folder` (not recursive), skipping `*_prob` probability maps."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("not a directory", path=str(folder))
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in _SUFFIXES if path.name.endswith(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        case_id = path.name[: -len(suffix)]
+        if case_id.endswith("_prob"):
+            continue
+        if case_id in found:
+            raise InputError(f"two files for one case: {found[case_id].name}", path=str(path))
+        found[case_id] = path
+    return found
+
+
+def evaluate_files(case_id: str, pred_path: Path, label_path: Path) -> CaseMetrics:
+    """Metrics of one prediction file against one label file; errors become a failed row."""
+    import nibabel as nib
+
+    try:
+        pred_img = nib.load(str(pred_path))
+        gt_img = nib.load(str(label_path))
+        if pred_img.shape[:3] != gt_img.shape[:3] or len(pred_img.shape) != 3:
+            raise ValueError(
+                f"prediction shape {pred_img.shape} does not match label shape {gt_img.shape}"
+            )
+        if not np.allclose(pred_img.affine, gt_img.affine, atol=_AFFINE_ATOL_MM):
+            raise ValueError("prediction and label affines differ: not on the same grid")
+        spacing = gt_img.header.get_zooms()[:3]  # mm, file (i, j, k) order, as the arrays
+        pred = np.asanyarray(pred_img.dataobj)
+        gt = np.asanyarray(gt_img.dataobj)
+        if gt.ndim == 4 and gt.shape[3] == 1:
+            gt = gt[..., 0]
+        return case_metrics(case_id, pred, gt, spacing)
+    except Exception as err:  # one bad file must not stop the others
+        return CaseMetrics(case_id=case_id, status="error", error=f"{type(err).__name__}: {err}")
+
+
+def evaluate_dirs(pred_dir, labels_dir) -> EvaluationReport:
+    """Evaluate every prediction in `pred_dir` against the label with the same case ID."""
+    preds = find_masks(Path(pred_dir))
+    labels = find_masks(Path(labels_dir))
+    if not labels:
+        raise InputError("no NIfTI label files (CASE.nii.gz) found", path=str(labels_dir))
+    matched = sorted(set(preds) & set(labels))
+    if not matched:
+        raise InputError(
+            f"no prediction matches a label by case ID ({len(preds)} predictions, "
+            f"{len(labels)} labels)",
+            path=str(pred_dir),
+        )
+    cases = [evaluate_files(cid, preds[cid], labels[cid]) for cid in matched]
+    return EvaluationReport(
+        cases=cases,
+        missing=sorted(set(labels) - set(preds)),
+        extra=sorted(set(preds) - set(labels)),
+    )
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return "inf" if math.isinf(v) else f"{v:.3f}"
+
+
+def format_table(cases: list[CaseMetrics]) -> str:
+    """A fixed-width text table, one row per case."""
+    width = max([len("case")] + [len(c.case_id) for c in cases])
+    head = f"{'case':<{width}}  {'DSC':>6}  {'HD95mm':>8}  {'sens':>6}  status"
+    lines = [head]
+    for c in cases:
+        status = c.status if c.status == "ok" else f"{c.status}: {c.error}"
+        lines.append(
+            f"{c.case_id:<{width}}  {_fmt(c.dice):>6}  {_fmt(c.hd95_mm):>8}  "
+            f"{_fmt(c.sensitivity):>6}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`tsesnet evaluate --pred DIR --labels DIR [--json]`.
+
+    Returns:
+        0 when every label has a prediction and every case was evaluated; 1 when predictions are
+        missing or a case failed. Extra predictions (no label) are reported but do not fail.
+    """
+    report = evaluate_dirs(args.pred, args.labels)
+    if args.json:
+        out = {
+            "cases": [c.to_json() for c in report.cases],
+            "summary": report.summary,
+            "missing": report.missing,
+            "extra": report.extra,
+            "failed": report.failed,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(report.cases))
+        print()
+        print(format_summary(report.summary))
+        if report.missing:
+            print(f"missing predictions ({len(report.missing)}): {', '.join(report.missing)}")
+        if report.extra:
+            print(f"predictions without a label ({len(report.extra)}): {', '.join(report.extra)}")
+    for c in report.cases:
+        if c.status != "ok":
+            print(f"error: case {c.case_id}: {c.error}", file=sys.stderr)
+    return 1 if report.missing or report.failed else 0
