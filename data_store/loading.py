@@ -1,0 +1,261 @@
+"""Validation and loading of one case into memory, in the store's canonical orientation.
+
+Shape legend: T phases, Z Y X canonical voxels, i j k voxels in file order.
+
+Every problem raises `InputError(problem, case=ID, path=FILE)`, whose text is one line
+``case ID: FILE: problem``. Checked, in order:
+
+- discovery problems recorded in `CaseSource.problem` (no pre-contrast file, two files for a
+  phase, a mask without an image, an unexpected file name);
+- each file: exists, is readable, is NIfTI, data not truncated (read eagerly);
+- dimensionality: a phase file is 3D (multi-file layouts) or 4D with phases on axis 4 (nifti4d);
+  trailing axes of length 1 beyond the third are dropped first; 2D images, including a 3D file
+  with a spatial axis of length 1, and 5D images are rejected;
+- at least two phases (pre-contrast + one post-contrast);
+- every phase has phase 0's shape, and an affine within `AFFINE_TOL_MM` of phase 0's;
+- no NaN or Inf voxels (float data);
+- mask: its shape equals the image's, its affine is within `AFFINE_TOL_MM`, values are {0, 1}.
+
+Values: the scanner's stored values and dtype (see `data_store.geometry.read_nifti`; scaled
+files come out as float32 ``raw * slope + inter``). Phases of different dtypes are stacked in
+``np.result_type`` of their dtypes, which holds every value exactly (int16 + float32 ->
+float32, int16 + uint16 -> int32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_store.errors import InputError
+from data_store.geometry import Geometry, NiftiVolume, read_nifti
+from data_store.layouts import CaseSource
+
+__all__ = ["AFFINE_TOL_MM", "LoadedCase", "affine_mismatch_mm", "file_sha256", "load_case"]
+
+#: Two affines match when they place every corner of the volume within this distance (mm).
+#: 0.01 mm is ~1 % of a breast MRI voxel and far above float32 rounding of header affines.
+AFFINE_TOL_MM = 0.01
+
+
+@dataclass
+class LoadedCase:
+    """One validated case in memory.
+
+    Attributes:
+        source: the case's `CaseSource` (for nifti4d with `phase_present` filled in).
+        image: (T, Z, Y, X) canonical, the scanner's dtype and values (int16 usually).
+        mask: (Z, Y, X) uint8 in {0, 1}, or None for an unlabelled case.
+        geometry: the phase-0 file's geometry.
+        sha256: source file path (str) -> sha256 hex digest, for every file read.
+    """
+
+    source: CaseSource
+    image: np.ndarray
+    mask: np.ndarray | None
+    geometry: Geometry
+    sha256: dict[str, str]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, (Z, Y, X)."""
+        return self.geometry.spacing
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def affine_mismatch_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between where the two affines put the volume's 8 corner voxels."""
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, shape[0] - 1)
+            for j in (0, shape[1] - 1)
+            for k in (0, shape[2] - 1)
+        ]
+    ).T  # (4, 8)
+    diff = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) @ corners
+    return float(np.sqrt((diff[:3] ** 2).sum(axis=0)).max())
+
+
+def load_case(source: CaseSource) -> LoadedCase:
+    """Reads and validates one case, returning it in canonical (T, Z, Y, X) order.
+
+    Raises:
+        InputError: one line naming the case, the file and the problem (see module docstring).
+    """
+    cid = source.case_id
+    if source.problem:
+        path = source.problem_path or (source.files[0] if source.files else None)
+        raise InputError(source.problem, case=cid, path=_s(path))
+    if not source.phase_files:
+        raise InputError(
+            "fewer than two phases: no image files", case=cid, path=_s(source.mask_file)
+        )
+
+    sha: dict[str, str] = {}
+    if source.layout == "nifti4d":
+        path = source.phase_files[0]
+        vol = _read(path, cid, sha)
+        data = _squeeze(vol.data, path, cid)
+        if data.ndim == 3:
+            raise InputError(
+                f"fewer than two phases: a 3D image {data.shape} is one phase "
+                "(the nifti4d layout needs phases on axis 4)",
+                case=cid,
+                path=str(path),
+            )
+        if data.ndim != 4:
+            raise InputError(_dim_problem(data.shape), case=cid, path=str(path))
+        _check_spatial(data.shape[:3], data.shape, path, cid)
+        if data.shape[3] < 2:
+            raise InputError(_too_few(data.shape[3]), case=cid, path=str(path))
+        geometry = vol.geometry
+        _check_finite(data, path, cid)
+        image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
+        phase_present = (True,) * image.shape[0]
+    else:
+        if len(source.phase_files) < 2:
+            raise InputError(
+                _too_few(len(source.phase_files)), case=cid, path=_s(source.phase_files[0])
+            )
+        vols: list[np.ndarray] = []
+        geometry = None
+        ref: NiftiVolume | None = None
+        for t, path in enumerate(source.phase_files):
+            vol = _read(path, cid, sha)
+            data = _squeeze(vol.data, path, cid)
+            if data.ndim != 3:
+                extra = " (this layout has one 3D file per phase)" if data.ndim == 4 else ""
+                raise InputError(_dim_problem(data.shape) + extra, case=cid, path=str(path))
+            _check_spatial(data.shape, data.shape, path, cid)
+            if ref is None:
+                ref, geometry = vol, vol.geometry
+            else:
+                if data.shape != geometry.shape:
+                    raise InputError(
+                        f"phase shapes differ: phase {t} is {data.shape}, "
+                        f"phase 0 is {geometry.shape}",
+                        case=cid,
+                        path=str(path),
+                    )
+                _check_affine(vol.affine, ref.affine, geometry.shape, f"phase {t}", path, cid)
+            _check_finite(data, path, cid)
+            vols.append(data)
+        dtype = np.result_type(*vols)
+        image = np.stack([v.astype(dtype, copy=False) for v in vols])  # (T, i, j, k)
+        phase_present = source.phase_present or (True,) * image.shape[0]
+
+    image = geometry.to_canonical(image)  # (T, Z, Y, X)
+    mask = None
+    if source.mask_file is not None:
+        mask = _load_mask(source.mask_file, geometry, cid, sha)
+
+    return LoadedCase(
+        source=dataclasses.replace(source, phase_present=tuple(phase_present)),
+        image=image,
+        mask=mask,
+        geometry=geometry,
+        sha256=sha,
+    )
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def _s(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _read(path: Path, cid: str, sha: dict[str, str]) -> NiftiVolume:
+    vol = read_nifti(path, case=cid)
+    sha[str(path)] = file_sha256(path)
+    return vol
+
+
+def _too_few(n: int) -> str:
+    return f"fewer than two phases: found {n} (need pre-contrast + at least one post-contrast)"
+
+
+def _dim_problem(shape: tuple[int, ...]) -> str:
+    return f"image is {len(shape)}D {tuple(shape)}, expected a 3D volume per phase"
+
+
+def _squeeze(data: np.ndarray, path: Path, cid: str) -> np.ndarray:
+    """Drops trailing length-1 axes beyond the third ((i, j, k, 1) -> (i, j, k))."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim < 3:
+        raise InputError(_dim_problem(data.shape), case=cid, path=str(path))
+    return data
+
+
+def _check_spatial(spatial: tuple[int, ...], shape: tuple[int, ...], path: Path, cid: str) -> None:
+    if min(spatial[:3]) < 2:
+        raise InputError(
+            f"image is 2D (shape {tuple(shape)} has a single slice), expected a 3D volume",
+            case=cid,
+            path=str(path),
+        )
+
+
+def _check_affine(
+    affine: np.ndarray, ref: np.ndarray, shape: tuple[int, ...], what: str, path: Path, cid: str
+) -> None:
+    moved = affine_mismatch_mm(affine, ref, shape)
+    if moved > AFFINE_TOL_MM:
+        raise InputError(
+            f"{what} affine differs from phase 0's: voxels move by up to {moved:.3g} mm "
+            f"(tolerance {AFFINE_TOL_MM} mm)",
+            case=cid,
+            path=str(path),
+        )
+
+
+def _check_finite(data: np.ndarray, path: Path, cid: str) -> None:
+    if data.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        n_nan = int(np.isnan(data).sum())
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"{n_nan} NaN and {int(bad.sum()) - n_nan} Inf voxels (first at voxel {first})",
+            case=cid,
+            path=str(path),
+        )
+
+
+def _load_mask(path: Path, geometry: Geometry, cid: str, sha: dict[str, str]) -> np.ndarray:
+    """(Z, Y, X) uint8 mask, validated against the phase-0 geometry."""
+    vol = _read(path, cid, sha)
+    data = _squeeze(vol.data, path, cid)
+    if data.shape != geometry.shape:
+        raise InputError(
+            f"mask shape {data.shape} differs from image shape {geometry.shape}",
+            case=cid,
+            path=str(path),
+        )
+    _check_affine(vol.affine, geometry.affine, geometry.shape, "mask", path, cid)
+    outside = (data != 0) & (data != 1)  # also catches NaN
+    if outside.any():
+        values = np.unique(data[outside])
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if values.size > 5 else "")
+        raise InputError(
+            f"mask values other than {{0, 1}}: {shown} in {int(outside.sum())} voxels",
+            case=cid,
+            path=str(path),
+        )
+    return geometry.to_canonical(data.astype(np.uint8))  # (Z, Y, X)
