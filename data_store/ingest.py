@@ -1,0 +1,222 @@
+"""The ingestion driver: NIfTI cohort -> Zarr store, one Ray task per case.
+
+`tsesnet ingest SRC STORE [--layout L] [--workers N] [--folds K]`.
+
+Each task checksums the case's source files, skips the case when the store already holds it
+with the same checksums (by role: phase0, phase1, ..., image4d, mask), else validates and loads
+it (`data_store.loading.load_case`) and writes it under a temporary name that is renamed into
+place when complete (`data_store.store.write_case`). A bad case is one line
+``case X: FILE: problem``; it is skipped, the other cases are stored, and the exit status is 1.
+At the end the root index (case list, folds, fingerprint) is rebuilt from the complete case
+groups on disk and written in one update, so cases stored by earlier runs (or by a run that
+crashed before its index update) are never lost. Leftover temporary groups of a crashed run are
+removed first. One ingest at a time per store.
+
+Ray: an initialised session or ``RAY_ADDRESS`` is used as is; otherwise a local Ray starts with
+its dashboard bound to 127.0.0.1 and stops at the end. On a cluster the store must be on
+storage every node can reach (shared filesystem or an fsspec URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_store.errors import InputError
+
+__all__ = ["IngestReport", "cli", "ingest"]
+
+
+@dataclass
+class IngestReport:
+    """What an ingest run did.
+
+    Attributes:
+        store: the store path or URL.
+        stored: case IDs written (new or with changed sources).
+        skipped: case IDs already stored with the same source checksums.
+        rejected: one line per bad case, ``case X: FILE: problem``.
+        cleaned: leftover temporary entries removed before the run.
+        n_cases: cases in the store after the run.
+        fingerprint: the store's fingerprint after the run.
+    """
+
+    store: str
+    stored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)
+    n_cases: int = 0
+    fingerprint: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+
+def _ingest_one(source: Any, store_url: str, stored_checksums: list | None) -> tuple[str, Any]:
+    """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line)."""
+    from data_store.loading import file_sha256, load_case
+    from data_store.store import source_roles, write_case
+
+    try:
+        if stored_checksums is not None and source.problem is None:
+            try:
+                current = [[r, file_sha256(p)] for r, p in source_roles(source)]
+            except OSError:
+                current = None  # unreadable: let load_case name the problem
+            if current == stored_checksums:
+                return "skipped", source.case_id
+        loaded = load_case(source)
+        write_case(store_url, loaded)
+        return "stored", source.case_id
+    except InputError as err:
+        return "rejected", str(err)
+    except Exception as err:  # a bug or an I/O failure: still one line, the run goes on
+        first = next(iter(source.files), None)
+        return "rejected", str(
+            InputError(f"unexpected {type(err).__name__}: {err}", case=source.case_id, path=first)
+        )
+
+
+def _connect_ray(workers: int | None):
+    """Uses the current Ray session or RAY_ADDRESS; else starts a local one. Returns (ray, own)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return ray, True
+    ray.init(
+        num_cpus=workers or None,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return ray, True
+
+
+def ingest(
+    src: str | os.PathLike,
+    store: str | os.PathLike,
+    layout: str = "auto",
+    workers: int | None = None,
+    folds: int = 5,
+    *,
+    progress: bool = True,
+) -> IngestReport:
+    """Validates a NIfTI cohort and stores its good cases as Zarr (see the module docstring).
+
+    Args:
+        src: the cohort folder (or one 4D NIfTI file for the nifti4d layout).
+        store: the store's local path or fsspec URL (created if missing).
+        layout: "auto", "nnunet", "mamamia", "bts" or "nifti4d".
+        workers: the most cases processed at once (default: the cluster's CPUs).
+        folds: number of patient-level folds (>= 2).
+        progress: show a tqdm progress bar on stderr.
+
+    Returns:
+        An `IngestReport`; `report.rejected` lists the bad cases.
+
+    Raises:
+        InputError: bad arguments, an empty source, an unknown layout, duplicate case IDs, or a
+            store path that holds something else.
+    """
+    from tqdm import tqdm
+
+    from data_store.layouts import discover
+    from data_store.store import (
+        StoreLocation,
+        check_case_id,
+        clean_leftovers,
+        init_store,
+        scan_cases,
+        write_index,
+    )
+
+    if folds < 2:
+        raise InputError(f"--folds must be at least 2, got {folds}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    sources = discover(Path(src), layout)
+    for s in sources:
+        check_case_id(s.case_id)
+    location = StoreLocation.parse(store)
+    if location.local:
+        os.makedirs(location.root, exist_ok=True)
+    init_store(location)
+    report = IngestReport(store=location.url, cleaned=clean_leftovers(location))
+    existing = {
+        cid: [[s["role"], s["sha256"]] for s in attrs["sources"]]
+        for cid, attrs in scan_cases(location).items()
+    }
+
+    ray, own = _connect_ray(workers)
+    try:
+        limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        task = ray.remote(num_cpus=1, max_retries=0)(_ingest_one)
+        pending: list = []
+        queue = list(sources)
+        bar = tqdm(total=len(sources), desc="ingest", unit="case", disable=not progress)
+        try:
+            while queue or pending:
+                while queue and len(pending) < limit:
+                    s = queue.pop(0)
+                    pending.append(task.remote(s, location.url, existing.get(s.case_id)))
+                done, pending = ray.wait(pending, num_returns=1)
+                status, what = ray.get(done[0])
+                {"stored": report.stored, "skipped": report.skipped}.get(
+                    status, report.rejected
+                ).append(what)
+                bar.update(1)
+                bar.set_postfix(
+                    stored=len(report.stored),
+                    skipped=len(report.skipped),
+                    rejected=len(report.rejected),
+                )
+        finally:
+            bar.close()
+            for ref in pending:  # interrupted: let no task keep writing after we index
+                ray.cancel(ref, force=True)
+            index = write_index(location, folds)  # always: cases stored so far are indexed
+            report.n_cases = len(index["cases"])
+            report.fingerprint = index["fingerprint"]
+    finally:
+        if own:
+            ray.shutdown()
+    report.stored.sort()
+    report.skipped.sort()
+    report.rejected.sort()
+    return report
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
+    any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
+    """
+    report = ingest(
+        args.src,
+        args.store,
+        layout=args.layout,
+        workers=args.workers,
+        folds=getattr(args, "folds", 5),
+    )
+    print(
+        f"{report.store}: stored {len(report.stored)}, unchanged {len(report.skipped)}, "
+        f"rejected {len(report.rejected)}; {report.n_cases} cases in the store, "
+        f"fingerprint {report.fingerprint}"
+    )
+    if report.cleaned:
+        print(f"removed {len(report.cleaned)} leftover temporary entries of an interrupted run")
+    if report.rejected:
+        print(f"{len(report.rejected)} case(s) rejected:", file=sys.stderr)
+        for line in report.rejected:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
