@@ -19,7 +19,9 @@ units, which NIfTI files from scanners give in mm.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -245,14 +247,18 @@ def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolu
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", case=case, path=str(path))
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)", case=case, path=str(path))
     try:
         img = nib.load(str(path), mmap=False)
     except nib.filebasedimages.ImageFileError as err:
-        raise InputError(f"not a NIfTI file ({_short(err)})", case=case, path=str(path)) from err
+        raise InputError(_diagnose(path, err), case=case, path=str(path)) from err
     except Exception as err:  # permission, gzip header, short header...
-        raise InputError(
-            f"cannot read file ({type(err).__name__}: {_short(err)})", case=case, path=str(path)
-        ) from err
+        why = f"{type(err).__name__}: {_short(err, path)}"
+        if "not a gzip file" in str(err).lower():
+            why = "not gzip data although the name ends in .gz"
+            raise InputError(f"not a NIfTI file ({why})", case=case, path=str(path)) from err
+        raise InputError(f"cannot read file ({why})", case=case, path=str(path)) from err
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise InputError(
             f"not a NIfTI file (nibabel reads it as {type(img).__name__})",
@@ -265,7 +271,7 @@ def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolu
         slope, inter = float(proxy.slope), float(proxy.inter)
     except Exception as err:  # EOFError, zlib.error, OSError, ValueError on short data
         raise InputError(
-            f"truncated or corrupt image data ({type(err).__name__}: {_short(err)})",
+            f"truncated or corrupt image data ({type(err).__name__}: {_short(err, path)})",
             case=case,
             path=str(path),
         ) from err
@@ -317,7 +323,33 @@ def write_nifti(
     nib.save(img, str(path))
 
 
-def _short(err: BaseException, limit: int = 160) -> str:
-    """One line of an exception's text, for error messages."""
-    text = " ".join(str(err).split()) or type(err).__name__
+def _diagnose(path: Path, err: BaseException) -> str:
+    """Why nibabel could not recognise a file: a truncated header, bad gzip data, or not NIfTI."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(540)
+                while f.read(1 << 20):  # the whole stream, to see whether it ends early
+                    pass
+        else:
+            head = path.read_bytes()[:540]
+    except gzip.BadGzipFile:
+        return "not a NIfTI file (not gzip data although the name ends in .gz)"
+    except EOFError:
+        return "truncated file (the gzip data ends early)"
+    except (OSError, zlib.error) as gz_err:
+        return f"corrupt file ({type(gz_err).__name__}: {_short(gz_err, path)})"
+    if len(head) < 348:
+        return f"truncated header ({len(head)} bytes; a NIfTI header has 348)"
+    return f"not a NIfTI file ({_short(err, path)})"
+
+
+def _short(err: BaseException, path: Path, limit: int = 160) -> str:
+    """One line of an exception's text without the file name (the message names it already)."""
+    text = str(err)
+    for quoted in (f'"{path}"', f"'{path}'", f"from {path}", str(path)):
+        text = text.replace(quoted, "")
+    text = " ".join(text.replace(" - ", " ").split()).strip(" :-") or type(err).__name__
+    if text.startswith("Cannot work out file type of"):
+        text = "no valid NIfTI header"
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,259 @@
+"""Every class of bad input is rejected by `load_case` with one line: case, file, problem.
+
+Each row of the table starts from a valid one-case cohort, breaks one thing, and states which
+case and file the message must name and what it must say. A bad case never hides the good ones:
+discovery still lists them and they load.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nifti_factory import make_affine, make_arrays, save_nifti, write_cohort
+
+from data_store.errors import InputError
+from data_store.layouts import discover
+from data_store.loading import AFFINE_TOL_MM, load_case
+
+CASE = "case_000"
+Breaker = Callable[[Path], Path]
+
+
+def _phase(root: Path, t: int, ext: str = ".nii.gz") -> Path:
+    return root / "imagesTr" / f"{CASE}_{t:04d}{ext}"
+
+
+def _mask(root: Path) -> Path:
+    return root / "labelsTr" / f"{CASE}.nii.gz"
+
+
+def _shifted(mm: float) -> np.ndarray:
+    affine = make_affine("ras")
+    affine[:3, 3] += mm
+    return affine
+
+
+def _overwrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    return save_nifti(path, data, make_affine("ras") if affine is None else affine)
+
+
+def _truncate_gz(keep: int) -> Breaker:
+    def breaker(root: Path) -> Path:
+        path = _phase(root, 1)
+        raw = path.read_bytes()
+        path.write_bytes(raw[:keep])
+        return path
+
+    return breaker
+
+
+def _truncate_nii(root: Path) -> Path:
+    gz = _phase(root, 1)
+    raw = gzip.decompress(gz.read_bytes())
+    gz.unlink()
+    path = _phase(root, 1, ".nii")
+    path.write_bytes(raw[: 352 + 100])  # the header, then 100 of the 672 data bytes
+    return path
+
+
+def _with_nan(root: Path, value: float) -> Path:
+    image, _ = make_arrays(phases=2, dtype="float32")
+    image[1, 2, 3, 4] = value
+    return _overwrite(_phase(root, 1), image[1])
+
+
+def _bad_mask_values(root: Path) -> Path:
+    _, mask = make_arrays()
+    mask[0, 0, 0] = 2
+    return _overwrite(_mask(root), mask)
+
+
+def _two_files_one_phase(root: Path) -> Path:
+    image, _ = make_arrays()
+    return _overwrite(_phase(root, 1, ".nii"), image[1])  # sorted first, named first
+
+
+def _orphan_mask(root: Path) -> Path:
+    _, mask = make_arrays()
+    return _overwrite(root / "labelsTr" / "case_009.nii.gz", mask)
+
+
+# (id, how to break the cohort -> the file the message must name, problem text, case)
+NNUNET_TABLE: list[tuple[str, Breaker, str, str]] = [
+    (
+        "non-nifti",
+        lambda r: (_phase(r, 1).write_bytes(b"this is not an image" * 20), _phase(r, 1))[1],
+        "not a NIfTI file",
+        CASE,
+    ),
+    ("empty-file", lambda r: (_phase(r, 2).write_bytes(b""), _phase(r, 2))[1], "empty file", CASE),
+    ("truncated-nii.gz-end", _truncate_gz(-20), "truncated file (the gzip data ends early)", CASE),
+    ("truncated-nii.gz-header", _truncate_gz(60), "truncated file", CASE),
+    ("truncated-nii", _truncate_nii, "truncated or corrupt image data", CASE),
+    (
+        "phase-shapes-differ",
+        lambda r: _overwrite(_phase(r, 2), np.zeros((6, 7, 9), np.int16)),
+        "phase shapes differ: phase 2 is (6, 7, 9), phase 0 is (6, 7, 8)",
+        CASE,
+    ),
+    (
+        "phase-affine-differs",
+        lambda r: _overwrite(_phase(r, 1), make_arrays()[0][1], _shifted(0.5)),
+        f"phase 1 affine differs from phase 0's: voxels move by up to 0.866 mm "
+        f"(tolerance {AFFINE_TOL_MM} mm)",
+        CASE,
+    ),
+    (
+        "mask-affine-differs",
+        lambda r: _overwrite(_mask(r), make_arrays()[1], _shifted(0.1)),
+        "mask affine differs from phase 0's",
+        CASE,
+    ),
+    ("nan-voxels", lambda r: _with_nan(r, np.nan), "1 NaN and 0 Inf voxels", CASE),
+    ("inf-voxels", lambda r: _with_nan(r, -np.inf), "0 NaN and 1 Inf voxels", CASE),
+    ("mask-values", _bad_mask_values, "mask values other than {0, 1}: 2 in 1 voxels", CASE),
+    (
+        "mask-shape",
+        lambda r: _overwrite(_mask(r), np.zeros((6, 7, 9), np.uint8)),
+        "mask shape (6, 7, 9) differs from image shape (6, 7, 8)",
+        CASE,
+    ),
+    (
+        "no-pre-contrast",
+        lambda r: (_phase(r, 0).unlink(), _phase(r, 0))[1],
+        f"no pre-contrast phase: {CASE}_0000.nii.gz is missing",
+        CASE,
+    ),
+    (
+        "one-phase",
+        lambda r: (_phase(r, 1).unlink(), _phase(r, 2).unlink(), _phase(r, 0))[2],
+        "fewer than two phases: found 1",
+        CASE,
+    ),
+    (
+        "2d-image",
+        lambda r: _overwrite(_phase(r, 1), np.zeros((6, 7), np.int16)),
+        "image is 2D (6, 7)",
+        CASE,
+    ),
+    (
+        "single-slice",
+        lambda r: _overwrite(_phase(r, 0), np.zeros((6, 7, 1), np.int16)),
+        "image is 2D (shape (6, 7, 1) has a single slice)",
+        CASE,
+    ),
+    (
+        "5d-image",
+        lambda r: _overwrite(_phase(r, 1), np.zeros((6, 7, 8, 1, 2), np.int16)),
+        "image is 5D (6, 7, 8, 1, 2)",
+        CASE,
+    ),
+    (
+        "4d-phase-file",
+        lambda r: _overwrite(_phase(r, 1), np.zeros((6, 7, 8, 2), np.int16)),
+        "image is 4D (6, 7, 8, 2), expected a 3D volume per phase (this layout has one 3D file",
+        CASE,
+    ),
+    ("two-files-one-phase", _two_files_one_phase, "two files for phase 1", CASE),
+    ("mask-without-image", _orphan_mask, "mask has no image files", "case_009"),
+]
+
+
+@pytest.mark.parametrize(
+    ("breaker", "problem", "case"),
+    [pytest.param(b, p, c, id=i) for i, b, p, c in NNUNET_TABLE],
+)
+def test_bad_nnunet_input_names_case_file_and_problem(tmp_path, breaker, problem, case):
+    write_cohort("nnunet", tmp_path, n_cases=1, phases=3, dataset_json=False)
+    bad_file = breaker(tmp_path)
+    sources = {c.case_id: c for c in discover(tmp_path)}
+    with pytest.raises(InputError) as info:
+        load_case(sources[case])
+    err = info.value
+    assert str(err) == f"case {case}: {bad_file}: {err.problem}"
+    assert problem in err.problem
+    assert "\n" not in str(err)
+    assert err.case == case and Path(err.path) == bad_file
+
+
+NIFTI4D_TABLE = [
+    ("3d-file", (6, 7, 8), "fewer than two phases: a 3D image (6, 7, 8) is one phase"),
+    ("one-volume", (6, 7, 8, 1), "fewer than two phases: a 3D image (6, 7, 8) is one phase"),
+    ("5d-file", (6, 7, 8, 2, 2), "image is 5D (6, 7, 8, 2, 2)"),
+    ("2d-file", (6, 7), "image is 2D (6, 7)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "problem"), [pytest.param(s, p, id=i) for i, s, p in NIFTI4D_TABLE]
+)
+def test_bad_nifti4d_input(tmp_path, shape, problem):
+    path = _overwrite(tmp_path / "dyn.nii.gz", np.zeros(shape, np.int16))
+    (source,) = discover(tmp_path, "nifti4d")
+    with pytest.raises(InputError, match="^case dyn: ") as info:
+        load_case(source)
+    assert Path(info.value.path) == path and problem in info.value.problem
+
+
+def test_bts_missing_p0_and_mamamia_bad_name(tmp_path):
+    bts = write_cohort("bts", tmp_path / "bts", centres={"C1": 2})
+    bts["C1_1"].phase_files[0].unlink()
+    sources = {c.case_id: c for c in discover(tmp_path / "bts")}
+    with pytest.raises(InputError) as info:
+        load_case(sources["C1_1"])
+    assert str(info.value) == (
+        f"case C1_1: {tmp_path / 'bts' / 'C1' / 'C1_1' / 'P0.nii.gz'}: "
+        "no pre-contrast phase: P0.nii.gz is missing"
+    )
+    assert load_case(sources["C1_2"]).image.shape[0] == 6  # the good case still loads
+
+    write_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001",))
+    stray = tmp_path / "mm" / "images" / "DUKE_001" / "duke_001_sub.nii.gz"
+    _overwrite(stray, np.zeros((6, 7, 8), np.int16))
+    (source,) = discover(tmp_path / "mm")
+    with pytest.raises(InputError, match="unexpected file name") as info:
+        load_case(source)
+    assert Path(info.value.path) == stray
+
+
+def test_truncated_data_after_a_valid_header(tmp_path):
+    """A large .nii.gz cut in its data: the header reads, the voxels do not (nibabel would only
+    fail on get_fdata; load_case reads eagerly and says so)."""
+    affine = make_affine("ras")
+    noise = np.random.default_rng(0).integers(-3000, 3000, size=(2, 40, 40, 40)).astype(np.int16)
+    files = [
+        save_nifti(tmp_path / "imagesTr" / f"big_{t:04d}.nii.gz", noise[t], affine) for t in (0, 1)
+    ]
+    raw = files[1].read_bytes()
+    files[1].write_bytes(raw[: len(raw) // 2])
+    (source,) = discover(tmp_path)
+    with pytest.raises(InputError) as info:
+        load_case(source)
+    assert str(info.value) == (
+        f"case big: {files[1]}: truncated or corrupt image data "
+        "(EOFError: Compressed file ended before the end-of-stream marker was reached)"
+    )
+
+
+def test_tolerance_accepts_float32_rounding(tmp_path):
+    """Affines that differ by far less than AFFINE_TOL_MM (header rounding) are accepted."""
+    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    _overwrite(_phase(tmp_path, 1), make_arrays()[0][1], _shifted(AFFINE_TOL_MM / 10))
+    (source,) = discover(tmp_path)
+    assert load_case(source).image.shape == (2, 8, 7, 6)
+
+
+def test_bad_case_does_not_hide_good_ones(tmp_path):
+    write_cohort("nnunet", tmp_path, n_cases=3, phases=2)
+    _phase(tmp_path, 1).write_bytes(b"garbage")
+    loaded, rejected = [], []
+    for source in discover(tmp_path):
+        try:
+            loaded.append(load_case(source).source.case_id)
+        except InputError as err:
+            rejected.append(err.case)
+    assert loaded == ["case_001", "case_002"] and rejected == [CASE]
