@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,8 @@ class Geometry:
             raise InputError(f"affine must be a finite 4x4 matrix, got {affine.tolist()}")
         ornt = io_orientation(affine)
         if np.isnan(ornt).any():
-            raise InputError(f"affine is degenerate (no direction for an axis): {affine.tolist()}")
+            rows = np.round(affine, 4).tolist()
+            raise InputError(f"affine is degenerate (no direction for an axis): {rows}")
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # (i, j, k) voxel sizes
         src = _canonical_source_axes(ornt)
         spacing = tuple(float(zooms[a]) for a in src)
@@ -270,10 +272,14 @@ def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolu
         raw = np.asarray(proxy.get_unscaled())
         slope, inter = float(proxy.slope), float(proxy.inter)
     except Exception as err:  # EOFError, zlib.error, OSError, ValueError on short data
+        short = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(err))
+        why = (
+            f"expected {short[1]} bytes of voxels after the header, found {short[2]}"
+            if short
+            else f"{type(err).__name__}: {_short(err, path)}"
+        )
         raise InputError(
-            f"truncated or corrupt image data ({type(err).__name__}: {_short(err, path)})",
-            case=case,
-            path=str(path),
+            f"truncated or corrupt image data ({why})", case=case, path=str(path)
         ) from err
     if raw.dtype.byteorder not in ("=", "|"):
         raw = raw.astype(raw.dtype.newbyteorder("="))

@@ -275,14 +275,15 @@ def _orphan_masks(masks: dict[str, list[Path]], layout: str, where: str) -> list
     """Cases for masks that have no image: `load_case` rejects them with a clear message."""
     return [
         CaseSource(
-            case_id=_mask_case_id(files[0]),
+            case_id=case_id,
             phase_files=(),
             mask_file=files[0],
             layout=layout,
-            problem=f"mask has no image files (expected {where})",
+            problem=f"mask has no image files (expected {where.format(case=case_id)})",
             problem_path=files[0],
         )
         for files in masks.values()
+        for case_id in [_mask_case_id(files[0])]
     ]
 
 
@@ -352,7 +353,7 @@ def _nnunet(src: Path) -> list[CaseSource]:
                     problem=(problem, mask) if problem else None,
                 )
             )
-        cases.extend(_orphan_masks(masks, "nnunet", f"{folder.name}/CASE_0000.nii.gz"))
+        cases.extend(_orphan_masks(masks, "nnunet", f"{folder.name}/{{case}}_0000.nii.gz"))
     return cases
 
 
@@ -373,22 +374,22 @@ def _find_key(obj: Any, key: str) -> Any:
     return None
 
 
-def _mamamia_times(info_dir: Path, case_id: str) -> tuple[float, ...] | None:
-    if not info_dir.is_dir():
+def _mamamia_times(info: Path | None) -> tuple[float, ...] | None:
+    """Acquisition times from a MAMA-MIA patient JSON (see the module docstring)."""
+    if info is None:
         return None
-    for p in info_dir.iterdir():
-        if p.name.lower() == f"{case_id.lower()}.json":
-            try:
-                times = _find_key(json.loads(p.read_text()), "acquisition_times")
-                return tuple(float(t) for t in times) if isinstance(times, list) else None
-            except (OSError, ValueError, TypeError):
-                return None
-    return None
+    try:
+        times = _find_key(json.loads(info.read_text()), "acquisition_times")
+        return tuple(float(t) for t in times) if isinstance(times, list) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _mamamia(src: Path) -> list[CaseSource]:
     images = src / "images"
     masks = _masks_by_id(src / "segmentations" / "expert")
+    info_dir = src / "patient_info_files"
+    infos = {p.name.lower(): p for p in info_dir.iterdir()} if info_dir.is_dir() else {}
     scanned = []  # (case folder, {t: files}, problem)
     nominal = 0
     for case_dir in _dirs(images) if images.is_dir() else []:
@@ -419,11 +420,11 @@ def _mamamia(src: Path) -> list[CaseSource]:
                 folder=case_dir,
                 expected0=f"{case_id.lower()}_0000.nii.gz",
                 site=case_id.split("_")[0],
-                times=_mamamia_times(src / "patient_info_files", case_id),
+                times=_mamamia_times(infos.get(f"{case_id.lower()}.json")),
                 problem=problem,
             )
         )
-    cases.extend(_orphan_masks(masks, "mamamia", "images/CASE/CASE_0000.nii.gz"))
+    cases.extend(_orphan_masks(masks, "mamamia", "images/{case}/{case}_0000.nii.gz"))
     return cases
 
 
@@ -476,7 +477,7 @@ def _bts(src: Path) -> list[CaseSource]:
             )
         )
     for centre_name, left in masks.items():
-        cases.extend(_orphan_masks(left, "bts", f"{centre_name}/CASE/P0.nii.gz"))
+        cases.extend(_orphan_masks(left, "bts", f"{centre_name}/{{case}}/P0.nii.gz"))
     return cases
 
 
@@ -511,5 +512,5 @@ def _nifti4d(src: Path) -> list[CaseSource]:
                 problem_path=mask if problem else None,
             )
         )
-    cases.extend(_orphan_masks(masks, "nifti4d", "CASE.nii.gz beside CASE_mask.nii.gz"))
+    cases.extend(_orphan_masks(masks, "nifti4d", "{case}.nii.gz beside the mask"))
     return cases

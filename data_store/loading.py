@@ -41,6 +41,7 @@ __all__ = ["AFFINE_TOL_MM", "LoadedCase", "affine_mismatch_mm", "file_sha256", "
 #: Two affines match when they place every corner of the volume within this distance (mm).
 #: 0.01 mm is ~1 % of a breast MRI voxel and far above float32 rounding of header affines.
 AFFINE_TOL_MM = 0.01
+_AXIS4 = "a 4D image with phases on axis 4"
 
 
 @dataclass
@@ -109,7 +110,7 @@ def load_case(source: CaseSource) -> LoadedCase:
     if source.layout == "nifti4d":
         path = source.phase_files[0]
         vol = _read(path, cid, sha)
-        data = _squeeze(vol.data, path, cid)
+        data = _squeeze(vol.data, path, cid, _AXIS4)
         if data.ndim == 3:
             raise InputError(
                 f"fewer than two phases: a 3D image {data.shape} is one phase "
@@ -118,11 +119,11 @@ def load_case(source: CaseSource) -> LoadedCase:
                 path=str(path),
             )
         if data.ndim != 4:
-            raise InputError(_dim_problem(data.shape), case=cid, path=str(path))
+            raise InputError(_dim_problem(data.shape, _AXIS4), case=cid, path=str(path))
         _check_spatial(data.shape[:3], data.shape, path, cid)
         if data.shape[3] < 2:
             raise InputError(_too_few(data.shape[3]), case=cid, path=str(path))
-        geometry = vol.geometry
+        geometry = _geometry(vol, path, cid)
         _check_finite(data, path, cid)
         image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
         phase_present = (True,) * image.shape[0]
@@ -142,7 +143,7 @@ def load_case(source: CaseSource) -> LoadedCase:
                 raise InputError(_dim_problem(data.shape) + extra, case=cid, path=str(path))
             _check_spatial(data.shape, data.shape, path, cid)
             if ref is None:
-                ref, geometry = vol, vol.geometry
+                ref, geometry = vol, _geometry(vol, path, cid)
             else:
                 if data.shape != geometry.shape:
                     raise InputError(
@@ -185,20 +186,29 @@ def _read(path: Path, cid: str, sha: dict[str, str]) -> NiftiVolume:
     return vol
 
 
+def _geometry(vol: NiftiVolume, path: Path, cid: str) -> Geometry:
+    try:
+        return vol.geometry
+    except InputError as err:
+        raise InputError(err.problem, case=cid, path=str(path)) from err
+
+
 def _too_few(n: int) -> str:
     return f"fewer than two phases: found {n} (need pre-contrast + at least one post-contrast)"
 
 
-def _dim_problem(shape: tuple[int, ...]) -> str:
-    return f"image is {len(shape)}D {tuple(shape)}, expected a 3D volume per phase"
+def _dim_problem(shape: tuple[int, ...], expected: str = "a 3D volume per phase") -> str:
+    return f"image is {len(shape)}D {tuple(shape)}, expected {expected}"
 
 
-def _squeeze(data: np.ndarray, path: Path, cid: str) -> np.ndarray:
+def _squeeze(
+    data: np.ndarray, path: Path, cid: str, expected: str = "a 3D volume per phase"
+) -> np.ndarray:
     """Drops trailing length-1 axes beyond the third ((i, j, k, 1) -> (i, j, k))."""
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim < 3:
-        raise InputError(_dim_problem(data.shape), case=cid, path=str(path))
+        raise InputError(_dim_problem(data.shape, expected), case=cid, path=str(path))
     return data
 
 

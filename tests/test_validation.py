@@ -11,6 +11,7 @@ import gzip
 from collections.abc import Callable
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from nifti_factory import make_affine, make_arrays, save_nifti, write_cohort
@@ -70,6 +71,18 @@ def _bad_mask_values(root: Path) -> Path:
     _, mask = make_arrays()
     mask[0, 0, 0] = 2
     return _overwrite(_mask(root), mask)
+
+
+def _degenerate_affine(root: Path) -> Path:
+    """Phase 0 with a zero third column in its sform (no direction for axis k)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((6, 7, 8))
+    header.set_data_dtype(np.int16)
+    header["sform_code"] = 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]
+    path = _phase(root, 0)
+    nib.save(nib.Nifti1Image(make_arrays()[0][0], None, header=header), str(path))
+    return path
 
 
 def _two_files_one_phase(root: Path) -> Path:
@@ -156,6 +169,12 @@ NNUNET_TABLE: list[tuple[str, Breaker, str, str]] = [
         "4d-phase-file",
         lambda r: _overwrite(_phase(r, 1), np.zeros((6, 7, 8, 2), np.int16)),
         "image is 4D (6, 7, 8, 2), expected a 3D volume per phase (this layout has one 3D file",
+        CASE,
+    ),
+    (
+        "degenerate-affine",
+        _degenerate_affine,
+        "affine is degenerate (no direction for an axis)",
         CASE,
     ),
     ("two-files-one-phase", _two_files_one_phase, "two files for phase 1", CASE),
