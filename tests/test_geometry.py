@@ -155,3 +155,17 @@ def test_nifti2_round_trips_exactly(tmp_path):
     assert back.shape == original.shape and np.array_equal(back.affine, original.affine)
     assert np.array_equal(np.asanyarray(back.dataobj), np.asanyarray(original.dataobj))
     assert back.get_data_dtype() == original.get_data_dtype()
+
+
+def test_phases_of_different_dtypes_stack_without_loss(tmp_path):
+    """int16 pre-contrast + a scaled (float32) post-contrast phase -> float32, values exact."""
+    image, _ = make_arrays(SHAPE, phases=2)
+    save_nifti(tmp_path / "imagesTr" / "mix_0000.nii.gz", image[0], make_affine())
+    save_nifti(
+        tmp_path / "imagesTr" / "mix_0001.nii.gz", image[1], make_affine(), slope_inter=(2.0, 1.0)
+    )
+    (source,) = discover(tmp_path)
+    case = load_case(source)
+    assert case.image.dtype == np.float32
+    original = case.geometry.to_original(case.image)
+    assert np.array_equal(original[0], image[0]) and np.array_equal(original[1], image[1] * 2 + 1)
