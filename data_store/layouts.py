@@ -6,7 +6,8 @@ accepted everywhere, and hidden files (``.*``) are ignored:
 - ``nnunet`` (nnU-Net raw): ``imagesTr/CASE_000t.nii.gz`` (``t`` = phase, ``_0000`` is
   pre-contrast), masks ``labelsTr/CASE.nii.gz``; optional ``imagesTs/`` (unlabelled, or
   labelled by ``labelsTs/``) and ``dataset.json`` (its ``channel_names``/``modality`` count sets
-  the expected number of phases).
+  the expected number of phases; a list ``acquisition_times_s`` or ``acquisition_times``, one
+  number per channel, as `data_store.synth` writes, gives every case's times in s).
 - ``mamamia`` (MAMA-MIA): ``images/CASE/CASE_000t.nii.gz``, masks
   ``segmentations/expert/CASE.nii.gz``, optional ``patient_info_files/CASE.json``. File names
   match the folder name case-insensitively (the public release has ``DUKE_001/duke_001_0000``).
@@ -301,6 +302,7 @@ def _mask_case_id(path: Path) -> str:
 
 def _nnunet(src: Path) -> list[CaseSource]:
     nominal = 0
+    cohort_times = None
     meta = src / "dataset.json"
     if meta.is_file():
         try:
@@ -311,6 +313,8 @@ def _nnunet(src: Path) -> list[CaseSource]:
             info.get("channel_names") or info.get("modality") if isinstance(info, dict) else None
         )
         nominal = len(channels) if isinstance(channels, dict) else 0
+        if isinstance(info, dict):
+            cohort_times = _numbers(info.get("acquisition_times_s", info.get("acquisition_times")))
     found = []  # (subset, images folder, {case: {t: files}}, masks)
     cases: list[CaseSource] = []
     for images_name, labels_name, subset in (
@@ -349,12 +353,28 @@ def _nnunet(src: Path) -> list[CaseSource]:
                     mask=mask,
                     folder=folder,
                     expected0=f"{case_id}_0000.nii.gz",
+                    times=_select(cohort_times, phases),
                     subset=subset,
                     problem=(problem, mask) if problem else None,
                 )
             )
         cases.extend(_orphan_masks(masks, "nnunet", f"{folder.name}/{{case}}_0000.nii.gz"))
     return cases
+
+
+def _numbers(value: Any) -> tuple[float, ...] | None:
+    """A list of numbers as floats, else None."""
+    try:
+        return tuple(float(v) for v in value) if isinstance(value, list) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _select(times: tuple[float, ...] | None, phases: dict[int, list[Path]]) -> tuple | None:
+    """The times of the phases present, from times indexed by nominal phase."""
+    if times is None or not phases or max(phases) >= len(times):
+        return None
+    return tuple(times[t] for t in sorted(phases))
 
 
 def _find_key(obj: Any, key: str) -> Any:
@@ -379,9 +399,8 @@ def _mamamia_times(info: Path | None) -> tuple[float, ...] | None:
     if info is None:
         return None
     try:
-        times = _find_key(json.loads(info.read_text()), "acquisition_times")
-        return tuple(float(t) for t in times) if isinstance(times, list) else None
-    except (OSError, ValueError, TypeError):
+        return _numbers(_find_key(json.loads(info.read_text()), "acquisition_times"))
+    except (OSError, ValueError):
         return None
 
 

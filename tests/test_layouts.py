@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -39,10 +40,16 @@ def test_nnunet_train_test_and_dataset_json(tmp_path):
     assert [s.subset for s in sources.values()] == ["train", "train", "test"]
     assert sources["case_002"].mask_file is None and not sources["case_002"].labelled
     assert load_case(sources["case_002"]).mask is None
+    assert sources["case_000"].times is None
     # dataset.json says 3 channels: a case with only 2 has its third phase marked missing
-    (tmp_path / "imagesTr" / "case_001_0002.nii.gz").unlink()
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta["acquisition_times_s"] = [0, 60, 120]  # as data_store.synth writes them
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    (tmp_path / "imagesTr" / "case_001_0001.nii.gz").unlink()
     sources = {s.case_id: s for s in discover(tmp_path)}
-    assert sources["case_001"].phase_present == (True, True, False)
+    assert sources["case_001"].phase_present == (True, False, True)
+    assert sources["case_001"].times == (0.0, 120.0)
+    assert sources["case_000"].times == (0.0, 60.0, 120.0)
     assert load_case(sources["case_001"]).image.shape[0] == 2
 
 
