@@ -1,0 +1,137 @@
+"""The MLflow model registry: champion/challenger gating, loading without pickles, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from data_store.errors import InputError
+from tsesnet import registry
+from tsesnet.cli import main
+
+LINEAGE = {"store_fingerprint": "fp-A", "fold": 0}
+
+
+def _mv(version="1", **tags):
+    return SimpleNamespace(version=version, tags={k: str(v) for k, v in tags.items()})
+
+
+@pytest.mark.parametrize(
+    ("new", "lineage", "champion", "alias"),
+    [
+        (0.50, LINEAGE, None, "champion"),
+        (0.60, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-A", fold=0), "champion"),
+        (0.50, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-A", fold=0), "challenger"),
+        (0.40, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-A", fold=0), "challenger"),
+        # A better score on another fold or another store is not comparable.
+        (0.90, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-A", fold=1), "challenger"),
+        (0.90, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-B", fold=0), "challenger"),
+    ],
+)
+def test_alias_gate(new, lineage, champion, alias):
+    got, reason = registry.decide_alias(new, lineage, champion)
+    assert got == alias
+    assert reason
+
+
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory):
+    """One SQLite tracking database for the module (creating one costs seconds)."""
+    d = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d / 'mlflow.db'}")
+        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(d / "mlartifacts"))
+        mp.chdir(d)
+        from tsesnet import tracking
+
+        exp = tracking.ensure_database("registry-test")
+        yield SimpleNamespace(dir=d, experiment_id=exp)
+
+
+def _register(db, seed: int, dice: float, lineage=LINEAGE):
+    import mlflow
+
+    from tsesnet.model import build_model
+
+    torch.manual_seed(seed)
+    net = build_model("tiny")
+    w = db.dir / f"w{seed}.pt"
+    torch.save(net.state_dict(), w)
+    run = mlflow.MlflowClient().create_run(db.experiment_id, run_name=f"run-{seed}")
+    reg = registry.log_and_register(
+        run_id=run.info.run_id,
+        weights_path=w,
+        model_config=dataclasses.asdict(net.config),
+        patch=(16, 32, 32),
+        phases=3,
+        val_dice=dice,
+        lineage=lineage,
+    )
+    return net.eval(), reg
+
+
+def _same_output(a, b) -> bool:
+    x = torch.randn(1, 3, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+def test_register_gate_load_promote(tracking_db, capsys):
+    net1, r1 = _register(tracking_db, 1, 0.50)
+    assert (r1.version, r1.alias) == ("1", "champion")
+
+    loaded = registry.load_model("models:/tsesnet@champion")
+    assert not loaded.model.training
+    assert loaded.patch == (16, 32, 32)
+    assert loaded.config["lineage"]["store_fingerprint"] == "fp-A"
+    assert _same_output(loaded.model, net1)
+
+    _, r2 = _register(tracking_db, 2, 0.40)
+    assert r2.alias == "challenger"
+    net3, r3 = _register(tracking_db, 3, 0.60)
+    assert r3.alias == "champion"
+    _, r4 = _register(tracking_db, 4, 0.95, {"store_fingerprint": "fp-A", "fold": 1})
+    assert r4.alias == "challenger"
+    assert _same_output(registry.load_model("models:/tsesnet@champion").model, net3)
+    assert _same_output(registry.load_model("models:/tsesnet/1").model, net1)
+
+    # What is stored: plain tensors and JSON, the pyfunc as source code, no pickled object.
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts("models:/tsesnet@champion")
+    from pathlib import Path
+
+    files = {p.name for p in Path(local).rglob("*") if p.is_file()}
+    assert {"weights.pt", "model_config.json", "mlflow_model.py", "MLmodel"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
+    mlmodel = (Path(local) / "MLmodel").read_text()
+    assert "model_code_path" in mlmodel and "signature" in mlmodel
+    state = torch.load(next(Path(local).rglob("weights.pt")), weights_only=True)
+    assert all(torch.is_tensor(v) for v in state.values())
+
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["name"] == "tsesnet" and row["versions"] == 4
+    assert row["aliases"] == {"champion": "3", "challenger": "4"}
+
+    assert main(["models", "show", "tsesnet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [v["val_dice"] for v in info["versions"]] == [0.5, 0.4, 0.6, 0.95]
+    assert info["versions"][2]["aliases"] == ["champion"]
+
+    assert main(["models", "show", "tsesnet"]) == 0
+    assert "champion" in capsys.readouterr().out
+
+    assert main(["models", "promote", "tsesnet", "1", "--alias", "champion"]) == 0
+    assert _same_output(registry.load_model("models:/tsesnet@champion").model, net1)
+    assert main(["models", "promote", "tsesnet", "99", "--alias", "champion"]) == 2
+    assert "no version 99" in capsys.readouterr().err
+    assert main(["models", "show", "nope"]) == 2
+
+    with pytest.raises(InputError):
+        registry.load_model("models:/nope@champion")
