@@ -120,9 +120,7 @@ def load_case(source: CaseSource) -> LoadedCase:
             )
         if data.ndim != 4:
             raise InputError(_dim_problem(data.shape, _AXIS4), case=cid, path=str(path))
-        _check_spatial(data.shape[:3], data.shape, path, cid)
-        if data.shape[3] < 2:
-            raise InputError(_too_few(data.shape[3]), case=cid, path=str(path))
+        _check_spatial(data.shape[:3], data.shape, path, cid)  # T >= 2: length-1 axis 4 dropped
         geometry = _geometry(vol, path, cid)
         _check_finite(data, path, cid)
         image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
