@@ -31,3 +31,19 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, ray_session):
+    """A synthetic store of 4 labelled cases (3 phases, 16x32x32, 2 folds), built once per session.
+
+    For the tiny training preset (`platform/configs/tiny.yaml`): fold 0 gives 2 training and
+    2 validation cases.
+    """
+    from data_store.ingest import ingest
+    from data_store.synth import SynthConfig, write_cohort
+
+    d = tmp_path_factory.mktemp("tiny_store")
+    write_cohort(d / "raw", 4, seed=0, config=SynthConfig(shape=(16, 32, 32), phases=3))
+    ingest(d / "raw", d / "tiny.zarr", folds=2, progress=False)
+    return d / "tiny.zarr"
