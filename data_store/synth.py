@@ -1,0 +1,875 @@
+"""A synthetic breast DCE-MRI cohort in which the time axis matters: `tsesnet synth`.
+
+Each case is a 4D scan, phase 0 pre-contrast and phases 1..T-1 post-contrast, of two
+half-ellipsoid breasts on a chest wall, with air around them. Every voxel belongs to one tissue
+and follows that tissue's kinetic curve (the signal as a function of acquisition time):
+
+    S(t) = S0 * (1 + A * (1 - exp(-t' / tau)) * exp(-k * t' / 60)),   t' = max(t - t0, 0)   (K1)
+
+with baseline S0, relative enhancement amplitude A, wash-in time constant tau (s), wash-out rate
+k (per minute; k < 0 keeps rising) and bolus arrival t0 (s). Curves per tissue (`Kinetics`):
+
+| tissue            | label | curve                                                     |
+|-------------------|-------|-----------------------------------------------------------|
+| fat (fat-sat)     | no    | dark, barely enhances                                     |
+| fibroglandular    | no    | slow, persistent (k <= 0); its amount of enhancement varies by case |
+| vessels           | no    | early and strong, then a slight decline                   |
+| benign foci       | no    | fast-ish wash-in, persistent (plateau or still rising)    |
+| malignant tumours | yes   | fast wash-in, wash-out                                    |
+| skin, pectoral muscle, thorax | no | mild                                               |
+
+Lesion baselines and amplitudes vary per lesion and inside a lesion, and a smooth bias field and
+a per-case scanner gain multiply everything, so at the tumours' peak phase tumour, benign-focus,
+vessel and FGT intensities overlap: no threshold on one phase finds the tumours, while the shape
+of the curve (wash-out, e.g. late minus peak) separates tumours from benign foci. Vessels wash
+out too; they are told apart by shape (thin tubes), not by kinetics.
+
+Arrays: `image` (T, Z, Y, X) int16 and `mask` (Z, Y, X) uint8 are on the grid of the written
+NIfTI files: the file's data array (i, j, k) is `vol.transpose(2, 1, 0)`, i along R/L, j along
+A/P, k along S/I, each possibly reversed (LPS, LAS, ... orientations), and `affine` maps (i, j, k)
+to scanner mm with a small random rotation and offset. Its column norms are the spacing
+(X, Y, Z); the header zooms match. Spacing in this module is in (Z, Y, X) order, in mm.
+
+Everything is deterministic by seed: case `n` of cohort seed `s` is drawn from
+`numpy.random.default_rng([s, n])`, so the same seed gives byte-identical files and a case does not
+depend on how many cases are written.
+
+Shape legend: T phases, Z Y X voxels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_store.errors import InputError
+
+CASE_PREFIX = "SYN"
+MIN_SHAPE = (8, 32, 32)  # (Z, Y, X): below this the breasts cannot hold a tumour of a few voxels
+
+# Tissue codes of `SynthCase.tissues`: an explicit registry, painted in this order.
+TISSUES = {
+    "air": 0,
+    "thorax": 1,
+    "muscle": 2,
+    "skin": 3,
+    "fat": 4,
+    "fgt": 5,
+    "vessel": 6,
+    "benign": 7,
+    "tumour": 8,
+    "heart": 9,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kinetics:
+    """The kinetic curve (K1) of one tissue; ranges are (low, high), drawn uniformly.
+
+    Lesions and vessels draw their own values each; diffuse tissues one set per case.
+
+    Attributes:
+        baseline: mean pre-contrast signal S0 (arbitrary units before the case's gain).
+        baseline_cv: spread of S0 between lesions (sd of log S0).
+        amplitude: relative enhancement A (1.0 = +100 % at the plateau).
+        wash_in_s: wash-in time constant tau in seconds.
+        washout_per_min: wash-out rate k per minute; negative values keep rising.
+        heterogeneity: smooth within-lesion variation of A (fraction, sd).
+    """
+
+    baseline: float
+    baseline_cv: float = 0.0
+    amplitude: tuple[float, float]
+    wash_in_s: tuple[float, float]
+    washout_per_min: tuple[float, float] = (0.0, 0.0)
+    heterogeneity: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SynthConfig:
+    """Every parameter of the synthetic cohort. Lengths in mm, times in s, axes (Z, Y, X).
+
+    Attributes:
+        shape: volume shape (Z, Y, X) in voxels; at least `MIN_SHAPE`.
+        spacing: voxel size (Z, Y, X) in mm; None derives it as `fov_mm / shape`, so a larger
+            shape is a finer scan of the same anatomy. Default shape gives 3.0 x 1.75 x 1.75 mm.
+        fov_mm: field of view (Z, Y, X) used when `spacing` is None.
+        phases: number of phases T >= 2 (phase 0 pre-contrast).
+        times_s: acquisition times of the T phases; None: 0 then T-1 post-contrast phases evenly
+            from `first_post_s` to `last_post_s` (T = 6: 0, 60, 120, 180, 240, 300 s).
+        first_post_s: time of the first post-contrast phase.
+        last_post_s: time of the last post-contrast phase.
+        bolus_arrival_s: contrast arrival t0 range in (K1).
+        fat, fgt, vessel, benign, tumour, skin, muscle, thorax, heart: kinetic curves per
+            tissue. The heart's blood pool is the brightest post-contrast structure, as in real
+            scans, so the 99.9th percentile used to normalise lies above the tumours.
+        breast_halfwidth: breast radius along X as a fraction of the X field of view (range).
+        breast_depth: breast protrusion along Y (anterior) as a fraction of the Y FOV (range).
+        breast_height: breast radius along Z as a fraction of the Z FOV (range).
+        breast_offset: breast centre distance from the midline, fraction of the X FOV (range).
+        chest_wall: chest-wall position from the posterior edge, fraction of the Y FOV (range).
+        skin_mm: skin thickness.
+        muscle_mm: pectoral muscle thickness.
+        fgt_fraction: fraction of breast volume that is fibroglandular (range, per case).
+        fgt_scale_mm: smoothness (Gaussian sigma) of the noise that FGT blobs are cut from.
+        vessels_per_breast: number of vessels per breast (inclusive range).
+        vessel_radius_mm: vessel radius (range).
+        benign_count: number of benign enhancing foci per case (inclusive range).
+        benign_diameter_mm: benign focus diameter (range).
+        tumour_count: number of labelled malignant tumours per case (inclusive range).
+        tumour_diameter_mm: tumour diameter, drawn log-uniformly (range; see below for the floor).
+        tumour_irregularity: amplitude of the low-order radius modulation (lobulation).
+        min_lesion_voxels_across: lesions are at least this many in-plane voxels across, so that
+            a coarse or tiny grid still shows every tumour: tumour diameters are drawn from
+            [max(low, this x in-plane spacing), high], 5.25-30 mm at the default spacing.
+        min_lesion_voxels: a tumour with fewer voxels than this is grown by 25 % steps.
+        gain: per-case scanner gain multiplying all signal (range).
+        noise_sd: noise sd per channel of the complex signal (Rician magnitude), before gain.
+        bias_strength: sd of the coefficients of the smooth log bias field (quadratic).
+        psf_sigma_vox: Gaussian point-spread blur of the noise-free signal, in voxels.
+        orientations: file orientations drawn per case (nibabel axis codes, flips only).
+        max_rotation_deg: largest rotation of the affine about a random axis.
+        max_offset_mm: largest shift of the volume centre from the scanner origin, per axis.
+    """
+
+    shape: tuple[int, int, int] = (32, 96, 96)
+    spacing: tuple[float, float, float] | None = None
+    fov_mm: tuple[float, float, float] = (96.0, 168.0, 168.0)
+    phases: int = 6
+    times_s: tuple[float, ...] | None = None
+    first_post_s: float = 60.0
+    last_post_s: float = 300.0
+    bolus_arrival_s: tuple[float, float] = (8.0, 20.0)
+
+    fat: Kinetics = Kinetics(baseline=100.0, amplitude=(0.05, 0.15), wash_in_s=(90.0, 150.0))
+    fgt: Kinetics = Kinetics(
+        baseline=280.0,
+        amplitude=(0.3, 1.6),
+        wash_in_s=(90.0, 300.0),
+        washout_per_min=(-0.03, 0.0),
+        heterogeneity=0.2,
+    )
+    vessel: Kinetics = Kinetics(
+        baseline=220.0,
+        baseline_cv=0.1,
+        amplitude=(2.2, 3.2),
+        wash_in_s=(8.0, 15.0),
+        washout_per_min=(0.04, 0.10),
+    )
+    benign: Kinetics = Kinetics(
+        baseline=290.0,
+        baseline_cv=0.15,
+        amplitude=(1.0, 2.4),
+        wash_in_s=(20.0, 45.0),
+        washout_per_min=(-0.04, 0.0),
+        heterogeneity=0.1,
+    )
+    tumour: Kinetics = Kinetics(
+        baseline=300.0,
+        baseline_cv=0.15,
+        amplitude=(1.0, 2.4),
+        wash_in_s=(15.0, 35.0),
+        washout_per_min=(0.06, 0.16),
+        heterogeneity=0.15,
+    )
+    skin: Kinetics = Kinetics(baseline=280.0, amplitude=(0.3, 0.6), wash_in_s=(60.0, 120.0))
+    muscle: Kinetics = Kinetics(baseline=250.0, amplitude=(0.2, 0.4), wash_in_s=(40.0, 80.0))
+    thorax: Kinetics = Kinetics(
+        baseline=180.0, amplitude=(0.2, 0.5), wash_in_s=(30.0, 60.0), washout_per_min=(0.0, 0.04)
+    )
+    heart: Kinetics = Kinetics(
+        baseline=250.0, amplitude=(3.5, 4.5), wash_in_s=(5.0, 10.0), washout_per_min=(0.05, 0.10)
+    )
+
+    breast_halfwidth: tuple[float, float] = (0.17, 0.21)
+    breast_depth: tuple[float, float] = (0.38, 0.52)
+    breast_height: tuple[float, float] = (0.36, 0.44)
+    breast_offset: tuple[float, float] = (0.21, 0.25)
+    chest_wall: tuple[float, float] = (0.34, 0.40)
+    skin_mm: float = 2.0
+    muscle_mm: float = 8.0
+    fgt_fraction: tuple[float, float] = (0.15, 0.45)
+    fgt_scale_mm: float = 5.0
+    vessels_per_breast: tuple[int, int] = (2, 4)
+    vessel_radius_mm: tuple[float, float] = (0.8, 1.6)
+    benign_count: tuple[int, int] = (2, 5)
+    benign_diameter_mm: tuple[float, float] = (5.0, 20.0)
+    tumour_count: tuple[int, int] = (1, 3)
+    tumour_diameter_mm: tuple[float, float] = (3.0, 30.0)
+    tumour_irregularity: float = 0.25
+    min_lesion_voxels_across: float = 3.0
+    min_lesion_voxels: int = 8
+
+    gain: tuple[float, float] = (0.8, 1.6)
+    noise_sd: float = 10.0
+    bias_strength: float = 0.12
+    psf_sigma_vox: float = 0.5
+    orientations: tuple[str, ...] = ("LPS", "RAS", "LAS", "LPI", "RPS")
+    max_rotation_deg: float = 6.0
+    max_offset_mm: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) != 3 or any(s < m for s, m in zip(self.shape, MIN_SHAPE, strict=True)):
+            raise InputError(
+                f"--shape {' '.join(map(str, self.shape))} is too small: need at least "
+                f"Z Y X = {' '.join(map(str, MIN_SHAPE))}"
+            )
+        if self.phases < 2:
+            raise InputError(
+                f"--phases {self.phases}: need at least 2 (pre-contrast and one post-contrast)"
+            )
+        if self.times_s is not None and len(self.times_s) != self.phases:
+            raise InputError(f"times_s has {len(self.times_s)} entries for {self.phases} phases")
+        for code in self.orientations:
+            if len(code) != 3 or not all(
+                c in pair for c, pair in zip(code, ("LR", "AP", "SI"), strict=True)
+            ):
+                raise InputError(f"orientation {code!r}: expected e.g. 'LPS' (flips only)")
+        lo, hi = self.tumour_count
+        if not 1 <= lo <= hi:
+            raise InputError(f"tumour_count {self.tumour_count}: need 1 <= low <= high")
+
+    @property
+    def voxel_mm(self) -> tuple[float, float, float]:
+        """Spacing (Z, Y, X) in mm: `spacing`, or `fov_mm / shape`."""
+        if self.spacing is not None:
+            return tuple(float(s) for s in self.spacing)
+        return tuple(f / n for f, n in zip(self.fov_mm, self.shape, strict=True))
+
+    @property
+    def acquisition_times(self) -> tuple[float, ...]:
+        """Acquisition time of each phase in s (phase 0 pre-contrast at 0 s)."""
+        if self.times_s is not None:
+            return tuple(float(t) for t in self.times_s)
+        post = np.linspace(self.first_post_s, self.last_post_s, self.phases - 1)
+        return (0.0, *(float(t) for t in post))
+
+
+@dataclass
+class SynthCase:
+    """One synthetic case with the ground truth behind it.
+
+    Attributes:
+        image: (T, Z, Y, X) int16 on the file's grid.
+        mask: (Z, Y, X) uint8 tumour labels {0, 1}.
+        affine: (4, 4) float64 mapping file voxel (i, j, k) = (X, Y, Z) to mm.
+        tissues: (Z, Y, X) uint8 tissue codes (`TISSUES`).
+        spacing: (Z, Y, X) mm.
+        times_s: acquisition times of the T phases.
+        tumour_diameters_mm: nominal diameter of each labelled tumour.
+        orientation: the file's axis codes, e.g. 'LPS'.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    tissues: np.ndarray
+    spacing: tuple[float, float, float]
+    times_s: tuple[float, ...]
+    tumour_diameters_mm: list[float]
+    orientation: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Small random helpers
+
+
+def _uniform(rng: np.random.Generator, pair: tuple[float, float]) -> float:
+    return float(rng.uniform(pair[0], pair[1]))
+
+
+def _smooth_noise(rng, shape, sigma_vox) -> np.ndarray:
+    """Gaussian-filtered white noise rescaled to zero mean, unit sd. (Z, Y, X) float32."""
+    from scipy.ndimage import gaussian_filter
+
+    n = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="reflect")
+    n -= n.mean()
+    return n / max(float(n.std()), 1e-6)
+
+
+def _draw_curve(rng, kin: Kinetics) -> tuple[float, float, float, float]:
+    """(S0, A, tau, k) of one lesion, vessel or diffuse tissue."""
+    s0 = kin.baseline * math.exp(kin.baseline_cv * float(rng.standard_normal()))
+    return (
+        s0,
+        _uniform(rng, kin.amplitude),
+        _uniform(rng, kin.wash_in_s),
+        _uniform(rng, kin.washout_per_min),
+    )
+
+
+def _heterogeneity(rng, shape, sp, amount) -> np.ndarray:
+    """Smooth within-lesion factor on A: 1 + amount * noise (2 mm scale), kept in [0.5, 1.5]."""
+    if amount <= 0 or min(shape) == 0:
+        return np.ones(shape, np.float32)
+    noise = _smooth_noise(rng, shape, [2.0 / s for s in sp])
+    return np.clip(1.0 + amount * noise, 0.5, 1.5)
+
+
+def _largest_component(vol: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a bool volume (empty stays empty)."""
+    from scipy.ndimage import label
+
+    lab, n = label(vol, np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return vol
+    return lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+
+
+def _min_diameter_mm(cfg: SynthConfig, sp) -> float:
+    return cfg.min_lesion_voxels_across * max(sp[1], sp[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Anatomy in the canonical RAS grid: Z to superior, Y to anterior, X to the patient's right
+
+
+class _Painter:
+    """Per-voxel curve parameters (S0, A, tau, k) and tissue codes, painted layer by layer."""
+
+    def __init__(self, shape):
+        self.tissues = np.zeros(shape, np.uint8)
+        self.s0 = np.zeros(shape, np.float32)
+        self.amp = np.zeros(shape, np.float32)
+        self.tau = np.ones(shape, np.float32)
+        self.k = np.zeros(shape, np.float32)
+
+    def paint(self, where, tissue, curve, amp_scale=None, box=(slice(None),) * 3):
+        """Give voxels `where` (within `box`, if given) the tissue and curve (S0, A, tau, k)."""
+        s0, a, tau, k = curve
+        where = np.broadcast_to(where, self.tissues[box].shape)
+        self.tissues[box][where] = TISSUES[tissue]
+        self.s0[box][where] = s0
+        self.amp[box][where] = a if amp_scale is None else a * amp_scale[where]
+        self.tau[box][where] = tau
+        self.k[box][where] = k
+
+
+def _lesion(rng, grid, sp, centre, radius_mm, irregularity, axes=(1.0, 1.0, 1.0)):
+    """A lobulated ellipsoid in its bounding box: (box slices, (z, y, x) bool mask in the box).
+
+    The radius along unit direction u is r(u) = R * (1 + a * f(u)), f a sum of a few cosines of
+    low spatial frequency over the sphere (unit sd, clipped to +-2), so the lesion is
+    star-shaped and connected.
+    """
+    reach = radius_mm * (1 + 2 * irregularity) * max(axes)
+    box = tuple(
+        slice(
+            max(int(np.floor((c - reach - g.ravel()[0]) / s)), 0),
+            max(int(np.ceil((c + reach - g.ravel()[0]) / s)) + 1, 0),
+        )
+        for c, g, s in zip(centre, grid, sp, strict=True)
+    )
+    z, y, x = grid[0][box[0]], grid[1][:, box[1]], grid[2][:, :, box[2]]
+    d = [(z - centre[0]) / axes[0], (y - centre[1]) / axes[1], (x - centre[2]) / axes[2]]
+    r = np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2)
+    n_terms = 4
+    f = np.zeros(r.shape, np.float32)
+    if irregularity > 0:
+        u = [di / np.maximum(r, 1e-6) for di in d]
+        for _ in range(n_terms):
+            kvec = rng.standard_normal(3)
+            kvec *= rng.uniform(0.6, 1.6) / np.linalg.norm(kvec)
+            phase = rng.uniform(0, 2 * np.pi)
+            f += np.cos(2 * np.pi * (kvec[0] * u[0] + kvec[1] * u[1] + kvec[2] * u[2]) + phase)
+        f /= math.sqrt(n_terms / 2)  # unit sd
+    return box, r <= radius_mm * (1 + irregularity * np.clip(f, -2.0, 2.0))
+
+
+def _pick_centre(rng, room, needed_mm, taken, grid_mm):
+    """A voxel whose distance inside the breast is >= needed_mm and that keeps clear of `taken`.
+
+    Returns (centre_mm, needed_mm actually used) or None; shrinks the need when nothing fits.
+    """
+    z, y, x = grid_mm
+    for _ in range(6):
+        ok = room >= needed_mm
+        for c, reach in taken:
+            dist = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
+            ok &= dist >= reach + needed_mm
+        idx = np.flatnonzero(ok)
+        if idx.size:
+            flat = idx[rng.integers(idx.size)]
+            iz, iy, ix = np.unravel_index(flat, room.shape)
+            return (float(z[iz, 0, 0]), float(y[0, iy, 0]), float(x[0, 0, ix])), needed_mm
+        needed_mm *= 0.8
+    return None
+
+
+def _vessel_points(rng, start, end, n=160):
+    """Points of a wiggly curve from start to end (mm), (n, 3)."""
+    s = np.linspace(0.0, 1.0, n)[:, None]
+    line = start[None] + s * (end - start)[None]
+    length = float(np.linalg.norm(end - start))
+    wiggle = np.zeros_like(line)
+    for harmonic in (1, 2, 3):
+        direction = rng.standard_normal(3)
+        wiggle += (
+            np.sin(np.pi * harmonic * s + rng.uniform(0, np.pi))
+            * direction[None]
+            * length
+            * 0.06
+            / harmonic
+        )
+    return line + wiggle * np.sin(np.pi * s)
+
+
+def _anatomy(rng, cfg: SynthConfig, sp) -> tuple[_Painter, np.ndarray, list[float]]:
+    """Paint one case's tissues; returns the painter, the tumour mask and tumour diameters."""
+    from scipy.ndimage import binary_dilation, distance_transform_edt
+
+    shape = cfg.shape
+    nz, ny, nx = shape
+    fz, fy, fx = (n * s for n, s in zip(shape, sp, strict=True))
+    z = ((np.arange(nz) - (nz - 1) / 2) * sp[0])[:, None, None].astype(np.float32)
+    y = (np.arange(ny) * sp[1])[None, :, None].astype(np.float32)
+    x = ((np.arange(nx) - (nx - 1) / 2) * sp[2])[None, None, :].astype(np.float32)
+    grid = (z, y, x)
+    p = _Painter(shape)
+
+    # Chest wall: curved, more anterior at the midline; the thorax is everything behind it.
+    cw0 = _uniform(rng, cfg.chest_wall) * fy
+    chest_wall = cw0 - 0.08 * fy * (x / (fx / 2)) ** 2  # (1, 1, X)
+    halfwidth = 0.47 * fx
+    body_x = np.abs(x) <= halfwidth
+    thorax = np.broadcast_to((y < chest_wall) & body_x, shape)
+    muscle = thorax & (y >= chest_wall - cfg.muscle_mm)
+
+    # Breasts: half-ellipsoids on the chest wall, slightly drooping (centre moves inferior).
+    breast = np.zeros(shape, bool)
+    rho = np.full(shape, np.inf, np.float32)  # normalised ellipsoid radius of the nearer breast
+    breasts = []
+    for side in (-1.0, 1.0):
+        cx = side * _uniform(rng, cfg.breast_offset) * fx
+        rx = _uniform(rng, cfg.breast_halfwidth) * fx
+        ry = _uniform(rng, cfg.breast_depth) * fy
+        rz = _uniform(rng, cfg.breast_height) * fz
+        cz = rng.uniform(-0.05, 0.05) * fz
+        base = cw0 - 0.08 * fy * (cx / (fx / 2)) ** 2 - 0.03 * fy
+        droop = rng.uniform(0.0, 0.25) * rz
+        cz_y = cz - droop * np.clip((y - base) / ry, 0, 1)
+        r = np.sqrt(((x - cx) / rx) ** 2 + ((y - base) / ry) ** 2 + ((z - cz_y) / rz) ** 2)
+        inside = (r <= 1.0) & (y >= chest_wall)
+        breast |= inside
+        rho = np.minimum(rho, np.where(y >= base, r, np.inf))
+        breasts.append((cx, base, cz, rx, ry, rz))
+
+    body = thorax | breast
+    depth = distance_transform_edt(body, sampling=sp).astype(np.float32)  # mm to the air
+    skin = body & (depth <= cfg.skin_mm)
+
+    p.paint(thorax, "thorax", _draw_curve(rng, cfg.thorax))
+    p.paint(muscle, "muscle", _draw_curve(rng, cfg.muscle))
+    heart = (
+        ((x - 0.04 * fx) / (0.22 * fx)) ** 2
+        + ((y - 0.12 * fy) / (0.16 * fy)) ** 2
+        + ((z + 0.45 * fz) / (0.45 * fz)) ** 2
+    ) <= 1.0
+    p.paint(thorax & ~muscle & heart, "heart", _draw_curve(rng, cfg.heart))
+    p.paint(breast, "fat", _draw_curve(rng, cfg.fat))
+
+    # Fibroglandular tissue: smooth noise, biased to the breast centre, cut at a case quantile.
+    sigma_vox = [cfg.fgt_scale_mm / s for s in sp]
+    score = _smooth_noise(rng, shape, sigma_vox) + 1.5 * (1.0 - np.minimum(rho, 1.0))
+    interior = breast & ~skin
+    fgt = np.zeros(shape, bool)
+    if interior.any():
+        cut = np.quantile(score[interior], 1.0 - _uniform(rng, cfg.fgt_fraction))
+        fgt = interior & (score > cut)
+    het = 1.0 + cfg.fgt.heterogeneity * _smooth_noise(rng, shape, sigma_vox)
+    p.paint(fgt, "fgt", _draw_curve(rng, cfg.fgt), het)
+    p.paint(skin, "skin", _draw_curve(rng, cfg.skin))
+
+    # Vessels: wiggly tubes from the chest wall towards the nipple, plus the internal mammary
+    # arteries running S/I beside the sternum. One distance transform rasterises all of them.
+    seeds = np.zeros(shape, bool)
+    seed_radius = np.zeros(shape, np.float32)
+    seed_curve = np.zeros(shape, np.int32)
+    curves = []
+
+    def add_curve(points, radius):
+        idx = np.round(
+            (points - [z[0, 0, 0], y[0, 0, 0], x[0, 0, 0]]) / np.asarray(sp, np.float32)
+        ).astype(int)
+        keep = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
+        iz, iy, ix = idx[keep].T
+        seeds[iz, iy, ix] = True
+        seed_radius[iz, iy, ix] = radius
+        seed_curve[iz, iy, ix] = len(curves)
+        curves.append(_draw_curve(rng, cfg.vessel))
+
+    for cx, base, cz, rx, ry, rz in breasts:
+        lo, hi = cfg.vessels_per_breast
+        for _ in range(int(rng.integers(lo, hi + 1))):
+            start = np.array(
+                [cz + rng.uniform(-0.6, 0.6) * rz, base, cx + rng.uniform(-0.7, 0.7) * rx]
+            )
+            end = np.array(
+                [
+                    cz + rng.uniform(-0.3, 0.3) * rz,
+                    base + 0.85 * ry,
+                    cx + rng.uniform(-0.2, 0.2) * rx,
+                ]
+            )
+            add_curve(_vessel_points(rng, start, end), _uniform(rng, cfg.vessel_radius_mm))
+    for side in (-1.0, 1.0):
+        xs = side * 0.05 * fx
+        ys = cw0 - cfg.muscle_mm - 3.0
+        pts = np.stack(
+            [np.linspace(-fz / 2, fz / 2, 4 * nz), np.full(4 * nz, ys), np.full(4 * nz, xs)], 1
+        )
+        add_curve(pts, 1.5 * cfg.vessel_radius_mm[1])
+    if seeds.any():
+        dist, (iz, iy, ix) = distance_transform_edt(~seeds, sampling=sp, return_indices=True)
+        vessel = body & (dist <= seed_radius[iz, iy, ix])
+        which = seed_curve[iz, iy, ix]
+        for n, curve in enumerate(curves):
+            p.paint(vessel & (which == n), "vessel", curve)
+
+    # Lesions sit inside the breast, clear of the skin and of each other.
+    room = np.where(breast, distance_transform_edt(breast, sampling=sp), 0.0) - cfg.skin_mm
+    room = room.astype(np.float32)
+    min_d = _min_diameter_mm(cfg, sp)
+    taken: list[tuple[tuple[float, float, float], float]] = []
+    margin = 2.0 * max(sp)
+
+    mask = np.zeros(shape, bool)
+    near = mask  # tumour voxels and their 26-neighbours
+    diameters: list[float] = []
+    lo, hi = cfg.tumour_count
+    n_tumours = int(rng.integers(lo, hi + 1))
+    d_lo, d_hi = cfg.tumour_diameter_mm
+    log_lo, log_hi = math.log(max(d_lo, min_d)), math.log(max(d_hi, min_d))
+    for _ in range(n_tumours):
+        diameter = math.exp(rng.uniform(log_lo, log_hi))
+        reach = diameter / 2 * (1 + 2 * cfg.tumour_irregularity)
+        pick = _pick_centre(rng, room, reach, taken, grid)
+        if pick is None:
+            continue
+        centre, reach = pick
+        diameter = max(min(diameter, 2 * reach / (1 + 2 * cfg.tumour_irregularity)), min_d)
+        for _ in range(8):  # grow a lesion that a coarse grid would almost miss
+            box, lesion = _lesion(rng, grid, sp, centre, diameter / 2, cfg.tumour_irregularity)
+            lesion &= breast[box] & ~near[box]  # never touching another tumour
+            lesion = _largest_component(lesion)  # coarse grids can cut off a lobe
+            if lesion.sum() >= cfg.min_lesion_voxels:
+                break
+            diameter *= 1.25
+        if not lesion.any():
+            continue
+        taken.append(
+            (centre, max(reach, diameter / 2 * (1 + 2 * cfg.tumour_irregularity)) + margin)
+        )
+        het = _heterogeneity(rng, lesion.shape, sp, cfg.tumour.heterogeneity)
+        p.paint(lesion, "tumour", _draw_curve(rng, cfg.tumour), het, box)
+        mask[box] |= lesion
+        near = binary_dilation(mask, np.ones((3, 3, 3), bool))
+        diameters.append(diameter)
+    if not mask.any():  # nothing fitted: put the smallest tumour in the deepest breast voxel
+        flat = int(np.argmax(room))
+        iz, iy, ix = np.unravel_index(flat, shape)
+        centre = (float(z[iz, 0, 0]), float(y[0, iy, 0]), float(x[0, 0, ix]))
+        box, lesion = _lesion(rng, grid, sp, centre, min_d / 2, 0.0)
+        lesion &= breast[box]
+        p.paint(lesion, "tumour", _draw_curve(rng, cfg.tumour), None, box)
+        mask[box] |= lesion
+        diameters.append(min_d)
+
+    # Benign foci: smooth ellipsoids, painted under the tumours (never over a labelled voxel).
+    lo, hi = cfg.benign_count
+    for _ in range(int(rng.integers(lo, hi + 1))):
+        diameter = max(_uniform(rng, cfg.benign_diameter_mm), min_d * 2 / 3)
+        pick = _pick_centre(rng, room, diameter / 2, taken, grid)
+        if pick is None:
+            continue
+        centre, reach = pick
+        axes = rng.uniform(0.75, 1.0, 3)
+        box, lesion = _lesion(rng, grid, sp, centre, reach, 0.05, axes)
+        lesion &= breast[box] & ~mask[box]
+        taken.append((centre, reach + margin))
+        het = _heterogeneity(rng, lesion.shape, sp, cfg.benign.heterogeneity)
+        p.paint(lesion, "benign", _draw_curve(rng, cfg.benign), het, box)
+
+    return p, mask, diameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Signal, bias, noise; geometry
+
+
+def _bias_field(rng, shape, strength) -> np.ndarray:
+    """exp of a random quadratic polynomial over normalised coordinates. (Z, Y, X) float32."""
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    z, y, x = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+    terms = [z, y, x, z * y, z * x, y * x, z * z - 1 / 3, y * y - 1 / 3, x * x - 1 / 3]
+    log_b = sum(
+        float(c) * t for c, t in zip(rng.normal(0, strength, len(terms)), terms, strict=True)
+    )
+    return np.exp(log_b).astype(np.float32)
+
+
+def _rotation(rng, max_deg) -> np.ndarray:
+    """A rotation about a random axis by up to max_deg (Rodrigues). (3, 3)."""
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(rng.uniform(-max_deg, max_deg))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
+
+
+def _file_geometry(rng, cfg, sp) -> tuple[np.ndarray, str, tuple[bool, bool, bool]]:
+    """Affine of the file grid and which canonical axes (X, Y, Z) are reversed in the file.
+
+    The canonical RAS voxel (x, y, z) sits at R diag(spacing) ((x, y, z) - centre) + offset; a
+    reversed file axis stores index n-1-x, which the affine's negative column undoes.
+    """
+    code = cfg.orientations[int(rng.integers(len(cfg.orientations)))]
+    flips = (code[0] == "L", code[1] == "P", code[2] == "I")
+    n = np.array(cfg.shape[::-1], float)  # (X, Y, Z)
+    spacing_xyz = np.array(sp[::-1], float)
+    sign = np.where(flips, -1.0, 1.0)
+    rot = _rotation(rng, cfg.max_rotation_deg)
+    offset = rng.uniform(-cfg.max_offset_mm, cfg.max_offset_mm, 3)
+    centre = (n - 1) / 2
+    corner = np.where(flips, n - 1, 0.0)
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag(spacing_xyz * sign)
+    affine[:3, 3] = rot @ (spacing_xyz * (corner - centre)) + offset
+    return affine, code, flips
+
+
+def synthesize(rng_or_seed: np.random.Generator | int, config: SynthConfig | None = None):
+    """One synthetic case with its ground truth (tissue map, diameters, orientation).
+
+    Args:
+        rng_or_seed: a numpy Generator, or an int seed for `numpy.random.default_rng`.
+        config: the generator's parameters; None for the defaults.
+
+    Returns:
+        `SynthCase`: image (T, Z, Y, X) int16, mask and tissues (Z, Y, X) uint8, affine (4, 4),
+        all on the file's grid.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    cfg = config or SynthConfig()
+    rng = (
+        rng_or_seed
+        if isinstance(rng_or_seed, np.random.Generator)
+        else np.random.default_rng(rng_or_seed)
+    )
+    sp = cfg.voxel_mm
+    times = cfg.acquisition_times
+    painter, mask, diameters = _anatomy(rng, cfg, sp)
+    t0 = _uniform(rng, cfg.bolus_arrival_s)
+    gain = _uniform(rng, cfg.gain)
+    bias = _bias_field(rng, cfg.shape, cfg.bias_strength) * gain
+    sigma = cfg.noise_sd * gain
+    inv_tau = 1.0 / painter.tau
+    k_per_s = painter.k / 60.0
+
+    image = np.empty((len(times), *cfg.shape), np.int16)  # (T, Z, Y, X)
+    for i, t in enumerate(times):
+        tp = max(t - t0, 0.0)
+        enh = painter.amp * (1.0 - np.exp(-tp * inv_tau)) * np.exp(-k_per_s * tp)  # (K1)
+        signal = painter.s0 * (1.0 + enh)
+        if cfg.psf_sigma_vox > 0:
+            signal = gaussian_filter(signal, cfg.psf_sigma_vox, mode="nearest")
+        signal *= bias
+        # Rician magnitude: |S + n_re + i n_im| with independent Gaussian channels.
+        re = signal + rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+        im = rng.normal(0.0, sigma, signal.shape).astype(np.float32)
+        mag = np.sqrt(re * re + im * im)
+        image[i] = np.clip(np.rint(mag), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+    affine, code, flips = _file_geometry(rng, cfg, sp)
+    # Canonical (Z, Y, X) -> file grid: reverse the flipped axes (file X, Y, Z = array -1, -2, -3).
+    rev = tuple(ax for ax, f in zip((-1, -2, -3), flips, strict=True) if f)
+
+    def to_file(vol):
+        return np.ascontiguousarray(np.flip(vol, rev) if rev else vol)
+
+    return SynthCase(
+        image=to_file(image),
+        mask=to_file(mask.astype(np.uint8)),
+        affine=affine,
+        tissues=to_file(painter.tissues),
+        spacing=sp,
+        times_s=times,
+        tumour_diameters_mm=[round(d, 2) for d in diameters],
+        orientation=code,
+    )
+
+
+def synthesize_case(
+    rng_or_seed: np.random.Generator | int, config: SynthConfig | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One synthetic case: (image (T, Z, Y, X) int16, mask (Z, Y, X) uint8, affine (4, 4)).
+
+    Arrays are on the file's grid (see the module docstring); `synthesize` also returns the
+    tissue map and the tumour diameters.
+    """
+    case = synthesize(rng_or_seed, config)
+    return case.image, case.mask, case.affine
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a cohort
+
+
+def _save_nifti(path: Path, vol_zyx: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(vol_zyx.transpose(2, 1, 0)), affine)
+    img.header.set_data_dtype(vol_zyx.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def _clear_previous(out: Path) -> None:
+    """Refuse a non-empty folder unless it holds an earlier synthetic cohort, which is removed."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError("exists and is not a folder", path=str(out))
+    if not any(out.iterdir()):
+        return
+    meta = out / "dataset.json"
+    try:
+        ours = "synth" in json.loads(meta.read_text())
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise InputError(
+            "folder is not empty and holds no synthetic cohort; choose a new folder", path=str(out)
+        )
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    meta.unlink()
+
+
+def write_cohort(
+    out: str | Path,
+    cases: int,
+    seed: int = 0,
+    config: SynthConfig | None = None,
+    test_cases: int = 0,
+    progress=None,
+) -> list[str]:
+    """Write `cases` synthetic cases in the nnU-Net raw layout under `out`.
+
+    The first `cases - test_cases` go to `imagesTr/` + `labelsTr/`, the last `test_cases` to
+    `imagesTs/` with their labels in `labelsTs/` (held out for evaluation). `dataset.json` is
+    nnU-Net v2 style plus the acquisition times and the generator's parameters and seed. An
+    earlier synthetic cohort in `out` is replaced; any other non-empty folder is refused.
+
+    Args:
+        out: destination folder.
+        cases: number of cases, >= 1.
+        seed: cohort seed; case n is drawn from `default_rng([seed, n])`.
+        config: generator parameters (None: defaults).
+        test_cases: how many of the cases go to the test folders, 0 <= test_cases < cases.
+        progress: optional callable(case_id, split, SynthCase) called after each case.
+
+    Returns:
+        The case IDs written, in order (`SYN_000`, ...).
+    """
+    cfg = config or SynthConfig()
+    if cases < 1:
+        raise InputError(f"--cases {cases}: need at least 1")
+    if not 0 <= test_cases < cases:
+        raise InputError(
+            f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
+            "so that at least one case is for training"
+        )
+    if seed < 0:
+        raise InputError(f"--seed {seed}: need a non-negative integer")
+    out = Path(out)
+    _clear_previous(out)
+    n_train = cases - test_cases
+    width = max(3, len(str(cases - 1)))
+    ids = [f"{CASE_PREFIX}_{n:0{width}d}" for n in range(cases)]
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if test_cases else ()):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    for n, case_id in enumerate(ids):
+        split = "Tr" if n < n_train else "Ts"
+        case = synthesize(np.random.default_rng([seed, n]), cfg)
+        for t, vol in enumerate(case.image):
+            _save_nifti(out / f"images{split}" / f"{case_id}_{t:04d}.nii.gz", vol, case.affine)
+        _save_nifti(out / f"labels{split}" / f"{case_id}.nii.gz", case.mask, case.affine)
+        if progress is not None:
+            progress(case_id, "train" if split == "Tr" else "test", case)
+
+    times = cfg.acquisition_times
+    meta = {
+        "name": "SyntheticBreastDCE",
+        "description": "Synthetic breast DCE-MRI (data_store.synth): phase 0 pre-contrast, "
+        "labels are malignant tumours; benign foci, vessels and FGT enhance too.",
+        "channel_names": {
+            str(t): "pre-contrast" if t == 0 else f"post-contrast {t} ({times[t]:g} s)"
+            for t in range(cfg.phases)
+        },
+        "labels": {"background": 0, "tumour": 1},
+        "numTraining": n_train,
+        "numTest": test_cases,
+        "file_ending": ".nii.gz",
+        "acquisition_times_s": list(times),
+        "synth": {
+            "generator": "data_store.synth",
+            "seed": seed,
+            "cases": cases,
+            "test_cases": test_cases,
+            "spacing_zyx_mm": list(cfg.voxel_mm),
+            "config": dataclasses.asdict(cfg),
+        },
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ids
+
+
+def cli(args) -> int:
+    """`tsesnet synth OUT --cases N [--seed S] [--shape Z Y X] [--phases T]`."""
+    overrides = {}
+    if getattr(args, "shape", None):
+        overrides["shape"] = tuple(args.shape)
+    if getattr(args, "phases", None) is not None:
+        overrides["phases"] = args.phases
+    if args.cases < 1:
+        raise InputError(f"--cases {args.cases}: need at least 1")
+    cfg = SynthConfig(**overrides)
+    test_cases = int(getattr(args, "test_cases", 0) or 0)
+    sp = cfg.voxel_mm
+    times = cfg.acquisition_times
+    print(
+        f"synth: {args.cases} cases, seed {args.seed}, shape (Z, Y, X) {cfg.shape}, "
+        f"spacing {tuple(round(s, 3) for s in sp)} mm, {cfg.phases} phases at "
+        f"{', '.join(f'{t:g}' for t in times)} s"
+    )
+
+    def report(case_id, split, case):
+        diam = ", ".join(f"{d:.1f}" for d in case.tumour_diameters_mm)
+        print(
+            f"  {case_id}  {split:5s}  {case.orientation}  "
+            f"{len(case.tumour_diameters_mm)} tumour(s), diameters {diam} mm, "
+            f"{int(case.mask.sum())} labelled voxels"
+        )
+
+    ids = write_cohort(args.out, args.cases, args.seed, cfg, test_cases, progress=report)
+    n_train = len(ids) - test_cases
+    out = Path(args.out)
+    print(
+        f"wrote {len(ids)} cases to {out}: imagesTr/ + labelsTr/ ({n_train} cases, "
+        f"{n_train * cfg.phases} images)"
+        + (f", imagesTs/ + labelsTs/ ({test_cases})" if test_cases else "")
+        + ", dataset.json"
+    )
+    return 0
