@@ -34,29 +34,44 @@ def intensity_percentiles(image: np.ndarray) -> tuple[float, float]:
 
 
 def normalize_intensity(
-    image: np.ndarray, lo: float, hi: float, *, out: np.ndarray | None = None
+    image: np.ndarray,
+    lo: float,
+    hi: float,
+    *,
+    scale: float = 1.0,
+    shift: float = 0.0,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Clips to [lo, hi] and maps linearly to [0, 1], the same map on every phase.
+
+    With ``scale``/``shift`` (intensity augmentation) the result is ``[0, 1] * scale + shift``,
+    computed in the same passes: clipping then an increasing affine map equals the affine map
+    then clipping to the mapped bounds.
 
     Args:
         image: (T, Z, Y, X) or any shape, any real dtype.
         lo: the low percentile (maps to 0).
         hi: the high percentile (maps to 1). When hi <= lo (a constant image) everything
             maps to 0.
+        scale: multiplies the normalised values (> 0).
+        shift: is added to the normalised values.
         out: optional float32 array of the same shape to write into.
 
     Returns:
-        float32 array of image's shape with values in [0, 1].
+        float32 array of image's shape with values in [shift, scale + shift] ([0, 1] by
+        default).
     """
     image = np.asarray(image)
     if out is None:
         out = np.empty(image.shape, dtype=np.float32)
     np.copyto(out, image, casting="unsafe")  # one pass: cast to float32
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     if hi <= lo:
-        out.fill(0.0)
+        out.fill(np.float32(shift))
         return out
-    # Subtract and scale in place, then clip in [0, 1]: three passes over float32, no temporaries.
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
-    np.clip(out, 0.0, 1.0, out=out)
+    # Scale and offset in place, then clip: three passes over float32, no temporaries.
+    out *= np.float32(scale / (hi - lo))
+    out += np.float32(shift - lo * scale / (hi - lo))
+    np.clip(out, np.float32(shift), np.float32(scale + shift), out=out)
     return out
