@@ -1,0 +1,299 @@
+"""The sweep config: a search space over training-config keys plus the search settings.
+
+`platform/configs/sweep.yaml` is its serialisation. Each key of `space` is a dotted path into
+`tsesnet.train.TrainConfig` (`loss.alpha`, `model.fusion`, ...), the same paths `tsesnet train
+--set` takes. A value is either a distribution, written as a one-key mapping, or a plain value
+that fixes the parameter for every trial:
+
+    space:
+      loss.alpha: {uniform: [0.1, 1.0]}        # Eq. 10 weight of the Dice term
+      loss.tau: {loguniform: [1.0e-5, 1.0]}    # Eq. 7 temperature
+      model.fusion: {choice: [tsff, cnn]}
+      data.patches_per_epoch: {int: [2, 8]}    # inclusive bounds
+      loss.beta: 0.5                           # fixed
+
+Parsing is strict: an unknown setting, an unknown distribution, bounds in the wrong order, a
+non-positive log-uniform bound or a path the training config does not have is an `InputError`
+naming the key. The same space gives Ray Tune domains (what `OptunaSearch` and random search
+sample from) and Optuna distributions (used to rebuild a study for Optuna's plots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from data_store.errors import InputError
+
+KINDS = ("uniform", "loguniform", "int", "choice")
+SEARCHERS = ("tpe", "random")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: `kind` in KINDS, `args` the bounds (lo, hi) or the choices."""
+
+    path: str
+    kind: str
+    args: tuple
+
+    @property
+    def short(self) -> str:
+        """The last component of the path (`loss.alpha` -> `alpha`), for tables."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+@dataclass(kw_only=True)
+class SearchSettings:
+    """How new trials are proposed.
+
+    Attributes:
+        algorithm: "tpe" (Optuna's TPE sampler) or "random".
+        seed: sampler seed.
+        n_startup_trials: random trials before TPE starts modelling.
+    """
+
+    algorithm: str = "tpe"
+    seed: int = 0
+    n_startup_trials: int = 4
+
+
+@dataclass(kw_only=True)
+class SchedulerSettings:
+    """How running trials are stopped early (ASHA on the metric, rungs in epochs).
+
+    Attributes:
+        algorithm: "asha" (asynchronous successive halving) or "fifo" (never stop early).
+        grace_period: epochs every trial runs before it can be stopped.
+        reduction_factor: ASHA keeps the top 1/reduction_factor at each rung.
+    """
+
+    algorithm: str = "asha"
+    grace_period: int = 2
+    reduction_factor: int = 3
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """The root sweep config.
+
+    Attributes:
+        train_config: the base training recipe (YAML, relative to the sweep file), or "" for
+            the paper's defaults.
+        set: fixed `key=value` overrides of the training config applied to every trial.
+        name: the sweep's name (Ray Tune experiment, MLflow parent run); "" derives a
+            deterministic one from the store and this file.
+        trials: number of trials.
+        metric: the per-epoch metric reported by training that trials are ranked on.
+        mode: "max" or "min".
+        search: the searcher.
+        scheduler: the early-stopping scheduler.
+        max_concurrent_trials: 0 means as many as the cluster's CPUs/GPUs fit.
+        trial_driver_cpus: CPUs reserved for each trial's driver (it only watches its workers).
+        space: dotted training-config path -> distribution or fixed value.
+    """
+
+    train_config: str = ""
+    set: list[str] = field(default_factory=list)
+    name: str = ""
+    trials: int = 16
+    metric: str = "best_val_dice"
+    mode: str = "max"
+    search: SearchSettings = field(default_factory=SearchSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    max_concurrent_trials: int = 0
+    trial_driver_cpus: float = 0.25
+    space: dict[str, Any] = field(default_factory=dict)
+    # Where the file was read from, to resolve `train_config` (not part of the YAML).
+    source: str = field(default="", repr=False)
+
+    def params(self) -> list[Param]:
+        """The searched parameters, in file order."""
+        return [p for p in (parse_entry(k, v) for k, v in self.space.items()) if p is not None]
+
+    def fixed(self) -> dict[str, Any]:
+        """The parameters the space fixes, path -> value."""
+        return {k: v for k, v in self.space.items() if parse_entry(k, v) is None}
+
+    def train_config_path(self) -> Path | None:
+        """The base training config file, resolved against the sweep file's folder."""
+        if not self.train_config:
+            return None
+        p = Path(self.train_config).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p
+
+
+def parse_entry(path: str, value: Any) -> Param | None:
+    """One `space` entry: a `Param`, or None when `value` fixes the parameter.
+
+    Raises:
+        InputError: an unknown distribution or bad bounds, naming `space.<path>`.
+    """
+    where = f"space.{path}"
+    if not isinstance(value, dict):
+        if isinstance(value, list):
+            raise InputError(f"{where}: a list is not a distribution; write {{choice: [...]}}")
+        return None
+    if len(value) != 1:
+        raise InputError(f"{where}: write one distribution ({', '.join(KINDS)}), got {value}")
+    ((kind, args),) = value.items()
+    if kind not in KINDS:
+        raise InputError(f"{where}: unknown distribution {kind!r}; use one of {', '.join(KINDS)}")
+    if not isinstance(args, list) or not args:
+        raise InputError(f"{where}: {kind} takes a list, e.g. {kind}: [lo, hi]")
+    if kind == "choice":
+        if len(set(map(repr, args))) != len(args):
+            raise InputError(f"{where}: repeated choices in {args}")
+        return Param(path, kind, tuple(args))
+    if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+        raise InputError(f"{where}: {kind} takes two numbers [lo, hi], got {args}")
+    lo, hi = args
+    if kind == "int" and not all(isinstance(a, int) for a in args):
+        raise InputError(f"{where}: int bounds must be integers, got {args}")
+    if not lo < hi:
+        raise InputError(f"{where}: lower bound {lo} must be below upper bound {hi}")
+    if kind == "loguniform" and lo <= 0:
+        raise InputError(f"{where}: loguniform bounds must be > 0, got {lo}")
+    return Param(path, kind, (lo, hi))
+
+
+def from_dict(data: dict, where: str = "") -> SweepConfig:
+    """A `SweepConfig` from parsed YAML; unknown keys and wrong types are `InputError`s."""
+    return _build(SweepConfig, data or {}, where)
+
+
+_NESTED = {"search": SearchSettings, "scheduler": SchedulerSettings}
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise InputError(f"{where or 'sweep config'}: expected a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise InputError(f"unknown setting {path!r}; known: {', '.join(sorted(known))}")
+        default = getattr(cls(), key)
+        if key in _NESTED and cls is SweepConfig:
+            kwargs[key] = _build(_NESTED[key], value, path)
+        elif key == "space":
+            if not isinstance(value, dict):
+                raise InputError(f"{path}: expected a mapping of config paths")
+            kwargs[key] = dict(value)
+        elif key == "set":
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise InputError(f"{path}: expected a list of 'key=value' strings")
+            kwargs[key] = list(value)
+        else:
+            kwargs[key] = _typed(value, type(default), path)
+    return cls(**kwargs)
+
+
+def _typed(value, typ, path):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is not bool and isinstance(value, bool) or not isinstance(value, typ):
+        raise InputError(f"{path}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def load(path: str | Path) -> SweepConfig:
+    """Read and check a sweep YAML file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError as err:
+        raise InputError("sweep config not found", path=str(p)) from err
+    except yaml.YAMLError as err:
+        raise InputError(f"not valid YAML: {err}", path=str(p)) from err
+    try:
+        cfg = from_dict(data or {})
+        cfg.source = str(p.resolve())
+        check(cfg)
+    except InputError as err:
+        raise InputError(err.problem, path=str(p)) from err
+    return cfg
+
+
+def check(cfg: SweepConfig) -> None:
+    """Settings that are well-typed but out of range."""
+    problems = []
+    if cfg.trials < 1:
+        problems.append("trials must be >= 1")
+    if cfg.mode not in ("max", "min"):
+        problems.append(f"mode must be max or min, got {cfg.mode!r}")
+    if cfg.search.algorithm not in SEARCHERS:
+        problems.append(f"search.algorithm must be one of {', '.join(SEARCHERS)}")
+    if cfg.scheduler.algorithm not in SCHEDULERS:
+        problems.append(f"scheduler.algorithm must be one of {', '.join(SCHEDULERS)}")
+    if cfg.scheduler.grace_period < 1 or cfg.scheduler.reduction_factor < 2:
+        problems.append("scheduler.grace_period must be >= 1 and reduction_factor >= 2")
+    if cfg.max_concurrent_trials < 0 or cfg.trial_driver_cpus < 0:
+        problems.append("max_concurrent_trials and trial_driver_cpus must be >= 0")
+    if problems:
+        raise InputError("bad sweep config: " + "; ".join(problems))
+    for k, v in cfg.space.items():
+        parse_entry(k, v)
+    if not cfg.params():
+        raise InputError("the space searches nothing: give at least one distribution")
+
+
+def tune_space(cfg: SweepConfig) -> dict[str, Any]:
+    """Ray Tune's `param_space`: a domain per searched path, fixed values as they are."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for path, value in cfg.space.items():
+        p = parse_entry(path, value)
+        if p is None:
+            out[path] = value
+        elif p.kind == "uniform":
+            out[path] = tune.uniform(*p.args)
+        elif p.kind == "loguniform":
+            out[path] = tune.loguniform(*p.args)
+        elif p.kind == "int":
+            out[path] = tune.randint(p.args[0], p.args[1] + 1)  # upper bound inclusive
+        else:
+            out[path] = tune.choice(list(p.args))
+    return out
+
+
+def optuna_distributions(cfg: SweepConfig) -> dict[str, Any]:
+    """Optuna distributions of the searched paths (the ones `OptunaSearch` derives)."""
+    import optuna
+
+    d = optuna.distributions
+    out: dict[str, Any] = {}
+    for p in cfg.params():
+        if p.kind == "uniform":
+            out[p.path] = d.FloatDistribution(*p.args)
+        elif p.kind == "loguniform":
+            out[p.path] = d.FloatDistribution(*p.args, log=True)
+        elif p.kind == "int":
+            out[p.path] = d.IntDistribution(*p.args)
+        else:
+            out[p.path] = d.CategoricalDistribution(list(p.args))
+    return out
+
+
+def overrides(values: dict[str, Any]) -> list[str]:
+    """`key=value` strings for `tsesnet.config.apply_overrides` (floats kept exact)."""
+    out = []
+    for k, v in values.items():
+        if isinstance(v, float):
+            text = repr(v)
+        elif isinstance(v, bool):
+            text = str(v).lower()
+        elif isinstance(v, list | tuple):
+            text = "[" + ", ".join(str(x) for x in v) + "]"
+        else:
+            text = str(v)
+        out.append(f"{k}={text}")
+    return out
