@@ -162,11 +162,8 @@ class PatchSampler(torch.utils.data.IterableDataset):
     def patch(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Patch i of an epoch on this rank (see `patches`)."""
         cfg = self.config
-        rng = np.random.default_rng([self.seed, epoch, self.rank, i])
-        case_id = self.shard[int(rng.integers(len(self.shard)))]
+        rng, case_id, start, _ = self._draw(epoch, i)
         meta = self.meta(case_id)
-        fg = math.floor((i + 1) * cfg.fg_fraction) > math.floor(i * cfg.fg_fraction)
-        start = self._start(meta, fg, rng)
         image, mask = self._read(case_id, meta, start)  # (T, z, y, x) raw, (z, y, x) uint8
         scale, shift = 1.0, 0.0
         if cfg.augment:  # flips/rotation as views of the raw patch: no copy until normalising
@@ -174,6 +171,22 @@ class PatchSampler(torch.utils.data.IterableDataset):
         # clip + [0, 1] with the shared percentiles, then * scale + shift: one gather + 3 passes
         image = normalize_intensity(image, meta.lo, meta.hi, scale=scale, shift=shift)
         return image, mask.astype(np.float32)  # astype copies: contiguous
+
+    def where(self, epoch: int, i: int) -> tuple[str, tuple[int, int, int], bool]:
+        """(case ID, patch origin (z, y, x) before augmentation, foreground patch?) of patch i.
+
+        The origin is negative along an axis where the case is smaller than the patch (padding).
+        """
+        _, case_id, start, fg = self._draw(epoch, i)
+        return case_id, start, fg
+
+    def _draw(self, epoch: int, i: int):
+        """Patch i's generator (after drawing its case and origin), case, origin, fg flag."""
+        f = self.config.fg_fraction
+        rng = np.random.default_rng([self.seed, epoch, self.rank, i])
+        case_id = self.shard[int(rng.integers(len(self.shard)))]
+        fg = math.floor((i + 1) * f) > math.floor(i * f)  # exactly a fraction f, spread evenly
+        return rng, case_id, self._start(self.meta(case_id), fg, rng), fg
 
     def meta(self, case_id: str) -> _CaseMeta:
         if case_id not in self._meta:
