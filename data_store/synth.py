@@ -845,6 +845,8 @@ def cli(args) -> int:
         overrides["phases"] = args.phases
     if args.cases < 1:
         raise InputError(f"--cases {args.cases}: need at least 1")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: need a non-negative integer")
     cfg = SynthConfig(**overrides)
     test_cases = int(getattr(args, "test_cases", 0) or 0)
     sp = cfg.voxel_mm
