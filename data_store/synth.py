@@ -2,27 +2,34 @@
 
 Each case is a 4D scan, phase 0 pre-contrast and phases 1..T-1 post-contrast, of two
 half-ellipsoid breasts on a chest wall, with air around them. Every voxel belongs to one tissue
-and follows that tissue's kinetic curve (the signal as a function of acquisition time):
+and follows that tissue's kinetic curve (signal against acquisition time, T = 6 phases at
+0, 60, ..., 300 s by default):
 
     S(t) = S0 * (1 + A * (1 - exp(-t' / tau)) * exp(-k * t' / 60)),   t' = max(t - t0, 0)   (K1)
 
 with baseline S0, relative enhancement amplitude A, wash-in time constant tau (s), wash-out rate
-k (per minute; k < 0 keeps rising) and bolus arrival t0 (s). Curves per tissue (`Kinetics`):
+k (per minute; k < 0 keeps rising) and bolus arrival t0 (8-20 s).
 
-| tissue            | label | curve                                                     |
-|-------------------|-------|-----------------------------------------------------------|
-| fat (fat-sat)     | no    | dark, barely enhances                                     |
-| fibroglandular    | no    | slow, persistent (k <= 0); its amount of enhancement varies by case |
-| vessels           | no    | early and strong, then a slight decline                   |
-| benign foci       | no    | fast-ish wash-in, persistent (plateau or still rising)    |
-| malignant tumours | yes   | fast wash-in, wash-out                                    |
-| skin, pectoral muscle, thorax | no | mild                                               |
+Defaults (`SynthConfig`; S0 before the case's gain, ranges drawn per lesion or per case):
+
+| tissue             | label | S0  | A         | tau (s) | k (/min)    | curve                    |
+|--------------------|-------|-----|-----------|---------|-------------|--------------------------|
+| fat (fat-sat)      | no    | 100 | 0.05-0.15 | 90-150  | 0           | dark, barely enhances    |
+| fibroglandular     | no    | 280 | 0.3-1.6   | 90-300  | -0.03-0     | slow, persistent         |
+| vessels            | no    | 220 | 2.2-3.2   | 8-15    | 0.04-0.10   | early, strong, declining |
+| benign foci        | no    | 290 | 1.0-2.4   | 20-45   | -0.04-0     | fast-ish, persistent     |
+| malignant tumours  | yes   | 300 | 1.0-2.4   | 15-35   | 0.06-0.16   | fast wash-in, wash-out   |
+| heart (blood pool) | no    | 250 | 3.5-4.5   | 5-10    | 0.05-0.10   | brightest structure      |
+| skin/muscle/thorax | no    | 180-280 | 0.2-0.6 | 30-120 | 0-0.04    | mild                     |
 
 Lesion baselines and amplitudes vary per lesion and inside a lesion, and a smooth bias field and
 a per-case scanner gain multiply everything, so at the tumours' peak phase tumour, benign-focus,
 vessel and FGT intensities overlap: no threshold on one phase finds the tumours, while the shape
-of the curve (wash-out, e.g. late minus peak) separates tumours from benign foci. Vessels wash
-out too; they are told apart by shape (thin tubes), not by kinetics.
+of the curve (wash-out, e.g. late minus peak) separates tumours from benign foci. Measured on
+6 default cases normalised per case (0.1/99.9 percentiles), the best single threshold separating
+tumour from benign-focus voxels reaches 0.57-0.73 balanced accuracy depending on the phase (0.69
+at the peak, 120 s), late minus peak 0.99 (`tests/test_synth.py`). Vessels wash out too; they
+are told apart by shape (thin tubes), not by kinetics.
 
 Arrays: `image` (T, Z, Y, X) int16 and `mask` (Z, Y, X) uint8 are on the grid of the written
 NIfTI files: the file's data array (i, j, k) is `vol.transpose(2, 1, 0)`, i along R/L, j along
