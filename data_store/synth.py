@@ -121,6 +121,12 @@ class SynthConfig:
         breast_height: breast radius along Z as a fraction of the Z FOV (range).
         breast_offset: breast centre distance from the midline, fraction of the X FOV (range).
         chest_wall: chest-wall position from the posterior edge, fraction of the Y FOV (range).
+        chest_wall_curvature: how much further back the chest wall lies at the sides (at the X
+            edge of the FOV), fraction of the Y FOV.
+        body_halfwidth: half width of the thorax, fraction of the X FOV.
+        heart_centre: centre of the heart's blood pool (Z, Y, X), fractions of the FOV from
+            (the centre, the posterior edge, the centre).
+        heart_radii: its radii (Z, Y, X), fractions of the FOV.
         skin_mm: skin thickness.
         muscle_mm: pectoral muscle thickness.
         fgt_fraction: fraction of breast volume that is fibroglandular (range, per case).
@@ -199,6 +205,10 @@ class SynthConfig:
     breast_height: tuple[float, float] = (0.36, 0.44)
     breast_offset: tuple[float, float] = (0.21, 0.25)
     chest_wall: tuple[float, float] = (0.34, 0.40)
+    chest_wall_curvature: float = 0.08
+    body_halfwidth: float = 0.47
+    heart_centre: tuple[float, float, float] = (-0.45, 0.12, 0.04)
+    heart_radii: tuple[float, float, float] = (0.45, 0.16, 0.22)
     skin_mm: float = 2.0
     muscle_mm: float = 8.0
     fgt_fraction: tuple[float, float] = (0.15, 0.45)
@@ -443,8 +453,9 @@ def _anatomy(rng, cfg: SynthConfig, sp) -> tuple[_Painter, np.ndarray, list[floa
 
     # Chest wall: curved, more anterior at the midline; the thorax is everything behind it.
     cw0 = _uniform(rng, cfg.chest_wall) * fy
-    chest_wall = cw0 - 0.08 * fy * (x / (fx / 2)) ** 2  # (1, 1, X)
-    halfwidth = 0.47 * fx
+    bend = cfg.chest_wall_curvature * fy
+    chest_wall = cw0 - bend * (x / (fx / 2)) ** 2  # (1, 1, X)
+    halfwidth = cfg.body_halfwidth * fx
     body_x = np.abs(x) <= halfwidth
     thorax = np.broadcast_to((y < chest_wall) & body_x, shape)
     muscle = thorax & (y >= chest_wall - cfg.muscle_mm)
@@ -459,7 +470,7 @@ def _anatomy(rng, cfg: SynthConfig, sp) -> tuple[_Painter, np.ndarray, list[floa
         ry = _uniform(rng, cfg.breast_depth) * fy
         rz = _uniform(rng, cfg.breast_height) * fz
         cz = rng.uniform(-0.05, 0.05) * fz
-        base = cw0 - 0.08 * fy * (cx / (fx / 2)) ** 2 - 0.03 * fy
+        base = cw0 - bend * (cx / (fx / 2)) ** 2 - 0.03 * fy
         droop = rng.uniform(0.0, 0.25) * rz
         cz_y = cz - droop * np.clip((y - base) / ry, 0, 1)
         r = np.sqrt(((x - cx) / rx) ** 2 + ((y - base) / ry) ** 2 + ((z - cz_y) / rz) ** 2)
@@ -474,10 +485,11 @@ def _anatomy(rng, cfg: SynthConfig, sp) -> tuple[_Painter, np.ndarray, list[floa
 
     p.paint(thorax, "thorax", _draw_curve(rng, cfg.thorax))
     p.paint(muscle, "muscle", _draw_curve(rng, cfg.muscle))
+    (hz, hy, hx), (rz, ry, rx) = cfg.heart_centre, cfg.heart_radii
     heart = (
-        ((x - 0.04 * fx) / (0.22 * fx)) ** 2
-        + ((y - 0.12 * fy) / (0.16 * fy)) ** 2
-        + ((z + 0.45 * fz) / (0.45 * fz)) ** 2
+        ((x - hx * fx) / (rx * fx)) ** 2
+        + ((y - hy * fy) / (ry * fy)) ** 2
+        + ((z - hz * fz) / (rz * fz)) ** 2
     ) <= 1.0
     p.paint(thorax & ~muscle & heart, "heart", _draw_curve(rng, cfg.heart))
     p.paint(breast, "fat", _draw_curve(rng, cfg.fat))
