@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, metavar="S")
     s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None)
     s.add_argument("--phases", type=int, default=None, metavar="T")
+    s.add_argument(
+        "--test-cases",
+        type=int,
+        default=0,
+        metavar="K",
+        help="put the last K cases in imagesTs/ (labels in labelsTs/)",
+    )
 
     s = sub.add_parser("ingest", help="validate a NIfTI cohort and store it as Zarr")
     s.add_argument("src", metavar="SRC")
