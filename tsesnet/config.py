@@ -325,9 +325,18 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections, flow-style lists (``patch: [48, 96, 96]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, True)
+)
+
+
 def dump_yaml(cfg: Any) -> str:
     """YAML text of ``cfg`` in field order; ``load_yaml`` of it gives ``cfg`` back."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str | float | int]:
