@@ -92,6 +92,13 @@ class _CaseMeta:
         self.dtype = np.dtype(attrs["dtype"])
         self.labelled = bool(attrs["labelled"])
         self.foreground = store.foreground(case_id)  # (N, 3) z, y, x
+        self.bbox = attrs.get("foreground_bbox")  # [start, stop) per axis, None: no foreground
+
+    def may_hold_foreground(self, region: tuple[slice, slice, slice]) -> bool:
+        """Whether a region intersects the foreground's bounding box (else its mask is 0)."""
+        if self.bbox is None:
+            return False
+        return all(r.start < b and a < r.stop for r, (a, b) in zip(region, self.bbox, strict=True))
 
 
 class PatchSampler(torch.utils.data.IterableDataset):
@@ -223,7 +230,9 @@ class PatchSampler(torch.utils.data.IterableDataset):
             image, mask = whole[0][(slice(None), *src)], None if whole[1] is None else whole[1][src]
         else:
             self.stats["region_reads"] += 1
-            image, mask = self.store.read_region(case_id, src)
+            # The mask is read only where it can be non-zero (most random patches miss the
+            # tumour's bounding box): half of a cold read's cost is the mask's chunks.
+            image, mask = self.store.read_region(case_id, src, mask=meta.may_hold_foreground(src))
         t = meta.shape[0]
         if any(r.stop - r.start != p for r, p in zip(src, patch, strict=True)):
             padded = np.full((t, *patch), meta.pad, dtype=meta.dtype)  # (T, z, y, x)
@@ -234,7 +243,7 @@ class PatchSampler(torch.utils.data.IterableDataset):
                 pm[dst] = mask
                 mask = pm
         if mask is None:
-            mask = np.zeros(patch, np.uint8)  # unlabelled case
+            mask = np.zeros(patch, np.uint8)  # unlabelled, or away from the foreground
         return image, mask
 
     def _cached(self, case_id: str, meta: _CaseMeta):

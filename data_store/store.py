@@ -19,7 +19,8 @@ Case attributes: ``case_id``, ``schema_version``, ``spacing`` (mm, Z Y X), ``geo
 P0..P5), ``phase_index`` (nominal index of each stored phase), ``times`` (s, or null),
 ``percentiles`` (0.1 %/99.9 % over all phases), ``intensity_min``/``intensity_max``,
 ``dtype``, ``sources`` (role, path, sha256 of every source file), ``site``, ``layout``,
-``labelled``, ``foreground_voxels`` and ``complete`` (written last).
+``labelled``, ``foreground_voxels``, ``foreground_bbox`` ([start, stop) per axis, or null)
+and ``complete`` (written last).
 
 Writing a case is crash-safe: it is written under ``.tmp-CASE-<uuid>`` and renamed to ``CASE``
 when complete (an atomic ``rename`` on a local store; on object stores, where there is no
@@ -69,6 +70,7 @@ smaller than a quarter patch pay zarr's per-chunk overhead; patch-sized chunks o
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
@@ -275,7 +277,7 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             "image", data=image, chunks=chunks, compressors=_codecs(), dimension_names="TZYX"
         )
         labelled = loaded.mask is not None
-        fg_count = 0
+        fg_count, bbox = 0, None
         if labelled:
             mask = np.ascontiguousarray(loaded.mask, dtype=np.uint8)  # (Z, Y, X)
             group.create_array(
@@ -283,6 +285,9 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             )
             coords = np.argwhere(mask).astype(np.int32)  # (N, 3) z, y, x
             fg_count = int(len(coords))
+            if fg_count:  # [start, stop) per axis: patches outside it need no mask read
+                lo, hi = coords.min(0), coords.max(0) + 1
+                bbox = [[int(a), int(b)] for a, b in zip(lo, hi, strict=True)]
             if len(coords) > FOREGROUND_SAMPLES:
                 seed = int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
                 keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
@@ -316,6 +321,7 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             "layout": src.layout,
             "labelled": labelled,
             "foreground_voxels": fg_count,
+            "foreground_bbox": bbox,
         }
         group.update_attributes(attrs)
         group.update_attributes({"complete": True})  # last: a group without it is not a case
@@ -485,10 +491,11 @@ class Store:
         self.fingerprint: str = attrs.get("fingerprint", store_fingerprint(self.index))
         self.n_folds: int = int(attrs.get("n_folds", 0))
         self._groups: dict[str, Any] = {}
+        self._arrays: dict[tuple[str, str], Any] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_groups"] = {}
+        state["_groups"], state["_arrays"] = {}, {}
         return state
 
     def __repr__(self) -> str:
@@ -511,6 +518,15 @@ class Store:
 
             self._groups[case_id] = zarr.open_group(self.location.zarr_target(case_id), mode="r")
         return self._groups[case_id]
+
+    def array(self, case_id: str, name: str):
+        """The case's zarr array `name` ("image", "mask", "foreground"), or None if absent;
+        opened once per process (opening reads metadata: a patch read should not)."""
+        key = (case_id, name)
+        if key not in self._arrays:
+            g = self.group(case_id)
+            self._arrays[key] = g.get(name, None)
+        return self._arrays[key]
 
     def fold_of(self, case_id: str) -> int:
         """The case's fold, or -1 for an unlabelled case (no fold)."""
@@ -550,13 +566,25 @@ class Store:
         return np.asarray(g["foreground"][...], dtype=np.int32).reshape(-1, 3)
 
     def read_region(
-        self, case_id: str, region: tuple[slice, slice, slice]
+        self, case_id: str, region: tuple[slice, slice, slice], *, mask: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image (T, z, y, x) and mask (z, y, x) (None if unlabelled) of a (Z, Y, X) region."""
-        g = self.group(case_id)
-        image = g["image"][(slice(None), *region)]
-        mask = g["mask"][region] if "mask" in g else None
-        return image, mask
+        """Image (T, z, y, x) and mask (z, y, x) of a (Z, Y, X) region, decoded concurrently.
+
+        The mask is None for an unlabelled case or when ``mask=False``.
+        """
+        image_array, mask_array = self.array(case_id, "image"), self.array(case_id, "mask")
+        image_sel = (slice(None), *region)
+        if not mask or mask_array is None:
+            return image_array[image_sel], None
+        from zarr.core.sync import sync
+
+        async def both():  # the two arrays' chunks decode together: ~1/3 less time measured
+            return await asyncio.gather(
+                image_array.async_array.getitem(image_sel), mask_array.async_array.getitem(region)
+            )
+
+        image, mask_region = sync(both())
+        return image, mask_region
 
     def read_case(self, case_id: str) -> Case:
         """Reads a whole case (image, mask, geometry) into memory."""
