@@ -228,3 +228,24 @@ def test_store_info_json_schema_and_table(tmp_path, capsys):
     assert main(["store", "info", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "C2_1" in out and "3 cases (2 labelled, 1 unlabelled)" in out
+
+
+def test_fsspec_object_store_without_rename(tmp_path):
+    """The non-local code path (fsspec listing, copy-style rename, no os calls) on memory://."""
+    cases = write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    url = f"memory://tsesnet-test-{tmp_path.name}/store"
+    location = StoreLocation.parse(url)
+    assert not location.local
+    init_store(location)
+    sources = discover(tmp_path / "src")
+    for source in sources:
+        write_case(location, load_case(source))
+    write_case(location, load_case(sources[0]))  # replacing a case: .old- moved away, removed
+    write_index(location, 2)
+    assert [e for e in location.entries() if e.startswith(".")] == []
+    store = open_store(url)
+    assert store.case_ids == sorted(cases)
+    case = store.read_case("case_001")
+    np.testing.assert_array_equal(case.image, case.geometry.to_canonical(cases["case_001"].image))
+    image, mask = store.read_region("case_001", (slice(0, 2), slice(1, 3), slice(0, 4)))
+    assert image.shape == (3, 2, 2, 4) and mask.shape == (2, 2, 4)
