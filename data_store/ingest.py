@@ -174,12 +174,13 @@ def ingest(
                 {"stored": report.stored, "skipped": report.skipped}.get(
                     status, report.rejected
                 ).append(what)
-                bar.update(1)
                 bar.set_postfix(
                     stored=len(report.stored),
-                    skipped=len(report.skipped),
+                    unchanged=len(report.skipped),
                     rejected=len(report.rejected),
+                    refresh=False,
                 )
+                bar.update(1)
         finally:
             bar.close()
             for ref in pending:  # interrupted: let no task keep writing after we index
