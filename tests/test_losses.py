@@ -183,3 +183,15 @@ def test_total_loss_is_eq_10():
         LossConfig(0.5)  # keyword-only
     _, no_tsc = total_loss(logits, [], target, LossConfig())
     assert no_tsc["tsc"] == 0.0 and no_tsc["total"] == pytest.approx(0.7 * no_tsc["dice"])
+
+
+def test_tsc_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    mask = _mask(size=(4, 8, 8))
+    f = torch.randn(2, 3, 8, 4, 8, 8)
+    ref = tsc_loss([f], mask, 1e-3, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = tsc_loss([f.bfloat16()], mask, 1e-3, generator=torch.Generator().manual_seed(0))
+    assert amp.dtype == torch.float32
+    # only the bf16 rounding of the features themselves remains
+    assert amp.item() == pytest.approx(ref.item(), rel=2e-2)

@@ -58,6 +58,7 @@ def test_hd95_spheres_offset_along_the_coarse_axis(k):
     )
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_hd95_agrees_with_monai():
     monai_metrics = pytest.importorskip("monai.metrics")
     rng = np.random.default_rng(0)

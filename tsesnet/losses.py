@@ -187,8 +187,10 @@ def tsc_loss(
                 continue
             idx, y = picked
             z = flat[item][:, :, idx].float().transpose(1, 2)  # (T, N, C)
-            z = F.normalize(z, dim=2)  # cosine similarity = dot product of unit vectors
-            s, count = _tsc_item(z, y, tau)
+            # float32 even under autocast, which would run the matmuls in bf16
+            with torch.autocast(z.device.type, enabled=False):
+                z = F.normalize(z, dim=2)  # cosine similarity = dot product of unit vectors
+                s, count = _tsc_item(z, y, tau)
             level_sum = s if level_sum is None else level_sum + s
             level_count += count
         if level_sum is not None and level_count > 0:
