@@ -144,7 +144,7 @@ def ingest(
         raise InputError(f"--folds must be at least 2, got {folds}")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    sources = discover(Path(src), layout)
+    sources = discover(Path(src).absolute(), layout)  # absolute: tasks may run elsewhere
     for s in sources:
         check_case_id(s.case_id)
     location = StoreLocation.parse(store)
@@ -157,6 +157,7 @@ def ingest(
         for cid, attrs in scan_cases(location).items()
     }
 
+    target = location.root if location.local else location.url  # what each task opens
     ray, own = _connect_ray(workers)
     try:
         limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
@@ -168,7 +169,7 @@ def ingest(
             while queue or pending:
                 while queue and len(pending) < limit:
                     s = queue.pop(0)
-                    pending.append(task.remote(s, location.url, existing.get(s.case_id)))
+                    pending.append(task.remote(s, target, existing.get(s.case_id)))
                 done, pending = ray.wait(pending, num_returns=1)
                 status, what = ray.get(done[0])
                 {"stored": report.stored, "skipped": report.skipped}.get(

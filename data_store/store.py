@@ -429,6 +429,12 @@ def write_index(location: StoreLocation, n_folds: int) -> dict[str, Any]:
 def _root_attrs(location: StoreLocation) -> dict[str, Any]:
     import zarr
 
+    if not location.exists("zarr.json"):
+        raise InputError(
+            "not a tsesnet store (no zarr.json: missing or another kind of folder); "
+            "create one with `tsesnet ingest SRC STORE`",
+            path=location.url,
+        )
     try:
         attrs = dict(zarr.open_group(location.zarr_target(), mode="r").attrs)
     except Exception as err:

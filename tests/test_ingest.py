@@ -54,9 +54,11 @@ def test_bad_case_among_good_ones(tmp_path, ray_session, capsys):
     assert open_store(tmp_path / "store").case_ids == store.case_ids
 
 
-def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session):
+def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: the Ray tasks get absolute ones
     cases = write_cohort("nnunet", tmp_path / "src", n_cases=3)
-    first = ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    first = ingest("src", "store", progress=False)
+    assert first.stored == sorted(cases)
     again = ingest(tmp_path / "src", tmp_path / "store", progress=False)
     assert again.stored == [] and again.skipped == sorted(cases)
     assert again.fingerprint == first.fingerprint
