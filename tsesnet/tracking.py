@@ -118,6 +118,7 @@ def system_info() -> dict[str, str]:
         "sys.mlflow": mlflow.__version__,
         "sys.numpy": numpy.__version__,
         "sys.cuda": str(torch.cuda.is_available()),
+        "sys.torch_threads": str(torch.get_num_threads()),
     }
     if torch.cuda.is_available():
         info["sys.gpu"] = torch.cuda.get_device_name(0)
