@@ -362,10 +362,18 @@ def init_store(location: StoreLocation) -> None:
 
 
 def clean_leftovers(location: StoreLocation) -> list[str]:
-    """Removes ``.tmp-*`` and ``.old-*`` entries a crashed ingest left; returns their names."""
+    """Removes ``.tmp-*`` and ``.old-*`` entries a crashed ingest left; returns their names.
+
+    An ``.old-CASE-*`` whose ``CASE`` is missing (a crash between the two renames of a
+    replacement) is renamed back instead: a stored case is never lost.
+    """
     gone = [e for e in location.entries() if e.startswith((TMP_PREFIX, OLD_PREFIX))]
     for name in gone:
-        location.remove(name)
+        case_id = name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
+        if name.startswith(OLD_PREFIX) and not location.exists(case_id):
+            location.rename(name, case_id)
+        else:
+            location.remove(name)
     return gone
 
 

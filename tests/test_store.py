@@ -23,6 +23,7 @@ from data_store.normalize import intensity_percentiles, normalize_intensity
 from data_store.store import (
     StoreLocation,
     assign_folds,
+    clean_leftovers,
     export_case,
     init_store,
     open_store,
@@ -249,3 +250,15 @@ def test_fsspec_object_store_without_rename(tmp_path):
     np.testing.assert_array_equal(case.image, case.geometry.to_canonical(cases["case_001"].image))
     image, mask = store.read_region("case_001", (slice(0, 2), slice(1, 3), slice(0, 4)))
     assert image.shape == (3, 2, 2, 4) and mask.shape == (2, 2, 4)
+
+
+def test_leftovers_cleaned_and_interrupted_replacement_restored(tmp_path):
+    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    store = build_store(tmp_path / "src", tmp_path / "store")
+    root = tmp_path / "store"
+    (root / "case_000").rename(root / ".old-case_000-0123abcd")  # crash between the renames
+    (root / ".tmp-case_001-89abcdef").mkdir()  # crash while writing
+    gone = clean_leftovers(StoreLocation.parse(root))
+    assert sorted(gone) == [".old-case_000-0123abcd", ".tmp-case_001-89abcdef"]
+    assert sorted(e.name for e in root.iterdir()) == ["case_000", "case_001", "zarr.json"]
+    assert open_store(root).read_case("case_000").image.shape == store.shape("case_000")
