@@ -48,6 +48,7 @@ def test_matches_monai_gaussian(shape, overlap):
         )
     assert ours.shape == (batched.shape[0], 1, *batched.shape[2:])
     assert ours.dtype == torch.float32 and ours.device.type == "cpu"
+    assert not ours.is_inference()  # callers may edit it in place
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
 
 

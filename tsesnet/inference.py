@@ -49,7 +49,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.inference_mode()
 def sliding_window_inference(
     model: nn.Module,
     volume: Tensor | np.ndarray,
@@ -78,8 +77,17 @@ def sliding_window_inference(
         amp_dtype: e.g. torch.bfloat16 to run the model under autocast; blending is float32.
 
     Returns:
-        (B, C, Z, Y, X) float32 logits on the CPU (C = 1 for TSESNet).
+        (B, C, Z, Y, X) float32 logits on the CPU (C = 1 for TSESNet), an ordinary tensor
+        (computed under ``torch.inference_mode``, then cloned so callers may edit it in place).
     """
+    with torch.inference_mode():
+        out = _sliding_window(
+            model, volume, patch, overlap, batch_size, sigma_scale, device, amp_dtype
+        )
+    return out.clone()
+
+
+def _sliding_window(model, volume, patch, overlap, batch_size, sigma_scale, device, amp_dtype):
     x = torch.as_tensor(volume)
     if x.dim() == 4:
         x = x[None]  # (1, T, Z, Y, X)
