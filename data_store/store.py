@@ -286,8 +286,8 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             coords = np.argwhere(mask).astype(np.int32)  # (N, 3) z, y, x
             fg_count = int(len(coords))
             if fg_count:  # [start, stop) per axis: patches outside it need no mask read
-                lo, hi = coords.min(0), coords.max(0) + 1
-                bbox = [[int(a), int(b)] for a, b in zip(lo, hi, strict=True)]
+                first, stop = coords.min(0), coords.max(0) + 1
+                bbox = [[int(a), int(b)] for a, b in zip(first, stop, strict=True)]
             if len(coords) > FOREGROUND_SAMPLES:
                 seed = int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
                 keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
@@ -311,7 +311,7 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             "phases": t,
             "phase_present": present,
             "phase_index": phase_index,
-            "times": list(src.times) if src.times else None,
+            "times": [float(v) for v in src.times] if src.times else None,
             "percentiles": [lo, hi],
             "intensity_min": float(image.min()),
             "intensity_max": float(image.max()),
