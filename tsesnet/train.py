@@ -143,8 +143,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = cfgmod.load_yaml(TrainConfig, path) if path else TrainConfig()
         if overrides:
             cfg = cfgmod.apply_overrides(cfg, list(overrides))
-    except FileNotFoundError as err:
-        raise InputError(f"config file not found: {err.filename}", path=str(path)) from err
+    except InputError:
+        raise
     except (ValueError, TypeError, KeyError) as err:
         raise InputError(f"bad config: {err}", path=str(path) if path else None) from err
     _check_config(cfg)

@@ -1,0 +1,128 @@
+"""`tsesnet train`: the config (paper recipe, strict YAML, typed overrides), run names, and a
+one-epoch tiny training on Ray Train that is tracked in MLflow, registered, and resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from data_store.errors import InputError
+from tsesnet.train import TrainConfig, default_run_name, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "platform" / "configs"
+TINY = CONFIGS / "tiny.yaml"
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = TrainConfig()
+    assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 1
+    assert cfg.schedule.epochs == 300 and cfg.schedule.early_stop_patience == 30
+    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau) == (0.7, 0.5, 1e-5)
+    assert tuple(cfg.data.patch) == (48, 96, 96)
+    assert cfg.model.preset == "paper" and cfg.optim.bf16
+
+
+def test_paper_yaml_is_the_default():
+    assert dataclasses.asdict(load_config(CONFIGS / "paper.yaml")) == dataclasses.asdict(
+        TrainConfig()
+    )
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "small.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.preset in {"paper", "small", "tiny"}
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["loss.alpha=0.5", "run.workers=2", "model.fusion=early"])
+    assert cfg.loss.alpha == 0.5 and isinstance(cfg.loss.alpha, float)
+    assert cfg.run.workers == 2 and cfg.model.fusion == "early"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["loss.nope=1", "nope.alpha=1", "run.workers=two", "schedule.epochs=0", "loss.alpha"],
+)
+def test_bad_overrides_fail_with_the_key(override):
+    with pytest.raises(InputError):
+        load_config(TINY, [override])
+
+
+def test_unknown_yaml_key_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  momentum: 0.9\n")
+    with pytest.raises(InputError, match="momentum"):
+        load_config(bad)
+
+
+def test_run_names_are_deterministic():
+    a = load_config(TINY)
+    b = load_config(TINY)
+    c = load_config(TINY, ["loss.alpha=0.5"])
+    name = default_run_name("/data/bts.zarr", a)
+    assert name == default_run_name("/data/bts.zarr", b)
+    assert name.startswith("bts-tiny-tsff-fold0-")
+    assert name != default_run_name("/data/bts.zarr", c)
+    # Where it runs and how many workers do not change the model: same name.
+    d = load_config(TINY, ["run.workers=2"])
+    assert name == default_run_name("/data/bts.zarr", d)
+
+
+@pytest.mark.slow
+def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, monkeypatch):
+    """One epoch end to end with the defaults (SQLite and ray_results in the working directory),
+    then the same name with two epochs continues from the checkpoint in the same MLflow run."""
+    import mlflow
+
+    from tsesnet import registry
+    from tsesnet.cli import main
+    from tsesnet.train import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
+    assert main(["train", "--store", str(tiny_store), "--config", str(TINY), "--name", "e2e"]) == 0
+    assert (tmp_path / "mlflow.db").is_file()
+    assert (tmp_path / "ray_results" / "e2e").is_dir()
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tsesnet").experiment_id],
+        filter_string="tags.`tsesnet.run_name` = 'e2e'",
+    )
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    for key in (
+        "train_total",
+        "train_dice",
+        "train_tsc",
+        "val_dice",
+        "val_hd95",
+        "val_sensitivity",
+        "lr",
+        "patches_per_s",
+    ):
+        assert key in m, key
+    assert 0.0 <= m["val_dice"] <= 1.0 and m["patches_per_s"] > 0
+    assert p["loss.alpha"] == "0.7" and p["model.preset"] == "tiny"
+    assert t["data.store_fingerprint"] and t["data.fold"] == "0" and t["code.git_commit"]
+    assert t["sys.torch"] and t["tsesnet.model_alias"] == "champion"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/val_overlay.png"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [
+        "config/resolved.yaml"
+    ]
+    loaded = registry.load_model("models:/tsesnet@champion")
+    assert loaded.patch == (16, 32, 32) and loaded.config["lineage"]["fold"] == 0
+
+    # The same name again, now for 2 epochs: resumes after epoch 1, same MLflow run.
+    res = train(str(tiny_store), load_config(TINY, ["schedule.epochs=2"]), "e2e")
+    assert res.run_id == run.info.run_id
+    assert res.epochs_done == 2 and res.metrics["resumed_from_epoch"] == 0
+    steps = [h.step for h in client.get_metric_history(res.run_id, "train_total")]
+    assert steps == [0, 1]
+    assert res.model_version == "2"
