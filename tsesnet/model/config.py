@@ -1,0 +1,63 @@
+"""`ModelConfig`: the typed, keyword-only configuration of a TSESNet (presets live in `__init__`).
+
+A YAML file (loaded strictly by `tsesnet.config`) or `build_model(preset, **overrides)` sets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a TSESNet.
+
+    Attributes:
+        preset: name of the preset this config came from ("custom" otherwise); informational.
+        fusion: fusion strategy, a key of `tsesnet.model.FUSIONS`.
+        channels: encoder channels per level, full resolution first; the last level is the
+            bottleneck. There are len(channels) - 1 downsamplings by 2, so spatial sizes must be
+            multiples of 2 ** (len(channels) - 1).
+        tumor_aware: put a TA module (Eq. 1-5) in each encoder stage from `ta_start` on;
+            False gives plain double-convolution stages (the paper's "backbone" ablation, Table 3).
+        ta_start: first encoder level with a TA module (levels before it are plain).
+        ta_dilations: atrous rates of TA's 5x5x5 and 3x3x3 convolutions.
+        ta_reduction: scale-attention bottleneck, hidden = 4C // ta_reduction (Eq. 4).
+        attn_tokens: (z, y, x) cap on the key/value grid of the linear-memory attention used by
+            `tsff`, `tsff_bottleneck` and `stt`: levels with more voxels pool keys and values to
+            this grid; levels within it attend exactly (Eq. 8 as written).
+        stt_head_dim: channels per attention head in the `stt` fusion.
+        stt_mlp_ratio: MLP expansion of the `stt` transformer block.
+        max_phases: `early` fusion only: phases are zero-padded to this count (with a presence
+            mask); a longer series raises ValueError.
+    """
+
+    preset: str = "custom"
+    fusion: str = "tsff"
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    tumor_aware: bool = True
+    ta_start: int = 0
+    ta_dilations: tuple[int, int] = (2, 2)
+    ta_reduction: int = 4
+    attn_tokens: tuple[int, int, int] = (4, 8, 8)
+    stt_head_dim: int = 32
+    stt_mlp_ratio: int = 4
+    max_phases: int = 8
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.ta_dilations = tuple(int(d) for d in self.ta_dilations)
+        self.attn_tokens = tuple(int(t) for t in self.attn_tokens)
+        if len(self.channels) < 2 or min(self.channels) < 1:
+            raise ValueError(f"channels needs >= 2 positive levels, got {self.channels}")
+        if len(self.attn_tokens) != 3 or min(self.attn_tokens) < 1:
+            raise ValueError(f"attn_tokens must be three sizes >= 1, got {self.attn_tokens}")
+        if not 0 <= self.ta_start <= len(self.channels):
+            raise ValueError(f"ta_start must be in [0, {len(self.channels)}], got {self.ta_start}")
+        if self.max_phases < 2:
+            raise ValueError(f"max_phases must be >= 2, got {self.max_phases}")
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this (one halving per level below the first)."""
+        return 2 ** (len(self.channels) - 1)
