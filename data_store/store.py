@@ -34,37 +34,38 @@ round-robin into k folds: deterministic, balanced to within one case, independen
 order. Unlabelled cases (prediction inputs) have no fold. Folds are a function of the set of
 labelled IDs: adding cases can move others (the fingerprint changes with them).
 
-Chunks and codec, measured (``/tmp`` script, kept in this docstring; 2 shared CPU cores, so
-absolute numbers are noisy): a 6x100x320x320 int16 phantom (half air, tissue, noise sigma 20),
-40-100 random 6-phase 48x96x96 patch reads per layout, ms per patch (two runs), size:
+Chunks and codec, measured (script ``measure3.py`` of this work, not kept: the phantom of
+``tests/benchmarks/bench_loader.py``, 6x100x320x320 int16, half air, tissue, per-phase
+enhancement, noise sigma 20; 60 random 6-phase 48x96x96 patch reads per layout, the layouts
+interleaved patch by patch so that the shared machine's load (average 12 on 2 CPUs) hits them
+alike; raw 123 MB):
 
-    ============================  ======  ==========  =========
-    chunk (T,Z,Y,X), codec        MB      ms/patch    whole case
-    ============================  ======  ==========  =========
-    T,48,96,96 zstd-3             64      40 / 62     0.56 s
-    T,48,96,96 zstd-1             70      24          0.14 s
-    T,48,96,96 blosc-lz4-5 shuf   74      16 / 18     0.37 s
-    T,48,96,96 blosc-zstd-3 shuf  57      30          0.22 s
-    T,24,48,48 zstd-3             63      22          0.24 s
-    T,24,48,48 blosc-lz4-5 shuf   74      15 / 19     0.36 s
-    T,24,48,48 blosc-lz4-1/-9     75/72   16 / 17     -
-    T,24,48,48 blosc-lz4 bitshuf  61      18          0.39 s
-    T,24,48,48 blosc-zstd-1 shuf  55      25          0.25 s
-    T,16,64,64 blosc-lz4-5 shuf   72      14 / 18     0.39 s
-    T,24,64,64 blosc-lz4-5 shuf   72      13 / 16     0.21 s
-    T,24,32,32 blosc-lz4-5 shuf   72      22          0.26 s
-    T,12,48,48 blosc-lz4-5 shuf   74      23          0.52 s
-    1,48,96,96 (per phase) lz4    74      29          0.21 s
-    T,24,48,48 in T,48,96,96 shard 74     20 / 24     0.56 s
-    uncompressed T,24,48,48       163     8-9         0.16 s
-    in-memory numpy slice         123     0.8         -
-    ============================  ======  ==========  =========
+    ==================================  ====  =====  ==========  ======  ============
+    chunk (T,Z,Y,X), codec              MB    ratio  median ms   p10 ms  whole case s
+    ==================================  ====  =====  ==========  ======  ============
+    T,24,64,64 blosc-lz4-5 shuffle      72    1.70   28.5        13.6    0.26
+    T,24,48,48 blosc-lz4-5 shuffle      74    1.67   27.2        19.3    0.29
+    T,16,64,64 blosc-lz4-5 shuffle      72    1.70   32.7        16.2    0.32
+    T,32,96,96 blosc-lz4-5 shuffle      74    1.66   32.3        18.8    0.28
+    T,48,96,96 blosc-lz4-5 shuffle      74    1.66   39.1        21.6    0.33
+    T,48,96,96 zstd-3                   64    1.92   176.6       79.8    0.45
+    T,24,64,64 zstd-3                   63    1.95   83.0        47.4    0.40
+    T,24,64,64 blosc-zstd-1 shuffle     56    2.21   80.7        34.9    0.37
+    T,24,64,64 blosc-lz4-5 bitshuffle   60    2.06   34.1        19.2    0.23
+    1,48,96,96 blosc-lz4-5 (per phase)  74    1.66   47.8        34.6    0.31
+    T,24,64,64 uncompressed             147   0.83   12.2        7.6     0.19
+    ==================================  ====  =====  ==========  ======  ============
 
-Decision: chunks (T, 24, 64, 64) (all phases in one chunk: a patch always needs every phase,
-and per-phase chunks cost 2x), Blosc-LZ4 level 5 with byte shuffle: the fastest compressed
-layout, 1.7x smaller than raw; zstd saves 20 % more disk but decodes 1.5-3x slower. Chunks
-smaller than a quarter patch pay zarr's per-chunk overhead; patch-sized chunks over-read up to
-8x. No sharding: one writer per case anyway, and it read slower.
+An earlier, non-interleaved run on a quieter machine ranked them the same (lz4 T,24,64,64:
+13-16 ms; T,24,48,48: 15-19 ms; T,48,96,96 zstd-3: 40-62 ms; in-memory slice: 0.8 ms).
+
+Decision: chunks (T, 24, 64, 64), all phases in one chunk (a patch always needs every phase;
+per-phase chunks read 1.7x slower), Blosc-LZ4 level 5 with byte shuffle: the fastest
+compressed layout, 1.7x smaller than raw. zstd saves 12-20 % more disk but decodes 3-6x
+slower; bitshuffle saves 17 % for 20 % slower reads; uncompressed reads 2x faster but doubles
+the disk (and network) bytes. Chunks much smaller than the patch pay zarr's per-chunk
+overhead; patch-sized chunks over-read up to 8x. No sharding: one writer per case anyway,
+and it read slower (T,24,48,48 in T,48,96,96 shards: 20-24 ms vs 15-19 ms).
 """
 
 from __future__ import annotations
