@@ -34,7 +34,7 @@ round-robin into k folds: deterministic, balanced to within one case, independen
 order. Unlabelled cases (prediction inputs) have no fold. Folds are a function of the set of
 labelled IDs: adding cases can move others (the fingerprint changes with them).
 
-Chunks and codec, measured (script ``measure3.py`` of this work, not kept: the phantom of
+Chunks and codec, measured (``python tests/benchmarks/measure_chunks.py``: the phantom of
 ``tests/benchmarks/bench_loader.py``, 6x100x320x320 int16, half air, tissue, per-phase
 enhancement, noise sigma 20; 60 random 6-phase 48x96x96 patch reads per layout, the layouts
 interleaved patch by patch so that the shared machine's load (average 12 on 2 CPUs) hits them
