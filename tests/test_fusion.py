@@ -1,0 +1,202 @@
+"""TA (Eq. 1-5) and TSFF (Eq. 8-9) against literal implementations of the paper's equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tsesnet.model import ModelConfig, build_model
+from tsesnet.model.fusion import (
+    FUSIONS,
+    MeanPool,
+    STTLevel,
+    TemporalConvLevel,
+    TSFFBottleneck,
+    TSFFLevel,
+)
+from tsesnet.model.ta import TumorAware
+from tsesnet.summary import _LiveBytes
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Literal references agree with the modules to round-off only in float64."""
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _randomize(module):
+    """Non-trivial norm affines and biases, so the references test them too."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+# ---------------------------------------------------------------- TA, Eq. 1-5
+
+
+def ta_literal(ta: TumorAware, f: torch.Tensor) -> torch.Tensor:
+    """Eq. 1-5 written out with functional ops and the module's weights."""
+
+    def conv(i, x):  # Conv_i = atrous conv -> instance norm -> LeakyReLU
+        c, n = ta.convs[i][0], ta.convs[i][1]
+        y = F.conv3d(x, c.weight, None, padding=c.padding, dilation=c.dilation)
+        return F.leaky_relu(F.instance_norm(y, weight=n.weight, bias=n.bias, eps=n.eps), 0.01)
+
+    fp = {1: f, 2: conv(0, f)}  # Eq. 1, i = 1, 2
+    for i in (3, 4):
+        fp[i] = conv(i - 2, f + fp[i - 1])  # Eq. 1, 2 < i <= 4
+    cat = torch.cat([fp[1], fp[2], fp[3], fp[4]], dim=1)  # Eq. 2
+    d, h, w_ = cat.shape[2:]
+    g = cat.sum(dim=(2, 3, 4)) / (w_ * h * d)  # Eq. 3
+    w = torch.sigmoid(
+        F.linear(F.relu(F.linear(g, ta.fc1.weight, ta.fc1.bias)), ta.fc2.weight, ta.fc2.bias)
+    )  # Eq. 4
+    c = f.shape[1]
+    return sum(w[:, (i - 1) * c : i * c, None, None, None] * fp[i] for i in (1, 2, 3, 4))  # Eq. 5
+
+
+@pytest.mark.parametrize("dilations", [(2, 2), (1, 3)])
+def test_ta_matches_equations(dilations):
+    ta = TumorAware(6, dilations=dilations, reduction=4)
+    _randomize(ta)
+    f = torch.randn(2, 6, 5, 7, 6)
+    assert torch.allclose(ta(f), ta_literal(ta, f), atol=1e-10)
+
+
+def test_ta_kernels_and_rates():
+    ta = TumorAware(4, dilations=(2, 3))
+    convs = [m[0] for m in ta.convs]
+    assert [c.kernel_size[0] for c in convs] == [5, 3, 1]
+    assert [c.dilation[0] for c in convs] == [2, 3, 1]
+    with pytest.raises(ValueError, match="dilations"):
+        TumorAware(4, dilations=(0, 2))
+
+
+# ---------------------------------------------------------------- TSFF, Eq. 8-9
+
+
+def _mat(conv) -> torch.Tensor:
+    """The paper's right-multiplied W (C x C) of a bias-free 1x1x1 convolution: X W = conv(X)."""
+    return conv.weight[:, :, 0, 0, 0].T
+
+
+def tsff_literal(level: TSFFLevel, f: torch.Tensor, pool: torch.Tensor | None = None):
+    """Eq. 8-9 with explicit matrices; `pool` (M x N) is P of the linear-memory form, else I."""
+    b, t, c, z, y, x = f.shape
+    out = []
+    for bi in range(b):
+        f0 = f[bi, 0].reshape(c, -1).T  # (N, d)
+        p = torch.eye(f0.shape[0]) if pool is None else pool  # (M, N)
+        q, k = f0 @ _mat(level.q), (p @ f0) @ _mat(level.k)  # (N, d), (M, d)
+        a = torch.softmax(q @ k.T / c, dim=1)  # Eq. 8: divided by d, not sqrt(d)
+        fused = f0.clone()
+        for i in range(1, t):
+            fi = f[bi, i].reshape(c, -1).T  # (N, d)
+            w_i = a @ ((p @ fi) @ _mat(level.v))  # Eq. 8
+            fused = fused + w_i * fi  # Eq. 9
+        out.append(fused.T.reshape(c, z, y, x))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_tsff_is_eq8_when_level_fits_the_token_grid(t):
+    level = TSFFLevel(6, tokens=(4, 8, 8))
+    _randomize(level)
+    f = torch.randn(2, t, 6, 3, 4, 5)  # N = 60 <= 256: exact N x N attention
+    assert torch.allclose(level(f), tsff_literal(level, f), atol=1e-10)
+
+
+def pooling_matrix(shape, grid) -> torch.Tensor:
+    """P (M x N): token m averages the voxels of its block (sizes divisible by the grid)."""
+    zs, ys, xs = shape
+    kz, ky, kx = (s // g for s, g in zip(shape, grid, strict=True))
+    idx = torch.arange(zs * ys * xs)
+    z, y, x = idx // (ys * xs), (idx // xs) % ys, idx % xs
+    token = ((z // kz) * grid[1] + y // ky) * grid[2] + x // kx
+    p = torch.zeros(grid[0] * grid[1] * grid[2], zs * ys * xs)
+    p[token, idx] = 1.0 / (kz * ky * kx)
+    return p
+
+
+def test_tsff_linear_form_matches_its_literal_equation():
+    grid = (2, 2, 3)
+    level = TSFFLevel(5, tokens=grid)
+    _randomize(level)
+    f = torch.randn(2, 4, 5, 4, 6, 6)  # N = 144 > M = 12: keys and values pooled
+    ours = level(f)
+    assert torch.allclose(ours, tsff_literal(level, f, pooling_matrix((4, 6, 6), grid)), atol=1e-10)
+    assert not torch.allclose(ours, tsff_literal(level, f), atol=1e-3)  # and it is a departure
+
+
+def test_tsff_memory_is_linear_in_voxels():
+    """At N = 131,072 voxels an N x N matrix would take 64 GiB; ours grows linearly in N."""
+    torch.set_default_dtype(torch.float32)
+    level = TSFFLevel(4, tokens=(4, 8, 8))
+    peaks = []
+    for z in (16, 32):
+        f = torch.randn(1, 3, 4, z, 64, 64)
+        with torch.no_grad(), _LiveBytes() as tracker:
+            out = level(f)
+        assert out.shape == (1, 4, z, 64, 64)
+        peaks.append(tracker.peak)
+    assert peaks[1] < 2**30, peaks
+    assert peaks[1] / peaks[0] < 2.2, peaks  # twice the voxels, about twice the memory
+
+
+def test_tsff_bottleneck_reuses_bottleneck_weights_at_skips():
+    cfg = ModelConfig(channels=(3, 4, 6), attn_tokens=(8, 8, 8))
+    fusion = TSFFBottleneck(cfg.channels, cfg)
+    _randomize(fusion)
+    feats = [
+        torch.randn(1, 3, c, 8 // 2**i, 8 // 2**i, 8 // 2**i) for i, c in enumerate(cfg.channels)
+    ]
+    out = fusion(feats)
+    fb = feats[-1]
+    assert torch.allclose(out[-1], tsff_literal(fusion.tsff, fb), atol=1e-10)
+    w = fusion.tsff.weights(fb)[0]  # (T-1, C_L, z, y, x)
+    for level in range(2):
+        f = feats[level][0]
+        wl = F.interpolate(fusion.to_skip[level](w), size=f.shape[2:], mode="trilinear")
+        assert torch.allclose(out[level][0], f[0] + (wl * f[1:]).sum(0), atol=1e-10)
+
+
+# ---------------------------------------------------------------- the other strategies
+
+
+def test_meanpool_is_the_temporal_mean():
+    feats = [torch.randn(2, 4, 3, 2, 2, 2)]
+    assert torch.allclose(MeanPool((3,), ModelConfig())(feats)[0], feats[0].mean(1))
+
+
+def test_cnn_weights_are_a_convex_combination():
+    level = TemporalConvLevel(3)
+    _randomize(level)
+    one = torch.randn(2, 1, 3, 2, 3, 4)
+    assert torch.allclose(level(one.expand(2, 5, 3, 2, 3, 4)), one[:, 0], atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial", [(2, 2, 2), (4, 8, 8)])
+def test_stt_runs_exact_and_pooled(spatial):
+    level = STTLevel(8, tokens=(2, 4, 4), head_dim=4, mlp_ratio=2)
+    for t in (2, 6):
+        out = level(torch.randn(2, t, 8, *spatial))
+        assert out.shape == (2, 8, *spatial) and torch.isfinite(out).all()
+
+
+def test_early_fusion_pads_phases_and_marks_presence():
+    model = build_model("tiny", "early", max_phases=5)
+    x = torch.randn(1, 3, 8, 8, 8)
+    stacked = model._early_input(x)  # (1, 1, 10, Z, Y, X)
+    assert stacked.shape == (1, 1, 10, 8, 8, 8)
+    assert torch.equal(stacked[0, 0, :3], x[0])
+    assert (stacked[0, 0, 3:5] == 0).all()
+    assert (stacked[0, 0, 5:8] == 1).all() and (stacked[0, 0, 8:] == 0).all()
+
+
+def test_registry_is_explicit():
+    assert set(FUSIONS) == {"tsff", "meanpool", "cnn", "stt", "tsff_bottleneck", "early"}
