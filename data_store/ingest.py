@@ -93,6 +93,7 @@ def _connect_ray(workers: int | None):
         ray.init(log_to_driver=False)
         return ray, True
     ray.init(
+        address="local",  # a new local instance, never the last `ray start` cluster on this host
         num_cpus=workers or None,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -162,16 +163,28 @@ def ingest(
     try:
         limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
         task = ray.remote(num_cpus=1, max_retries=0)(_ingest_one)
-        pending: list = []
+        pending: dict = {}  # ObjectRef -> CaseSource
         queue = list(sources)
         bar = tqdm(total=len(sources), desc="ingest", unit="case", disable=not progress)
         try:
             while queue or pending:
                 while queue and len(pending) < limit:
                     s = queue.pop(0)
-                    pending.append(task.remote(s, target, existing.get(s.case_id)))
-                done, pending = ray.wait(pending, num_returns=1)
-                status, what = ray.get(done[0])
+                    pending[task.remote(s, target, existing.get(s.case_id))] = s
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                source = pending.pop(ref)
+                try:
+                    status, what = ray.get(ref)
+                except ray.exceptions.RayError as err:  # the worker died (e.g. out of memory)
+                    status = "rejected"
+                    what = str(
+                        InputError(
+                            f"ingest task failed ({type(err).__name__}); its temporary copy is "
+                            "removed by the next run",
+                            case=source.case_id,
+                            path=str(next(iter(source.files), "")) or None,
+                        )
+                    )
                 {"stored": report.stored, "skipped": report.skipped}.get(
                     status, report.rejected
                 ).append(what)
