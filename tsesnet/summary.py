@@ -20,6 +20,7 @@ Counting at paper size never allocates real tensors: the model and input live on
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 
 import torch
@@ -176,7 +177,7 @@ def cli(args) -> int:
     try:
         rows = [model_summary(args.preset, f, phases=args.phases) for f in fusions]
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
