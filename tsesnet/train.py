@@ -221,13 +221,20 @@ def _init_ray() -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-def train(store: str, config: TrainConfig | None = None, name: str | None = None) -> TrainResult:
+def train(
+    store: str,
+    config: TrainConfig | None = None,
+    name: str | None = None,
+    *,
+    callbacks: list | None = None,
+) -> TrainResult:
     """Train on Ray Train, track in MLflow, register the best checkpoint.
 
     Args:
         store: path or fsspec URL of a store written by `tsesnet ingest`.
         config: the training config (default: the paper's recipe).
         name: run name; the same name (and storage path) resumes from the latest checkpoint.
+        callbacks: extra Ray Train `RunConfig` callbacks, e.g. the sweep's report to Tune.
 
     Returns:
         The run's MLflow id, best validation Dice, registered version and alias.
@@ -307,6 +314,7 @@ def train(store: str, config: TrainConfig | None = None, name: str | None = None
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=list(callbacks or []),
         ),
     )
     result = trainer.fit()
