@@ -4,6 +4,7 @@ one-epoch tiny training on Ray Train that is tracked in MLflow, registered, and 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,14 @@ from tsesnet.train import TrainConfig, default_run_name, load_config
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "platform" / "configs"
 TINY = CONFIGS / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _forget_tracking_uri():
+    """MLflow keeps the URI set in-process; clear it so later tests read their own."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
 
 
 def test_defaults_are_the_paper_recipe():
