@@ -14,6 +14,8 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            # "local": never attach to a cluster some `ray start` left in /tmp/ray.
+            address="local",
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
