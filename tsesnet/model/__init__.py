@@ -3,11 +3,27 @@
 `build_model(preset, fusion, **overrides)` is the entry point; `PRESETS` and `FUSIONS` are the
 explicit registries of sizes and fusion strategies.
 
-Presets:
-    tiny:  tests and CI, < 1 M parameters, a forward+backward well under a second on 2 cores.
-    small: the CPU demo, trains a useful model on 2 cores in minutes at 32x64x64 patches.
-    paper: sized to Table 2 of the paper (103.58 M parameters, 98.66 G multiply-accumulates
-           for one 6-phase 48x96x96 input); `tsesnet model-summary` prints what we get.
+Presets (explicit registry; every one has a plain full-resolution stage and one TA module per
+coarser stage, `ta_start=1`, see encoder.py):
+    tiny:  tests and CI: 0.78 M parameters, 1.0 GMACs for a 4-phase 16x32x32 patch.
+    small: the CPU demo: 4.4 M parameters, 9.0 GMACs for a 4-phase 32x64x64 patch.
+    paper: sized to Table 2 (103.58 M parameters, 98.66 G multiply-accumulates for one 6-phase
+           48x96x96 input): 99.9 M and 101.5 GMACs with TSFF (-3.6 %, +2.9 %).
+           `tsesnet model-summary --preset paper --fusion all` prints every fusion against
+           Tables 2 and 4.
+
+Why the paper preset's widths are (8, 16, 32, 64, 768). Six phases share the encoder, so each
+full-resolution weight of a 3x3x3 convolution is applied 6 x 442,368 times per input, and a
+bottleneck weight (3x6x6 voxels) 6 x 108 times. Table 2's ratio, 98.66 G / 103.58 M = 952
+MACs per parameter, leaves no other choice than thin high-resolution stages and a wide bottleneck
+(the TA module's 5x5x5 + 3x3x3 + 1x1x1 convolutions at 768 channels hold 90 M of the parameters):
+an exhaustive search over 5-level widths with TA from any level found no solution within 10 % of
+Table 2 with a first stage of 16 channels or more. A conventional (32, 64, 128, 256, 512)
+encoder would cost 600 GMACs here.
+
+CPU training is several times faster with `model.to(memory_format=torch.channels_last_3d)`
+(oneDNN's backward for 3D convolutions in the default layout is slow); see
+tests/benchmarks/bench_model.py.
 """
 
 from __future__ import annotations
@@ -19,8 +35,8 @@ from tsesnet.model.fusion import FUSIONS
 from tsesnet.model.network import TSESNet
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(preset="tiny", channels=(8, 16, 32, 48)),
-    "small": ModelConfig(preset="small", channels=(16, 32, 64, 128)),
+    "tiny": ModelConfig(preset="tiny", channels=(8, 16, 32, 48), ta_start=1),
+    "small": ModelConfig(preset="small", channels=(8, 16, 32, 64, 128), ta_start=1),
     "paper": ModelConfig(preset="paper", channels=(8, 16, 32, 64, 768), ta_start=1),
 }
 
