@@ -7,8 +7,10 @@
 #   platform/local_cluster.sh stop
 #
 # Environment: RAY (the ray executable, default: .venv/bin/ray if present, else ray),
-# RAY_PORT (6379), DASHBOARD_PORT (8265), NUM_CPUS / NUM_GPUS (default: all),
-# RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token; generated if missing).
+# RAY_PORT (6379), DASHBOARD_PORT (8265), NUM_CPUS / NUM_GPUS (default: all), RAY_TEMP_DIR
+# (default /tmp/ray), AGENT_PORT (the dashboard agent that runs jobs, 52365: set it when another
+# Ray on this machine holds that port), RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token; generated if missing).
+# `stop` is `ray stop`: it stops every Ray process of this user on this machine.
 #
 # Without a token Ray 2.60 starts the head with authentication *disabled* and accepts any job
 # (FIELD_NOTES.md), so this script always generates one and sets RAY_AUTH_MODE=token.
@@ -42,6 +44,8 @@ case "${1:-}" in
           --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats)
     [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
     [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
+    [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir "$RAY_TEMP_DIR")
+    [[ -n "${AGENT_PORT:-}" ]] && args+=(--dashboard-agent-listen-port "$AGENT_PORT")
     "$RAY" start "${args[@]}"
     cat <<MSG
 
