@@ -24,8 +24,9 @@ matrix would need 780 GB in fp32. Keys and values are average-pooled to a grid o
 so memory and compute grow as N * M, linear in N. Queries stay at full resolution, so every voxel
 still gets its own weights W_i. Where a level has no more voxels than the grid (the bottleneck of
 every preset) P is the identity and this *is* Eq. 8. Pooling commutes with the bias-free
-projections, so we pool before projecting (cheaper). On GPU the product runs through
-`scaled_dot_product_attention`, whose fused kernels never materialise the N x M matrix either.
+projections, so we pool before projecting (cheaper). The product runs through
+`scaled_dot_product_attention` (with scale = 1/d), whose fused GPU kernels need not materialise
+the N x M matrix either.
 
 The T-1 post-contrast sums of Eq. 9 are taken literally (not averaged), so the magnitude of the
 fused map grows with T; the decoder's instance norms absorb that.
