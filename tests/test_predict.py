@@ -251,6 +251,17 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, cohort):
     assert pickle.loads(pickle.dumps(reader))._index is None  # only the reference travels
 
 
+def test_reader_paths_are_absolute_and_a_4d_file_is_a_cohort(cohort, tmp_path, monkeypatch):
+    monkeypatch.chdir(cohort.parent)
+    assert CaseReader.for_input(cohort.name).path == str(cohort.resolve())  # actors' cwd differs
+    image, _ = _canonical_case(0)
+    path = tmp_path / "dyn.nii.gz"
+    _save(path, np.moveaxis(_ras_file(image), 0, -1), RAS)  # (i, j, k, T) as dcm2niix writes
+    reader = CaseReader.for_input(str(path))
+    assert reader.case_ids() == ["dyn"]
+    assert np.array_equal(reader.read("dyn").image, image)
+
+
 def test_reader_gives_canonical_arrays_for_every_orientation(cohort):
     reader = CaseReader.for_input(str(cohort))
     ras = reader.read("ras")

@@ -113,15 +113,22 @@ class CaseReader:
 
     @classmethod
     def for_input(cls, path: str, layout: str = "auto") -> CaseReader:
-        """A store if `path` is a URL or holds a Zarr root (`zarr.json`), else a NIfTI folder."""
-        p = Path(path)
-        if "://" in str(path) or (p / "zarr.json").is_file():
+        """A store if `path` is a URL or holds a Zarr root (`zarr.json`), else a NIfTI cohort.
+
+        Local paths are made absolute: actors do not share the driver's working directory.
+        """
+        from data_store.layouts import nifti_stem
+
+        if "://" in str(path):
             return cls("store", str(path))
+        p = Path(path).resolve()
+        if (p / "zarr.json").is_file():
+            return cls("store", str(p))
         if not p.exists():
             raise InputError("input not found (expected a store or a NIfTI folder)", path=path)
-        if not p.is_dir():
-            raise InputError("input must be a store or a folder of NIfTI files", path=path)
-        return cls("nifti", str(p.resolve()), layout)
+        if not p.is_dir() and nifti_stem(p) is None:  # a single 4D NIfTI file is a cohort too
+            raise InputError("input must be a store, a NIfTI folder or a 4D NIfTI file", path=path)
+        return cls("nifti", str(p), layout)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -371,7 +378,9 @@ def ensure_ray():
     if os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False, log_to_driver=False)
     else:
+        # address="local": a new instance, not whatever `ray start` cluster this machine runs.
         ray.init(
+            address="local",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             configure_logging=False,
