@@ -1,0 +1,158 @@
+"""Training throughput: one Ray Train worker vs the same loop in plain PyTorch.
+
+Same model (the `tiny` preset at 16x32x32 unless --preset/--patch), same synthetic store,
+same sampler, same `train_step`, same thread count. The Ray side is the real `tsesnet train`
+path (TorchTrainer with one worker: `prepare_model` adds no DDP at world size 1; MLflow on
+rank 0; a checkpoint every epoch). Its per-epoch patches/s is the MLflow metric the loop logs,
+timed over the training steps of each epoch exactly as the plain loop times its own. Epoch 0
+(warm-up: the case cache fills, allocators settle) is left out of both medians; the plain loop
+runs before and after Ray so that a change in machine load shows rather than biases.
+
+    .venv/bin/python tests/benchmarks/bench_train.py [--preset tiny] [--patch 16 32 32] [--epochs 4]
+
+Prints a markdown table with the ratio (target >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_store(out: Path, shape: tuple[int, int, int], cases: int) -> Path:
+    from data_store.ingest import ingest
+    from data_store.synth import SynthConfig, write_cohort
+
+    write_cohort(out / "raw", cases, seed=0, config=SynthConfig(shape=shape, phases=4))
+    ingest(out / "raw", out / "bench.zarr", folds=2, workers=1, progress=False)
+    return out / "bench.zarr"
+
+
+def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
+    """The training epochs of `train_loop_per_worker` without Ray: patches/s per epoch."""
+    import numpy as np
+    import torch
+
+    from data_store.sampler import PatchSampler, SamplerConfig
+    from data_store.store import open_store
+    from tsesnet.model import build_model
+    from tsesnet.train_loop import train_step
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.schedule.seed)
+    st = open_store(store)
+    train_ids, _ = st.split(cfg.data.fold)
+    net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
+    sampler = PatchSampler(
+        st,
+        train_ids,
+        SamplerConfig(
+            patch=tuple(cfg.data.patch),
+            fg_fraction=cfg.data.fg_fraction,
+            augment=cfg.data.augment,
+            cache_bytes=cfg.data.cache_bytes,
+        ),
+        seed=cfg.schedule.seed,
+    )
+    steps = math.ceil(cfg.data.patches_per_epoch / cfg.data.batch_size)
+    rates = []
+    net.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.schedule.seed * 1_000_003 + epoch * 1009)
+        it = sampler.patches(epoch, steps * cfg.data.batch_size)
+        n = 0
+        for _ in range(steps):
+            pairs = [next(it) for _ in range(cfg.data.batch_size)]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs]))  # (B, T, Z, Y, X)
+            y = torch.from_numpy(np.stack([p[1] for p in pairs]))  # (B, Z, Y, X)
+            train_step(net, opt, x, y, cfg, gen, use_bf16=False)
+            n += x.shape[0]
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def ray_train(store: str, cfg, epochs: int, threads: int, workdir: Path) -> tuple[list[float], str]:
+    """The real `tsesnet.train.train` with one worker; patches/s per epoch from MLflow."""
+    import mlflow
+    import ray
+
+    from tsesnet.train import train
+
+    ray.init(
+        num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+    )
+    try:
+        res = train(store, cfg, "bench-ray-train")
+    finally:
+        ray.shutdown()
+    client = mlflow.MlflowClient()
+    hist = sorted(client.get_metric_history(res.run_id, "patches_per_s"), key=lambda m: m.step)
+    threads_used = client.get_run(res.run_id).data.tags.get("sys.torch_threads", "?")
+    assert len(hist) == epochs, hist
+    return [m.value for m in hist], threads_used
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32))
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--patches-per-epoch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+
+    from tsesnet.train import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    store = str(make_store(work, tuple(args.patch), cases=4))
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"data.patch=[{','.join(map(str, args.patch))}]",
+            f"data.patches_per_epoch={args.patches_per_epoch}",
+            f"schedule.epochs={args.epochs}",
+            f"schedule.val_every={args.epochs}",
+            "data.max_val_cases=1",
+            "data.val_overlap=0.0",
+            f"run.cpus_per_worker={args.threads}",
+            f"run.storage_path={work / 'ray_results'}",
+            "run.register=false",
+        ],
+    )
+    # Plain before and after Ray, so a change in machine load shows up rather than biasing.
+    plain = plain_pytorch(store, cfg, args.epochs, args.threads)
+    on_ray, ray_threads = ray_train(store, cfg, args.epochs, args.threads, work)
+    plain2 = plain_pytorch(store, cfg, args.epochs, args.threads)
+    p = statistics.median(plain[1:] + plain2[1:])
+    r = statistics.median(on_ray[1:])
+    print(
+        f"preset {args.preset}, patch {tuple(args.patch)}, {args.patches_per_epoch} patches "
+        f"x {args.epochs} epochs (epoch 0 = warm-up, excluded), batch 1, CPU, "
+        f"torch threads: plain {args.threads}, Ray worker {ray_threads}\n"
+    )
+    print("| loop | patches/s (median) | per epoch |")
+    print("|---|---:|---|")
+    print(
+        f"| plain PyTorch (before, after) | {p:.3f} | {', '.join(f'{v:.2f}' for v in plain)}; "
+        f"{', '.join(f'{v:.2f}' for v in plain2)} |"
+    )
+    print(f"| Ray Train, 1 worker | {r:.3f} | {', '.join(f'{v:.2f}' for v in on_ray)} |")
+    print(f"\n**ratio Ray/plain: {r / p:.3f}** (target >= 0.95)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
