@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from tsesnet.losses import dice_loss
@@ -34,13 +32,13 @@ def test_tiny_overfits_one_case():
     torch.manual_seed(0)
     image, mask = synthetic_case()
     model = build_model("tiny", "tsff")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    start, dice = time.perf_counter(), 0.0
-    for _step in range(200):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dice = 0.0
+    for _step in range(150):  # deterministic on CPU: Dice > 0.9 after about 30 steps
         logits = model(image)  # instance norm only: train and eval modes agree
         pred = (logits.detach() > 0).float()
         dice = float(2 * (pred * mask).sum() / (pred.sum() + mask.sum()))
-        if dice > 0.9 or time.perf_counter() - start > 90:
+        if dice > 0.9:
             break
         loss = dice_loss(logits, mask)
         opt.zero_grad()
