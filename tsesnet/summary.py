@@ -99,7 +99,12 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def model_summary(
-    preset: str, fusion: str = "tsff", phases: int = 6, patch: tuple[int, int, int] | None = None
+    preset: str,
+    fusion: str = "tsff",
+    phases: int = 6,
+    patch: tuple[int, int, int] | None = None,
+    *,
+    memory: bool = True,
 ) -> dict:
     """Size and cost of a preset with a fusion strategy.
 
@@ -108,6 +113,7 @@ def model_summary(
         fusion: a key of tsesnet.model.FUSIONS.
         phases: T, phases per case.
         patch: (Z, Y, X); defaults to DEFAULT_PATCH[preset] (the paper's 48x96x96 for "paper").
+        memory: also measure the training step's peak memory (else peak_memory_bytes is None).
 
     Returns:
         dict with preset, fusion, phases, patch, params, macs, flops, peak_memory_bytes,
@@ -125,7 +131,9 @@ def model_summary(
     params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, x)
 
-    if preset == "paper" and torch.cuda.is_available():
+    if not memory:
+        peak, method = None, "not measured"
+    elif preset == "paper" and torch.cuda.is_available():
         torch.manual_seed(0)
         model = build_model(preset, fusion).cuda()
         xg = torch.randn(1, phases, *patch, device="cuda")
@@ -157,6 +165,8 @@ def model_summary(
 
 
 def _row(s: dict) -> str:
+    peak = s["peak_memory_bytes"]
+    mem = "-" if peak is None else f"{peak / 2**30:.2f} GiB"
     ref = " | - | -" if s["preset"] == "paper" else ""
     if "paper_params" in s:
         dp = 100 * (s["params"] / s["paper_params"] - 1)
@@ -167,7 +177,7 @@ def _row(s: dict) -> str:
         )
     return (
         f"| {s['fusion']} | {s['params'] / 1e6:.2f} M | {s['macs'] / 1e9:.2f} G "
-        f"| {s['flops'] / 1e9:.2f} G | {s['peak_memory_bytes'] / 2**30:.2f} GiB{ref} |"
+        f"| {s['flops'] / 1e9:.2f} G | {mem}{ref} |"
     )
 
 
