@@ -269,7 +269,7 @@ def train(
         raise InputError(f"bad model config: {err}") from err
     div = getattr(net, "divisor", 1)
     if any(p % div for p in cfg.data.patch):
-        fixed = tuple(max(div, p // div * div) for p in cfg.data.patch)
+        fixed = tuple(-(-p // div) * div for p in cfg.data.patch)
         raise InputError(
             f"data.patch={tuple(cfg.data.patch)} must be multiples of {div} for preset "
             f"{cfg.model.preset!r}; pick e.g. {fixed}"
