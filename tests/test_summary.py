@@ -54,3 +54,16 @@ def test_cli_table_and_errors(capsys):
 def test_summary_rejects_bad_patch():
     with pytest.raises(ValueError, match="multiple of"):
         model_summary("tiny", patch=(15, 32, 32))
+
+
+def test_meta_memory_estimate_equals_the_cpu_measurement():
+    """The paper-size estimate (meta device) tracks the same bytes a real CPU step allocates."""
+    import torch
+
+    from tsesnet.summary import step_peak_bytes
+
+    torch.manual_seed(0)
+    cpu = step_peak_bytes(build_model("tiny"), torch.randn(1, 3, 16, 32, 32))
+    with torch.device("meta"):
+        model, x = build_model("tiny"), torch.empty(1, 3, 16, 32, 32)
+    assert step_peak_bytes(model, x) == cpu
