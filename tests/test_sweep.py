@@ -1,0 +1,329 @@
+"""`tsesnet sweep`: the search-space file, and real Ray Tune + Optuna + MLflow sweeps (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_store.errors import InputError
+from sweeps import runner
+from sweeps import space as spacemod
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "platform" / "configs"
+PAPER_SPACE = {"alpha", "beta", "tau", "fusion", "lr"}
+
+
+# --- the search-space file -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_tiny.yaml"])
+def test_shipped_sweep_configs_load_and_search_the_paper_choices(name):
+    cfg = spacemod.load(CONFIGS / name)
+    params = {p.short: p for p in cfg.params()}
+    assert set(params) == PAPER_SPACE
+    assert params["alpha"].kind == "uniform" and params["alpha"].args == (0.1, 1.0)
+    assert params["beta"].args == (0.0, 1.0)
+    assert params["tau"].kind == "loguniform" and params["tau"].args == (1e-5, 1.0)
+    assert set(params["fusion"].args) == {"tsff", "meanpool", "cnn", "stt", "tsff_bottleneck"}
+    assert cfg.train_config_path().is_file()
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_a_plain_value_fixes_a_parameter(tmp_path):
+    cfg = spacemod.load(
+        _write(tmp_path, {"space": {"loss.alpha": 0.7, "loss.tau": {"loguniform": [1e-4, 1e-1]}}})
+    )
+    assert cfg.fixed() == {"loss.alpha": 0.7}
+    assert [p.path for p in cfg.params()] == ["loss.tau"]
+    tune_space = spacemod.tune_space(cfg)
+    assert tune_space["loss.alpha"] == 0.7
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"trails": 3, "space": {"a.b": {"choice": [1, 2]}}}, "unknown key trails"),
+        ({"search": {"algo": "tpe"}, "space": {"a.b": {"choice": [1]}}}, "search.algo"),
+        ({"space": {"loss.alpha": {"normal": [0, 1]}}}, "unknown distribution 'normal'"),
+        ({"space": {"loss.alpha": {"uniform": [1.0, 0.1]}}}, "lower bound 1.0"),
+        ({"space": {"loss.tau": {"loguniform": [0, 1]}}}, "must be > 0"),
+        ({"space": {"loss.alpha": {"uniform": [0.1]}}}, "two numbers"),
+        ({"space": {"model.fusion": ["tsff", "cnn"]}}, "{choice: [...]}"),
+        ({"space": {"data.patches_per_epoch": {"int": [1.5, 4]}}}, "integers"),
+        ({"space": {"loss.alpha": 0.5}}, "searches nothing"),
+        ({"trials": "many", "space": {"a.b": {"choice": [1, 2]}}}, "expected int"),
+        ({"trials": 0, "space": {"a.b": {"choice": [1, 2]}}}, "trials must be >= 1"),
+        ({"search": {"algorithm": "grid"}, "space": {"a.b": {"choice": [1]}}}, "tpe, random"),
+        ({"scheduler": {"algorithm": "pbt"}, "space": {"a.b": {"choice": [1]}}}, "asha, fifo"),
+    ],
+)
+def test_bad_sweep_files_name_the_key(tmp_path, data, needle):
+    with pytest.raises(InputError) as err:
+        spacemod.load(_write(tmp_path, data))
+    assert needle in str(err.value)
+    assert "s.yaml" in str(err.value)
+
+
+def test_missing_sweep_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        spacemod.load(tmp_path / "nope.yaml")
+
+
+def test_optuna_distributions_match_what_optuna_search_derives():
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = spacemod.load(CONFIGS / "sweep.yaml")
+    derived = OptunaSearch.convert_search_space(spacemod.tune_space(cfg))
+    assert derived == spacemod.optuna_distributions(cfg)
+
+
+def test_trial_config_takes_the_sampled_values_and_rejects_unknown_paths():
+    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    base_cfg = runner.base_train_config(cfg)
+    from tsesnet import config as cfgmod
+
+    base = cfgmod.to_dict(base_cfg)
+    values = {"loss.alpha": 0.25, "loss.tau": 3e-3, "model.fusion": "stt", "optim.lr": 1e-3}
+    t = runner.trial_train_config(base, values, "/tmp/x")
+    assert (t.loss.alpha, t.loss.tau, t.model.fusion, t.optim.lr) == (0.25, 3e-3, "stt", 1e-3)
+    assert t.schedule.val_every == 1 and t.run.register is False
+    assert t.schedule.epochs == 2 and t.run.cpus_per_worker == 0.5  # the sweep's `set`
+    with pytest.raises(InputError, match="no 'loss.gamma'"):
+        runner.trial_train_config(base, {"loss.gamma": 1.0}, "")
+    cfg.space["model.fusion"] = {"choice": ["tsff", "transformer"]}
+    with pytest.raises(InputError, match="transformer"):
+        runner.check_space(cfg, base)
+
+
+def test_concurrency_follows_resources():
+    one_cpu = {"CPU": 1.25, "GPU": 0.0}
+    assert runner.concurrency(one_cpu, {"CPU": 16.0}) == 12
+    assert runner.concurrency(one_cpu, {"CPU": 16.0}, limit=3) == 3
+    gpu = {"CPU": 2.25, "GPU": 2.0}  # 2 workers with a GPU each
+    assert runner.concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    with pytest.raises(InputError, match="GPUs"):
+        runner.concurrency(gpu, {"CPU": 64.0})
+
+
+def _rows():
+    mk = runner.TrialRow
+    return [
+        mk("t001", "TERMINATED", _p(0.5, "tsff"), 3, 0.61, 4.2, "r1", history=[0.3, 0.5, 0.61]),
+        mk("t002", "TERMINATED", _p(0.9, "cnn"), 1, 0.20, 9.0, "r2", history=[0.2]),
+        mk("t003", "ERROR", _p(0.2, "stt"), 0, float("nan"), float("nan"), None),
+        mk("t004", "TERMINATED", _p(0.3, "meanpool"), 3, 0.70, 3.1, "r4", history=[0.4, 0.7]),
+    ]
+
+
+def _p(alpha, fusion):
+    return {
+        "loss.alpha": alpha,
+        "loss.beta": 0.5,
+        "loss.tau": 1e-3,
+        "model.fusion": fusion,
+        "optim.lr": 1e-3,
+    }
+
+
+def test_results_table_and_csv():
+    rows = sorted(_rows(), key=lambda r: -r.best_val_dice if math.isfinite(r.best_val_dice) else 9)
+    table = runner.results_table(rows)
+    header = table.splitlines()[0].split()
+    for col in ("trial", "alpha", "beta", "tau", "fusion", "lr", "epochs", "DSC", "HD95"):
+        assert col in header
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["t004", "t001", "t002", "t003"]
+    csv_text = runner.results_csv(rows)
+    assert csv_text.splitlines()[0].startswith("trial,loss.alpha,loss.beta,loss.tau,model.fusion")
+    assert len(csv_text.splitlines()) == 5
+
+
+def test_optuna_plots_are_written(tmp_path):
+    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    made = runner.optuna_plots(cfg, _rows(), tmp_path)
+    names = {p.stem for p in made}
+    assert {"optimization_history", "parallel_coordinate"} <= names
+    for p in made:
+        assert p.stat().st_size > 1000
+
+
+# --- real sweeps: a local Ray, an SQLite-backed MLflow, the tiny store (slow) ----------------
+
+
+def _tiny_cfg(tmp_path, trials=4):
+    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    cfg.trials = trials
+    cfg.set = [*cfg.set, f"run.storage_path={tmp_path / 'ray'}"]
+    return cfg
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _ray_logs_mention(text: str) -> list[str]:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [p.name for p in logs.glob("*") if p.is_file() and text in p.read_text(errors="ignore")]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_tracks_every_trial_and_registers_the_best(
+    ray_session, tiny_store, mlflow_uri, tmp_path, capsys
+):
+    import mlflow
+
+    res = runner.run_sweep(str(tiny_store), _tiny_cfg(tmp_path), name="tiny-sweep")
+    assert [r.status for r in res.rows] == ["TERMINATED"] * 4
+    assert len({r.trial for r in res.rows}) == 4
+    # Sorted by the metric, best first; every trial ran 1..2 epochs (ASHA may stop it at a rung).
+    dices = [r.best_val_dice for r in res.rows]
+    assert dices == sorted(dices, reverse=True) and all(0 <= d <= 1 for d in dices)
+    assert all(1 <= r.epochs <= 2 for r in res.rows)
+
+    client = mlflow.MlflowClient()
+    exp = client.get_run(res.parent_run_id).info.experiment_id
+    parents = client.search_runs([exp], filter_string="tags.`tsesnet.kind` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [res.parent_run_id]
+    children = _children(client, res.parent_run_id)
+    assert len(children) == 4
+    by_trial = {c.data.tags["tsesnet.trial"]: c for c in children}
+    for row in res.rows:
+        child = by_trial[row.trial]
+        assert child.info.status == "FINISHED"
+        for path in ("loss.alpha", "loss.beta", "loss.tau", "model.fusion", "optim.lr"):
+            assert child.data.params[path] == str(row.params[path]) or math.isclose(
+                float(child.data.params[path]), float(row.params[path]), rel_tol=1e-9
+            )
+        hist = client.get_metric_history(child.info.run_id, "val_dice")
+        assert len(hist) == row.epochs  # one per epoch, none lost
+
+    # The parent holds the search space, the results table and Optuna's plots.
+    arts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
+    assert {"sweep/search_space.yaml", "sweep/results.csv", "sweep/plots"} <= arts
+    plots = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep/plots")}
+    assert "sweep/plots/optimization_history.png" in plots
+    assert "sweep/plots/parallel_coordinate.png" in plots
+
+    # The best trial's weights are a new registered version, gated like training.
+    assert res.best is res.rows[0] and res.model_version is not None
+    mv = client.get_model_version("tsesnet", res.model_version)
+    assert mv.run_id == res.best.run_id
+    assert res.alias in ("champion", "challenger")
+    assert str(client.get_model_version_by_alias("tsesnet", res.alias).version) == str(
+        res.model_version
+    )
+
+    # Two trials at a time on 2 CPUs: their runs overlapped, and SQLite never locked.
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    assert _ray_logs_mention("database is locked") == []
+
+
+def _terminated_trials(exp_dir: Path) -> set[str]:
+    """Trials the Tune experiment state on disk lists as finished (what a restore will see)."""
+    import json
+
+    out = set()
+    for state in exp_dir.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue  # being rewritten
+        for item in data.get("trial_data", []):
+            trial = json.loads(item[0]) if isinstance(item, list) else {}
+            if trial.get("status") == "TERMINATED":
+                out.add(trial.get("custom_dirname") or trial.get("trial_id"))
+    return out
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_or_losing_trials(
+    ray_session, tiny_store, mlflow_uri, tmp_path, capsys
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    cfg = _tiny_cfg(tmp_path, trials=3)
+    cfg_file = tmp_path / "sweep.yaml"
+    data = yaml.safe_load((CONFIGS / "sweep_tiny.yaml").read_text())
+    data.update(train_config=str(CONFIGS / "tiny.yaml"), set=cfg.set, trials=3)
+    cfg_file.write_text(yaml.safe_dump(data))
+    exp_dir = tmp_path / "ray" / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [
+        sys.executable,
+        "-m",
+        "tsesnet.cli",
+        "sweep",
+        "--store",
+        str(tiny_store),
+        "--config",
+        str(cfg_file),
+        "--name",
+        "killed",
+    ]
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
+    driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (done_before := _terminated_trials(exp_dir)):
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    log.close()
+    assert driver.returncode == -signal.SIGKILL
+
+    def lines(trial):
+        return (exp_dir / trial / "result.json").read_text().count("\n")
+
+    before = {t: lines(t) for t in done_before}
+    # Without --resume the sweep refuses to start over; a sweep that never ran can't resume.
+    with pytest.raises(InputError, match="--resume"):
+        runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="killed")
+    with pytest.raises(InputError, match="no sweep 'other' to resume"):
+        runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="other", resume=True)
+
+    args = argparse.Namespace(
+        store=str(tiny_store), config=str(cfg_file), trials=None, name="killed", resume=True
+    )
+    assert runner.cli(args) == 0
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri" in out and "best val DSC" in out
+    client = mlflow.MlflowClient()  # after the sweep pointed MLflow at this test's database
+
+    table = [line.split()[0] for line in out.splitlines() if re.match(r"t\d{3} ", line)]
+    assert sorted(table) == ["t001", "t002", "t003"]
+    assert sorted(p.name for p in exp_dir.glob("t[0-9][0-9][0-9]")) == ["t001", "t002", "t003"]
+    # Trials finished before the kill were not run again.
+    assert {t: lines(t) for t in done_before} == before
+    # One parent, one child per trial: nothing duplicated in MLflow either.
+    parents = client.search_runs(
+        [client.get_experiment_by_name("tsesnet").experiment_id],
+        filter_string="tags.`tsesnet.sweep` = 'killed' and tags.`tsesnet.kind` = 'sweep'",
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _children(client, parents[0].info.run_id)
+    assert sorted(c.data.tags["tsesnet.trial"] for c in children) == ["t001", "t002", "t003"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val_dice")]
+        assert steps and len(steps) == len(set(steps)), f"{c.data.tags['tsesnet.trial']}: {steps}"
