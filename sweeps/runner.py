@@ -234,7 +234,11 @@ def _child_run(setup: dict, name: str, trial: str) -> str:
 
     client = mlflow.MlflowClient()
     found = client.search_runs(
-        [setup["experiment_id"]], filter_string=f"tags.`tsesnet.run_name` = '{name}'"
+        [setup["experiment_id"]],
+        filter_string=(
+            f"tags.`tsesnet.run_name` = '{name}' and "
+            f"tags.`mlflow.parentRunId` = '{setup['parent_run_id']}'"
+        ),
     )
     if found:
         return found[0].info.run_id
@@ -281,16 +285,16 @@ def _storage_root(train_cfg) -> str:
 
 
 def _parent_run(client, experiment_id: str, name: str, resume: bool) -> str:
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = 'sweep'",
-    )
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
+    """The sweep's MLflow parent run: found again on `--resume`, else a new one."""
     if resume:
-        # The Tune experiment exists but its parent run does not (another tracking server?).
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{KIND_TAG}` = 'sweep'",
+            max_results=1,
+        )
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
         print(f"note: no MLflow parent run for sweep {name}; creating one", flush=True)
     run = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: name, KIND_TAG: "sweep"})
     return run.info.run_id
@@ -521,14 +525,20 @@ def register_best(best: TrialRow, base_cfg, st, sweep: str, base: dict):
     from tsesnet.registry import log_and_register
     from tsesnet.train_loop import read_checkpoint_state
 
-    if not best.checkpoint_path or not best.run_id:
+    ckpt = best.checkpoint_path
+    if ckpt and "://" not in ckpt and not Path(ckpt).is_dir():
+        # Stopped by ASHA after more epochs than Tune saw: the checkpoint it saw may be rotated
+        # out; the run's latest one holds the best weights so far as well.
+        latest = sorted(Path(ckpt).parent.glob("checkpoint_*"))
+        ckpt = str(latest[-1]) if latest else None
+    if not ckpt or not best.run_id:
         print(f"note: best trial {best.trial} has no checkpoint; nothing registered", flush=True)
         return None, None
     cfg = trial_train_config(base, best.params, "")
     net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
     model_config = dataclasses.asdict(net.config)
     del net
-    with Checkpoint(best.checkpoint_path).as_directory() as d:
+    with Checkpoint(ckpt).as_directory() as d:
         state = read_checkpoint_state(d)
         reg = log_and_register(
             run_id=best.run_id,

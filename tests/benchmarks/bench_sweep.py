@@ -1,0 +1,182 @@
+"""TPE + ASHA against random search without early stopping, at the same total epoch budget.
+
+On a synthetic cohort with the tiny preset (`platform/configs/sweep_tiny.yaml`'s space), for
+each seed: random search runs `--random-trials` trials of `--epochs` epochs each (FIFO, no early
+stopping), which fixes the budget B = trials x epochs; TPE + ASHA then runs until it too has
+trained B epochs (a Tune stopper counts the epochs of every trial). Both are replayed in the
+order their epochs finished: after e epochs spent, what is the best validation Dice seen so
+far? The table gives the epochs each needed to reach 95 % of random search's best, and the ratio
+random / (TPE + ASHA): above 1 means TPE + ASHA got there on fewer epochs.
+
+    .venv/bin/python tests/benchmarks/bench_sweep.py [--seeds 0 1 2] [--store STORE]
+
+Long (every trial is a Ray Train run): run it in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def epoch_budget(budget: int):
+    """A Tune stopper: stop everything once all trials together trained `budget` epochs."""
+    from ray.tune.stopper import Stopper
+
+    class EpochBudget(Stopper):
+        def __init__(self):
+            self.done: dict[str, int] = {}
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            epochs = int(result.get("epochs_done", 0))
+            self.done[trial_id] = max(self.done.get(trial_id, 0), epochs)
+            return False
+
+        def stop_all(self) -> bool:
+            return sum(self.done.values()) >= budget
+
+    return EpochBudget()
+
+
+def curve(rows) -> list[tuple[int, float]]:
+    """(epochs spent, best val Dice so far) after each epoch, epochs ordered by finish time."""
+    events = []
+    for r in rows:
+        for t, dice in r["events"]:
+            events.append((t, dice))
+    events.sort()
+    best, out = -math.inf, []
+    for i, (_, dice) in enumerate(events, start=1):
+        if math.isfinite(dice):
+            best = max(best, dice)
+        out.append((i, best))
+    return out
+
+
+def epochs_to_reach(c: list[tuple[int, float]], target: float) -> int | None:
+    for spent, best in c:
+        if best >= target:
+            return spent
+    return None
+
+
+def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, name):
+    from sweeps import runner
+    from sweeps import space as spacemod
+
+    cfg = spacemod.load(ROOT / "platform" / "configs" / "sweep_tiny.yaml")
+    cfg.trials = trials
+    cfg.search.algorithm = algorithm
+    cfg.search.seed = seed
+    cfg.scheduler.algorithm = scheduler
+    cfg.set = [s for s in cfg.set if not s.startswith("schedule.epochs=")] + [
+        f"schedule.epochs={epochs}",
+        f"schedule.early_stop_patience={epochs}",
+        f"run.storage_path={storage}",
+    ]
+    res = runner.run_sweep(store, cfg, name=name, register=False, stop=epoch_budget(budget))
+    rows = []
+    for r in res.grid:
+        df = r.metrics_dataframe
+        if df is None or "val_dice" not in df:
+            continue
+        dice = df["val_dice"].astype(float)
+        rows.append({"events": list(zip(df["timestamp"], dice, strict=True))})
+    return rows, sum(x.epochs for x in res.rows), len(res.rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default=None, help="a store (default: a 12-case synthetic one)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--random-trials", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    import ray
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_sweep_"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(work / "mlartifacts"))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    store = args.store
+    if store is None:
+        from data_store.ingest import ingest
+        from data_store.synth import SynthConfig, write_cohort
+
+        store = str(work / "bench.zarr")
+        if not Path(store).exists():
+            write_cohort(work / "raw", 12, seed=0, config=SynthConfig(shape=(16, 32, 32), phases=3))
+            ingest(work / "raw", store, folds=3, progress=False)
+
+    budget = args.random_trials * args.epochs
+    lines = [
+        "| seed | random best DSC | target (95 %) | epochs, random | epochs, TPE+ASHA "
+        "| trials random / TPE+ASHA | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        rnd, rnd_epochs, rnd_n = run_one(
+            store,
+            seed,
+            "random",
+            "fifo",
+            args.random_trials,
+            args.epochs,
+            budget,
+            work / "ray",
+            f"bench-random-s{seed}",
+        )
+        tpe, tpe_epochs, tpe_n = run_one(
+            store,
+            seed,
+            "tpe",
+            "asha",
+            4 * args.random_trials,
+            args.epochs,
+            budget,
+            work / "ray",
+            f"bench-tpe-asha-s{seed}",
+        )
+        c_rnd, c_tpe = curve(rnd), curve(tpe)
+        best = c_rnd[-1][1] if c_rnd else float("nan")
+        target = 0.95 * best
+        e_rnd, e_tpe = epochs_to_reach(c_rnd, target), epochs_to_reach(c_tpe, target)
+        ratio = e_rnd / e_tpe if e_rnd and e_tpe else float("nan")
+        if math.isfinite(ratio):
+            ratios.append(ratio)
+        lines.append(
+            f"| {seed} | {best:.4f} | {target:.4f} | {e_rnd} of {rnd_epochs} "
+            f"| {e_tpe if e_tpe else 'not reached'} of {tpe_epochs} | {rnd_n} / {tpe_n} "
+            f"| {ratio:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    mean = sum(ratios) / len(ratios) if ratios else float("nan")
+    print()
+    print(
+        f"TPE + ASHA vs random search (tiny preset, budget {budget} epochs = "
+        f"{args.random_trials} trials x {args.epochs} epochs, {time.perf_counter() - t0:.0f} s):"
+    )
+    print()
+    print("\n".join(lines))
+    print(
+        f"\nmean ratio (epochs random / epochs TPE+ASHA to reach 95 % of random's best): {mean:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
