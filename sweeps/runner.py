@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import math
 import os
@@ -255,10 +256,13 @@ def _child_run(setup: dict, name: str, trial: str) -> str:
     return run.info.run_id
 
 
-def _trial_name(trial) -> str:
-    """`t001`, `t002`, ... from Tune's trial counter (kept across `--resume`)."""
+def _trial_name(trial, offset: int = 0) -> str:
+    """`t001`, `t002`, ... from Tune's trial counter (kept across `--resume`).
+
+    Optuna's generator counts from 1, random search's from 0 (`offset=1`).
+    """
     m = re.match(r"(\d+)", trial.experiment_tag or "")
-    return f"t{int(m.group(1)):03d}" if m else f"t-{trial.trial_id}"
+    return f"t{int(m.group(1)) + offset:03d}" if m else f"t-{trial.trial_id}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +328,10 @@ def build_tuner(
         )
         search_alg = OptunaSearch(sampler=sampler)
     else:
-        search_alg = BasicVariantGenerator(random_state=cfg.search.seed)
+        # Tune ignores max_concurrent_trials for a generator instance: give it the limit.
+        search_alg = BasicVariantGenerator(
+            random_state=cfg.search.seed, max_concurrent=max_concurrent
+        )
     if cfg.scheduler.algorithm == "asha":
         scheduler = ASHAScheduler(
             time_attr=EPOCHS,
@@ -334,6 +341,7 @@ def build_tuner(
         )
     else:
         scheduler = FIFOScheduler()
+    namer = functools.partial(_trial_name, offset=0 if cfg.search.algorithm == "tpe" else 1)
     return tune.Tuner(
         trainable,
         param_space=spacemod.tune_space(cfg),
@@ -343,9 +351,9 @@ def build_tuner(
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=cfg.trials,
-            max_concurrent_trials=max_concurrent,
-            trial_name_creator=_trial_name,
-            trial_dirname_creator=_trial_name,
+            max_concurrent_trials=max_concurrent if cfg.search.algorithm == "tpe" else None,
+            trial_name_creator=namer,
+            trial_dirname_creator=namer,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, stop=stop, verbose=1),
     )
