@@ -22,8 +22,8 @@ Table 2 with a first stage of 16 channels or more. A conventional (32, 64, 128, 
 encoder would cost 600 GMACs here.
 
 On CPU, `model.to(memory_format=torch.channels_last_3d)` speeds up oneDNN's 3D convolution
-backward (3x for one 8-channel convolution here; 1.0-1.4x for whole steps, see
-tests/benchmarks/bench_model.py); the model works in either layout.
+backward (3x for one 8-channel convolution here; 10-20 % less CPU time per whole training step,
+see tests/benchmarks/bench_model.py); the model works in either layout.
 """
 
 from __future__ import annotations
