@@ -68,7 +68,7 @@ def epochs_to_reach(c: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
-def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, name):
+def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, name, extra):
     from sweeps import runner
     from sweeps import space as spacemod
 
@@ -81,6 +81,7 @@ def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, 
         f"schedule.epochs={epochs}",
         f"schedule.early_stop_patience={epochs}",
         f"run.storage_path={storage}",
+        *extra,
     ]
     res = runner.run_sweep(store, cfg, name=name, register=False, stop=epoch_budget(budget))
     rows = []
@@ -100,6 +101,13 @@ def main() -> int:
     ap.add_argument("--random-trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=["data.patches_per_epoch=16"],
+        help="training overrides for every trial (default: 16 patches per epoch, so that a "
+        "few epochs of the tiny preset learn something)",
+    )
     args = ap.parse_args()
 
     import ray
@@ -139,6 +147,7 @@ def main() -> int:
             budget,
             work / "ray",
             f"bench-random-s{seed}",
+            args.set,
         )
         tpe, tpe_epochs, tpe_n = run_one(
             store,
@@ -150,6 +159,7 @@ def main() -> int:
             budget,
             work / "ray",
             f"bench-tpe-asha-s{seed}",
+            args.set,
         )
         c_rnd, c_tpe = curve(rnd), curve(tpe)
         best = c_rnd[-1][1] if c_rnd else float("nan")
@@ -168,7 +178,8 @@ def main() -> int:
     print()
     print(
         f"TPE + ASHA vs random search (tiny preset, budget {budget} epochs = "
-        f"{args.random_trials} trials x {args.epochs} epochs, {time.perf_counter() - t0:.0f} s):"
+        f"{args.random_trials} trials x {args.epochs} epochs, {' '.join(args.set)}, "
+        f"{time.perf_counter() - t0:.0f} s):"
     )
     print()
     print("\n".join(lines))
