@@ -195,6 +195,19 @@ def test_summary_metrics_unlabelled_and_broken_case_isolated(raw_run):
 
 
 @pytest.mark.slow
+def test_evaluate_on_the_written_masks_agrees_with_predict(raw_run, cohort):
+    from tsesnet.evaluate import evaluate_dirs
+
+    _, out = raw_run
+    rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
+    report = evaluate_dirs(out, cohort / "labelsTr")
+    assert report.extra == ["unlabelled"] and report.missing == []
+    for c in report.cases:  # file order + header spacing vs canonical order + stored spacing
+        assert c.dice == pytest.approx(float(rows[c.case_id]["dice"]))
+        assert c.hd95_mm == pytest.approx(float(rows[c.case_id]["hd95_mm"]), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_store_and_raw_predictions_are_identical(raw_run, model_uri, cohort, tmp_path):
     from data_store.ingest import ingest
 

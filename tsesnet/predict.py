@@ -32,10 +32,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data_store.errors import InputError
+
+if TYPE_CHECKING:
+    from data_store.geometry import Geometry
 
 SUMMARY_COLUMNS = (
     "case_id",
@@ -92,7 +96,7 @@ class InputCase:
     case_id: str
     image: np.ndarray  # (T, Z, Y, X) as stored / as scanned
     mask: np.ndarray | None  # (Z, Y, X) uint8, None when unlabelled
-    geometry: object  # data_store.geometry.Geometry
+    geometry: Geometry  # the phase-0 file's grid, to write outputs back on
     percentiles: tuple[float, float]
 
 
@@ -267,8 +271,9 @@ def predict_case(
         row["pred_voxels"] = int(pred.sum())
         if case.mask is not None:
             m = case_metrics(case_id, pred, case.mask, case.geometry.spacing)
-            row.update(dice=m.dice, hd95_mm=m.hd95_mm, gt_voxels=m.gt_voxels)
-            row["sensitivity"] = m.sensitivity if m.sensitivity is not None else float("nan")
+            row.update(
+                dice=m.dice, hd95_mm=m.hd95_mm, sensitivity=m.sensitivity, gt_voxels=m.gt_voxels
+            )
     except Exception as err:  # isolate the case; its error goes to the summary
         row["status"] = "error"
         row["error"] = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
