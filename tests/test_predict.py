@@ -234,7 +234,8 @@ def test_store_and_raw_predictions_are_identical(raw_run, model_uri, cohort, tmp
     assert sorted(folds[0] + folds[1]) == sorted(ORIENTATIONS)
 
 
-def test_unknown_registered_model_fails_before_ray_starts(cohort, tmp_path, mlflow_uri):
+def test_unknown_registered_model_fails_before_ray_starts(cohort, tmp_path, model_uri):
+    # model_uri: a tracking database that exists and holds another model
     with pytest.raises(InputError, match="cannot load model models:/no-such-model@champion"):
         predict("models:/no-such-model@champion", str(cohort), str(tmp_path / "o"))
 
@@ -252,6 +253,20 @@ def test_actor_that_cannot_load_the_model_reports_it_per_case(cohort, tmp_path, 
     out = actor({"case_id": np.array(["ras", "lps"], dtype=object)})
     assert out["status"] == ["model_error", "model_error"]
     assert "not-a-model" in out["error"][0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_actor_without_cuda_says_so(cohort, tmp_path):
+    actor = CasePredictor(
+        model_uri="unused",
+        reader=CaseReader.for_input(str(cohort)),
+        out_dir=str(tmp_path),
+        config=PredictConfig(gpus_per_worker=1),
+        env={},
+        threads=1,
+    )
+    out = actor({"case_id": np.array(["ras"], dtype=object)})
+    assert out["status"] == ["model_error"] and "no CUDA device" in out["error"][0]
 
 
 def test_bad_inputs_fail_before_ray_starts(tmp_path, cohort):

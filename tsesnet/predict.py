@@ -320,10 +320,12 @@ class CasePredictor:
         self.out_dir = out_dir
         self.config = config
         self.device = None
-        if config.gpus_per_worker > 0 and torch.cuda.is_available():
-            self.device = torch.device("cuda")
         self.load_error = None
         try:
+            if config.gpus_per_worker > 0:
+                if not torch.cuda.is_available():  # e.g. a CPU-only torch on a GPU node
+                    raise InputError("--gpus-per-worker set, but torch sees no CUDA device")
+                self.device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES per actor
             from tsesnet.registry import load_model
 
             self.loaded = load_model(model_uri)
@@ -531,7 +533,9 @@ def predict(
                 "threads": int(cpus_per_worker),
             },
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            # At most 2 cases queued per actor (Ray's default, pinned because it matters here):
+            # no idle gap between cases, and at most one case of backlog when the others finish.
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
             num_cpus=cpus_per_worker,
             num_gpus=config.gpus_per_worker or None,
         )
