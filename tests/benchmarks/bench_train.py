@@ -78,6 +78,7 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
             train_step(net, opt, x, y, cfg, gen, use_bf16=False)
             n += x.shape[0]
         rates.append(n / (time.perf_counter() - t0))
+        print(f"plain epoch {epoch}: {rates[-1]:.3f} patches/s", file=sys.stderr, flush=True)
     return rates
 
 
@@ -110,6 +111,7 @@ def main() -> int:
     ap.add_argument("--patches-per-epoch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
+    load = os.getloadavg()[0]
 
     from tsesnet.train import load_config
 
@@ -140,7 +142,9 @@ def main() -> int:
     print(
         f"preset {args.preset}, patch {tuple(args.patch)}, {args.patches_per_epoch} patches "
         f"x {args.epochs} epochs (epoch 0 = warm-up, excluded), batch 1, CPU, "
-        f"torch threads: plain {args.threads}, Ray worker {ray_threads}\n"
+        f"torch threads: plain {args.threads}, Ray worker {ray_threads}; "
+        f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, "
+        f"{os.cpu_count()} cores\n"
     )
     print("| loop | patches/s (median) | per epoch |")
     print("|---|---:|---|")
