@@ -135,3 +135,5 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     steps = [h.step for h in client.get_metric_history(res.run_id, "train_total")]
     assert steps == [0, 1]
     assert res.model_version == "2"
+    configs = {a.path for a in client.list_artifacts(res.run_id, "config")}
+    assert configs == {"config/resolved.yaml", "config/resumed_1.yaml"}

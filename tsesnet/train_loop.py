@@ -214,7 +214,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if ckpt is None:
             _log_run_start(cfg, cfg_d, loop_config, world, device, flatten, tracking)
         else:
+            from tsesnet.config import dump_yaml
+
             mlflow.set_tag("tsesnet.restarts", str(state["restarts"]))
+            # The config may differ from the first start's (e.g. more epochs): keep each one.
+            mlflow.log_text(dump_yaml(cfg), f"config/resumed_{state['restarts']}.yaml")
             print(f"[rank 0] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
     node_ids = _gather(ray.get_runtime_context().get_node_id(), world)
