@@ -12,15 +12,16 @@ that fixes the parameter for every trial:
       data.patches_per_epoch: {int: [2, 8]}    # inclusive bounds
       loss.beta: 0.5                           # fixed
 
-Parsing is strict: an unknown setting, an unknown distribution, bounds in the wrong order, a
-non-positive log-uniform bound or a path the training config does not have is an `InputError`
-naming the key. The same space gives Ray Tune domains (what `OptunaSearch` and random search
-sample from) and Optuna distributions (used to rebuild a study for Optuna's plots).
+Parsing is strict (`tsesnet.config.from_dict`): an unknown setting, an unknown distribution,
+bounds in the wrong order, a non-positive log-uniform bound or a path the training config does
+not have is an `InputError` naming the key. The same space gives Ray Tune domains (what
+`OptunaSearch` and random search sample from) and Optuna distributions (used to rebuild a study
+for Optuna's plots).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ class SweepConfig:
     trial_driver_cpus: float = 0.25
     space: dict[str, Any] = field(default_factory=dict)
     # Where the file was read from, to resolve `train_config` (not part of the YAML).
-    source: str = field(default="", repr=False)
+    source: str = field(default="", init=False, repr=False)
 
     def params(self) -> list[Param]:
         """The searched parameters, in file order."""
@@ -161,50 +162,11 @@ def parse_entry(path: str, value: Any) -> Param | None:
     return Param(path, kind, (lo, hi))
 
 
-def from_dict(data: dict, where: str = "") -> SweepConfig:
-    """A `SweepConfig` from parsed YAML; unknown keys and wrong types are `InputError`s."""
-    return _build(SweepConfig, data or {}, where)
-
-
-_NESTED = {"search": SearchSettings, "scheduler": SchedulerSettings}
-
-
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise InputError(f"{where or 'sweep config'}: expected a mapping, got {data!r}")
-    known = {f.name: f for f in fields(cls) if f.name != "source"}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in known:
-            raise InputError(f"unknown setting {path!r}; known: {', '.join(sorted(known))}")
-        default = getattr(cls(), key)
-        if key in _NESTED and cls is SweepConfig:
-            kwargs[key] = _build(_NESTED[key], value, path)
-        elif key == "space":
-            if not isinstance(value, dict):
-                raise InputError(f"{path}: expected a mapping of config paths")
-            kwargs[key] = dict(value)
-        elif key == "set":
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise InputError(f"{path}: expected a list of 'key=value' strings")
-            kwargs[key] = list(value)
-        else:
-            kwargs[key] = _typed(value, type(default), path)
-    return cls(**kwargs)
-
-
-def _typed(value, typ, path):
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is not bool and isinstance(value, bool) or not isinstance(value, typ):
-        raise InputError(f"{path}: expected {typ.__name__}, got {value!r}")
-    return value
-
-
 def load(path: str | Path) -> SweepConfig:
     """Read and check a sweep YAML file."""
     import yaml
+
+    from tsesnet import config as cfgmod
 
     p = Path(path)
     try:
@@ -214,7 +176,7 @@ def load(path: str | Path) -> SweepConfig:
     except yaml.YAMLError as err:
         raise InputError(f"not valid YAML: {err}", path=str(p)) from err
     try:
-        cfg = from_dict(data or {})
+        cfg = cfgmod.from_dict(SweepConfig, data or {})
         cfg.source = str(p.resolve())
         check(cfg)
     except InputError as err:
