@@ -184,7 +184,9 @@ def main() -> int:
     print()
     print("\n".join(lines))
     print(
-        f"\nmean ratio (epochs random / epochs TPE+ASHA to reach 95 % of random's best): {mean:.2f}"
+        f"\nTPE + ASHA reached 95 % of random search's best in {len(ratios)} of "
+        f"{len(args.seeds)} seeds; mean ratio (epochs random / epochs TPE+ASHA) over those: "
+        f"{mean:.2f}"
     )
     return 0
 
