@@ -1,1 +1,1 @@
-"""Hyper-parameter sweeps over the loss weights, temperature and fusion strategy (Ray Tune + Optuna)."""
+"""Hyper-parameter sweeps over loss weights, temperature and fusion (Ray Tune + Optuna)."""

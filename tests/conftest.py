@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray on this machine's CPUs, started once; the dashboard stays on (Train V2 needs it)."""
+    """A local Ray on this machine's CPUs, started once; the dashboard on (Train V2 needs it)."""
     import ray
 
     if not ray.is_initialized():

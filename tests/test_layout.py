@@ -24,14 +24,26 @@ def test_stdlib_platform_works_from_the_repo_root():
     # Running from the repository root puts it first on sys.path: the case that would break.
     out = subprocess.run(
         [sys.executable, "-c", "import platform; print(platform.system())"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() in {"Linux", "Darwin", "Windows"}
 
 
 def test_top_level_layout():
-    for name in ("platform", "tsesnet", "data_store", "sweeps", "tests", "pyproject.toml",
-                 "README.md", "Makefile", ".ci/run"):
+    for name in (
+        "platform",
+        "tsesnet",
+        "data_store",
+        "sweeps",
+        "tests",
+        "pyproject.toml",
+        "README.md",
+        "Makefile",
+        ".ci/run",
+    ):
         assert (ROOT / name).exists(), name
     for pkg in ("tsesnet", "data_store", "sweeps"):
         assert (ROOT / pkg / "__init__.py").is_file()
