@@ -208,7 +208,8 @@ def _find_or_create_run(experiment_id: str, name: str) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
-def _init_ray() -> None:
+def _init_ray(num_cpus: int | None = None) -> None:
+    """Connect to `$RAY_ADDRESS`, or start a local Ray for this process."""
     import ray
 
     if ray.is_initialized():
@@ -216,9 +217,13 @@ def _init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        # A local Ray; the dashboard stays on (Train V2 needs its state API), on 127.0.0.1.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        return
+    # Ray runs its workers at niceness 15 by default, so on a busy machine the training
+    # workers lose the CPU to everything else; a local training run should not (measured by
+    # tests/benchmarks/bench_train.py). Ray's job manager does the same for job drivers.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # The dashboard stays on (Train V2 needs its state API), bound to 127.0.0.1.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def train(

@@ -87,11 +87,10 @@ def ray_train(store: str, cfg, epochs: int, threads: int, workdir: Path) -> tupl
     import mlflow
     import ray
 
-    from tsesnet.train import train
+    from tsesnet.train import _init_ray, train
 
-    ray.init(
-        num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
-    )
+    _init_ray(num_cpus=threads)  # the local Ray `tsesnet train` starts
+
     try:
         res = train(store, cfg, "bench-ray-train")
     finally:
