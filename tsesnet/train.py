@@ -222,8 +222,9 @@ def _init_ray(num_cpus: int | None = None) -> None:
     # workers lose the CPU to everything else; a local training run should not (measured by
     # tests/benchmarks/bench_train.py). Ray's job manager does the same for job drivers.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # The dashboard stays on (Train V2 needs its state API), bound to 127.0.0.1.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    # The dashboard stays on (Train V2 needs its state API), bound to 127.0.0.1. "local": a
+    # new instance, never a cluster some earlier `ray start` left in /tmp/ray.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def train(
