@@ -111,6 +111,18 @@ def validate(module, store, case_ids, cfg, device, want_montage_of: str | None =
     return rows, montage
 
 
+def sampler_config(data):
+    """The sampler settings of a training config's `data` section."""
+    from data_store.sampler import SamplerConfig
+
+    return SamplerConfig(
+        patch=tuple(data.patch),
+        fg_fraction=data.fg_fraction,
+        augment=data.augment,
+        cache_bytes=data.cache_bytes,
+    )
+
+
 def train_step(model, optimizer, x, y, cfg, generator, use_bf16: bool) -> dict[str, float]:
     """One optimisation step on a batch; returns the loss terms (Eq. 10) as floats.
 
@@ -141,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from data_store.sampler import PatchSampler, SamplerConfig
+    from data_store.sampler import PatchSampler
     from data_store.store import open_store
     from tsesnet import tracking
     from tsesnet.config import flatten, from_dict
@@ -189,12 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sampler = PatchSampler(
         store,
         loop_config["train_ids"],
-        SamplerConfig(
-            patch=tuple(cfg.data.patch),
-            fg_fraction=cfg.data.fg_fraction,
-            augment=cfg.data.augment,
-            cache_bytes=cfg.data.cache_bytes,
-        ),
+        sampler_config(cfg.data),
         seed=cfg.schedule.seed,
         rank=rank,
         world_size=world,

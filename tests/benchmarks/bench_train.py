@@ -41,10 +41,10 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
     import numpy as np
     import torch
 
-    from data_store.sampler import PatchSampler, SamplerConfig
+    from data_store.sampler import PatchSampler
     from data_store.store import open_store
     from tsesnet.model import build_model
-    from tsesnet.train_loop import train_step
+    from tsesnet.train_loop import sampler_config, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.schedule.seed)
@@ -55,12 +55,7 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
     sampler = PatchSampler(
         st,
         train_ids,
-        SamplerConfig(
-            patch=tuple(cfg.data.patch),
-            fg_fraction=cfg.data.fg_fraction,
-            augment=cfg.data.augment,
-            cache_bytes=cfg.data.cache_bytes,
-        ),
+        sampler_config(cfg.data),
         seed=cfg.schedule.seed,
     )
     steps = math.ceil(cfg.data.patches_per_epoch / cfg.data.batch_size)
