@@ -269,20 +269,6 @@ def _trial_name(trial, offset: int = 0) -> str:
 # the sweep driver
 
 
-def _init_ray():
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # A Ray of our own ("local": never the last `ray start` cluster on this machine);
-            # Train V2 needs the dashboard (state API) to free a finished run's resources.
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
-    return ray
-
-
 def _storage_root(train_cfg) -> str:
     sp = train_cfg.run.storage_path or str(Path.cwd() / "ray_results")
     return sp if "://" in sp else str(Path(sp).expanduser().resolve())
@@ -403,7 +389,9 @@ def run_sweep(
     if resume and not exists:
         raise InputError(f"no sweep {name!r} to resume at {exp_path}")
 
-    ray = _init_ray()
+    from tsesnet.cluster import connect
+
+    ray = connect()
     per_trial = trial_resources(base_cfg, cfg.trial_driver_cpus)
     n_parallel = concurrency(per_trial, ray.cluster_resources(), cfg.max_concurrent_trials)
     n_parallel = min(n_parallel, cfg.trials)

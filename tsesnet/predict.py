@@ -373,29 +373,6 @@ class PredictReport:
         return [r for r in self.rows if r["status"] != "ok"]
 
 
-def ensure_ray():
-    """Use the Ray session already initialised, or `RAY_ADDRESS`, else start a local one.
-
-    A local instance keeps its dashboard on and bound to 127.0.0.1 (FIELD_NOTES.md).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False, log_to_driver=False)
-    else:
-        # address="local": a new instance, not whatever `ray start` cluster this machine runs.
-        ray.init(
-            address="local",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            configure_logging=False,
-            log_to_driver=False,
-        )
-    return ray
-
-
 def check_model_uri(uri: str) -> None:
     """Fail fast, before any actor starts, on a registry URI (`models:/NAME@ALIAS` or
     `models:/NAME/VERSION`) that does not resolve; other URIs are checked by the actors."""
@@ -503,7 +480,9 @@ def predict(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     check_model_uri(model_uri)
-    ray = ensure_ray()
+    from tsesnet.cluster import connect
+
+    ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
     env = {k: os.environ[k] for k in _MLFLOW_ENV if os.environ.get(k)}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,25 +207,6 @@ def _find_or_create_run(experiment_id: str, name: str) -> tuple[str, bool]:
     return run.info.run_id, False
 
 
-def _init_ray(num_cpus: int | None = None) -> None:
-    """Connect to `$RAY_ADDRESS`, or start a local Ray for this process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # Ray runs its workers at niceness 15 by default, so on a busy machine the training
-    # workers lose the CPU to everything else; a local training run should not (measured by
-    # tests/benchmarks/bench_train.py). Ray's job manager does the same for job drivers.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # The dashboard stays on (Train V2 needs its state API), bound to 127.0.0.1. "local": a
-    # new instance, never a cluster some earlier `ray start` left in /tmp/ray.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
-
-
 def train(
     store: str,
     config: TrainConfig | None = None,
@@ -308,7 +288,9 @@ def train(
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
-    _init_ray()
+    from tsesnet.cluster import connect
+
+    connect()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -82,9 +82,10 @@ def ray_train(store: str, cfg, epochs: int, threads: int, workdir: Path) -> tupl
     import mlflow
     import ray
 
-    from tsesnet.train import _init_ray, train
+    from tsesnet.cluster import connect
+    from tsesnet.train import train
 
-    _init_ray(num_cpus=threads)  # the local Ray `tsesnet train` starts
+    connect(num_cpus=threads)  # the local Ray `tsesnet train` starts
 
     try:
         res = train(store, cfg, "bench-ray-train")

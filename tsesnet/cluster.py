@@ -1,0 +1,34 @@
+"""The one way the `tsesnet` drivers (train, sweep, predict) reach Ray.
+
+`$RAY_ADDRESS` picks a cluster; without it a new local instance starts (`address="local"`: never
+a cluster some earlier `ray start` left on this machine), with the dashboard on and bound to
+127.0.0.1 (Train V2 needs its state API to free a finished run's resources, FIELD_NOTES.md).
+Ray's workers run at niceness 15 by default, so on a busy machine they lose the CPU to
+everything else; a local instance started here runs them at 0 (measured by
+`tests/benchmarks/bench_train.py`). An already initialised session is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def connect(num_cpus: int | None = None):
+    """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False, log_to_driver=False)
+        return ray
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    return ray
