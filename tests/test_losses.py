@@ -175,7 +175,7 @@ def test_total_loss_is_eq_10():
     feats = [torch.randn(2, 2, 4, 4, 4, 4, requires_grad=True)]
     cfg = LossConfig(tau=0.1)
     loss, terms = total_loss(logits, feats, target, cfg, generator=torch.Generator().manual_seed(0))
-    assert set(terms) == {"dice", "tsc", "total"}
+    assert set(terms) == {"dice", "tsc", "bce", "total"}
     assert terms["total"] == pytest.approx(0.7 * terms["dice"] + 0.5 * terms["tsc"], rel=1e-6)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(feats[0].grad).all()
@@ -183,6 +183,18 @@ def test_total_loss_is_eq_10():
         LossConfig(0.5)  # keyword-only
     _, no_tsc = total_loss(logits, [], target, LossConfig())
     assert no_tsc["tsc"] == 0.0 and no_tsc["total"] == pytest.approx(0.7 * no_tsc["dice"])
+
+
+def test_bce_term_is_added_with_its_weight():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 4, 4, 4)
+    target = _mask()
+    _, plain = total_loss(logits, [], target, LossConfig(beta=0.0))
+    _, with_bce = total_loss(logits, [], target, LossConfig(beta=0.0, bce=2.0))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target.float())
+    assert plain["bce"] == 0.0
+    assert with_bce["bce"] == pytest.approx(expected.item(), rel=1e-6)
+    assert with_bce["total"] == pytest.approx(plain["total"] + 2.0 * expected.item(), rel=1e-6)
 
 
 def test_tsc_stays_float32_under_bf16_autocast():

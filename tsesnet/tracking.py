@@ -134,7 +134,7 @@ def learning_curves_png(history: list[dict], path: str | Path) -> None:
     fig = Figure(figsize=(11, 3.4), dpi=100)
     FigureCanvasAgg(fig)
     panels = [
-        ("training loss", ["train_total", "train_dice", "train_tsc"]),
+        ("training loss", ["train_total", "train_dice", "train_tsc", "train_bce"]),
         ("validation DSC / sensitivity", ["val_dice", "val_sensitivity"]),
         ("validation HD95 (mm)", ["val_hd95"]),
     ]
