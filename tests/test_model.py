@@ -127,3 +127,57 @@ def test_bad_arguments_raise(kwargs, match):
 def test_unknown_fusion_in_config_raises():
     with pytest.raises(ValueError, match="unknown fusion"):
         TSESNet(ModelConfig(fusion="nope"))
+
+
+def test_input_phases_pick_the_phases_the_network_reads():
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 16, 32, 32)
+    single = build_model("tiny", "early", input_phases=(2,)).eval()
+    with torch.no_grad():
+        # only phase 2 matters: changing the others leaves the output as it is
+        y = single(x)
+        x2 = x.clone()
+        x2[:, [0, 1, 3, 4, 5]] = torch.randn(1, 5, 16, 32, 32)
+        assert torch.equal(y, single(x2))
+        # the same weights without a selection, given phase 2 alone (T=1 is valid for early)
+        plain = build_model("tiny", "early").eval()
+        plain.load_state_dict(single.state_dict())
+        assert torch.equal(y, plain(x[:, 2:3]))
+    pair = build_model("tiny", "tsff", input_phases=(0, 2))
+    _, feats = pair(x, return_features=True)
+    assert feats[0].shape[1] == 2
+    with pytest.raises(ValueError, match="reads phases"):
+        pair(x[:, :2])
+    with pytest.raises(ValueError, match="needs >= 2 input_phases"):
+        build_model("tiny", "tsff", input_phases=(2,))
+    with pytest.raises(ValueError, match="distinct"):
+        build_model("tiny", "early", input_phases=(1, 1))
+
+
+def test_series_norm_keeps_the_phases_relative_intensities():
+    """A phase twice as bright must not look the same as the others after the encoder's norms
+    (per-phase instance norm would erase it); with T = 1 SeriesNorm is InstanceNorm3d."""
+    from torch import nn
+
+    from tsesnet.model.blocks import SeriesNorm
+
+    torch.manual_seed(0)
+    norm = SeriesNorm(4)
+    x = torch.randn(3, 4, 4, 6, 6)  # one series of T=3 phases
+    x[1] = x[0] * 2.0  # phase 1 = phase 0, twice as bright
+    norm.phases = 3
+    y = norm(x)
+    assert not torch.allclose(y[0], y[1])
+    # statistics are per series: two series in one batch do not mix
+    z = norm(torch.cat([x, 5 * x]))
+    assert torch.allclose(z[:3], z[3:], atol=1e-5) and torch.allclose(z[:3], y, atol=1e-5)
+    norm.phases = 1
+    ref = nn.InstanceNorm3d(4, affine=True)
+    assert torch.allclose(norm(x), ref(x), atol=1e-6)
+
+    net = build_model("tiny", "tsff").eval()
+    s = torch.rand(1, 3, 16, 32, 32)
+    brighter = s.clone()
+    brighter[:, 2] *= 2.0
+    with torch.no_grad():
+        assert not torch.allclose(net(s), net(brighter), atol=1e-4)

@@ -6,6 +6,14 @@ Every block takes and returns (B, C, Z, Y, X) float tensors.
 Normalisation is instance norm (affine), the usual choice for 3D segmentation at batch 1 per GPU
 (the paper trains with one volume per GPU, §4.1, where batch norm statistics are meaningless);
 the activation is LeakyReLU(0.01) as in nnU-Net. The paper names neither.
+
+In the weight-shared encoder every phase is its own item of the (B*T) batch, and a plain
+instance norm would rescale each phase to zero mean and unit variance on its own: a tumour that
+is twice as bright at 60 s as at 300 s would look the same in both, and the enhancement and
+wash-out the time series is there to show would be normalised away at the first layer.
+`SeriesNorm` takes its statistics over all phases of a series together (the encoder tells it T),
+so the phases keep their intensities relative to each other. Measured on the synthetic cohort
+(`tsesnet science`, small preset, the same budget): see the README's science table.
 """
 
 from __future__ import annotations
@@ -14,8 +22,34 @@ import torch
 from torch import Tensor, nn
 
 
+class SeriesNorm(nn.InstanceNorm3d):
+    """Instance norm over all T phases of a series: (B*T, C, Z, Y, X), statistics per (B, C).
+
+    `phases` (T) is set by the module that reshapes the series into the batch (the encoder)
+    before each call; with T = 1 it is `nn.InstanceNorm3d` itself. Parameters and state-dict
+    keys are those of `nn.InstanceNorm3d(C, affine=True)`.
+    """
+
+    phases: int = 1
+
+    def __init__(self, channels: int):
+        super().__init__(channels, affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.phases
+        if t == 1:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        if n % t:
+            raise ValueError(f"SeriesNorm: batch {n} is not a multiple of T={t} phases")
+        v = x.reshape(n // t, t, c, -1)  # (B, T, C, ZYX)
+        var, mean = torch.var_mean(v, dim=(1, 3), keepdim=True, correction=0)  # (B, 1, C, 1)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1)
+        return ((v - mean) * scale + self.bias.view(1, 1, c, 1)).reshape(x.shape)
+
+
 class ConvNormAct(nn.Sequential):
-    """Conv3d -> InstanceNorm3d -> LeakyReLU, 'same' padding for odd kernels.
+    """Conv3d -> InstanceNorm3d (or `SeriesNorm`) -> LeakyReLU, 'same' padding for odd kernels.
 
     Args:
         cin: input channels.
@@ -23,13 +57,22 @@ class ConvNormAct(nn.Sequential):
         kernel: cubic kernel size (odd).
         stride: convolution stride (2 halves every spatial size).
         dilation: atrous rate (used by the TA module).
+        series: normalise over all phases of a series (`SeriesNorm`, the shared encoder).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        series: bool = False,
+    ):
         pad = dilation * (kernel - 1) // 2
         super().__init__(
             nn.Conv3d(cin, cout, kernel, stride=stride, padding=pad, dilation=dilation, bias=False),
-            nn.InstanceNorm3d(cout, affine=True),
+            SeriesNorm(cout) if series else nn.InstanceNorm3d(cout, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
         )
 

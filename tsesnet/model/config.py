@@ -30,6 +30,10 @@ class ModelConfig:
         stt_mlp_ratio: MLP expansion of the `stt` transformer block.
         max_phases: `early` fusion only: phases are zero-padded to this count (with a presence
             mask); a longer series raises ValueError.
+        input_phases: indices of the acquired phases the network reads, in order (e.g. (2,) for
+            a single post-contrast phase); () reads every phase. The selection is part of the
+            model, so a registered model picks its phases from any full series it is given.
+            Fusions other than `early` need at least two (phase 0 pre-contrast first).
     """
 
     preset: str = "custom"
@@ -43,11 +47,22 @@ class ModelConfig:
     stt_head_dim: int = 32
     stt_mlp_ratio: int = 4
     max_phases: int = 8
+    input_phases: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.ta_dilations = tuple(int(d) for d in self.ta_dilations)
         self.attn_tokens = tuple(int(t) for t in self.attn_tokens)
+        self.input_phases = tuple(int(p) for p in self.input_phases)
+        if any(p < 0 for p in self.input_phases) or len(set(self.input_phases)) != len(
+            self.input_phases
+        ):
+            raise ValueError(f"input_phases must be distinct indices >= 0, got {self.input_phases}")
+        if self.input_phases and self.fusion != "early" and len(self.input_phases) < 2:
+            raise ValueError(
+                f"fusion {self.fusion!r} needs >= 2 input_phases (pre- and post-contrast), got "
+                f"{self.input_phases}; use fusion 'early' for a single phase"
+            )
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise ValueError(f"channels needs >= 2 positive levels, got {self.channels}")
         if len(self.attn_tokens) != 3 or min(self.attn_tokens) < 1:

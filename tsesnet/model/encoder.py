@@ -4,6 +4,8 @@ Shape legend: B batch, T phases, C channels, Z Y X voxels.
 
 All phases go through the same weights in one batched call: (B, T, Z, Y, X) is reshaped to
 (B*T, 1, Z, Y, X), so the parameter count does not depend on T and T may change between calls.
+Normalisation statistics span the T phases of each series (`blocks.SeriesNorm`), so the phases
+keep their intensities relative to each other.
 
 Stage l (l = 0 .. L-1, level l has 2**l times fewer voxels per axis than the input):
     ConvNormAct 3x3x3 (stride 2 for l > 0: the downsampling) -> TA(C_l)      (tumor_aware)
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tsesnet.model.blocks import ConvNormAct
+from tsesnet.model.blocks import ConvNormAct, SeriesNorm
 from tsesnet.model.config import ModelConfig
 from tsesnet.model.ta import TumorAware
 
@@ -36,17 +38,24 @@ class Encoder(nn.Module):
         stages = []
         cin = in_channels
         for level, c in enumerate(config.channels):
-            first = ConvNormAct(cin, c, 3, stride=1 if level == 0 else 2)
+            first = ConvNormAct(cin, c, 3, stride=1 if level == 0 else 2, series=True)
             if config.tumor_aware and level >= config.ta_start:
-                second = TumorAware(c, config.ta_dilations, config.ta_reduction)
+                second = TumorAware(c, config.ta_dilations, config.ta_reduction, series=True)
             else:
-                second = ConvNormAct(c, c, 3)
+                second = ConvNormAct(c, c, 3, series=True)
             stages.append(nn.Sequential(first, second))
             cin = c
         self.stages = nn.ModuleList(stages)
+        self._norms = [m for m in self.modules() if isinstance(m, SeriesNorm)]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (N, in_channels, Z, Y, X) -> list of L features, level l (N, C_l, Z/2^l, ...)."""
+    def forward(self, x: Tensor, phases: int = 1) -> list[Tensor]:
+        """x: (N, in_channels, Z, Y, X) -> list of L features, level l (N, C_l, Z/2^l, ...).
+
+        `phases` (T): x holds N / T series of T consecutive phases; the norms take their
+        statistics over each series (`blocks.SeriesNorm`).
+        """
+        for norm in self._norms:
+            norm.phases = phases
         feats = []
         for stage in self.stages:
             x = stage(x)

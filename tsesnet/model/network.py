@@ -52,7 +52,13 @@ class TSESNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected input (B, T, Z, Y, X), got shape {tuple(x.shape)}")
         t = x.shape[1]
-        if t < 2:
+        picked = self.config.input_phases
+        if picked and max(picked) >= t:
+            raise ValueError(
+                f"the model reads phases {list(picked)} but the series has T={t} phases"
+            )
+        t = len(picked) or t
+        if t < (1 if self.early else 2):
             raise ValueError(f"need T >= 2 phases (pre-contrast + post-contrast), got T={t}")
         if self.early and t > self.config.max_phases:
             raise ValueError(
@@ -80,7 +86,8 @@ class TSESNet(nn.Module):
         """Segment a batch of DCE-MRI series.
 
         Args:
-            x: (B, T, Z, Y, X) float, T >= 2, phase 0 pre-contrast, Z/Y/X multiples of divisor.
+            x: (B, T, Z, Y, X) float, T >= 2, phase 0 pre-contrast, Z/Y/X multiples of divisor
+                (`config.input_phases`, when set, picks the phases read).
             return_features: also return the per-level encoder features for the TSC loss.
 
         Returns:
@@ -88,10 +95,13 @@ class TSESNet(nn.Module):
             list of (B, T, C_l, Z_l, Y_l, X_l), full resolution first (empty for `early`).
         """
         self.check_input(x)
+        if self.config.input_phases:
+            x = x[:, list(self.config.input_phases)]  # (B, T', Z, Y, X)
         if self.early:
             x = self._early_input(x)  # (B, 1, 2*max_phases, Z, Y, X)
         b, t = x.shape[:2]
-        feats = self.encoder(x.reshape(b * t, -1, *x.shape[-3:]))  # [(B*T, C_l, Z_l, Y_l, X_l)]
+        # [(B*T, C_l, Z_l, Y_l, X_l)], normalised over each series' T phases
+        feats = self.encoder(x.reshape(b * t, -1, *x.shape[-3:]), phases=t)
         feats = [f.reshape(b, t, *f.shape[1:]) for f in feats]  # [(B, T, C_l, Z_l, Y_l, X_l)]
         logits = self.decoder(self.fusion(feats))  # (B, 1, Z, Y, X)
         if return_features:

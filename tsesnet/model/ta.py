@@ -41,15 +41,22 @@ class TumorAware(nn.Module):
         channels: C, input = output channels.
         dilations: atrous rates of the 5x5x5 and 3x3x3 convolutions.
         reduction: hidden size of the scale attention is 4C // reduction.
+        series: normalise over all phases of a series (`blocks.SeriesNorm`; in the encoder).
     """
 
-    def __init__(self, channels: int, dilations: tuple[int, int] = (2, 2), reduction: int = 4):
+    def __init__(
+        self,
+        channels: int,
+        dilations: tuple[int, int] = (2, 2),
+        reduction: int = 4,
+        series: bool = False,
+    ):
         super().__init__()
         if len(dilations) != 2 or min(dilations) < 1:
             raise ValueError(f"ta dilations must be two rates >= 1, got {dilations}")
         rates = (*dilations, 1)
         self.convs = nn.ModuleList(
-            ConvNormAct(channels, channels, k, dilation=d)
+            ConvNormAct(channels, channels, k, dilation=d, series=series)
             for k, d in zip(TA_KERNELS, rates, strict=True)
         )
         hidden = max(4 * channels // reduction, 4)
