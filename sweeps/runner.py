@@ -517,7 +517,6 @@ def register_best(best: TrialRow, base_cfg, st, sweep: str, base: dict):
 
     from ray.train import Checkpoint
 
-    from tsesnet.model import build_model
     from tsesnet.registry import log_and_register
     from tsesnet.train_loop import read_checkpoint_state
 
@@ -531,7 +530,7 @@ def register_best(best: TrialRow, base_cfg, st, sweep: str, base: dict):
         print(f"note: best trial {best.trial} has no checkpoint; nothing registered", flush=True)
         return None, None
     cfg = trial_train_config(base, best.params, "")
-    net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
+    net = cfg.model.build()
     model_config = dataclasses.asdict(net.config)
     del net
     with Checkpoint(ckpt).as_directory() as d:

@@ -40,15 +40,29 @@ def test_paper_yaml_is_the_default():
     )
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "small.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "small.yaml", "tiny.yaml", "science.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.model.preset in {"paper", "small", "tiny"}
 
 
+def test_lr_decay():
+    cfg = load_config(TINY, ["optim.lr=0.01"])
+    assert cfg.optim.lr_decay == "none" and cfg.optim.lr_at(7, 10) == 0.01
+    poly = load_config(TINY, ["optim.lr=0.01", "optim.lr_decay=poly"]).optim
+    assert poly.lr_at(0, 10) == 0.01
+    assert poly.lr_at(5, 10) == pytest.approx(0.01 * 0.5**0.9)
+    assert 0 < poly.lr_at(9, 10) < poly.lr_at(8, 10)
+    with pytest.raises(InputError):
+        load_config(TINY, ["optim.lr_decay=cosine"])
+
+
 def test_overrides_are_typed():
-    cfg = load_config(TINY, ["loss.alpha=0.5", "run.workers=2", "model.fusion=early"])
+    cfg = load_config(
+        TINY, ["loss.alpha=0.5", "run.workers=2", "model.fusion=early", "model.phases=[2]"]
+    )
     assert cfg.loss.alpha == 0.5 and isinstance(cfg.loss.alpha, float)
+    assert cfg.model.phases == (2,) and cfg.model.build().config.input_phases == (2,)
     assert cfg.run.workers == 2 and cfg.model.fusion == "early"
 
 

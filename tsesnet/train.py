@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from data_store.errors import InputError
 from tsesnet.losses import LossConfig
@@ -22,11 +23,27 @@ from tsesnet.losses import LossConfig
 
 @dataclass(kw_only=True)
 class ModelSpec:
-    """Which network to build: `build_model(preset, fusion, tumor_aware=...)`."""
+    """Which network to build (`build`).
+
+    Attributes:
+        preset: a key of `tsesnet.model.PRESETS`.
+        fusion: a key of `tsesnet.model.FUSIONS`.
+        tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
+        phases: the acquired phases the network reads (`ModelConfig.input_phases`); [] = all.
+    """
 
     preset: str = "paper"
     fusion: str = "tsff"
     tumor_aware: bool = True
+    phases: tuple[int, ...] = ()
+
+    def build(self):
+        """The `TSESNet` this spec describes (ValueError on an unknown preset or fusion)."""
+        from tsesnet.model import build_model
+
+        return build_model(
+            self.preset, self.fusion, tumor_aware=self.tumor_aware, input_phases=self.phases
+        )
 
 
 @dataclass(kw_only=True)
@@ -60,12 +77,25 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Adam, as in the paper (lr 1e-4); bf16 autocast applies on GPU only."""
+    """Adam, as in the paper (lr 1e-4); bf16 autocast applies on GPU only.
+
+    Attributes:
+        lr_decay: "none" keeps lr constant (the paper names no schedule); "poly" sets epoch e's
+            lr to ``lr * (1 - e / epochs) ** 0.9`` (nnU-Net's schedule), which settles the
+            weights by the end of a short budget.
+    """
 
     lr: float = 1e-4
+    lr_decay: Literal["none", "poly"] = "none"
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     bf16: bool = True
+
+    def lr_at(self, epoch: int, epochs: int) -> float:
+        """The learning rate of an epoch (0-based) of a run of `epochs` epochs."""
+        if self.lr_decay == "poly":
+            return self.lr * (1.0 - epoch / epochs) ** 0.9
+        return self.lr
 
 
 @dataclass(kw_only=True)
@@ -232,7 +262,6 @@ def train(
     from data_store.store import open_store
     from tsesnet import config as cfgmod
     from tsesnet import tracking
-    from tsesnet.model import build_model
     from tsesnet.train_loop import read_checkpoint_state, train_loop_per_worker
 
     cfg = config or TrainConfig()
@@ -250,7 +279,7 @@ def train(
         )
     # Fail fast, before any worker starts, on a preset/fusion/patch the network can't take.
     try:
-        net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
+        net = cfg.model.build()
     except (ValueError, KeyError) as err:
         raise InputError(f"bad model config: {err}") from err
     div = getattr(net, "divisor", 1)

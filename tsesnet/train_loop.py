@@ -111,6 +111,18 @@ def validate(module, store, case_ids, cfg, device, want_montage_of: str | None =
     return rows, montage
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO from each worker; the loop
+    prints its own one-line epoch summary, so keep only Ray Train's warnings there."""
+    import logging
+
+    try:  # an internal module: its logger is named after its file
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def sampler_config(data):
     """The sampler settings of a training config's `data` section."""
     from data_store.sampler import SamplerConfig
@@ -157,9 +169,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from data_store.store import open_store
     from tsesnet import tracking
     from tsesnet.config import flatten, from_dict
-    from tsesnet.model import build_model
     from tsesnet.train import TrainConfig
 
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg_d = loop_config["config"]
@@ -167,7 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.schedule.seed)
 
-    net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
+    net = cfg.model.build()
     optimizer = torch.optim.Adam(
         net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -234,7 +246,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state["stopped_early"]:
             break
         t0 = time.perf_counter()
-        sums = {"dice": 0.0, "tsc": 0.0, "total": 0.0}
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr_at(epoch, cfg.schedule.epochs)
+        sums = {"dice": 0.0, "tsc": 0.0, "bce": 0.0, "total": 0.0}
         gen = torch.Generator(device=device).manual_seed(
             cfg.schedule.seed * 1_000_003 + epoch * 1009 + rank
         )
@@ -330,7 +344,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
     line = (
         f"[epoch {epoch + 1}/{epochs}] loss {m['train_total']:.4f} (dice {m['train_dice']:.4f}, "
-        f"tsc {m['train_tsc']:.4f}) {m['patches_per_s']:.2f} patches/s"
+        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s"
     )
     if "val_dice" in m:
         line += (

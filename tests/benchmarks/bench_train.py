@@ -43,14 +43,13 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
 
     from data_store.sampler import PatchSampler
     from data_store.store import open_store
-    from tsesnet.model import build_model
     from tsesnet.train_loop import sampler_config, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.schedule.seed)
     st = open_store(store)
     train_ids, _ = st.split(cfg.data.fold)
-    net = build_model(cfg.model.preset, cfg.model.fusion, tumor_aware=cfg.model.tumor_aware)
+    net = cfg.model.build()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr)
     sampler = PatchSampler(
         st,
