@@ -5,7 +5,9 @@ a cluster some earlier `ray start` left on this machine), with the dashboard on 
 127.0.0.1 (Train V2 needs its state API to free a finished run's resources, FIELD_NOTES.md).
 Ray's workers run at niceness 15 by default, so on a busy machine they lose the CPU to
 everything else; a local instance started here runs them at 0 (measured by
-`tests/benchmarks/bench_train.py`). An already initialised session is used as it is.
+`tests/benchmarks/bench_train.py`). Workers' output (the training loop's epoch lines, the
+prediction progress) is forwarded to the driver, where `tsesnet` and `ray job logs` show it.
+An already initialised session is used as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def connect(num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False, log_to_driver=False)
+        ray.init(configure_logging=False, log_to_driver=True)
         return ray
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
@@ -29,6 +31,6 @@ def connect(num_cpus: int | None = None):
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         configure_logging=False,
-        log_to_driver=False,
+        log_to_driver=True,
     )
     return ray
