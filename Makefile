@@ -33,5 +33,8 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tsesnet demo
 
+science: $(STAMP)
+	$(BIN)/tsesnet science --readme README.md
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output science_output

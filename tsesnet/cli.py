@@ -25,6 +25,7 @@ HANDLERS = {
     "predict": "tsesnet.predict:cli",
     "evaluate": "tsesnet.evaluate:cli",
     "demo": "tsesnet.demo:cli",
+    "science": "tsesnet.science:cli",
 }
 
 
@@ -116,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole platform end to end on a synthetic cohort")
     s.add_argument("--out", default="demo_output", metavar="DIR")
+
+    s = sub.add_parser(
+        "science", help="single phase vs the time series, fusions and Table 3's ablations"
+    )
+    s.add_argument("--out", default="science_output", metavar="DIR")
+    s.add_argument("--config", default=None, metavar="FILE", help="platform/configs/science.yaml")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S")
+    s.add_argument("--rows", nargs="+", default=None, metavar="KEY", help="a subset of rows")
+    s.add_argument("--cases", type=int, default=16, metavar="N")
+    s.add_argument("--test-cases", type=int, default=4, metavar="K")
+    s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
+    s.add_argument("--experiment", default="tsesnet-science", metavar="NAME")
+    s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
     return p
 
 

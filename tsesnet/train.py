@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -320,6 +321,9 @@ def train(
     from tsesnet.cluster import connect
 
     connect()
+    # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
+    # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
