@@ -181,3 +181,25 @@ def test_series_norm_keeps_the_phases_relative_intensities():
     brighter[:, 2] *= 2.0
     with torch.no_grad():
         assert not torch.allclose(net(s), net(brighter), atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["tsff", "tsff_bottleneck"])
+def test_phase_embedding_lets_tsff_see_the_order_of_the_phases(fusion):
+    """Eq. 9 sums over the post-contrast phases, so the paper's TSFF gives the same mask for a
+    wash-out curve and its time reversal; a phase embedding breaks that symmetry."""
+    x = torch.randn(1, 5, *PATCH)
+    reordered = x[:, [0, 4, 3, 2, 1]]  # post-contrast phases in reverse order
+    paper = build_model("tiny", fusion).eval()
+    with torch.no_grad():
+        assert torch.allclose(paper(x), paper(reordered), atol=1e-5)
+    ordered = build_model("tiny", fusion, phase_embedding=True, max_phases=5).eval()
+    missing = ordered.load_state_dict(paper.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("phase_embedding.") for k in missing)
+    with torch.no_grad():
+        # zero at initialisation: the paper's network until training moves it
+        assert torch.allclose(ordered(x), paper(x), atol=1e-6)
+        for e in ordered.phase_embedding:
+            e.normal_(std=0.5)
+        assert not torch.allclose(ordered(x), ordered(reordered), atol=1e-3)
+        with pytest.raises(ValueError, match="phase_embedding takes at most max_phases=5"):
+            ordered(torch.randn(1, 6, *PATCH))

@@ -11,7 +11,9 @@ then mean ± sd across seeds.
 Rows: the `early` single-phase baseline (the peak post-contrast phase alone, the phase where the
 training tumours are brightest on average), `early` with every phase as input channels, TSESNet
 with each fusion strategy (TA and TSC on), and Table 3's ablation (backbone = plain encoder
-stages and no TSC, +TA, +TSC, both = the `tsff` row).
+stages and no TSC, +TA, +TSC, both = the `tsff` row), and `tsff` with a learned phase embedding
+(`model.phase_embedding`): Eq. 9 sums over the post-contrast phases, so the paper's TSFF gives
+the same output for any order of them.
 
 Re-running continues: a finished run is reused (same run name), a cohort or store already
 written is kept. `--readme README.md` writes the table between the README's science markers.
@@ -56,6 +58,11 @@ ROWS = (
     ),
     Row("ta", "Table 3 +TA (no TSC)", ("model.fusion=tsff", "loss.beta=0")),
     Row("tsc", "Table 3 +TSC (no TA)", ("model.fusion=tsff", "model.tumor_aware=false")),
+    Row(
+        "tsff_ordered",
+        "TSESNet `tsff` + phase embedding (ours: Eq. 9 cannot see phase order)",
+        ("model.fusion=tsff", "model.phase_embedding=true"),
+    ),
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 

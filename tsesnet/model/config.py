@@ -28,12 +28,18 @@ class ModelConfig:
             this grid; levels within it attend exactly (Eq. 8 as written).
         stt_head_dim: channels per attention head in the `stt` fusion.
         stt_mlp_ratio: MLP expansion of the `stt` transformer block.
-        max_phases: `early` fusion only: phases are zero-padded to this count (with a presence
-            mask); a longer series raises ValueError.
+        max_phases: the longest series the network takes where it matters: `early` fusion
+            zero-pads phases to this count (with a presence mask), `phase_embedding` learns
+            this many vectors; a longer series raises ValueError.
         input_phases: indices of the acquired phases the network reads, in order (e.g. (2,) for
             a single post-contrast phase); () reads every phase. The selection is part of the
             model, so a registered model picks its phases from any full series it is given.
             Fusions other than `early` need at least two (phase 0 pre-contrast first).
+        phase_embedding: add a learned vector per phase index and level to each phase's encoder
+            features before fusion (zero at initialisation). Eq. 9's sum is blind to the order of
+            the post-contrast phases, so without it `tsff` and `tsff_bottleneck` cannot tell
+            wash-out from persistent enhancement by order (`meanpool`, a linear mean, stays
+            blind either way); False is the paper's model.
     """
 
     preset: str = "custom"
@@ -48,6 +54,7 @@ class ModelConfig:
     stt_mlp_ratio: int = 4
     max_phases: int = 8
     input_phases: tuple[int, ...] = ()
+    phase_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)

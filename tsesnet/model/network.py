@@ -10,6 +10,11 @@ Shape legend: B batch, T phases (phase 0 pre-contrast), C channels, Z Y X voxels
 is zero-padded to `config.max_phases` channels and `max_phases` presence channels (1 for a real
 phase, 0 for padding) are appended, so a fixed first convolution serves any T <= max_phases and
 the network can tell a dark phase from a missing one.
+
+With `config.phase_embedding` a learned (C_l,) vector per phase index is added to each phase's
+features at every level before fusion, so TSFF, whose Eq. 9 sums over the post-contrast phases
+and so cannot see their order, can tell them apart (mean pooling, linear, stays blind); the TSC
+loss still sees the encoder's own features.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ class TSESNet(nn.Module):
         self.encoder = Encoder(config, in_channels=2 * config.max_phases if self.early else 1)
         self.fusion = FUSIONS[config.fusion](config.channels, config)
         self.decoder = Decoder(config.channels)
+        self.phase_embedding = None
+        if config.phase_embedding and not self.early:
+            self.phase_embedding = nn.ParameterList(
+                nn.Parameter(torch.zeros(config.max_phases, c, 1, 1, 1)) for c in config.channels
+            )
 
     def check_input(self, x: Tensor) -> None:
         """Raise ValueError when x is not a (B, T, Z, Y, X) series the network can take."""
@@ -60,9 +70,10 @@ class TSESNet(nn.Module):
         t = len(picked) or t
         if t < (1 if self.early else 2):
             raise ValueError(f"need T >= 2 phases (pre-contrast + post-contrast), got T={t}")
-        if self.early and t > self.config.max_phases:
+        if (self.early or self.phase_embedding is not None) and t > self.config.max_phases:
+            what = "early fusion" if self.early else "phase_embedding"
             raise ValueError(
-                f"early fusion takes at most max_phases={self.config.max_phases} phases, got "
+                f"{what} takes at most max_phases={self.config.max_phases} phases, got "
                 f"T={t}; build the model with a larger max_phases"
             )
         bad = [s for s in x.shape[2:] if s % self.divisor]
@@ -103,7 +114,10 @@ class TSESNet(nn.Module):
         # [(B*T, C_l, Z_l, Y_l, X_l)], normalised over each series' T phases
         feats = self.encoder(x.reshape(b * t, -1, *x.shape[-3:]), phases=t)
         feats = [f.reshape(b, t, *f.shape[1:]) for f in feats]  # [(B, T, C_l, Z_l, Y_l, X_l)]
-        logits = self.decoder(self.fusion(feats))  # (B, 1, Z, Y, X)
+        fused = feats
+        if self.phase_embedding is not None:
+            fused = [f + e[:t] for f, e in zip(feats, self.phase_embedding, strict=True)]
+        logits = self.decoder(self.fusion(fused))  # (B, 1, Z, Y, X)
         if return_features:
             return logits, ([] if self.early else feats)
         return logits
