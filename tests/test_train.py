@@ -64,6 +64,8 @@ def test_overrides_are_typed():
     assert cfg.loss.alpha == 0.5 and isinstance(cfg.loss.alpha, float)
     assert cfg.model.phases == (2,) and cfg.model.build().config.input_phases == (2,)
     assert cfg.run.workers == 2 and cfg.model.fusion == "early"
+    ordered = load_config(TINY, ["model.phase_embedding=true"]).model.build()
+    assert ordered.config.phase_embedding and ordered.phase_embedding is not None
 
 
 @pytest.mark.parametrize(
@@ -151,3 +153,18 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert res.model_version == "2"
     configs = {a.path for a in client.list_artifacts(res.run_id, "config")}
     assert configs == {"config/resolved.yaml", "config/resumed_1.yaml"}
+
+
+def test_a_run_resumes_only_with_its_own_model_and_store(tmp_path):
+    from tsesnet.train import RUN_FILE, check_resume
+
+    model = dataclasses.asdict(load_config(TINY).model.build().config)
+    check_resume(str(tmp_path), "r", model, "fp1")  # first run: records model and store
+    assert (tmp_path / "r" / RUN_FILE).is_file()
+    check_resume(str(tmp_path), "r", model, "fp1")  # same: resumes
+    changed = {**model, "phase_embedding": True}
+    with pytest.raises(InputError, match=r"run r cannot resume.*model.phase_embedding False"):
+        check_resume(str(tmp_path), "r", changed, "fp1")
+    with pytest.raises(InputError, match=r"store fingerprint fp1 -> fp2") as err:
+        check_resume(str(tmp_path), "r", model, "fp2")
+    assert str(err.value).startswith(str(tmp_path / "r")) and "\n" not in str(err.value)

@@ -8,8 +8,9 @@ preset on a local Ray instance with 2 Ray Train workers, tracked in the embedded
 cohort straight from its NIfTI files → evaluation against its labels, and a summary.
 
 Everything the demo writes except MLflow's files lands under `--out` (default `demo_output/`).
-Run it again and it reuses what is there: ingest skips stored cases and training with the same
-run name resumes (or, when finished, just reuses its registered version).
+Run it again and it reuses what is there: ingest skips stored cases and training of the same
+config on the same cohort (the run name carries both) resumes, or, when finished, just reuses
+its registered version.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def run_demo(out: str | Path) -> int:
 
     t0 = _stage(3, "train the small preset with 2 Ray Train workers (MLflow: embedded SQLite)")
     cfg = train.load_config(CONFIG)  # 2 workers of 1 CPU each
-    result = train.train(str(store), cfg, RUN_NAME)
+    # the same cohort and config resume (or reuse) their run; a new one trains afresh
+    fingerprint = store_mod.open_store(store).fingerprint
+    run_name = f"{RUN_NAME}-{train.config_hash(cfg)}-{fingerprint[:8]}"
+    result = train.train(str(store), cfg, run_name)
     _done(t0)
 
     t0 = _stage(4, "model registry")

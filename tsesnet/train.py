@@ -31,19 +31,26 @@ class ModelSpec:
         fusion: a key of `tsesnet.model.FUSIONS`.
         tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
         phases: the acquired phases the network reads (`ModelConfig.input_phases`); [] = all.
+        phase_embedding: a learned vector per phase before fusion (`ModelConfig`); False is
+            the paper's model.
     """
 
     preset: str = "paper"
     fusion: str = "tsff"
     tumor_aware: bool = True
     phases: tuple[int, ...] = ()
+    phase_embedding: bool = False
 
     def build(self):
         """The `TSESNet` this spec describes (ValueError on an unknown preset or fusion)."""
         from tsesnet.model import build_model
 
         return build_model(
-            self.preset, self.fusion, tumor_aware=self.tumor_aware, input_phases=self.phases
+            self.preset,
+            self.fusion,
+            tumor_aware=self.tumor_aware,
+            input_phases=self.phases,
+            phase_embedding=self.phase_embedding,
         )
 
 
@@ -222,6 +229,47 @@ def _abs_store(store: str) -> str:
     return store if "://" in store else str(Path(store).expanduser().resolve())
 
 
+RUN_FILE = "tsesnet_run.json"
+
+
+def check_resume(storage_path: str, name: str, model_config: dict, fingerprint: str) -> None:
+    """Refuse to resume run `name` from checkpoints of another model or store.
+
+    The first run of a name writes `RUN_FILE` (the model config and the store fingerprint) next
+    to its checkpoints; a later run of the same name must match it. Everything else (epochs,
+    learning rate, workers) may change on resume.
+
+    Raises:
+        InputError: naming the run, the folder and what differs.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{storage_path}/{name}")
+    path = f"{root}/{RUN_FILE}"
+    mine = json.loads(json.dumps({"model": model_config, "store_fingerprint": fingerprint}))
+    if not fs.exists(path):
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(path, "w") as f:
+            json.dump(mine, f, indent=1)
+        return
+    with fs.open(path) as f:
+        theirs = json.load(f)
+    old_model = theirs.get("model", {})
+    differ = [
+        f"model.{k} {old_model.get(k)!r} -> {model_config.get(k)!r}"
+        for k in sorted(set(mine["model"]) | set(old_model))
+        if mine["model"].get(k) != old_model.get(k)
+    ]
+    if theirs.get("store_fingerprint") != fingerprint:
+        differ.append(f"store fingerprint {theirs.get('store_fingerprint')} -> {fingerprint}")
+    if differ:
+        raise InputError(
+            f"run {name} cannot resume: its checkpoints are for another model or store "
+            f"({'; '.join(differ)}); choose another --name or delete this folder",
+            path=f"{storage_path}/{name}",
+        )
+
+
 def _find_or_create_run(experiment_id: str, name: str) -> tuple[str, bool]:
     """The MLflow run tagged with this run name (resume), or a new one. Returns (id, resumed)."""
     import mlflow
@@ -295,6 +343,7 @@ def train(
 
     name = name or default_run_name(store, cfg)
     storage_path = _storage_path(cfg)
+    check_resume(storage_path, name, model_config, st.fingerprint)
     experiment_id = tracking.ensure_database(cfg.run.experiment)
     run_id, resumed = _find_or_create_run(experiment_id, name)
     print(
