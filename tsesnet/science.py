@@ -223,11 +223,10 @@ def run(args: argparse.Namespace) -> int:
         f"{table(results, args.seeds, keys)}\n\n"
         f"Seeds {', '.join(map(str, args.seeds))}; per seed {args.cases} training/validation and "
         f"{args.test_cases} test cases; config `{Path(args.config).name}`"
-        f"{' with ' + ', '.join(args.overrides) if args.overrides else ''}; "
-        f"{time.perf_counter() - started:.0f} s in all."
+        f"{' with ' + ', '.join(args.overrides) if args.overrides else ''}."
     )
     (out / "science.md").write_text(block + "\n")
-    print("\n" + block, flush=True)
+    print(f"\n{block}\n({time.perf_counter() - started:.0f} s; finished runs reused)", flush=True)
     if args.readme:
         write_readme(Path(args.readme), block)
         print(f"table written into {args.readme}", flush=True)
