@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -76,8 +77,27 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
     return rates
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (command, user + system CPU seconds)} of every process (Linux /proc)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (cmd, (int(stat[11]) + int(stat[12])) / tick)
+    return out
+
+
 def ray_train(store: str, cfg, epochs: int, threads: int, workdir: Path) -> tuple[list[float], str]:
-    """The real `tsesnet.train.train` with one worker; patches/s per epoch from MLflow."""
+    """The real `tsesnet.train.train` with one worker; patches/s per epoch from MLflow.
+
+    Also prints where the CPU went during the run: the training worker against every other
+    process (Ray's GCS, raylet, dashboard and Train controller, anything else running).
+    """
     import mlflow
     import ray
 
@@ -85,11 +105,32 @@ def ray_train(store: str, cfg, epochs: int, threads: int, workdir: Path) -> tupl
     from tsesnet.train import train
 
     connect(num_cpus=threads)  # the local Ray `tsesnet train` starts
+    # sampled every second: the training worker exits before train() returns
+    before, seen, done = cpu_seconds(), {}, threading.Event()
 
+    def sample():
+        while not done.wait(1.0):
+            seen.update(cpu_seconds())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    sampler.start()
     try:
         res = train(store, cfg, "bench-ray-train")
     finally:
+        done.set()
+        sampler.join()
         ray.shutdown()
+    wall = time.perf_counter() - t0
+    after = {**seen, **cpu_seconds()}
+    used = {pid: cpu - before.get(pid, ("", 0.0))[1] for pid, (_, cpu) in after.items()}
+    worker = sum(v for pid, v in used.items() if "RayTrainWorker" in after[pid][0])
+    print(
+        f"CPU during the Ray run ({wall:.0f} s wall): training worker {worker / wall:.2f} cores, "
+        f"all other processes {(sum(used.values()) - worker) / wall:.2f} cores",
+        file=sys.stderr,
+        flush=True,
+    )
     client = mlflow.MlflowClient()
     hist = sorted(client.get_metric_history(res.run_id, "patches_per_s"), key=lambda m: m.step)
     threads_used = client.get_run(res.run_id).data.tags.get("sys.torch_threads", "?")
