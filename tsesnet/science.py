@@ -140,13 +140,13 @@ def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 3) -> str:
     vals = [v for v in values if math.isfinite(v)]
     if not vals:
         return "n/a"
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def table(results: list[dict], seeds: list[int], keys: list[str]) -> str:
@@ -159,7 +159,10 @@ def table(results: list[dict], seeds: list[int], keys: list[str]) -> str:
         if row.key not in keys:
             continue
         got = [r for r in results if r["row"] == row.key]
-        cells = [_mean_sd([r[m] for r in got]) for m in ("dice", "hd95", "sensitivity")]
+        cells = [
+            _mean_sd([r[m] for r in got], 1 if m == "hd95" else 3)
+            for m in ("dice", "hd95", "sensitivity")
+        ]
         lines.append(f"| {row.label} | {' | '.join(cells)} | {len(got)}/{len(seeds)} |")
     return "\n".join(lines)
 
