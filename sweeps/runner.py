@@ -450,7 +450,7 @@ def run_sweep(
 
 
 def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, name: str):
-    """One `TrialRow` per trial, best first (NaN metrics last)."""
+    """One `TrialRow` per trial that started, best first (NaN metrics last)."""
     runs = {
         r.data.tags.get(TRIAL_TAG): r.info.run_id
         for r in client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}'")
@@ -458,6 +458,10 @@ def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, na
     }
     rows = []
     for res in grid:
+        if res.config is None:
+            # created by the searcher but stopped (e.g. by a `stop` budget) before it started:
+            # it trained nothing and has no MLflow run
+            continue
         trial = Path(str(res.path)).name
         m = res.metrics or {}
         df = res.metrics_dataframe

@@ -148,6 +148,32 @@ def test_results_table_and_csv():
     assert len(csv_text.splitlines()) == 5
 
 
+def test_a_trial_stopped_before_it_started_is_not_a_row(tmp_path, mlflow_uri):
+    """A `stop` budget can end a sweep after the searcher created a trial that never ran (Tune
+    keeps it, with no config and no results): it is left out, the others are collected."""
+    import mlflow
+    import pandas as pd
+    from ray.tune import Result
+
+    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    config = {"loss.alpha": 0.5, "loss.beta": 0.1, "loss.tau": 0.1, "model.fusion": "tsff"}
+    ran = Result(
+        metrics={"config": {**config, "optim.lr": 1e-3}, runner.EPOCHS: 2},
+        checkpoint=None,
+        error=None,
+        path=str(tmp_path / "t001"),
+        metrics_dataframe=pd.DataFrame(
+            {"val_dice": [0.2, 0.4], "val_hd95": [9.0, 7.0], cfg.metric: [0.2, 0.4]}
+        ),
+    )
+    never = Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path / "t002"))
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("collect")
+    rows = runner.collect_rows([ran, never], cfg, client, exp, "s")
+    assert [(r.trial, r.epochs, r.best_val_dice, r.hd95) for r in rows] == [("t001", 2, 0.4, 7.0)]
+    assert rows[0].params["model.fusion"] == "tsff"
+
+
 def test_optuna_plots_are_written(tmp_path):
     cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
     made = runner.optuna_plots(cfg, _rows(), tmp_path)
