@@ -121,23 +121,18 @@ def peak_phase(store: Path, fold: int) -> int:
 
 def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float]:
     """Mean DSC, HD95 and sensitivity of a run's best weights on the test cohort."""
-    import numpy as np
     import torch
 
     from data_store.store import open_store
     from tsesnet.config import to_dict
-    from tsesnet.train_loop import validate
+    from tsesnet.train_loop import mean_metrics, validate
 
     net = cfg.model.build()
     ckpt = Path(result.checkpoint_path)
     net.load_state_dict(torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True))
     net.eval()
     rows, _ = validate(net, open_store(test_store), test_ids, to_dict(cfg), torch.device("cpu"))
-    out = {}
-    for k in ("dice", "hd95", "sensitivity"):
-        vals = [r[k] for r in rows if math.isfinite(r[k])]
-        out[k] = float(np.mean(vals)) if vals else float("nan")
-    return out
+    return mean_metrics(rows)
 
 
 def _mean_sd(values: list[float], digits: int = 3) -> str:

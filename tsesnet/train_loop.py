@@ -71,6 +71,16 @@ def _gather(obj, world_size: int) -> list:
     return out
 
 
+def mean_metrics(rows: list[dict]) -> dict[str, float]:
+    """Mean DSC, HD95 and sensitivity over `validate`'s per-case rows (non-finite values left
+    out; NaN when none is finite)."""
+    out = {}
+    for k in ("dice", "hd95", "sensitivity"):
+        vals = [r[k] for r in rows if math.isfinite(r[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
 def validate(module, store, case_ids, cfg, device, want_montage_of: str | None = None):
     """Full-volume sliding-window validation of `case_ids`: per-case DSC, HD95 (mm), sensitivity.
 
@@ -286,9 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 module, store, my_val_ids, cfg_d, device, want_montage_of=montage_case
             )
             rows = [r for part in _gather(rows, world) for r in part]
-            for k in ("dice", "hd95", "sensitivity"):
-                vals = [r[k] for r in rows if math.isfinite(r[k])]
-                metrics[f"val_{k}"] = float(np.mean(vals)) if vals else float("nan")
+            metrics.update({f"val_{k}": v for k, v in mean_metrics(rows).items()})
             if metrics["val_dice"] > state["best_val_dice"]:
                 improved = True
                 state.update(best_val_dice=metrics["val_dice"], best_epoch=epoch)

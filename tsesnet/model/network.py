@@ -114,10 +114,10 @@ class TSESNet(nn.Module):
         # [(B*T, C_l, Z_l, Y_l, X_l)], normalised over each series' T phases
         feats = self.encoder(x.reshape(b * t, -1, *x.shape[-3:]), phases=t)
         feats = [f.reshape(b, t, *f.shape[1:]) for f in feats]  # [(B, T, C_l, Z_l, Y_l, X_l)]
-        fused = feats
+        to_fuse = feats
         if self.phase_embedding is not None:
-            fused = [f + e[:t] for f, e in zip(feats, self.phase_embedding, strict=True)]
-        logits = self.decoder(self.fusion(fused))  # (B, 1, Z, Y, X)
+            to_fuse = [f + e[:t] for f, e in zip(feats, self.phase_embedding, strict=True)]
+        logits = self.decoder(self.fusion(to_fuse))  # (B, 1, Z, Y, X)
         if return_features:
             return logits, ([] if self.early else feats)
         return logits
