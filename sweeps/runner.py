@@ -546,6 +546,7 @@ def register_best(best: TrialRow, base_cfg, st, sweep: str, base: dict):
             patch=tuple(cfg.data.patch),
             phases=state.get("phases"),
             val_dice=float(state["best_val_dice"]),
+            min_component_fraction=state.get("min_component_fraction", 0.0),
             lineage={
                 "store_fingerprint": st.fingerprint,
                 "fold": cfg.data.fold,

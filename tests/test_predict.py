@@ -234,6 +234,38 @@ def test_store_and_raw_predictions_are_identical(raw_run, model_uri, cohort, tmp
     assert sorted(folds[0] + folds[1]) == sorted(ORIENTATIONS)
 
 
+def test_the_component_filter_stored_with_the_model_is_applied(model_uri, cohort, tmp_path):
+    """`predict_case` filters with the model's `min_component_fraction` unless told otherwise;
+    the probability map stays unfiltered."""
+    from scipy import ndimage
+
+    from tsesnet.predict import predict_case
+    from tsesnet.registry import load_model
+
+    loaded = load_model(model_uri)
+    assert loaded.config["min_component_fraction"] == 0.0  # what `_register_tiny` stored
+    reader = CaseReader.for_input(str(cohort))
+    case = "ras"
+
+    def mask(config, out):
+        out.mkdir()
+        assert predict_case(loaded, reader, case, out, config)["status"] == "ok"
+        return np.asanyarray(nib.load(str(out / f"{case}.nii.gz")).dataobj) > 0
+
+    predict_case(loaded, reader, case, tmp_path, PredictConfig(probabilities=True))
+    prob = nib.load(str(tmp_path / f"{case}_prob.nii.gz")).get_fdata(dtype=np.float32)
+    t = float(np.quantile(prob, 0.7))  # an untrained net: a threshold that leaves many islands
+    raw = mask(PredictConfig(threshold=t), tmp_path / "raw")
+    n_raw = ndimage.label(raw, structure=np.ones((3, 3, 3)))[1]
+    assert n_raw > 1
+    loaded.config["min_component_fraction"] = 1.0
+    largest = mask(PredictConfig(threshold=t), tmp_path / "largest")
+    assert ndimage.label(largest, structure=np.ones((3, 3, 3)))[1] == 1
+    assert (largest <= raw).all() and largest.sum() < raw.sum()
+    overridden = mask(PredictConfig(threshold=t, min_component_fraction=0.0), tmp_path / "all")
+    assert (overridden == raw).all()
+
+
 def test_unknown_registered_model_fails_before_ray_starts(cohort, tmp_path, model_uri):
     # model_uri: a tracking database that exists and holds another model
     with pytest.raises(InputError, match="cannot load model models:/no-such-model@champion"):

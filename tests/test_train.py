@@ -130,9 +130,13 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
         "val_sensitivity",
         "lr",
         "patches_per_s",
+        "val_dice_filtered",
+        "val_min_component_fraction",
     ):
         assert key in m, key
     assert 0.0 <= m["val_dice"] <= 1.0 and m["patches_per_s"] > 0
+    # filtering nothing is a candidate, so the chosen filter never scores below no filter
+    assert m["val_dice_filtered"] >= m["val_dice"] - 1e-9
     assert p["loss.alpha"] == "0.7" and p["model.preset"] == "tiny"
     assert t["data.store_fingerprint"] and t["data.fold"] == "0" and t["code.git_commit"]
     assert t["sys.torch"] and t["tsesnet.model_alias"] == "champion"
@@ -143,6 +147,7 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     ]
     loaded = registry.load_model("models:/tsesnet@champion")
     assert loaded.patch == (16, 32, 32) and loaded.config["lineage"]["fold"] == 0
+    assert loaded.config["min_component_fraction"] == m["val_min_component_fraction"]
 
     # The same name again, now for 2 epochs: resumes after epoch 1, same MLflow run.
     res = train(str(tiny_store), load_config(TINY, ["schedule.epochs=2"]), "e2e")

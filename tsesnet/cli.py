@@ -29,6 +29,17 @@ HANDLERS = {
 }
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
@@ -109,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
     s.add_argument("--probabilities", action="store_true")
     s.add_argument("--fold", type=int, default=None, metavar="K")
+    s.add_argument(
+        "--min-component-fraction",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="keep components of at least F x the largest (0: all); default: the model's",
+    )
 
     s = sub.add_parser("evaluate", help="DSC, HD95 and sensitivity of predicted masks")
     s.add_argument("--pred", required=True, metavar="DIR")

@@ -79,7 +79,9 @@ def run_demo(out: str | Path) -> int:
     model_uri = f"models:/{name}/{result.model_version}"
     print(
         f"   {name} version {result.model_version} is @{result.alias} "
-        f"(best validation Dice {result.best_val_dice:.3f} at epoch {result.best_epoch})",
+        f"(best validation Dice {result.best_val_dice:.3f} at epoch {result.best_epoch})\n"
+        f"   prediction keeps connected components of >= {result.min_component_fraction:g} x "
+        f"the largest, chosen on validation (Dice {result.val_dice_filtered:.3f} with it)",
         flush=True,
     )
     _done(t0)

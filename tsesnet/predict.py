@@ -10,7 +10,7 @@ The pipeline, read top to bottom:
 2. `predict_case` runs one case: normalise with the intensity percentiles ingest uses (a store
    keeps them; for raw input they are computed with the same function on the same array, so a
    store and its source cohort give identical predictions), sliding-window inference, threshold,
-   write `CASE.nii.gz` (uint8) and optionally `CASE_prob.nii.gz` (float32) on the original grid
+   the connected-component filter chosen on validation (`tsesnet.postprocess`), write `CASE.nii.gz` (uint8) and optionally `CASE_prob.nii.gz` (float32) on the original grid
    of the phase-0 file, and DSC / HD95 (mm) / sensitivity where a ground-truth mask exists.
    Any error is caught and returned as the case's row: one bad case never stops the others.
 3. `CasePredictor` is the Ray Data callable class: it loads the model once per actor
@@ -72,6 +72,9 @@ class PredictConfig:
         threshold: probability above which a voxel is tumour.
         overlap: sliding-window overlap.
         batch_size: windows per forward pass.
+        min_component_fraction: keep connected components of at least this fraction of the
+            largest one's size (0 keeps all); None: the fraction chosen on validation and stored
+            with the model. The probability map is never filtered.
     """
 
     workers: int | None = None
@@ -82,6 +85,7 @@ class PredictConfig:
     threshold: float = 0.5
     overlap: float = 0.5
     batch_size: int = 4
+    min_component_fraction: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +249,7 @@ def predict_case(
     from data_store.normalize import normalize_intensity
     from tsesnet.evaluate import case_metrics
     from tsesnet.inference import sliding_window_inference
+    from tsesnet.postprocess import keep_components
 
     row = _nan_row(case_id)
     start = time.perf_counter()
@@ -264,7 +269,10 @@ def predict_case(
                 device=device,
             )  # (1, 1, Z, Y, X)
             prob = torch.sigmoid(logits[0, 0]).numpy()  # (Z, Y, X) float32
-        pred = (prob > config.threshold).astype(np.uint8)  # (Z, Y, X)
+        fraction = config.min_component_fraction
+        if fraction is None:
+            fraction = float(loaded.config.get("min_component_fraction", 0.0))
+        pred = keep_components(prob > config.threshold, fraction).astype(np.uint8)  # (Z, Y, X)
         _atomic_write(mask_path, pred, case.geometry, np.uint8)
         if config.probabilities:
             _atomic_write(prob_path, prob, case.geometry, np.float32)
@@ -548,6 +556,7 @@ def cli(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker or 0.0,
         probabilities=args.probabilities,
         fold=args.fold,
+        min_component_fraction=args.min_component_fraction,
     )
     report = predict(args.model, args.input, args.output, config)
     n = len(report.rows)

@@ -45,7 +45,8 @@ class LoadedModel:
     Attributes:
         model: the TSESNet in eval mode, on CPU.
         patch: (Z, Y, X) window size it was trained with.
-        config: the JSON config stored with it (model config, patch, lineage, val Dice).
+        config: the JSON config stored with it (model config, patch, lineage, val Dice, the
+            connected-component filter `min_component_fraction`).
         uri: the URI it was loaded from.
     """
 
@@ -114,6 +115,7 @@ def log_and_register(
     val_dice: float,
     lineage: dict,
     name: str = DEFAULT_NAME,
+    min_component_fraction: float = 0.0,
 ) -> Registration:
     """Log the weights as an MLflow model in `run_id`, register it and set its alias.
 
@@ -126,6 +128,8 @@ def log_and_register(
         val_dice: mean validation Dice of these weights.
         lineage: {"store_fingerprint", "fold", ...} of the validation, stored as version tags.
         name: registered model name.
+        min_component_fraction: the connected-component filter chosen on validation
+            (`tsesnet.postprocess`); prediction applies it.
     """
     import mlflow
     import numpy as np
@@ -140,6 +144,7 @@ def log_and_register(
         "patch": [int(p) for p in patch],
         "phases": phases,
         "val_dice": float(val_dice),
+        "min_component_fraction": float(min_component_fraction),
         "lineage": {k: (v if isinstance(v, int | float) else str(v)) for k, v in lineage.items()},
     }
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -171,7 +176,11 @@ def log_and_register(
     champion = _champion(client, name)
     alias, reason = decide_alias(float(val_dice), lineage, champion)
     mv = mlflow.register_model(info.model_uri, name)
-    tags = {"val_dice": f"{float(val_dice):.6f}", "run_id": run_id}
+    tags = {
+        "val_dice": f"{float(val_dice):.6f}",
+        "min_component_fraction": f"{float(min_component_fraction):g}",
+        "run_id": run_id,
+    }
     tags.update({k: str(v) for k, v in lineage.items()})
     tags.update({"preset": str(model_config.get("preset")), "fusion": str(model_config["fusion"])})
     for k, v in tags.items():

@@ -166,6 +166,8 @@ class TrainResult:
     best_val_dice: float
     best_epoch: int
     epochs_done: int
+    min_component_fraction: float
+    val_dice_filtered: float
     model_version: str | None
     alias: str | None
     checkpoint_path: str | None
@@ -409,6 +411,7 @@ def train(
                 patch=tuple(cfg.data.patch),
                 phases=state.get("phases"),
                 val_dice=state["best_val_dice"],
+                min_component_fraction=state.get("min_component_fraction", 0.0),
                 lineage={
                     "store_fingerprint": st.fingerprint,
                     "fold": cfg.data.fold,
@@ -426,6 +429,8 @@ def train(
         best_val_dice=float(state["best_val_dice"]),
         best_epoch=int(state["best_epoch"]),
         epochs_done=int(state["epoch"]) + 1,
+        min_component_fraction=float(state.get("min_component_fraction", 0.0)),
+        val_dice_filtered=float(state.get("val_dice_filtered", state["best_val_dice"])),
         model_version=version,
         alias=alias,
         checkpoint_path=result.checkpoint.path,
@@ -446,6 +451,10 @@ def cli(args) -> int:
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
         f"(epoch {res.best_epoch}); MLflow run {res.run_id}"
+    )
+    print(
+        f"prediction keeps connected components of >= {res.min_component_fraction:g} x the "
+        f"largest (chosen on validation: Dice {res.val_dice_filtered:.4f} with it)"
     )
     if res.model_version:
         print(

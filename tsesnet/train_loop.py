@@ -82,7 +82,8 @@ def mean_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def validate(module, store, case_ids, cfg, device, want_montage_of: str | None = None):
-    """Full-volume sliding-window validation of `case_ids`: per-case DSC, HD95 (mm), sensitivity.
+    """Full-volume sliding-window validation of `case_ids`: per-case DSC, HD95 (mm), sensitivity,
+    and the Dice after each connected-component filter (`tsesnet.postprocess`).
 
     Returns:
         (list of per-case metric dicts, montage inputs for `want_montage_of` or None).
@@ -90,6 +91,7 @@ def validate(module, store, case_ids, cfg, device, want_montage_of: str | None =
     from data_store.normalize import normalize_intensity
     from tsesnet.inference import sliding_window_inference
     from tsesnet.metrics import dice, hd95, sensitivity
+    from tsesnet.postprocess import component_dices
 
     rows, montage = [], None
     use_bf16 = device.type == "cuda" and cfg["optim"]["bf16"]
@@ -114,6 +116,7 @@ def validate(module, store, case_ids, cfg, device, want_montage_of: str | None =
                 "dice": float(dice(pred, gt)),
                 "hd95": float(hd95(pred, gt, case.spacing)),
                 "sensitivity": float(sensitivity(pred, gt)),
+                "dice_by_fraction": component_dices(pred, gt),
             }
         )
         if cid == want_montage_of:
@@ -179,6 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from data_store.store import open_store
     from tsesnet import tracking
     from tsesnet.config import flatten, from_dict
+    from tsesnet.postprocess import choose_fraction
     from tsesnet.train import TrainConfig
 
     _quiet_report_log()
@@ -297,9 +301,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
             rows = [r for part in _gather(rows, world) for r in part]
             metrics.update({f"val_{k}": v for k, v in mean_metrics(rows).items()})
+            fraction, metrics["val_dice_filtered"] = choose_fraction(
+                [r["dice_by_fraction"] for r in rows]
+            )
+            metrics["val_min_component_fraction"] = fraction
             if metrics["val_dice"] > state["best_val_dice"]:
                 improved = True
-                state.update(best_val_dice=metrics["val_dice"], best_epoch=epoch)
+                state.update(
+                    best_val_dice=metrics["val_dice"],
+                    best_epoch=epoch,
+                    min_component_fraction=fraction,
+                    val_dice_filtered=metrics["val_dice_filtered"],
+                )
                 best_weights = _cpu_state(module)
             metrics["val_time_s"] = time.perf_counter() - t0 - train_s
         if best_weights is None:
@@ -357,7 +370,8 @@ def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
     if "val_dice" in m:
         line += (
             f" | val DSC {m['val_dice']:.4f} HD95 {m['val_hd95']:.2f} mm "
-            f"sens {m['val_sensitivity']:.4f}"
+            f"sens {m['val_sensitivity']:.4f}, filtered DSC {m['val_dice_filtered']:.4f} "
+            f"(components >= {m['val_min_component_fraction']:g} x largest)"
         )
     return line
 
