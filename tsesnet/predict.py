@@ -10,8 +10,9 @@ The pipeline, read top to bottom:
 2. `predict_case` runs one case: normalise with the intensity percentiles ingest uses (a store
    keeps them; for raw input they are computed with the same function on the same array, so a
    store and its source cohort give identical predictions), sliding-window inference, threshold,
-   the connected-component filter chosen on validation (`tsesnet.postprocess`), write `CASE.nii.gz` (uint8) and optionally `CASE_prob.nii.gz` (float32) on the original grid
-   of the phase-0 file, and DSC / HD95 (mm) / sensitivity where a ground-truth mask exists.
+   the connected-component filter chosen on validation (`tsesnet.postprocess`), write
+   `CASE.nii.gz` (uint8) and optionally `CASE_prob.nii.gz` (float32) on the original grid of the
+   phase-0 file, and DSC / HD95 (mm) / sensitivity where a ground-truth mask exists.
    Any error is caught and returned as the case's row: one bad case never stops the others.
 3. `CasePredictor` is the Ray Data callable class: it loads the model once per actor
    (`tsesnet.registry.load_model`) and calls `predict_case` for each case it is given.
