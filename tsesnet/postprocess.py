@@ -29,6 +29,15 @@ def _labels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel(), minlength=n + 1)
 
 
+def _kept(sizes: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Which labels stay: components of at least `min_fraction` x the largest, never label 0."""
+    sizes = sizes.copy()
+    sizes[0] = 0
+    keep = sizes >= min_fraction * sizes.max() if min_fraction > 0 else sizes > 0
+    keep[0] = False
+    return keep
+
+
 def keep_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
     """`mask` (Z, Y, X) without the components smaller than `min_fraction` x the largest.
 
@@ -40,10 +49,7 @@ def keep_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
     if min_fraction == 0.0 or not mask.any():
         return mask.copy()
     labels, sizes = _labels(mask)
-    sizes[0] = 0
-    keep = sizes >= min_fraction * sizes.max()
-    keep[0] = False
-    return keep[labels]
+    return _kept(sizes, min_fraction)[labels]
 
 
 def component_dices(pred: np.ndarray, gt: np.ndarray) -> dict[float, float]:
@@ -52,10 +58,9 @@ def component_dices(pred: np.ndarray, gt: np.ndarray) -> dict[float, float]:
     labels, sizes = _labels(pred)
     # voxels of each component inside the ground truth: Dice without relabelling per fraction
     hits = np.bincount(labels[gt], minlength=sizes.size)
-    sizes[0], hits[0] = 0, 0
     out = {}
     for f in CANDIDATES:
-        keep = sizes >= f * sizes.max() if f > 0 else sizes > 0
+        keep = _kept(sizes, f)
         denom = sizes[keep].sum() + gt.sum()
         out[f] = float(2.0 * hits[keep].sum() / denom) if denom else 1.0
     return out
