@@ -104,20 +104,16 @@ def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, 
 
 
 def write_trials(path: Path, seed: int, arm: str, trials) -> None:
-    """Every trial's parameters and result, appended to a CSV (to see which regions learn)."""
-    import csv
+    """Every trial's parameters and result (`sweeps.runner.results_csv`), appended to one CSV
+    with the seed and the arm in front, to see which regions of the space learn."""
+    from sweeps.runner import results_csv
 
-    keys = ["loss.alpha", "loss.beta", "loss.tau", "model.fusion", "optim.lr"]
+    header, *rows = results_csv(trials).splitlines()
     new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
+    with path.open("a") as f:
         if new:
-            w.writerow(["seed", "arm", "trial", *keys, "epochs", "best_val_dice"])
-        for t in trials:
-            w.writerow(
-                [seed, arm, t.trial, *(t.params.get(k, "") for k in keys), t.epochs]
-                + [f"{t.best_val_dice:.4f}"]
-            )
+            f.write(f"seed,arm,{header}\n")
+        f.writelines(f"{seed},{arm},{r}\n" for r in rows)
 
 
 def split(trials, path: str, at: float) -> str:
@@ -181,10 +177,10 @@ def main() -> int:
         "| trials random / TPE+ASHA | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    ratios, all_rows = [], []
+    ratios, all_rows, reached = [], [], 0
+    asha = (args.grace, args.reduction_factor)
     t0 = time.perf_counter()
     for seed in args.seeds:
-        asha = (args.grace, args.reduction_factor)
         rnd, rnd_rows = run_one(
             store,
             seed,
@@ -223,6 +219,7 @@ def main() -> int:
         e_rnd, e_tpe = epochs_to_reach(c_rnd, target), epochs_to_reach(c_tpe, target)
         if e_rnd and e_tpe:
             ratio = f"{e_rnd / e_tpe:.2f}"
+            reached += 1
         elif e_rnd:  # TPE + ASHA would need more than the budget: the ratio is below this
             ratio = f"< {e_rnd / max(tpe_epochs, 1):.2f}"
         else:
@@ -243,7 +240,6 @@ def main() -> int:
     )
     print()
     print("\n".join(lines))
-    reached = sum(1 for r in ratios if r[0].isdigit())
     print(
         f"\nTPE + ASHA reached 95 % of random search's best in {reached} of {len(args.seeds)} "
         f"seeds; ratios (epochs random / epochs TPE+ASHA, above 1 = TPE + ASHA faster): "
