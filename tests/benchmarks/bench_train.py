@@ -14,7 +14,9 @@ runs before and after Ray so that a change in machine load shows rather than bia
 Prints a markdown table with the median ratio over the repeats (target >= 0.95). Epochs of 64
 patches: at 16 the per-epoch work of a Ray run (report, checkpoint, MLflow) still runs beside
 the next epoch's first steps on a 2-core machine and the ratio measured that instead (0.81
-against 0.94 and 1.02 at 64, 2 threads).
+against 0.94 and 1.02 at 64, 2 threads). Two more rows say what Ray's runtime alone costs the
+loop: the plain loop again beside an idle local Ray, then beside an idle Ray with as many idle
+actor processes as Train ran beside its worker (controller, placement-group cleaner, ...).
 """
 
 from __future__ import annotations
@@ -96,11 +98,20 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def ray_train(store: str, cfg, epochs: int, threads: int, name: str) -> tuple[list[float], str]:
+# Ray's own processes, present with or without Train; every other `ray::` process seen during a
+# Ray run (controller, placement-group cleaner, synchronisation actor, ...) is Train's.
+RAY_CORE_ACTORS = ("RayTrainWorker", "DashboardAgent", "RuntimeEnvAgent", "IDLE")
+
+
+def ray_train(
+    store: str, cfg, epochs: int, threads: int, name: str
+) -> tuple[list[float], str, int]:
     """The real `tsesnet.train.train` with one worker; patches/s per epoch from MLflow.
 
     Also prints where the CPU went during the run: the training worker against every other
-    process (Ray's GCS, raylet, dashboard and Train controller, anything else running).
+    process (Ray's GCS, raylet, dashboard and Train controller, anything else running). Returns
+    the rates, the worker's torch threads and how many actor processes Train ran beside its
+    worker.
     """
     import mlflow
     import ray
@@ -145,7 +156,36 @@ def ray_train(store: str, cfg, epochs: int, threads: int, name: str) -> tuple[li
     hist = sorted(client.get_metric_history(res.run_id, "patches_per_s"), key=lambda m: m.step)
     threads_used = client.get_run(res.run_id).data.tags.get("sys.torch_threads", "?")
     assert len(hist) == epochs, hist
-    return [m.value for m in hist], threads_used
+    train_actors = {
+        pid
+        for pid, (cmd, _) in after.items()
+        if pid not in before
+        and cmd.startswith("ray::")
+        and not any(cmd.startswith(f"ray::{a}") for a in RAY_CORE_ACTORS)
+    }
+    return [m.value for m in hist], threads_used, len(train_actors)
+
+
+def plain_beside_idle_ray(store: str, cfg, epochs: int, threads: int, actors: int) -> list[float]:
+    """The plain loop while a local Ray (started as `tsesnet train` starts it) idles beside it,
+    with `actors` idle actor processes: what Ray's runtime alone costs the loop on this machine."""
+    import ray
+
+    from tsesnet.cluster import connect
+
+    connect(num_cpus=threads)
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def pid(self) -> int:
+            return os.getpid()
+
+    handles = [Idle.remote() for _ in range(actors)]
+    try:
+        ray.get([h.pid.remote() for h in handles])
+        return plain_pytorch(store, cfg, epochs, threads)
+    finally:
+        ray.shutdown()
 
 
 def main() -> int:
@@ -184,11 +224,20 @@ def main() -> int:
     plain = [plain_pytorch(store, cfg, args.epochs, args.threads)]
     on_ray, ratios = [], []
     for i in range(args.repeats):
-        rates, ray_threads = ray_train(store, cfg, args.epochs, args.threads, f"bench-{i}")
+        rates, ray_threads, train_actors = ray_train(
+            store, cfg, args.epochs, args.threads, f"bench-{i}"
+        )
         on_ray.append(rates)
         plain.append(plain_pytorch(store, cfg, args.epochs, args.threads))
         p = statistics.median(plain[i][1:] + plain[i + 1][1:])
         ratios.append(statistics.median(rates[1:]) / p)
+    # Where the gap comes from: the same plain loop beside an idle Ray, then beside an idle Ray
+    # with as many idle actor processes as Train ran beside its worker.
+    floors = {
+        n: plain_beside_idle_ray(store, cfg, args.epochs, args.threads, n)
+        for n in (0, train_actors)
+    }
+    plain_all = statistics.median(r for rates in plain for r in rates[1:])
     print(
         f"preset {args.preset}, patch {tuple(args.patch)}, {args.patches_per_epoch} patches "
         f"x {args.epochs} epochs (epoch 0 = warm-up, excluded), batch 1, CPU, "
@@ -208,6 +257,13 @@ def main() -> int:
                 f"| Ray Train, 1 worker, run {i} | {statistics.median(on_ray[i][1:]):.3f} "
                 f"| {', '.join(f'{v:.2f}' for v in on_ray[i])} | {ratios[i]:.3f} |"
             )
+    for n, rates in floors.items():
+        what = f"an idle Ray and {n} idle actors (as many as Train ran)" if n else "an idle Ray"
+        print(
+            f"| plain PyTorch beside {what} | {statistics.median(rates[1:]):.3f} "
+            f"| {', '.join(f'{v:.2f}' for v in rates)} "
+            f"| {statistics.median(rates[1:]) / plain_all:.3f} (vs all plain runs) |"
+        )
     print(
         f"\n**ratio Ray/plain: {statistics.median(ratios):.3f}** (median of {len(ratios)}; "
         f"target >= 0.95)"
