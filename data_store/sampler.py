@@ -63,7 +63,8 @@ class SamplerConfig:
         intensity_shift: range of the additive intensity augmentation (normalised units).
         admit_after: cache misses of a case before it is decoded whole, when the shard does not
             fit in the cache (see the module docstring).
-        samples_per_epoch: patches per epoch when iterated as a torch IterableDataset.
+        patches_per_epoch: patches per epoch summed over all ranks; iterated as a torch
+            IterableDataset, a rank yields its share, ``ceil(patches_per_epoch / world_size)``.
     """
 
     patch: tuple[int, int, int] = (48, 96, 96)
@@ -73,7 +74,7 @@ class SamplerConfig:
     intensity_scale: tuple[float, float] = (0.9, 1.1)
     intensity_shift: tuple[float, float] = (-0.1, 0.1)
     admit_after: int = 16
-    samples_per_epoch: int = 250
+    patches_per_epoch: int = 250
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)
@@ -87,8 +88,8 @@ class SamplerConfig:
             raise ValueError(f"intensity_scale must be 0 < lo <= hi, got {self.intensity_scale}")
         if self.intensity_shift[0] > self.intensity_shift[1]:
             raise ValueError(f"intensity_shift must be lo <= hi, got {self.intensity_shift}")
-        if self.admit_after < 1 or self.samples_per_epoch < 1:
-            raise ValueError("admit_after and samples_per_epoch must be >= 1")
+        if self.admit_after < 1 or self.patches_per_epoch < 1:
+            raise ValueError("admit_after and patches_per_epoch must be >= 1")
 
 
 class _CaseMeta:
@@ -161,12 +162,17 @@ class PatchSampler(torch.utils.data.IterableDataset):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields ``samples_per_epoch`` (image, mask) tensors, split across DataLoader workers."""
+        """Yields this rank's share of ``patches_per_epoch`` (image, mask) tensors, split across
+        DataLoader workers."""
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i in range(wid, self.config.samples_per_epoch, nw):
+        for i in range(wid, self.patches_per_rank(), nw):
             image, mask = self.patch(self.epoch, i)
             yield torch.from_numpy(image), torch.from_numpy(mask)
+
+    def patches_per_rank(self) -> int:
+        """This rank's share of an epoch's patches (every rank draws the same number)."""
+        return math.ceil(self.config.patches_per_epoch / self.world_size)
 
     def patches(self, epoch: int, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The first n patches of an epoch on this rank.

@@ -75,7 +75,6 @@ import asyncio
 import hashlib
 import json
 import os
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,14 +646,9 @@ def info_rows(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def cli_info(args: argparse.Namespace) -> int:
-    """`tsesnet store info STORE [--json]`: a table of cases and totals."""
-    store = open_store(args.store)
+def info_table(store: Store) -> str:
+    """The text `tsesnet store info` prints: one line per case, then the totals."""
     rows = info_rows(store)
-    if getattr(args, "json", False):
-        doc = {"cases": rows, "n_folds": store.n_folds, "fingerprint": store.fingerprint}
-        print(json.dumps(doc, indent=2))
-        return 0
     header = ["id", "phases", "shape (Z,Y,X)", "spacing mm (Z,Y,X)", "labelled", "site", "fold"]
     table = [
         [
@@ -672,17 +666,26 @@ def cli_info(args: argparse.Namespace) -> int:
         max(len(h), *(len(row[i]) for row in table)) if table else len(h)
         for i, h in enumerate(header)
     ]
-    out = sys.stdout
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), file=out)
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     n_lab = sum(r["labelled"] for r in rows)
     voxels = sum(r["phases"] * int(np.prod(r["shape"])) for r in rows)
-    print(
+    lines.append(
         f"{len(rows)} cases ({n_lab} labelled, {len(rows) - n_lab} unlabelled), "
-        f"{voxels / 1e6:.1f} M voxels, {store.n_folds} folds, fingerprint {store.fingerprint}",
-        file=out,
+        f"{voxels / 1e6:.1f} M voxels, {store.n_folds} folds, fingerprint {store.fingerprint}"
     )
+    return "\n".join(lines)
+
+
+def cli_info(args: argparse.Namespace) -> int:
+    """`tsesnet store info STORE [--json]`: a table of cases and totals."""
+    store = open_store(args.store)
+    if args.json:
+        rows = info_rows(store)
+        doc = {"cases": rows, "n_folds": store.n_folds, "fingerprint": store.fingerprint}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(info_table(store))
     return 0
 
 

@@ -1,9 +1,11 @@
 """The sweep config: a search space over training-config keys plus the search settings.
 
-`platform/configs/sweep.yaml` is its serialisation. Each key of `space` is a dotted path into
-`tsesnet.train.TrainConfig` (`loss.alpha`, `model.fusion`, ...), the same paths `tsesnet train
---set` takes. A value is either a distribution, written as a one-key mapping, or a plain value
-that fixes the parameter for every trial:
+`platform/configs/sweep.yaml` is its serialisation, read by the same strict YAML loader as the
+training configs (`tsesnet.common.yaml_config`: YAML 1.2 floats, so `1e-5` is a number). Each key
+of `space` is a dotted path into `tsesnet.training.config.TrainConfig` (`loss.alpha`,
+`model.fusion`, ...), the same paths `tsesnet train --set` takes. A value is either a
+distribution, written as a one-key mapping, or a plain value that fixes the parameter for every
+trial:
 
     space:
       loss.alpha: {uniform: [0.1, 1.0]}        # Eq. 10 weight of the Dice term
@@ -12,7 +14,7 @@ that fixes the parameter for every trial:
       data.patches_per_epoch: {int: [2, 8]}    # inclusive bounds
       loss.beta: 0.5                           # fixed
 
-Parsing is strict (`tsesnet.config.from_dict`): an unknown setting, an unknown distribution,
+Parsing is strict: an unknown setting, an unknown distribution,
 bounds in the wrong order, a non-positive log-uniform bound or a path the training config does
 not have is an `InputError` naming the key. The same space gives Ray Tune domains (what
 `OptunaSearch` and random search sample from) and Optuna distributions (used to rebuild a study
@@ -163,24 +165,16 @@ def parse_entry(path: str, value: Any) -> Param | None:
 
 
 def load(path: str | Path) -> SweepConfig:
-    """Read and check a sweep YAML file."""
-    import yaml
-
-    from tsesnet import config as cfgmod
+    """Read and check a sweep YAML file; errors name the file."""
+    from tsesnet.common import yaml_config
 
     p = Path(path)
+    cfg = yaml_config.load_yaml(SweepConfig, p)
+    cfg.source = str(p.resolve())
     try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError as err:
-        raise InputError("sweep config not found", path=str(p)) from err
-    except yaml.YAMLError as err:
-        raise InputError(f"not valid YAML: {err}", path=str(p)) from err
-    try:
-        cfg = cfgmod.from_dict(SweepConfig, data or {})
-        cfg.source = str(p.resolve())
         check(cfg)
     except InputError as err:
-        raise InputError(err.problem, path=str(p)) from err
+        raise InputError(err.problem, path=str(p)) from None
     return cfg
 
 
@@ -242,20 +236,4 @@ def optuna_distributions(cfg: SweepConfig) -> dict[str, Any]:
             out[p.path] = d.IntDistribution(*p.args)
         else:
             out[p.path] = d.CategoricalDistribution(list(p.args))
-    return out
-
-
-def overrides(values: dict[str, Any]) -> list[str]:
-    """`key=value` strings for `tsesnet.config.apply_overrides` (floats kept exact)."""
-    out = []
-    for k, v in values.items():
-        if isinstance(v, float):
-            text = repr(v)
-        elif isinstance(v, bool):
-            text = str(v).lower()
-        elif isinstance(v, list | tuple):
-            text = "[" + ", ".join(str(x) for x in v) + "]"
-        else:
-            text = str(v)
-        out.append(f"{k}={text}")
     return out

@@ -9,7 +9,14 @@ from typing import Literal, Optional
 import pytest
 
 from data_store.errors import InputError
-from tsesnet.config import apply_overrides, dump_yaml, flatten, from_dict, load_yaml, to_dict
+from tsesnet.common.yaml_config import (
+    apply_overrides,
+    dump_yaml,
+    flatten,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from tsesnet.losses import LossConfig
 
 

@@ -12,7 +12,7 @@ import pytest
 from data_store.errors import InputError
 from tsesnet import metrics
 from tsesnet.cli import main
-from tsesnet.evaluate import evaluate_dirs, summarize
+from tsesnet.serving.evaluate import evaluate_dirs, summarize
 
 SHAPE = (12, 16, 16)  # file (i, j, k)
 # 3 mm along i, 1 mm in-plane: HD95 must use this, not voxel units.

@@ -16,7 +16,7 @@ from tsesnet.model.fusion import (
     TSFFLevel,
 )
 from tsesnet.model.ta import TumorAware
-from tsesnet.summary import _LiveBytes
+from tsesnet.programs.model_summary import _LiveBytes
 
 
 @pytest.fixture(autouse=True)
@@ -198,5 +198,10 @@ def test_early_fusion_pads_phases_and_marks_presence():
     assert (stacked[0, 0, 5:8] == 1).all() and (stacked[0, 0, 8:] == 0).all()
 
 
-def test_registry_is_explicit():
-    assert set(FUSIONS) == {"tsff", "meanpool", "cnn", "stt", "tsff_bottleneck", "early"}
+def test_each_fusion_name_builds_its_own_module_and_an_unknown_name_lists_the_known():
+    """The name a user writes (`model.fusion`, a sweep's choice) decides the fusion module."""
+    built = {name: type(build_model("tiny", name).fusion) for name in FUSIONS}
+    assert len(set(built.values())) == len(FUSIONS)  # no two names share a module
+    with pytest.raises(ValueError, match="unknown fusion 'transformer'") as err:
+        build_model("tiny", "transformer")
+    assert all(name in str(err.value) for name in FUSIONS)

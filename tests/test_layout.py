@@ -47,16 +47,3 @@ def test_top_level_layout():
         assert (ROOT / name).exists(), name
     for pkg in ("tsesnet", "data_store", "sweeps"):
         assert (ROOT / pkg / "__init__.py").is_file()
-
-
-def test_model_core_is_pure_pytorch():
-    """tsesnet.model, losses, metrics and inference import torch, numpy and scipy only."""
-    code = (
-        "import sys\n"
-        "import tsesnet.model, tsesnet.losses, tsesnet.metrics, tsesnet.inference\n"
-        "bad = sorted(m for m in ('ray', 'mlflow', 'zarr', 'data_store') if m in sys.modules)\n"
-        "print(','.join(bad))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "", f"model core imports {out.stdout.strip()}"

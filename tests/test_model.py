@@ -129,10 +129,10 @@ def test_unknown_fusion_in_config_raises():
         TSESNet(ModelConfig(fusion="nope"))
 
 
-def test_input_phases_pick_the_phases_the_network_reads():
+def test_phases_pick_the_phases_the_network_reads():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 16, 32, 32)
-    single = build_model("tiny", "early", input_phases=(2,)).eval()
+    single = build_model("tiny", "early", phases=(2,)).eval()
     with torch.no_grad():
         # only phase 2 matters: changing the others leaves the output as it is
         y = single(x)
@@ -143,15 +143,15 @@ def test_input_phases_pick_the_phases_the_network_reads():
         plain = build_model("tiny", "early").eval()
         plain.load_state_dict(single.state_dict())
         assert torch.equal(y, plain(x[:, 2:3]))
-    pair = build_model("tiny", "tsff", input_phases=(0, 2))
+    pair = build_model("tiny", "tsff", phases=(0, 2))
     _, feats = pair(x, return_features=True)
     assert feats[0].shape[1] == 2
     with pytest.raises(ValueError, match="reads phases"):
         pair(x[:, :2])
-    with pytest.raises(ValueError, match="needs >= 2 input_phases"):
-        build_model("tiny", "tsff", input_phases=(2,))
+    with pytest.raises(ValueError, match="needs >= 2 phases"):
+        build_model("tiny", "tsff", phases=(2,))
     with pytest.raises(ValueError, match="distinct"):
-        build_model("tiny", "early", input_phases=(1, 1))
+        build_model("tiny", "early", phases=(1, 1))
 
 
 def test_series_norm_keeps_the_phases_relative_intensities():

@@ -42,7 +42,8 @@ cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
 assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 
-from tsesnet.train import load_config, train
+from tsesnet.training.config import load_config
+from tsesnet.training.driver import train
 
 tiny = Path(sys.argv[3])
 common = [f"run.storage_path={out_dir / 'ray_results'}", "run.register=false",

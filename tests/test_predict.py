@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_store.errors import InputError
-from tsesnet.predict import CasePredictor, CaseReader, PredictConfig, _plan_workers, predict
+from tsesnet.serving.predict import CasePredictor, CaseReader, PredictConfig, _plan_workers, predict
 
 T = 3
 CANON = (16, 32, 32)  # (Z, Y, X) = (S, A, R)
@@ -90,19 +90,17 @@ def _register_tiny(workdir) -> str:
     import torch
 
     from tsesnet.model import build_model
-    from tsesnet.registry import log_and_register, model_config_dict
-    from tsesnet.tracking import ensure_database
+    from tsesnet.tracking.registry import log_and_register, model_config_dict
+    from tsesnet.tracking.runs import ensure_database
 
     torch.manual_seed(0)
     model = build_model("tiny")
-    weights = workdir / "best.pt"
-    torch.save(model.state_dict(), weights)
     experiment_id = ensure_database()
     with mlflow.start_run(experiment_id=experiment_id, run_name="predict-test") as run:
         pass
     reg = log_and_register(
         run_id=run.info.run_id,
-        weights_path=weights,
+        weights=model.state_dict(),
         model_config=model_config_dict(model),
         patch=(16, 32, 32),
         phases=T,
@@ -196,7 +194,7 @@ def test_summary_metrics_unlabelled_and_broken_case_isolated(raw_run):
 
 @pytest.mark.slow
 def test_evaluate_on_the_written_masks_agrees_with_predict(raw_run, cohort):
-    from tsesnet.evaluate import evaluate_dirs
+    from tsesnet.serving.evaluate import evaluate_dirs
 
     _, out = raw_run
     rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
@@ -239,8 +237,8 @@ def test_the_component_filter_stored_with_the_model_is_applied(model_uri, cohort
     the probability map stays unfiltered."""
     from scipy import ndimage
 
-    from tsesnet.predict import predict_case
     from tsesnet.registry import load_model
+    from tsesnet.serving.predict import predict_case
 
     loaded = load_model(model_uri)
     assert loaded.config["min_component_fraction"] == 0.0  # what `_register_tiny` stored

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_store.errors import InputError
-from tsesnet import registry
 from tsesnet.cli import main
+from tsesnet.tracking import registry
 
 LINEAGE = {"store_fingerprint": "fp-A", "fold": 0}
 
@@ -55,7 +55,7 @@ def tracking_db(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{d / 'mlflow.db'}")
         mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(d / "mlartifacts"))
         mp.chdir(d)
-        from tsesnet import tracking
+        from tsesnet.tracking import runs as tracking
 
         exp = tracking.ensure_database("registry-test")
         yield SimpleNamespace(dir=d, experiment_id=exp)
@@ -68,12 +68,10 @@ def _register(db, seed: int, dice: float, lineage=LINEAGE):
 
     torch.manual_seed(seed)
     net = build_model("tiny")
-    w = db.dir / f"w{seed}.pt"
-    torch.save(net.state_dict(), w)
     run = mlflow.MlflowClient().create_run(db.experiment_id, run_name=f"run-{seed}")
     reg = registry.log_and_register(
         run_id=run.info.run_id,
-        weights_path=w,
+        weights=net.state_dict(),
         model_config=dataclasses.asdict(net.config),
         patch=(16, 32, 32),
         phases=3,
@@ -115,7 +113,7 @@ def test_register_gate_load_promote(tracking_db, capsys):
     from pathlib import Path
 
     files = {p.name for p in Path(local).rglob("*") if p.is_file()}
-    assert {"weights.pt", "model_config.json", "mlflow_model.py", "MLmodel"} <= files
+    assert {"weights.pt", "model_config.json", "pyfunc.py", "MLmodel"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
     mlmodel = (Path(local) / "MLmodel").read_text()
     assert "model_code_path" in mlmodel and "signature" in mlmodel

@@ -175,7 +175,7 @@ def test_cache_bounded_in_bytes(store):
 
 
 def test_torch_dataloader(store):
-    cfg = SamplerConfig(patch=PATCH, samples_per_epoch=6)
+    cfg = SamplerConfig(patch=PATCH, patches_per_epoch=6)
     sampler = PatchSampler(store, ["A", "B"], cfg, seed=0)
     sampler.set_epoch(2)
     batches = list(torch.utils.data.DataLoader(sampler, batch_size=3))

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 
 from tsesnet.cli import build_parser
-from tsesnet.science import BEGIN, END, run
+from tsesnet.programs.science import BEGIN, END, run
 
 TINY = Path(__file__).resolve().parents[1] / "platform" / "configs" / "tiny.yaml"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tsesnet.model import build_model
-from tsesnet.summary import PAPER_TABLES, cli, model_summary
+from tsesnet.programs.model_summary import PAPER_TABLES, cli, model_summary
 
 
 def test_tiny_summary_counts_match_the_model():
@@ -60,7 +60,7 @@ def test_meta_memory_estimate_equals_the_cpu_measurement():
     """The paper-size estimate (meta device) tracks the same bytes a real CPU step allocates."""
     import torch
 
-    from tsesnet.summary import step_peak_bytes
+    from tsesnet.programs.model_summary import step_peak_bytes
 
     torch.manual_seed(0)
     cpu = step_peak_bytes(build_model("tiny"), torch.randn(1, 3, 16, 32, 32))

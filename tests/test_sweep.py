@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from data_store.errors import InputError
-from sweeps import runner
+from sweeps import report, runner, trial
 from sweeps import space as spacemod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,20 +90,17 @@ def test_optuna_distributions_match_what_optuna_search_derives():
 
 def test_trial_config_takes_the_sampled_values_and_rejects_unknown_paths():
     cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
-    base_cfg = runner.base_train_config(cfg)
-    from tsesnet import config as cfgmod
-
-    base = cfgmod.to_dict(base_cfg)
+    base = runner.base_train_config(cfg)
     values = {"loss.alpha": 0.25, "loss.tau": 3e-3, "model.fusion": "stt", "optim.lr": 1e-3}
-    t = runner.trial_train_config(base, values, "/tmp/x")
+    t = trial.trial_train_config(base, values, "/tmp/x")
     assert (t.loss.alpha, t.loss.tau, t.model.fusion, t.optim.lr) == (0.25, 3e-3, "stt", 1e-3)
     assert t.schedule.val_every == 1 and t.run.register is False
     assert t.schedule.epochs == 2 and t.run.cpus_per_worker == 0.5  # the sweep's `set`
-    with pytest.raises(InputError, match="no 'loss.gamma'"):
-        runner.trial_train_config(base, {"loss.gamma": 1.0}, "")
+    with pytest.raises(InputError, match="space.loss.gamma: unknown key loss.gamma"):
+        trial.trial_train_config(base, {"loss.gamma": 1.0}, "")
     cfg.space["model.fusion"] = {"choice": ["tsff", "transformer"]}
     with pytest.raises(InputError, match="transformer"):
-        runner.check_space(cfg, base)
+        trial.check_space(cfg, base)
 
 
 def test_concurrency_follows_resources():
@@ -117,7 +114,7 @@ def test_concurrency_follows_resources():
 
 
 def _rows():
-    mk = runner.TrialRow
+    mk = report.TrialRow
     return [
         mk("t001", "TERMINATED", _p(0.5, "tsff"), 3, 0.61, 4.2, "r1", history=[0.3, 0.5, 0.61]),
         mk("t002", "TERMINATED", _p(0.9, "cnn"), 1, 0.20, 9.0, "r2", history=[0.2]),
@@ -138,12 +135,12 @@ def _p(alpha, fusion):
 
 def test_results_table_and_csv():
     rows = sorted(_rows(), key=lambda r: -r.best_val_dice if math.isfinite(r.best_val_dice) else 9)
-    table = runner.results_table(rows)
+    table = report.results_table(rows)
     header = table.splitlines()[0].split()
     for col in ("trial", "alpha", "beta", "tau", "fusion", "lr", "epochs", "DSC", "HD95"):
         assert col in header
     assert [line.split()[0] for line in table.splitlines()[2:]] == ["t004", "t001", "t002", "t003"]
-    csv_text = runner.results_csv(rows)
+    csv_text = report.results_csv(rows)
     assert csv_text.splitlines()[0].startswith("trial,loss.alpha,loss.beta,loss.tau,model.fusion")
     assert len(csv_text.splitlines()) == 5
 
@@ -158,7 +155,7 @@ def test_a_trial_stopped_before_it_started_is_not_a_row(tmp_path, mlflow_uri):
     cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
     config = {"loss.alpha": 0.5, "loss.beta": 0.1, "loss.tau": 0.1, "model.fusion": "tsff"}
     ran = Result(
-        metrics={"config": {**config, "optim.lr": 1e-3}, runner.EPOCHS: 2},
+        metrics={"config": {**config, "optim.lr": 1e-3}, trial.EPOCHS: 2},
         checkpoint=None,
         error=None,
         path=str(tmp_path / "t001"),
@@ -169,14 +166,14 @@ def test_a_trial_stopped_before_it_started_is_not_a_row(tmp_path, mlflow_uri):
     never = Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path / "t002"))
     client = mlflow.MlflowClient()
     exp = client.create_experiment("collect")
-    rows = runner.collect_rows([ran, never], cfg, client, exp, "s")
+    rows = report.collect_rows([ran, never], cfg, client, exp, "s")
     assert [(r.trial, r.epochs, r.best_val_dice, r.hd95) for r in rows] == [("t001", 2, 0.4, 7.0)]
     assert rows[0].params["model.fusion"] == "tsff"
 
 
 def test_optuna_plots_are_written(tmp_path):
     cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
-    made = runner.optuna_plots(cfg, _rows(), tmp_path)
+    made = report.optuna_plots(cfg, _rows(), tmp_path)
     names = {p.stem for p in made}
     assert {"optimization_history", "parallel_coordinate"} <= names
     for p in made:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from data_store.errors import InputError
-from tsesnet.train import TrainConfig, default_run_name, load_config
+from tsesnet.training.config import TrainConfig, default_run_name, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "platform" / "configs"
@@ -62,7 +62,7 @@ def test_overrides_are_typed():
         TINY, ["loss.alpha=0.5", "run.workers=2", "model.fusion=early", "model.phases=[2]"]
     )
     assert cfg.loss.alpha == 0.5 and isinstance(cfg.loss.alpha, float)
-    assert cfg.model.phases == (2,) and cfg.model.build().config.input_phases == (2,)
+    assert cfg.model.phases == (2,) and cfg.model.build().config.phases == (2,)
     assert cfg.run.workers == 2 and cfg.model.fusion == "early"
     ordered = load_config(TINY, ["model.phase_embedding=true"]).model.build()
     assert ordered.config.phase_embedding and ordered.phase_embedding is not None
@@ -103,9 +103,9 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     then the same name with two epochs continues from the checkpoint in the same MLflow run."""
     import mlflow
 
-    from tsesnet import registry
     from tsesnet.cli import main
-    from tsesnet.train import train
+    from tsesnet.tracking import registry
+    from tsesnet.training.driver import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -161,15 +161,15 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
 
 
 def test_a_run_resumes_only_with_its_own_model_and_store(tmp_path):
-    from tsesnet.train import RUN_FILE, check_resume
+    from tsesnet.training.checkpoint import RUN_FILE, claim_run_folder
 
     model = dataclasses.asdict(load_config(TINY).model.build().config)
-    check_resume(str(tmp_path), "r", model, "fp1")  # first run: records model and store
+    claim_run_folder(str(tmp_path), "r", model, "fp1")  # first run: records model and store
     assert (tmp_path / "r" / RUN_FILE).is_file()
-    check_resume(str(tmp_path), "r", model, "fp1")  # same: resumes
+    claim_run_folder(str(tmp_path), "r", model, "fp1")  # same: resumes
     changed = {**model, "phase_embedding": True}
     with pytest.raises(InputError, match=r"run r cannot resume.*model.phase_embedding False"):
-        check_resume(str(tmp_path), "r", changed, "fp1")
+        claim_run_folder(str(tmp_path), "r", changed, "fp1")
     with pytest.raises(InputError, match=r"store fingerprint fp1 -> fp2") as err:
-        check_resume(str(tmp_path), "r", model, "fp2")
+        claim_run_folder(str(tmp_path), "r", model, "fp2")
     assert str(err.value).startswith(str(tmp_path / "r")) and "\n" not in str(err.value)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from tsesnet.model import build_model
-from tsesnet.summary import count_flops
+from tsesnet.programs.model_summary import count_flops
 
 CASES = [
     ("tiny", "tsff", (16, 32, 32)),

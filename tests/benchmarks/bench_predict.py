@@ -74,17 +74,16 @@ def register_tiny(workdir: Path, patch: tuple[int, int, int], phases: int) -> st
     import torch
 
     from tsesnet.model import build_model
-    from tsesnet.registry import log_and_register, model_config_dict
-    from tsesnet.tracking import ensure_database
+    from tsesnet.tracking.registry import log_and_register, model_config_dict
+    from tsesnet.tracking.runs import ensure_database
 
     torch.manual_seed(0)
     model = build_model("tiny")
-    torch.save(model.state_dict(), workdir / "best.pt")
     with mlflow.start_run(experiment_id=ensure_database(), run_name="bench-predict") as run:
         pass
     reg = log_and_register(
         run_id=run.info.run_id,
-        weights_path=workdir / "best.pt",
+        weights=model.state_dict(),
         model_config=model_config_dict(model),
         patch=patch,
         phases=phases,
@@ -103,8 +102,8 @@ def run_loop(uri: str, cohort: Path, out: Path, threads: int) -> tuple[float, fl
     """
     import torch
 
-    from tsesnet.predict import CaseReader, PredictConfig, predict_case
     from tsesnet.registry import load_model
+    from tsesnet.serving.predict import CaseReader, PredictConfig, predict_case
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -125,7 +124,7 @@ def run_ray(uri: str, cohort: Path, out: Path, workers: int) -> tuple[float, flo
     Returns:
         (wall seconds, seconds inside `predict_case` summed over cases and divided by the actors).
     """
-    from tsesnet.predict import PredictConfig, predict
+    from tsesnet.serving.predict import PredictConfig, predict
 
     start = time.perf_counter()
     report = predict(uri, str(cohort), str(out), PredictConfig(workers=workers), progress=False)

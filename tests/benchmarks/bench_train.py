@@ -50,7 +50,7 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
 
     from data_store.sampler import PatchSampler
     from data_store.store import open_store
-    from tsesnet.train_loop import sampler_config, train_step
+    from tsesnet.training.worker import train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.schedule.seed)
@@ -61,7 +61,7 @@ def plain_pytorch(store: str, cfg, epochs: int, threads: int) -> list[float]:
     sampler = PatchSampler(
         st,
         train_ids,
-        sampler_config(cfg.data),
+        cfg.data,
         seed=cfg.schedule.seed,
     )
     steps = math.ceil(cfg.data.patches_per_epoch / cfg.data.batch_size)
@@ -106,7 +106,7 @@ RAY_CORE_ACTORS = ("RayTrainWorker", "DashboardAgent", "RuntimeEnvAgent", "IDLE"
 def ray_train(
     store: str, cfg, epochs: int, threads: int, name: str
 ) -> tuple[list[float], str, int]:
-    """The real `tsesnet.train.train` with one worker; patches/s per epoch from MLflow.
+    """The real `tsesnet.training.driver.train` with one worker; patches/s per epoch from MLflow.
 
     Also prints where the CPU went during the run: the training worker against every other
     process (Ray's GCS, raylet, dashboard and Train controller, anything else running). Returns
@@ -116,10 +116,10 @@ def ray_train(
     import mlflow
     import ray
 
-    from tsesnet.cluster import connect
-    from tsesnet.train import train
+    from tsesnet.common.cluster import connect
+    from tsesnet.training.driver import train
 
-    connect(num_cpus=threads)  # the local Ray `tsesnet train` starts
+    connect()  # the local Ray `tsesnet train` starts
     # sampled every second: the training worker exits before train() returns
     before, seen, done = cpu_seconds(), {}, threading.Event()
 
@@ -171,9 +171,9 @@ def plain_beside_idle_ray(store: str, cfg, epochs: int, threads: int, actors: in
     with `actors` idle actor processes: what Ray's runtime alone costs the loop on this machine."""
     import ray
 
-    from tsesnet.cluster import connect
+    from tsesnet.common.cluster import connect
 
-    connect(num_cpus=threads)
+    connect()
 
     @ray.remote(num_cpus=0)
     class Idle:
@@ -199,7 +199,7 @@ def main() -> int:
     args = ap.parse_args()
     load = os.getloadavg()[0]
 
-    from tsesnet.train import load_config
+    from tsesnet.training.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"

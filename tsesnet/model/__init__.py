@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tsesnet.model.config import ModelConfig
+from tsesnet.model.config import ModelConfig, upgrade_config
 from tsesnet.model.fusion import FUSIONS
 from tsesnet.model.network import TSESNet
 
@@ -39,6 +39,23 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(preset="small", channels=(8, 16, 32, 64, 128), ta_start=1),
     "paper": ModelConfig(preset="paper", channels=(8, 16, 32, 64, 768), ta_start=1),
 }
+
+
+def model_config(preset: str, fusion: str = "tsff", **overrides) -> ModelConfig:
+    """The `ModelConfig` of a named preset with a fusion and field overrides (see `build_model`).
+
+    Raises:
+        ValueError: unknown preset, fusion or config field, or a bad value.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(sorted(FUSIONS))}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(fields)}")
+    return dataclasses.replace(PRESETS[preset], fusion=fusion, **overrides)
 
 
 def build_model(preset: str, fusion: str = "tsff", **overrides) -> TSESNet:
@@ -52,16 +69,15 @@ def build_model(preset: str, fusion: str = "tsff", **overrides) -> TSESNet:
     Raises:
         ValueError: unknown preset, fusion or config field.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(sorted(FUSIONS))}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(fields)}")
-    config = dataclasses.replace(PRESETS[preset], fusion=fusion, **overrides)
-    return TSESNet(config)
+    return TSESNet(model_config(preset, fusion, **overrides))
 
 
-__all__ = ["FUSIONS", "PRESETS", "ModelConfig", "TSESNet", "build_model"]
+__all__ = [
+    "FUSIONS",
+    "PRESETS",
+    "ModelConfig",
+    "TSESNet",
+    "build_model",
+    "model_config",
+    "upgrade_config",
+]

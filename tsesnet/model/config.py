@@ -1,6 +1,8 @@
 """`ModelConfig`: the typed, keyword-only configuration of a TSESNet (presets live in `__init__`).
 
-A YAML file (loaded strictly by `tsesnet.config`) or `build_model(preset, **overrides)` sets it.
+The training config's `model` section (`tsesnet.training.config.ModelSpec`) or
+`build_model(preset, **overrides)` sets it. Stored configs (registered models, run folders) are
+read through `upgrade_config`, which maps the field names of earlier releases to today's.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class ModelConfig:
         max_phases: the longest series the network takes where it matters: `early` fusion
             zero-pads phases to this count (with a presence mask), `phase_embedding` learns
             this many vectors; a longer series raises ValueError.
-        input_phases: indices of the acquired phases the network reads, in order (e.g. (2,) for
+        phases: indices of the acquired phases the network reads, in order (e.g. (2,) for
             a single post-contrast phase); () reads every phase. The selection is part of the
             model, so a registered model picks its phases from any full series it is given.
             Fusions other than `early` need at least two (phase 0 pre-contrast first).
@@ -53,22 +55,20 @@ class ModelConfig:
     stt_head_dim: int = 32
     stt_mlp_ratio: int = 4
     max_phases: int = 8
-    input_phases: tuple[int, ...] = ()
+    phases: tuple[int, ...] = ()
     phase_embedding: bool = False
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.ta_dilations = tuple(int(d) for d in self.ta_dilations)
         self.attn_tokens = tuple(int(t) for t in self.attn_tokens)
-        self.input_phases = tuple(int(p) for p in self.input_phases)
-        if any(p < 0 for p in self.input_phases) or len(set(self.input_phases)) != len(
-            self.input_phases
-        ):
-            raise ValueError(f"input_phases must be distinct indices >= 0, got {self.input_phases}")
-        if self.input_phases and self.fusion != "early" and len(self.input_phases) < 2:
+        self.phases = tuple(int(p) for p in self.phases)
+        if any(p < 0 for p in self.phases) or len(set(self.phases)) != len(self.phases):
+            raise ValueError(f"phases must be distinct indices >= 0, got {self.phases}")
+        if self.phases and self.fusion != "early" and len(self.phases) < 2:
             raise ValueError(
-                f"fusion {self.fusion!r} needs >= 2 input_phases (pre- and post-contrast), got "
-                f"{self.input_phases}; use fusion 'early' for a single phase"
+                f"fusion {self.fusion!r} needs >= 2 phases (pre- and post-contrast), got "
+                f"{self.phases}; use fusion 'early' for a single phase"
             )
         if len(self.channels) < 2 or min(self.channels) < 1:
             raise ValueError(f"channels needs >= 2 positive levels, got {self.channels}")
@@ -83,3 +83,17 @@ class ModelConfig:
     def divisor(self) -> int:
         """Spatial sizes must be multiples of this (one halving per level below the first)."""
         return 2 ** (len(self.channels) - 1)
+
+
+# Fields renamed since the first release: old name -> new name.
+RENAMED = {"input_phases": "phases"}
+# Fields added since the first release, with the value that reproduces the earlier behaviour.
+ADDED: dict[str, object] = {}
+
+
+def upgrade_config(fields: dict) -> dict:
+    """A stored `ModelConfig` dict with earlier field names and missing new fields filled in."""
+    out = {RENAMED.get(k, k): v for k, v in fields.items()}
+    for k, v in ADDED.items():
+        out.setdefault(k, v)
+    return out

@@ -62,7 +62,7 @@ class TSESNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"expected input (B, T, Z, Y, X), got shape {tuple(x.shape)}")
         t = x.shape[1]
-        picked = self.config.input_phases
+        picked = self.config.phases
         if picked and max(picked) >= t:
             raise ValueError(
                 f"the model reads phases {list(picked)} but the series has T={t} phases"
@@ -98,7 +98,7 @@ class TSESNet(nn.Module):
 
         Args:
             x: (B, T, Z, Y, X) float, T >= 2, phase 0 pre-contrast, Z/Y/X multiples of divisor
-                (`config.input_phases`, when set, picks the phases read).
+                (`config.phases`, when set, picks the phases read).
             return_features: also return the per-level encoder features for the TSC loss.
 
         Returns:
@@ -106,8 +106,8 @@ class TSESNet(nn.Module):
             list of (B, T, C_l, Z_l, Y_l, X_l), full resolution first (empty for `early`).
         """
         self.check_input(x)
-        if self.config.input_phases:
-            x = x[:, list(self.config.input_phases)]  # (B, T', Z, Y, X)
+        if self.config.phases:
+            x = x[:, list(self.config.phases)]  # (B, T', Z, Y, X)
         if self.early:
             x = self._early_input(x)  # (B, 1, 2*max_phases, Z, Y, X)
         b, t = x.shape[:2]

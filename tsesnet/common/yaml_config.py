@@ -31,7 +31,15 @@ import yaml
 
 from data_store.errors import InputError
 
-__all__ = ["apply_overrides", "dump_yaml", "flatten", "from_dict", "load_yaml", "to_dict"]
+__all__ = [
+    "apply_overrides",
+    "dump_yaml",
+    "flatten",
+    "from_dict",
+    "load_yaml",
+    "to_dict",
+    "with_values",
+]
 
 T = TypeVar("T")
 
@@ -150,7 +158,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 for k, v in value.items()
             }
     else:
-        raise TypeError(f"{label}: tsesnet.config cannot check fields of type {_type_name(tp)}")
+        raise TypeError(f"{label}: yaml_config cannot check fields of type {_type_name(tp)}")
     raise InputError(f"{label}: expected {_type_name(tp)}, got {_show(value)}")
 
 
@@ -263,7 +271,23 @@ def _admits_str(tp: Any) -> bool:
     return _is_union(tp) and any(_admits_str(a) for a in get_args(tp))
 
 
-def _override(obj: Any, parts: list[str], text: str, done: list[str], item: str) -> Any:
+def _text_value(tp: Any, text: str, key: str, item: str) -> Any:
+    """An override's text parsed as YAML and checked against `tp` (str fields take it raw)."""
+    try:
+        value = _parse_yaml(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    try:
+        return _convert(tp, value, key)
+    except InputError as err:
+        if not _admits_str(tp):
+            raise InputError(f"{item}: {err}") from None
+        return _convert(tp, text, key)  # e.g. model.name=123 for a str field
+
+
+def _replace(obj: Any, parts: list[str], leaf, done: list[str], item: str) -> Any:
+    """A copy of dataclass `obj` with the field at path `parts` set to `leaf(type, key)`;
+    errors start with `item` (what the user wrote)."""
     cls = type(obj)
     fields, hints = _fields(cls)
     where = ".".join(done)
@@ -271,26 +295,16 @@ def _override(obj: Any, parts: list[str], text: str, done: list[str], item: str)
     key = ".".join([*done, name])
     if name not in fields:
         raise InputError(
-            f"override {item!r}: unknown key {key}; allowed keys "
+            f"{item}: unknown key {key}; allowed keys "
             f"{'in ' + where if where else 'at the top level'}: {', '.join(fields)}"
         )
     if len(parts) > 1:
         child = getattr(obj, name)
         if not dataclasses.is_dataclass(child):
-            raise InputError(f"override {item!r}: {key} is a value, not a section")
-        new = _override(child, parts[1:], text, [*done, name], item)
+            raise InputError(f"{item}: {key} is a value, not a section")
+        new = _replace(child, parts[1:], leaf, [*done, name], item)
     else:
-        tp = hints[name]
-        try:
-            value = _parse_yaml(text) if text else None
-        except yaml.YAMLError:
-            value = text
-        try:
-            new = _convert(tp, value, key)
-        except InputError as err:
-            if not _admits_str(tp):
-                raise InputError(f"override {item!r}: {err}") from None
-            new = _convert(tp, text, key)  # e.g. model.name=123 for a str field
+        new = leaf(hints[name], key)
     kwargs = {f: getattr(obj, f) for f in fields}
     kwargs[name] = new
     return _instantiate(cls, kwargs, where)
@@ -308,7 +322,25 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
     """
     for item in overrides:
         parts, text = _parse_override(item)
-        cfg = _override(cfg, parts, text, [], item)
+        label = f"override {item!r}"
+        cfg = _replace(
+            cfg, parts, lambda tp, key, t=text, i=label: _text_value(tp, t, key, i), [], label
+        )
+    return cfg
+
+
+def with_values(cfg: T, values: Mapping[str, Any], where: str = "") -> T:
+    """Return a copy of ``cfg`` with ``{"dotted.key": value}`` set, each checked like YAML.
+
+    Args:
+        where: prefix of the key in messages (e.g. "space." for a sweep's search space).
+
+    Raises:
+        InputError: unknown key (naming the allowed keys) or a value of the wrong type.
+    """
+    for path, value in values.items():
+        leaf = lambda tp, key, v=value: _convert(tp, v, key)  # noqa: E731
+        cfg = _replace(cfg, path.split("."), leaf, [], f"{where}{path}")
     return cfg
 
 

@@ -15,7 +15,7 @@ The pipeline, read top to bottom:
    phase-0 file, and DSC / HD95 (mm) / sensitivity where a ground-truth mask exists.
    Any error is caught and returned as the case's row: one bad case never stops the others.
 3. `CasePredictor` is the Ray Data callable class: it loads the model once per actor
-   (`tsesnet.registry.load_model`) and calls `predict_case` for each case it is given.
+   (`tsesnet.tracking.registry.load_model`) and calls `predict_case` for each case it is given.
 4. `predict` builds the dataset (one block per case, batch size 1 so the actor pool balances
    case by case), streams results with a progress bar, writes `summary.csv` and returns a
    `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
@@ -248,9 +248,9 @@ def predict_case(
     import torch
 
     from data_store.normalize import normalize_intensity
-    from tsesnet.evaluate import case_metrics
     from tsesnet.inference import sliding_window_inference
     from tsesnet.postprocess import keep_components
+    from tsesnet.serving.evaluate import case_metrics
 
     row = _nan_row(case_id)
     start = time.perf_counter()
@@ -335,7 +335,7 @@ class CasePredictor:
                 if not torch.cuda.is_available():  # e.g. a CPU-only torch on a GPU node
                     raise InputError("--gpus-per-worker set, but torch sees no CUDA device")
                 self.device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES per actor
-            from tsesnet.registry import load_model
+            from tsesnet.tracking.registry import load_model
 
             self.loaded = load_model(model_uri)
             if self.device is not None:
@@ -390,7 +390,7 @@ def check_model_uri(uri: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tsesnet.tracking import configure
+    from tsesnet.tracking.runs import configure
 
     configure()
     client = mlflow.MlflowClient()
@@ -477,8 +477,8 @@ def predict(
     import ray.data
     from tqdm import tqdm
 
-    from tsesnet.evaluate import summarize
-    from tsesnet.tracking import tracking_uri
+    from tsesnet.serving.evaluate import summarize
+    from tsesnet.tracking.runs import tracking_uri
 
     config = config or PredictConfig()
     reader = CaseReader.for_input(input_path)
@@ -489,7 +489,7 @@ def predict(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     check_model_uri(model_uri)
-    from tsesnet.cluster import connect
+    from tsesnet.common.cluster import connect
 
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
@@ -550,7 +550,7 @@ def predict(
 
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet predict --model URI --input STORE_OR_DIR --output DIR [...]`; 1 if a case failed."""
-    from tsesnet.evaluate import format_summary
+    from tsesnet.serving.evaluate import format_summary
 
     config = PredictConfig(
         workers=args.workers,

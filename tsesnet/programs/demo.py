@@ -20,12 +20,15 @@ import os
 import time
 from pathlib import Path
 
+from tsesnet.common import names
+from tsesnet.training.config import CONFIG_DIR
+
 # The demo's sizes: 2 cores, well under 15 minutes including set-up.
 TRAIN_CASES = 16
 TEST_CASES = 6
 SEED = 2024
 TEST_SEED = 7
-CONFIG = Path(__file__).resolve().parents[1] / "platform" / "configs" / "small.yaml"
+CONFIG = CONFIG_DIR / "small.yaml"
 RUN_NAME = "demo-small"
 
 
@@ -43,7 +46,10 @@ def run_demo(out: str | Path) -> int:
     from data_store import ingest as ingest_mod
     from data_store import store as store_mod
     from data_store.synth import write_cohort
-    from tsesnet import evaluate, predict, tracking, train
+    from tsesnet.serving import evaluate, predict
+    from tsesnet.tracking import runs
+    from tsesnet.training import config as train_config
+    from tsesnet.training import driver
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -60,15 +66,15 @@ def run_demo(out: str | Path) -> int:
     report = ingest_mod.ingest(cohort, store)
     if report.rejected:
         return 1
-    store_mod.cli_info(argparse.Namespace(store=str(store), json=False))
+    print(store_mod.info_table(store_mod.open_store(store)))
     _done(t0)
 
     t0 = _stage(3, "train the small preset with 2 Ray Train workers (MLflow: embedded SQLite)")
-    cfg = train.load_config(CONFIG)  # 2 workers of 1 CPU each
+    cfg = train_config.load_config(CONFIG)  # 2 workers of 1 CPU each
     # the same cohort and config resume (or reuse) their run; a new one trains afresh
     fingerprint = store_mod.open_store(store).fingerprint
-    run_name = f"{RUN_NAME}-{train.config_hash(cfg)}-{fingerprint[:8]}"
-    result = train.train(str(store), cfg, run_name)
+    run_name = names.join(RUN_NAME, train_config.config_hash(cfg), fingerprint[:8])
+    result = driver.train(str(store), cfg, run_name)
     _done(t0)
 
     t0 = _stage(4, "model registry")
@@ -96,7 +102,7 @@ def run_demo(out: str | Path) -> int:
     print(evaluate.format_summary(ev.summary))
     _done(t0)
 
-    uri = tracking.tracking_uri()
+    uri = runs.tracking_uri()
     print(
         f"\nDemo finished in {time.perf_counter() - started:.0f} s.\n"
         f"  masks and summary.csv : {preds}\n"

@@ -2,7 +2,8 @@
 
 `$RAY_ADDRESS` picks a cluster; without it a new local instance starts (`address="local"`: never
 a cluster some earlier `ray start` left on this machine), with the dashboard on and bound to
-127.0.0.1 (Train V2 needs its state API to free a finished run's resources, FIELD_NOTES.md).
+127.0.0.1 (Train V2 needs its state API to free a finished run's placement group: without it
+the second of two Train runs in one Ray instance waited forever for the first one's CPUs).
 Ray's workers run at niceness 15 by default, so on a busy machine they lose the CPU to
 everything else; a local instance started here runs them at 0 (measured by
 `tests/benchmarks/bench_train.py`). Workers' output (the training loop's epoch lines, the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 
 
-def connect(num_cpus: int | None = None):
+def connect():
     """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
     import ray
 
@@ -27,7 +28,6 @@ def connect(num_cpus: int | None = None):
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         address="local",
-        num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         configure_logging=False,

@@ -1,8 +1,8 @@
 """The MLflow "models from code" pyfunc of a registered TSESNet (`mlflow.pyfunc.load_model`).
 
 MLflow stores this file as source text with the model and runs it when the model is loaded as a
-pyfunc; nothing is unpickled. It is not imported by the package: `tsesnet.registry.load_model`
-is the way the platform loads models, and needs no pyfunc at all.
+pyfunc; nothing is unpickled. It is not imported by the package:
+`tsesnet.tracking.registry.load_model` is the way the platform loads models, and needs no pyfunc.
 
 `predict` takes a (B, T, Z, Y, X) float32 volume, intensity-normalised like the store's
 (`data_store.normalize.normalize_intensity`), and returns sliding-window logits (B, 1, Z, Y, X).
@@ -19,7 +19,7 @@ class TSESNetPyfunc(PythonModel):
     """Sliding-window prediction with the weights and config logged next to this file."""
 
     def load_context(self, context):
-        from tsesnet.registry import load_model_files
+        from tsesnet.tracking.registry import load_model_files
 
         self.loaded = load_model_files(context.artifacts["weights"], context.artifacts["config"])
 

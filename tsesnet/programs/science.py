@@ -29,7 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "platform" / "configs" / "science.yaml"
+from tsesnet.common import names
+from tsesnet.training.config import CONFIG_DIR
+
+CONFIG = CONFIG_DIR / "science.yaml"
 BEGIN, END = "<!-- science:begin -->", "<!-- science:end -->"
 
 
@@ -124,14 +127,13 @@ def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float
     import torch
 
     from data_store.store import open_store
-    from tsesnet.config import to_dict
-    from tsesnet.train_loop import mean_metrics, validate
+    from tsesnet.training import checkpoint
+    from tsesnet.training.validation import mean_metrics, validate
 
     net = cfg.model.build()
-    ckpt = Path(result.checkpoint_path)
-    net.load_state_dict(torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True))
+    net.load_state_dict(checkpoint.load_best(result.checkpoint_path))
     net.eval()
-    rows, _ = validate(net, open_store(test_store), test_ids, to_dict(cfg), torch.device("cpu"))
+    rows, _ = validate(net, open_store(test_store), test_ids, cfg, torch.device("cpu"))
     return mean_metrics(rows)
 
 
@@ -175,7 +177,8 @@ def write_readme(readme: Path, block: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tsesnet import train as trainmod
+    from tsesnet.training import config as train_config
+    from tsesnet.training.driver import train
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"error: unknown --rows {unknown}; choose from {', '.join(ROW_KEYS)}")
     args.config = args.config or str(CONFIG)
-    base = trainmod.load_config(args.config, list(args.overrides))
+    base = train_config.load_config(args.config, list(args.overrides))
     started = time.perf_counter()
     results = []
     for seed in args.seeds:
@@ -205,10 +208,10 @@ def run(args: argparse.Namespace) -> int:
                 f"run.storage_path={seed_dir / 'ray_results'}",
                 f"schedule.seed={seed}",
             ]
-            cfg = trainmod.load_config(args.config, [*args.overrides, *overrides])
+            cfg = train_config.load_config(args.config, [*args.overrides, *overrides])
             _stage(f"seed {seed}, {row.label}")
             t0 = time.perf_counter()
-            res = trainmod.train(str(store), cfg, f"science-s{seed}-{row.key}")
+            res = train(str(store), cfg, names.join("science", f"s{seed}", row.key))
             m = score(res, cfg, test_store, test_ids)
             results.append({"seed": seed, "row": row.key, "epochs": res.epochs_done, **m})
             print(

@@ -1,0 +1,268 @@
+"""What a sweep reports: one row per trial, the terminal table, the CSV, Optuna's plots, and the
+MLflow parent run's settings (at the start) and results (at the end).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweeps import space as spacemod
+from sweeps.trial import EPOCHS, SWEEP_TAG, TRIAL_TAG
+from tsesnet.tracking.runs import quote
+
+
+@dataclass
+class TrialRow:
+    """One line of the results table."""
+
+    trial: str
+    status: str
+    params: dict[str, Any]
+    epochs: int
+    best_val_dice: float
+    hd95: float
+    run_id: str | None
+    checkpoint_path: str | None = None
+    history: list[float] = field(default_factory=list)  # metric per epoch
+
+
+def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, name: str):
+    """One `TrialRow` per trial that started, best first (NaN metrics last)."""
+    runs = {
+        r.data.tags.get(TRIAL_TAG): r.info.run_id
+        for r in client.search_runs(
+            [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = {quote(name)}"
+        )
+        if r.data.tags.get(TRIAL_TAG)
+    }
+    rows = []
+    for res in grid:
+        if res.config is None:
+            # created by the searcher but stopped (e.g. by a `stop` budget) before it started:
+            # it trained nothing and has no MLflow run
+            continue
+        trial = Path(str(res.path)).name
+        m = res.metrics or {}
+        df = res.metrics_dataframe
+        history: list[float] = []
+        best_dice, hd95 = float("nan"), float("nan")
+        if df is not None and "val_dice" in df:
+            history = [float(v) for v in df[cfg.metric]] if cfg.metric in df else []
+            vals = df["val_dice"].astype(float)
+            if vals.notna().any():
+                i = vals.idxmax()
+                best_dice = float(vals[i])
+                hd95 = float(df["val_hd95"][i]) if "val_hd95" in df else float("nan")
+        rows.append(
+            TrialRow(
+                trial=trial,
+                status="ERROR" if res.error else "TERMINATED",
+                params={p.path: res.config.get(p.path) for p in cfg.params()},
+                epochs=int(m.get(EPOCHS, 0) or 0),
+                best_val_dice=best_dice,
+                hd95=hd95,
+                run_id=runs.get(trial),
+                checkpoint_path=m.get("checkpoint_path"),
+                history=history,
+            )
+        )
+    sign = -1.0 if cfg.mode == "max" else 1.0
+    rows.sort(key=lambda r: (not math.isfinite(r.best_val_dice), sign * _nan0(r.best_val_dice)))
+    return rows
+
+
+def _nan0(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def finish_child_runs(client, rows: list[TrialRow], max_epochs: int) -> None:
+    """Trials stopped by ASHA never return from `train`: close their runs here.
+
+    A stopped trial may have trained (and logged) an epoch more than Tune saw before it was
+    stopped; `epochs` becomes what was trained, as the run's metric history shows.
+    """
+    for r in rows:
+        if not r.run_id:
+            continue
+        logged = len(client.get_metric_history(r.run_id, "val_dice"))
+        r.epochs = max(r.epochs, logged)
+        client.set_tag(r.run_id, "tsesnet.epochs_run", str(r.epochs))
+        if r.status == "TERMINATED" and r.epochs < max_epochs:
+            client.set_tag(r.run_id, "tsesnet.stopped_early", "true")
+        run = client.get_run(r.run_id)
+        if run.info.status == "RUNNING":
+            client.set_terminated(r.run_id, "FAILED" if r.status == "ERROR" else "FINISHED")
+
+
+def log_parent_start(client, run_id, cfg, base_cfg, store, st, n_parallel) -> None:
+    """The sweep's settings, search space and base training config, on its parent run."""
+    from tsesnet.common.yaml_config import dump_yaml
+
+    params = {
+        "sweep.trials": cfg.trials,
+        "sweep.metric": cfg.metric,
+        "sweep.mode": cfg.mode,
+        "sweep.search": cfg.search.algorithm,
+        "sweep.seed": cfg.search.seed,
+        "sweep.n_startup_trials": cfg.search.n_startup_trials,
+        "sweep.scheduler": cfg.scheduler.algorithm,
+        "sweep.grace_period": cfg.scheduler.grace_period,
+        "sweep.reduction_factor": cfg.scheduler.reduction_factor,
+        "sweep.max_concurrent_trials": n_parallel,
+        "sweep.train_config": cfg.train_config,
+        "sweep.set": ";".join(cfg.set),
+    }
+    for p in cfg.params():
+        params[f"space.{p.path}"] = f"{p.kind}{list(p.args)}"
+    for k, v in cfg.fixed().items():
+        params[f"space.{k}"] = f"fixed {v}"
+    for k, v in params.items():
+        client.log_param(run_id, k, str(v)[:500])
+    client.set_tag(run_id, "data.store", store)
+    client.set_tag(run_id, "data.store_fingerprint", st.fingerprint)
+    client.log_text(run_id, space_yaml(cfg), "sweep/search_space.yaml")
+    client.log_text(run_id, dump_yaml(base_cfg), "sweep/base_train_config.yaml")
+
+
+def space_yaml(cfg: spacemod.SweepConfig) -> str:
+    """The sweep config as YAML (what was searched, how)."""
+    import dataclasses
+
+    import yaml
+
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+COLUMNS = ("trial", "alpha", "beta", "tau", "fusion", "lr", "epochs", "best val DSC", "HD95 mm")
+
+
+def _row_values(r: TrialRow) -> dict[str, Any]:
+    out: dict[str, Any] = {"trial": r.trial}
+    for path, v in r.params.items():
+        out[path.rsplit(".", 1)[-1]] = v
+    out.update({"epochs": r.epochs, "best val DSC": r.best_val_dice, "HD95 mm": r.hd95})
+    out["status"] = r.status
+    return out
+
+
+def results_csv(rows: list[TrialRow]) -> str:
+    """The results table as CSV: trial, every searched path, epochs, DSC, HD95, run id."""
+    buf = io.StringIO()
+    paths = list(rows[0].params) if rows else []
+    w = csv.writer(buf)
+    w.writerow(["trial", *paths, "epochs", "best_val_dice", "val_hd95", "status", "run_id"])
+    for r in rows:
+        w.writerow(
+            [r.trial, *(r.params[p] for p in paths), r.epochs, r.best_val_dice, r.hd95]
+            + [r.status, r.run_id or ""]
+        )
+    return buf.getvalue()
+
+
+def results_table(rows: list[TrialRow]) -> str:
+    """The terminal table, in the order given (best first)."""
+    if not rows:
+        return "(no trials)"
+    cols = list(dict.fromkeys(["trial", *(_row_values(rows[0]).keys())]))
+    ordered = [c for c in COLUMNS if c in cols] + [c for c in cols if c not in COLUMNS]
+
+    def fmt(v):
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return "-"
+            return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.4f}"
+        return str(v)
+
+    cells = [[fmt(_row_values(r).get(c, "")) for c in ordered] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(ordered)]
+    line = "  ".join(c.ljust(w) for c, w in zip(ordered, widths, strict=True))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def optuna_study(cfg: spacemod.SweepConfig, rows: list[TrialRow]):
+    """An Optuna study rebuilt from the trials (in trial order), for Optuna's plots."""
+    import optuna
+
+    dists = spacemod.optuna_distributions(cfg)
+    direction = "maximize" if cfg.mode == "max" else "minimize"
+    study = optuna.create_study(direction=direction)
+    for r in sorted(rows, key=lambda r: r.trial):
+        value = r.history[-1] if r.history else float("nan")
+        if not math.isfinite(value):
+            continue
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={p: r.params[p] for p in dists},
+                distributions=dists,
+                value=value,
+                intermediate_values=dict(enumerate(r.history, start=1)),
+            )
+        )
+    return study
+
+
+def optuna_plots(cfg: spacemod.SweepConfig, rows: list[TrialRow], out_dir: Path) -> list[Path]:
+    """Optimisation history, parameter importances and parallel coordinates as PNGs."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna_study(cfg, rows)
+    made = []
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "param_importances": ovm.plot_param_importances,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+    }
+    for fname, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
+                ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(9, 5)
+            fig.tight_layout()
+            path = out_dir / f"{fname}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            made.append(path)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:
+            # e.g. importances need two finished trials with different values
+            print(f"note: no {fname} plot: {err}", flush=True)
+    return made
+
+
+def log_parent_end(client, run_id, cfg, rows, best, version, alias) -> None:
+    """The results table, Optuna's plots, the best trial and its registered version."""
+    import tempfile
+
+    client.log_text(run_id, results_csv(rows), "sweep/results.csv")
+    with tempfile.TemporaryDirectory() as d:
+        for path in optuna_plots(cfg, rows, Path(d)):
+            client.log_artifact(run_id, str(path), "sweep/plots")
+    client.log_metric(run_id, "trials", len(rows))
+    client.log_metric(run_id, "trials_failed", sum(r.status == "ERROR" for r in rows))
+    client.log_metric(run_id, "epochs_total", sum(r.epochs for r in rows))
+    if best is not None:
+        client.log_metric(run_id, "best_val_dice", best.best_val_dice)
+        client.set_tag(run_id, "tsesnet.best_trial", best.trial)
+        if best.run_id:
+            client.set_tag(run_id, "tsesnet.best_run_id", best.run_id)
+    if version:
+        client.set_tag(run_id, "tsesnet.model_version", str(version))
+        client.set_tag(run_id, "tsesnet.model_alias", str(alias))

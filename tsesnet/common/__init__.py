@@ -1,0 +1,1 @@
+"""What every driver shares: the strict YAML config loader, the Ray connection, safe names."""

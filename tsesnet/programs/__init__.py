@@ -1,0 +1,1 @@
+"""End-to-end programs: `tsesnet demo`, `tsesnet science`, `tsesnet model-summary`."""

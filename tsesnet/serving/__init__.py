@@ -1,0 +1,1 @@
+"""Using a registered model: batch prediction on Ray Data (`predict`), evaluation (`evaluate`)."""

@@ -1,0 +1,220 @@
+"""`TrainConfig`: the training recipe as typed sections, each the one owner of its settings.
+
+`platform/configs/*.yaml` are its serialisation, read by the project's one strict YAML loader
+(`tsesnet.common.yaml_config`): an unknown key, a value of the wrong type or out of range is a
+one-line error naming the key, before Ray starts. The defaults are the paper's recipe.
+
+A setting keeps one name from the YAML file to the code that reads it: `model.*` are
+`tsesnet.model.ModelConfig` fields, `data.*` extend `data_store.sampler.SamplerConfig` (the
+sampler reads the training config's `data` section as it is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data_store.errors import InputError
+from data_store.sampler import SamplerConfig
+from tsesnet.common import names
+from tsesnet.losses import LossConfig
+
+# The shipped recipes (`tiny`, `small`, `paper`, `science`, the sweep configs).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "platform" / "configs"
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """Which network to build: a preset and fusion, and `ModelConfig` fields by their names.
+
+    Attributes:
+        preset: a key of `tsesnet.model.PRESETS`.
+        fusion: a key of `tsesnet.model.FUSIONS`.
+        tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
+        phases: the acquired phases the network reads, in order; [] = all.
+        phase_embedding: a learned vector per phase before fusion; False is the paper's model.
+    """
+
+    preset: str = "paper"
+    fusion: str = "tsff"
+    tumor_aware: bool = True
+    phases: tuple[int, ...] = ()
+    phase_embedding: bool = False
+
+    def config(self):
+        """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion)."""
+        from tsesnet.model import model_config
+
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
+
+    def build(self):
+        """The `TSESNet` this spec describes."""
+        from tsesnet.model import TSESNet
+
+        return TSESNet(self.config())
+
+
+@dataclass(kw_only=True)
+class DataConfig(SamplerConfig):
+    """Patches for training (the sampler's settings, inherited), cases for validation.
+
+    Attributes:
+        fold: validation fold of the store's patient-level folds; the others train.
+        batch_size: patches per step per worker (the paper: 1 per GPU).
+        val_overlap: sliding-window overlap for validation, in [0, 1).
+        val_batch_size: windows per forward pass during validation.
+        max_val_cases: validate on at most this many cases (0 = the whole fold).
+    """
+
+    fold: int = 0
+    batch_size: int = 1
+    val_overlap: float = 0.5
+    val_batch_size: int = 2
+    max_val_cases: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam, as in the paper (lr 1e-4); bf16 autocast applies on GPU only.
+
+    Attributes:
+        lr_decay: "none" keeps lr constant (the paper names no schedule); "poly" sets epoch e's
+            lr to ``lr * (1 - e / epochs) ** 0.9`` (nnU-Net's schedule), which settles the
+            weights by the end of a short budget.
+    """
+
+    lr: float = 1e-4
+    lr_decay: Literal["none", "poly"] = "none"
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    bf16: bool = True
+
+    def lr_at(self, epoch: int, epochs: int) -> float:
+        """The learning rate of an epoch (0-based) of a run of `epochs` epochs."""
+        if self.lr_decay == "poly":
+            return self.lr * (1.0 - epoch / epochs) ** 0.9
+        return self.lr
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """300 epochs, early stop after 30 epochs without a better validation Dice (the paper)."""
+
+    epochs: int = 300
+    early_stop_patience: int = 30
+    val_every: int = 5
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch (0-based) ends with a validation: every `val_every`, and the last."""
+        return (epoch + 1) % self.val_every == 0 or epoch == self.epochs - 1
+
+
+@dataclass(kw_only=True)
+class RunSettings:
+    """Where and how the run executes.
+
+    Attributes:
+        workers: Ray Train workers (one process each, DDP).
+        gpus_per_worker: 0 trains on CPU over gloo; > 0 on GPU over NCCL.
+        cpus_per_worker: CPUs reserved per worker (sets its torch threads).
+        max_failures: worker failures to recover from (restart from the latest checkpoint).
+        storage_path: checkpoints and Ray results; "" means `<cwd>/ray_results`. On a cluster,
+            shared storage (an NFS path or an object-store URL).
+        checkpoints_to_keep: latest checkpoints kept on storage.
+        experiment: MLflow experiment name.
+        registered_model_name: MLflow registered model the best checkpoint goes to.
+        register: log and register the best checkpoint at the end.
+    """
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    storage_path: str = ""
+    checkpoints_to_keep: int = 2
+    experiment: str = "tsesnet"
+    registered_model_name: str = "tsesnet"
+    register: bool = True
+
+    def resolved_storage_path(self) -> str:
+        """The one storage-path rule: `storage_path` made absolute, `<cwd>/ray_results` when
+        empty; a URL (`s3://...`) as it is."""
+        sp = self.storage_path or str(Path.cwd() / "ray_results")
+        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The root config: `platform/configs/*.yaml` is its serialisation (unknown keys fail)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The paper's recipe, or a YAML file, with `key=value` overrides applied (type-checked)."""
+    from tsesnet.common import yaml_config
+
+    try:
+        cfg = yaml_config.load_yaml(TrainConfig, path) if path else TrainConfig()
+        if overrides:
+            cfg = yaml_config.apply_overrides(cfg, list(overrides))
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        raise InputError(f"bad config: {err}", path=str(path) if path else None) from err
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Settings that are well-typed but out of range, named by their keys."""
+    problems = []
+    if cfg.run.workers < 1:
+        problems.append("run.workers must be >= 1")
+    if cfg.data.batch_size < 1 or cfg.data.patches_per_epoch < 1:
+        problems.append("data.batch_size and data.patches_per_epoch must be >= 1")
+    if cfg.schedule.epochs < 1 or cfg.schedule.val_every < 1 or cfg.schedule.checkpoint_every < 1:
+        problems.append("schedule.epochs, val_every and checkpoint_every must be >= 1")
+    if problems:
+        raise InputError("bad config: " + "; ".join(problems))
+
+
+# Keys added after the first release: hashed only when set to something else than their default,
+# so that the default run name of a run started before they existed stays the same (it resumes).
+_HASHED_WHEN_SET = {
+    "data": ("intensity_scale", "intensity_shift", "admit_after"),
+}
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A short stable hash of everything that changes the trained model (not `run`)."""
+    from tsesnet.common import yaml_config
+
+    d = yaml_config.to_dict(cfg)
+    default = yaml_config.to_dict(TrainConfig())
+    d.pop("run", None)
+    for section, keys in _HASHED_WHEN_SET.items():
+        for key in keys:
+            if d[section][key] == default[section][key]:
+                del d[section][key]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_run_name(store_path: str, cfg: TrainConfig) -> str:
+    """Deterministic (never a timestamp): store name, preset, fusion, fold and config hash."""
+    m = cfg.model
+    return names.join(
+        names.store_stem(store_path), m.preset, m.fusion, f"fold{cfg.data.fold}", config_hash(cfg)
+    )

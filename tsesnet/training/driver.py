@@ -1,0 +1,280 @@
+"""`tsesnet train`: plan the run, fit it on Ray Train, register the best checkpoint.
+
+One Ray Train pattern (Ray's own examples): the per-worker function lives in
+`tsesnet.training.worker`; this driver builds the `TorchTrainer` around it. `train` reads as its
+three steps: `plan_run` checks everything that can be checked before Ray starts and finds (or
+creates) the MLflow run, `fit` runs the workers, `register` logs and registers the best weights.
+
+Running again with the same run name and storage path resumes from the latest checkpoint
+(Ray Train V2 restores from `storage_path/name`), and continues the same MLflow run.
+Sweeps (`sweeps.trial`) and the science check call `train` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_store.errors import InputError
+from tsesnet.common import names
+from tsesnet.training import checkpoint
+from tsesnet.training.config import TrainConfig, check_config, default_run_name, load_config
+
+# Run tags: which epoch's best weights a run registered, as which version and alias.
+REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
+VERSION_TAG, ALIAS_TAG = "tsesnet.model_version", "tsesnet.model_alias"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before the workers start."""
+
+    name: str
+    store: str  # absolute path or URL
+    fingerprint: str
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    model_config: dict
+    storage_path: str
+    run_id: str
+    resumed: bool
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    name: str
+    run_id: str
+    best_val_dice: float
+    best_epoch: int
+    epochs_done: int
+    min_component_fraction: float
+    val_dice_filtered: float
+    model_version: str | None
+    alias: str | None
+    checkpoint_path: str | None
+    metrics: dict = field(default_factory=dict)
+
+
+def train(
+    store: str,
+    config: TrainConfig | None = None,
+    name: str | None = None,
+    *,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Train on Ray Train, track in MLflow, register the best checkpoint.
+
+    Args:
+        store: path or fsspec URL of a store written by `tsesnet ingest`.
+        config: the training config (default: the paper's recipe).
+        name: run name; the same name (and storage path) resumes from the latest checkpoint.
+        callbacks: extra Ray Train `RunConfig` callbacks, e.g. the sweep's report to Tune.
+
+    Returns:
+        The run's MLflow id, best validation Dice, registered version and alias.
+    """
+    cfg = config or TrainConfig()
+    plan = plan_run(store, cfg, name)
+    result = fit(plan, cfg, callbacks)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = checkpoint.read_state(ckpt_dir)
+        reg = register(ckpt_dir, cfg, run_id=plan.run_id, lineage=_lineage(plan, cfg))
+    _end_run(plan.run_id, "FINISHED")
+    return TrainResult(
+        name=plan.name,
+        run_id=plan.run_id,
+        best_val_dice=float(state.best_val_dice),
+        best_epoch=int(state.best_epoch),
+        epochs_done=int(state.epoch) + 1,
+        min_component_fraction=float(state.min_component_fraction),
+        val_dice_filtered=float(state.filtered_dice),
+        model_version=reg[0],
+        alias=reg[1],
+        checkpoint_path=result.checkpoint.path,
+        metrics=dict(result.metrics or {}),
+    )
+
+
+def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
+    """Check the config, store, fold and network, claim the run folder, find the MLflow run.
+
+    Raises:
+        InputError: anything that would fail once workers start, as one line.
+    """
+    from data_store.store import open_store
+    from tsesnet.tracking import runs
+
+    check_config(cfg)
+    store = store if "://" in str(store) else str(Path(store).expanduser().resolve())
+    name = names.check(name) if name else default_run_name(store, cfg)
+    st = open_store(store)
+    if not 0 <= cfg.data.fold < st.n_folds:
+        raise InputError(f"data.fold={cfg.data.fold} but the store has {st.n_folds} folds")
+    train_ids, val_ids = st.split(cfg.data.fold)
+    if not train_ids or not val_ids:
+        raise InputError(
+            f"fold {cfg.data.fold} gives {len(train_ids)} training and {len(val_ids)} validation "
+            "labelled cases; both must be non-empty",
+            path=store,
+        )
+    model_config = _check_network(cfg)
+    storage_path = cfg.run.resolved_storage_path()
+    checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
+    experiment_id = runs.ensure_database(cfg.run.experiment)
+    run_id, resumed = runs.find_or_create_run(experiment_id, name)
+    print(
+        f"run {name}: MLflow run {run_id}{' (resuming)' if resumed else ''}, "
+        f"checkpoints in {storage_path}/{name}",
+        flush=True,
+    )
+    return RunPlan(
+        name=name,
+        store=store,
+        fingerprint=st.fingerprint,
+        train_ids=tuple(train_ids),
+        val_ids=tuple(val_ids),
+        model_config=model_config,
+        storage_path=storage_path,
+        run_id=run_id,
+        resumed=resumed,
+    )
+
+
+def _check_network(cfg: TrainConfig) -> dict:
+    """Build the network once (fail fast on a preset/fusion/patch it can't take); its config."""
+    try:
+        net = cfg.model.build()
+    except (ValueError, KeyError) as err:
+        raise InputError(f"bad model config: {err}") from err
+    div = net.config.divisor
+    if any(p % div for p in cfg.data.patch):
+        fixed = tuple(-(-p // div) * div for p in cfg.data.patch)
+        raise InputError(
+            f"data.patch={tuple(cfg.data.patch)} must be multiples of {div} for preset "
+            f"{cfg.model.preset!r}; pick e.g. {fixed}"
+        )
+    return dataclasses.asdict(net.config)
+
+
+def fit(plan: RunPlan, cfg: TrainConfig, callbacks: list | None = None):
+    """Run the workers on Ray Train (`TorchTrainer`); return Ray's `Result`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tsesnet.common.cluster import connect
+    from tsesnet.tracking import runs
+    from tsesnet.training.worker import WorkerSetup, train_loop_per_worker
+
+    setup = WorkerSetup(
+        config=cfg,
+        store=plan.store,
+        store_fingerprint=plan.fingerprint,
+        train_ids=plan.train_ids,
+        val_ids=plan.val_ids,
+        tracking_uri=runs.tracking_uri(),
+        run_id=plan.run_id,
+        run_name=plan.name,
+        git_commit=runs.git_commit(),
+    )
+    use_gpu = cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker
+    connect()
+    # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
+    # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    trainer = TorchTrainer(
+        functools.partial(train_loop_per_worker, setup),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=plan.name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=list(callbacks or []),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {plan.name} finished without a checkpoint")
+    return result
+
+
+def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
+    return {"store_fingerprint": plan.fingerprint, "fold": cfg.data.fold, "run_name": plan.name}
+
+
+def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict):
+    """Log and register the best weights of a checkpoint, once per run and epoch.
+
+    The one registration path, for `tsesnet train`, sweeps and the science check. A run that
+    already registered this checkpoint's epoch (a rerun of a finished run, a resumed sweep)
+    keeps its version; `run.register: false` registers nothing.
+
+    Returns:
+        (version, alias), or (None, None) when nothing is registered.
+    """
+    import mlflow
+
+    from tsesnet.tracking.registry import log_and_register
+
+    state = checkpoint.read_state(ckpt_dir)
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if tags.get(REGISTERED_AT_TAG) == str(state.epoch):
+        return tags[VERSION_TAG], tags.get(ALIAS_TAG)
+    if not cfg.run.register:
+        return None, None
+    reg = log_and_register(
+        run_id=run_id,
+        weights=checkpoint.load_best(ckpt_dir),
+        model_config=dataclasses.asdict(cfg.model.config()),
+        patch=tuple(cfg.data.patch),
+        phases=state.phases,
+        val_dice=state.best_val_dice,
+        min_component_fraction=state.min_component_fraction,
+        lineage=lineage,
+        name=cfg.run.registered_model_name,
+    )
+    client.set_tag(run_id, REGISTERED_AT_TAG, str(state.epoch))
+    print(f"registered {reg.name} v{reg.version} as @{reg.alias}: {reg.reason}", flush=True)
+    return reg.version, reg.alias
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def cli(args) -> int:
+    """`tsesnet train --store STORE [--config FILE] [--set k=v ...] [--workers N] ...`."""
+    overrides = list(args.overrides or [])
+    if args.workers is not None:
+        overrides.append(f"run.workers={args.workers}")
+    if args.gpus_per_worker is not None:
+        overrides.append(f"run.gpus_per_worker={args.gpus_per_worker}")
+    cfg = load_config(args.config, overrides)
+    res = train(args.store, cfg, args.name)
+    print(
+        f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
+        f"(epoch {res.best_epoch}); MLflow run {res.run_id}"
+    )
+    print(
+        f"prediction keeps connected components of >= {res.min_component_fraction:g} x the "
+        f"largest (chosen on validation: Dice {res.val_dice_filtered:.4f} with it)"
+    )
+    if res.model_version:
+        print(
+            f"registered {cfg.run.registered_model_name} version {res.model_version} "
+            f"as @{res.alias}: models:/{cfg.run.registered_model_name}@{res.alias}"
+        )
+    return 0

@@ -1,0 +1,413 @@
+"""The per-worker training function Ray Train runs in each worker process.
+
+Shape legend: B batch, T phases, Z Y X voxels.
+
+Read `train_loop_per_worker` first: it is Ray's per-worker pattern. Every rank samples its own
+patches (the sampler is sharded by rank), steps the DDP-wrapped network and reports once per
+epoch; ranks split the validation cases and gather the per-case metrics, so every rank takes the
+same early-stopping decision and reports the same number of times. Rank 0 alone writes
+checkpoints and logs to MLflow. Checkpoints hold the unwrapped module's `state_dict`
+(`tsesnet.training.checkpoint`), so a restarted or resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tsesnet.training import checkpoint
+from tsesnet.training.checkpoint import TrainState
+from tsesnet.training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the driver hands every worker: the config and the run it belongs to."""
+
+    config: TrainConfig
+    store: str
+    store_fingerprint: str
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    tracking_uri: str
+    run_id: str
+    run_name: str
+    git_commit: str
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This worker's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_zero(self) -> bool:
+        return self.rank == 0
+
+
+def train_loop_per_worker(setup: WorkerSetup) -> None:
+    """Ray Train's per-worker function (the driver binds `setup` to it)."""
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_log()
+    cfg = setup.config
+    ctx = ray.train.get_context()
+    me = Rank(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    torch.manual_seed(cfg.schedule.seed)
+    model, optimizer, state, best, resumed = _build(cfg, me)
+    module = model.module if hasattr(model, "module") else model
+    data = EpochData(setup, me)
+    log = RunLog(setup, me, state, resumed)
+    nodes = len(set(_gather(ray.get_runtime_context().get_node_id(), me.world)))
+    model.train()
+    for epoch in range(state.epoch + 1, cfg.schedule.epochs):
+        if state.stopped_early:
+            break
+        t0 = time.perf_counter()
+        metrics, n_seen = run_epoch(model, optimizer, data, cfg, epoch, me)
+        state.phases = data.phases
+        improved, montage = False, None
+        if cfg.schedule.validates(epoch):
+            val, montage = validate_epoch(module, data, cfg, me)
+            metrics.update(val)
+            improved = _record_validation(state, epoch, val)
+            metrics["val_time_s"] = time.perf_counter() - t0 - metrics["train_time_s"]
+        if improved or best is None:
+            best = _cpu_state(module)
+        state.stopped_early = should_stop(state, epoch, cfg)
+        metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes)
+        metrics.update(best_val_dice=state.best_val_dice, resumed_from_epoch=resumed)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        state.epoch = epoch
+        state.history.append({k: v for k, v in metrics.items() if isinstance(v, float | int)})
+        log.epoch(epoch, metrics, state, montage if improved else None)
+        _report(epoch, metrics, cfg, me, module, optimizer, best, state)
+    log.close()
+
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def _build(cfg: TrainConfig, me: Rank):
+    """The DDP-wrapped network and its optimizer, restored from Ray's checkpoint if there is one.
+
+    Returns:
+        (model, optimizer, state, best weights or None, epoch resumed from or -1).
+    """
+    import ray.train
+    import ray.train.torch
+
+    net = cfg.model.build()
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    state, best, resumed = TrainState(), None, -1
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state, best = checkpoint.restore(d, net, optimizer)
+        state.restarts += 1
+        resumed = state.epoch
+    model = ray.train.torch.prepare_model(net)  # DDP over gloo (CPU) or NCCL (GPU)
+    # Adam's state was loaded on CPU; move it next to the parameters.
+    for s in optimizer.state.values():
+        for k, v in s.items():
+            if torch.is_tensor(v) and k != "step":
+                s[k] = v.to(me.device)
+    return model, optimizer, state, best, resumed
+
+
+class EpochData:
+    """This rank's training patches and validation cases."""
+
+    def __init__(self, setup: WorkerSetup, me: Rank):
+        from data_store.sampler import PatchSampler
+        from data_store.store import open_store
+
+        cfg = setup.config
+        self.store = open_store(setup.store)
+        self.sampler = PatchSampler(
+            self.store,
+            list(setup.train_ids),
+            cfg.data,
+            seed=cfg.schedule.seed,
+            rank=me.rank,
+            world_size=me.world,
+        )
+        val_ids = list(setup.val_ids)
+        if cfg.data.max_val_cases > 0:
+            val_ids = val_ids[: cfg.data.max_val_cases]
+        self.my_val_ids = val_ids[me.rank :: me.world]
+        self.montage_case = val_ids[0] if me.is_zero else None
+        self.steps = math.ceil(self.sampler.patches_per_rank() / cfg.data.batch_size)
+        self.phases: int | None = None  # T of the last batch
+
+    def batches(self, epoch: int, batch_size: int, device: torch.device):
+        """Yield `steps` batches `(x (B, T, Z, Y, X), y (B, Z, Y, X))` float32 on `device`."""
+        it = self.sampler.patches(epoch, self.steps * batch_size)
+        for _ in range(self.steps):
+            imgs, masks = zip(*(next(it) for _ in range(batch_size)), strict=True)
+            x = torch.from_numpy(np.stack(imgs)).to(device, non_blocking=True)
+            y = torch.from_numpy(np.stack(masks)).to(device, non_blocking=True)
+            self.phases = int(x.shape[1])
+            yield x, y
+
+
+# ------------------------------------------------------------------------------ one epoch
+
+
+def train_step(model, optimizer, x, y, cfg: TrainConfig, generator, use_bf16: bool) -> dict:
+    """One optimisation step on a batch; returns the loss terms (Eq. 10) as floats.
+
+    Args:
+        model: the (DDP-wrapped) network.
+        x: (B, T, Z, Y, X) float32 patches; y: (B, Z, Y, X) float32 masks.
+        cfg: the `TrainConfig` (loss weights, gradient clipping).
+        generator: seeds the TSC loss's voxel sampling.
+        use_bf16: autocast the forward pass to bf16 (GPU).
+    """
+    from tsesnet.losses import total_loss
+
+    with torch.autocast("cuda", torch.bfloat16, enabled=use_bf16):
+        logits, feats = model(x, return_features=True)
+    # Eq. 10 in float32: the losses cast logits and features up themselves.
+    loss, terms = total_loss(logits, feats, y, cfg.loss, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    return terms
+
+
+def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, me: Rank):
+    """One pass over this rank's patches of `epoch`.
+
+    Returns:
+        (metrics: mean loss terms, lr, patches/s over all ranks, training time; patches seen).
+    """
+    t0 = time.perf_counter()
+    lr = cfg.optim.lr_at(epoch, cfg.schedule.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator(device=me.device).manual_seed(
+        cfg.schedule.seed * 1_000_003 + epoch * 1009 + me.rank
+    )
+    use_bf16 = me.device.type == "cuda" and cfg.optim.bf16
+    sums = {"dice": 0.0, "tsc": 0.0, "bce": 0.0, "total": 0.0}
+    n_seen = 0
+    for x, y in data.batches(epoch, cfg.data.batch_size, me.device):
+        terms = train_step(model, optimizer, x, y, cfg, gen, use_bf16)
+        for k in sums:
+            sums[k] += terms[k]
+        n_seen += x.shape[0]
+    if me.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    metrics = {f"train_{k}": v / data.steps for k, v in sums.items()}
+    # Every rank did the same number of steps; global throughput counts all of them.
+    metrics.update(patches_per_s=n_seen * me.world / train_s, lr=lr, epoch=epoch)
+    metrics["train_time_s"] = train_s
+    return metrics, n_seen
+
+
+def validate_epoch(module, data: EpochData, cfg: TrainConfig, me: Rank):
+    """Validate this rank's cases, gather every rank's, and choose the component filter.
+
+    Returns:
+        (val_dice, val_hd95, val_sensitivity, val_dice_filtered, val_min_component_fraction;
+        the overlay montage of rank 0's first case, or None).
+    """
+    from tsesnet.postprocess import choose_fraction
+    from tsesnet.training.validation import mean_metrics, validate
+
+    rows, montage = validate(
+        module, data.store, data.my_val_ids, cfg, me.device, montage_of=data.montage_case
+    )
+    rows = [r for part in _gather(rows, me.world) for r in part]
+    out = {f"val_{k}": v for k, v in mean_metrics(rows).items()}
+    fraction, out["val_dice_filtered"] = choose_fraction([r["dice_by_fraction"] for r in rows])
+    out["val_min_component_fraction"] = fraction
+    return out, montage
+
+
+def _record_validation(state: TrainState, epoch: int, val: dict) -> bool:
+    """Keep a better validation Dice (and its filter) in the state; True when it improved."""
+    if not val["val_dice"] > state.best_val_dice:
+        return False
+    state.best_val_dice = val["val_dice"]
+    state.best_epoch = epoch
+    state.min_component_fraction = val["val_min_component_fraction"]
+    state.val_dice_filtered = val["val_dice_filtered"]
+    return True
+
+
+def should_stop(state: TrainState, epoch: int, cfg: TrainConfig) -> bool:
+    """Early stopping: no better validation Dice for `early_stop_patience` epochs."""
+    patience = cfg.schedule.early_stop_patience
+    return state.best_epoch >= 0 and epoch - state.best_epoch >= patience
+
+
+def _report(epoch, metrics, cfg: TrainConfig, me: Rank, module, optimizer, best, state) -> None:
+    """Report the epoch to Ray Train on every rank; rank 0 attaches a checkpoint when due."""
+    import ray.train
+
+    last = state.stopped_early or epoch == cfg.schedule.epochs - 1
+    if me.is_zero and (last or (epoch + 1) % cfg.schedule.checkpoint_every == 0):
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(d, module, optimizer, best, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+# ------------------------------------------------------------------------------ DDP helpers
+
+
+def _cpu_state(module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _weights_checksum(module) -> float:
+    """A float64 fingerprint of all parameters: equal on every rank when DDP is in sync."""
+    with torch.no_grad():
+        return float(
+            sum(
+                p.detach().double().abs().sum() + p.detach().double().sum() * 1e-3
+                for p in module.parameters()
+            )
+        )
+
+
+def _ddp_checks(module, n_seen: int, me: Rank) -> dict:
+    """DDP sanity: identical weights on every rank (max difference), and how many ranks stepped."""
+    sums = _gather((_weights_checksum(module), n_seen), me.world)
+    return {
+        "weights_max_diff": max(c for c, _ in sums) - min(c for c, _ in sums),
+        "ranks_trained": sum(1 for _, n in sums if n > 0),
+    }
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO from each worker; the loop
+    prints its own one-line epoch summary, so keep only Ray Train's warnings there."""
+    import logging
+
+    try:  # an internal module: its logger is named after its file
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------ rank 0's log
+
+
+class RunLog:
+    """Rank 0's MLflow run and epoch lines; on other ranks every method does nothing."""
+
+    def __init__(self, setup: WorkerSetup, me: Rank, state: TrainState, resumed: int):
+        self.on = me.is_zero
+        self.epochs = setup.config.schedule.epochs
+        if not self.on:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(setup.tracking_uri)
+        mlflow.start_run(run_id=setup.run_id)
+        if resumed < 0:
+            _log_run_start(setup, me)
+        else:
+            from tsesnet.common.yaml_config import dump_yaml
+
+            mlflow.set_tag("tsesnet.restarts", str(state.restarts))
+            # The config may differ from the first start's (e.g. more epochs): keep each one.
+            mlflow.log_text(dump_yaml(setup.config), f"config/resumed_{state.restarts}.yaml")
+            print(f"[rank 0] resumed from the checkpoint of epoch {state.epoch}", flush=True)
+
+    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
+        """Log the epoch's metrics (step = epoch), refresh the plots, print the epoch line."""
+        if not self.on:
+            return
+        import mlflow
+
+        from tsesnet.tracking import plots
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if "val_dice" in metrics:
+            plots.log_learning_curves(state.history)
+        if montage is not None:
+            plots.log_overlay_montage(montage.volume, montage.gt, montage.pred, montage.case_id)
+        if state.stopped_early:
+            print(
+                f"early stop after epoch {epoch + 1}: best val Dice at epoch "
+                f"{state.best_epoch + 1}",
+                flush=True,
+            )
+        print(_epoch_line(epoch, self.epochs, metrics), flush=True)
+
+    def close(self) -> None:
+        if self.on:
+            import mlflow
+
+            mlflow.end_run()
+
+
+def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
+    line = (
+        f"[epoch {epoch + 1}/{epochs}] loss {m['train_total']:.4f} (dice {m['train_dice']:.4f}, "
+        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s"
+    )
+    if "val_dice" in m:
+        line += (
+            f" | val DSC {m['val_dice']:.4f} HD95 {m['val_hd95']:.2f} mm "
+            f"sens {m['val_sensitivity']:.4f}, filtered DSC {m['val_dice_filtered']:.4f} "
+            f"(components >= {m['val_min_component_fraction']:g} x largest)"
+        )
+    return line
+
+
+def _log_run_start(setup: WorkerSetup, me: Rank) -> None:
+    """Rank 0, first start only: resolved config, system info, data lineage."""
+    import mlflow
+
+    from tsesnet.common.yaml_config import dump_yaml, flatten
+    from tsesnet.tracking import runs
+
+    cfg = setup.config
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg).items()})
+    mlflow.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    tags = runs.system_info()
+    tags.update(
+        {
+            "sys.workers": str(me.world),
+            "sys.device": str(me.device),
+            "data.store": setup.store,
+            "data.store_fingerprint": setup.store_fingerprint,
+            "data.fold": str(cfg.data.fold),
+            "data.n_train": str(len(setup.train_ids)),
+            "data.n_val": str(len(setup.val_ids)),
+            "code.git_commit": setup.git_commit,
+            runs.RUN_NAME_TAG: setup.run_name,
+        }
+    )
+    mlflow.set_tags(tags)
