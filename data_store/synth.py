@@ -805,15 +805,7 @@ def write_cohort(
         The case IDs written, in order (`SYN_000`, ...).
     """
     cfg = config or SynthConfig()
-    if cases < 1:
-        raise InputError(f"--cases {cases}: need at least 1")
-    if not 0 <= test_cases < cases:
-        raise InputError(
-            f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
-            "so that at least one case is for training"
-        )
-    if seed < 0:
-        raise InputError(f"--seed {seed}: need a non-negative integer")
+    _check_counts(cases, test_cases, seed)
     out = Path(out)
     _clear_previous(out)
     n_train = cases - test_cases
@@ -825,14 +817,39 @@ def write_cohort(
     for n, case_id in enumerate(ids):
         split = "Tr" if n < n_train else "Ts"
         case = synthesize(np.random.default_rng([seed, n]), cfg)
-        for t, vol in enumerate(case.image):
-            _save_nifti(out / f"images{split}" / f"{case_id}_{t:04d}.nii.gz", vol, case.affine)
-        _save_nifti(out / f"labels{split}" / f"{case_id}.nii.gz", case.mask, case.affine)
+        _save_case(out, split, case_id, case)
         if progress is not None:
             progress(case_id, "train" if split == "Tr" else "test", case)
 
+    meta = _dataset_json(cfg, seed, cases, test_cases)
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ids
+
+
+def _check_counts(cases: int, test_cases: int, seed: int) -> None:
+    """Refuses counts no cohort can have, naming the CLI option."""
+    if cases < 1:
+        raise InputError(f"--cases {cases}: need at least 1")
+    if not 0 <= test_cases < cases:
+        raise InputError(
+            f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
+            "so that at least one case is for training"
+        )
+    if seed < 0:
+        raise InputError(f"--seed {seed}: need a non-negative integer")
+
+
+def _save_case(out: Path, split: str, case_id: str, case: SynthCase) -> None:
+    """One NIfTI file per phase in ``images{split}/``, the mask in ``labels{split}/``."""
+    for t, vol in enumerate(case.image):
+        _save_nifti(out / f"images{split}" / f"{case_id}_{t:04d}.nii.gz", vol, case.affine)
+    _save_nifti(out / f"labels{split}" / f"{case_id}.nii.gz", case.mask, case.affine)
+
+
+def _dataset_json(cfg: SynthConfig, seed: int, cases: int, test_cases: int) -> dict:
+    """`dataset.json`: nnU-Net v2 fields plus the acquisition times and the generator's inputs."""
     times = cfg.acquisition_times
-    meta = {
+    return {
         "name": "SyntheticBreastDCE",
         "description": "Synthetic breast DCE-MRI (data_store.synth): phase 0 pre-contrast, "
         "labels are malignant tumours; benign foci, vessels and FGT enhance too.",
@@ -841,7 +858,7 @@ def write_cohort(
             for t in range(cfg.phases)
         },
         "labels": {"background": 0, "tumour": 1},
-        "numTraining": n_train,
+        "numTraining": cases - test_cases,
         "numTest": test_cases,
         "file_ending": ".nii.gz",
         "acquisition_times_s": list(times),
@@ -854,8 +871,6 @@ def write_cohort(
             "config": dataclasses.asdict(cfg),
         },
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return ids
 
 
 def cli(args) -> int:
