@@ -24,9 +24,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_store.errors import InputError
+
+if TYPE_CHECKING:  # annotations only; the modules are imported where they are used
+    from data_store.layouts import CaseSource
+    from data_store.store import StoreLocation
 
 __all__ = ["IngestReport", "cli", "ingest"]
 
@@ -129,79 +133,21 @@ def ingest(
         InputError: bad arguments, an empty source, an unknown layout, duplicate case IDs, or a
             store path that holds something else.
     """
-    from tqdm import tqdm
-
-    from data_store.layouts import discover
-    from data_store.store import (
-        StoreLocation,
-        check_case_id,
-        clean_leftovers,
-        init_store,
-        scan_cases,
-        write_index,
-    )
+    from data_store.store import clean_leftovers
 
     if folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
-    sources = discover(Path(src).absolute(), layout)  # absolute: tasks may run elsewhere
-    for s in sources:
-        check_case_id(s.case_id)
-    location = StoreLocation.parse(store)
-    if location.local:
-        os.makedirs(location.root, exist_ok=True)
-    init_store(location)
+    sources = _discover(src, layout)
+    location = _prepare_store(store)
     report = IngestReport(store=location.url, cleaned=clean_leftovers(location))
-    existing = {
-        cid: [[s["role"], s["sha256"]] for s in attrs["sources"]]
-        for cid, attrs in scan_cases(location).items()
-    }
-
-    target = location.root if location.local else location.url  # what each task opens
+    existing = _stored_checksums(location)
     ray, own = _connect_ray(workers)
     try:
         limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        task = ray.remote(num_cpus=1, max_retries=0)(_ingest_one)
-        pending: dict = {}  # ObjectRef -> CaseSource
-        queue = list(sources)
-        bar = tqdm(total=len(sources), desc="ingest", unit="case", disable=not progress)
-        try:
-            while queue or pending:
-                while queue and len(pending) < limit:
-                    s = queue.pop(0)
-                    pending[task.remote(s, target, existing.get(s.case_id))] = s
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                source = pending.pop(ref)
-                try:
-                    status, what = ray.get(ref)
-                except ray.exceptions.RayError as err:  # the worker died (e.g. out of memory)
-                    status = "rejected"
-                    what = str(
-                        InputError(
-                            f"ingest task failed ({type(err).__name__}); its temporary copy is "
-                            "removed by the next run",
-                            case=source.case_id,
-                            path=str(next(iter(source.files), "")) or None,
-                        )
-                    )
-                {"stored": report.stored, "skipped": report.skipped}.get(
-                    status, report.rejected
-                ).append(what)
-                bar.set_postfix(
-                    stored=len(report.stored),
-                    unchanged=len(report.skipped),
-                    rejected=len(report.rejected),
-                    refresh=False,
-                )
-                bar.update(1)
-        finally:
-            bar.close()
-            for ref in pending:  # interrupted: let no task keep writing after we index
-                ray.cancel(ref, force=True)
-            index = write_index(location, folds)  # always: cases stored so far are indexed
-            report.n_cases = len(index["cases"])
-            report.fingerprint = index["fingerprint"]
+        plan = _Plan(sources, location, existing, folds, limit, progress)
+        _run_tasks(ray, plan, report)
     finally:
         if own:
             ray.shutdown()
@@ -209,6 +155,123 @@ def ingest(
     report.skipped.sort()
     report.rejected.sort()
     return report
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the task loop of one run needs.
+
+    Attributes:
+        sources: the cases (`CaseSource`), in discovery order.
+        location: the store (`StoreLocation`).
+        existing: case ID -> stored [[role, sha256], ...] of its sources, to skip unchanged cases.
+        folds: number of folds of the index written at the end.
+        limit: the most tasks running at once.
+        progress: show a tqdm progress bar on stderr.
+    """
+
+    sources: list[CaseSource]
+    location: StoreLocation
+    existing: dict[str, list]
+    folds: int
+    limit: int
+    progress: bool
+
+    @property
+    def target(self) -> str:
+        """What each task opens: the root path of a local store, else its URL."""
+        return self.location.root if self.location.local else self.location.url
+
+
+def _discover(src: str | os.PathLike, layout: str) -> list[CaseSource]:
+    """The source's cases, each with a case ID usable as a store name."""
+    from data_store.layouts import discover
+    from data_store.store import check_case_id
+
+    sources = discover(Path(src).absolute(), layout)  # absolute: tasks may run elsewhere
+    for s in sources:
+        check_case_id(s.case_id)
+    return sources
+
+
+def _prepare_store(store: str | os.PathLike) -> StoreLocation:
+    """The store's `StoreLocation`, its root group created if missing."""
+    from data_store.store import StoreLocation, init_store
+
+    location = StoreLocation.parse(store)
+    if location.local:
+        os.makedirs(location.root, exist_ok=True)
+    init_store(location)
+    return location
+
+
+def _stored_checksums(location: StoreLocation) -> dict[str, list]:
+    """Case ID -> [[role, sha256], ...] of every complete case already in the store."""
+    from data_store.store import scan_cases
+
+    return {
+        cid: [[s["role"], s["sha256"]] for s in attrs["sources"]]
+        for cid, attrs in scan_cases(location).items()
+    }
+
+
+def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
+    """Runs one task per case, at most `plan.limit` at once, and tallies them in `report`.
+
+    The root index is written at the end, also when interrupted: cases stored so far are
+    indexed, and tasks still running are cancelled first so that none writes after it.
+    """
+    from tqdm import tqdm
+
+    from data_store.store import write_index
+
+    task = ray.remote(num_cpus=1, max_retries=0)(_ingest_one)
+    pending: dict = {}  # ObjectRef -> CaseSource
+    queue = list(plan.sources)
+    bar = tqdm(total=len(plan.sources), desc="ingest", unit="case", disable=not plan.progress)
+    try:
+        while queue or pending:
+            while queue and len(pending) < plan.limit:
+                s = queue.pop(0)
+                pending[task.remote(s, plan.target, plan.existing.get(s.case_id))] = s
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            source = pending.pop(ref)
+            status, what = _outcome(ray, ref, source)
+            _tally(report, bar, status, what)
+    finally:
+        bar.close()
+        for ref in pending:  # interrupted: let no task keep writing after we index
+            ray.cancel(ref, force=True)
+        index = write_index(plan.location, plan.folds)  # always: cases stored so far are indexed
+        report.n_cases = len(index["cases"])
+        report.fingerprint = index["fingerprint"]
+
+
+def _outcome(ray, ref, source: CaseSource) -> tuple[str, str]:
+    """A finished task's (status, what); a task whose worker died is one rejected line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:  # the worker died (e.g. out of memory)
+        return "rejected", str(
+            InputError(
+                f"ingest task failed ({type(err).__name__}); its temporary copy is "
+                "removed by the next run",
+                case=source.case_id,
+                path=str(next(iter(source.files), "")) or None,
+            )
+        )
+
+
+def _tally(report: IngestReport, bar, status: str, what: str) -> None:
+    """Adds one task's outcome to the report and the progress bar."""
+    {"stored": report.stored, "skipped": report.skipped}.get(status, report.rejected).append(what)
+    bar.set_postfix(
+        stored=len(report.stored),
+        unchanged=len(report.skipped),
+        rejected=len(report.rejected),
+        refresh=False,
+    )
+    bar.update(1)
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Cohort layouts on disk: detection and discovery of cases (no voxel data is read here).
 
-Understood layouts (facts in ``design/FIELD_NOTES.md``); ``.nii`` and ``.nii.gz`` are both
-accepted everywhere, and hidden files (``.*``) are ignored:
+Understood layouts, as the public breast DCE-MRI cohorts and tools ship them (nnU-Net raw, the
+MAMA-MIA and BTS releases, dcm2niix's 4D files); ``.nii`` and ``.nii.gz`` are both accepted
+everywhere, and hidden files (``.*``) are ignored:
 
 - ``nnunet`` (nnU-Net raw): ``imagesTr/CASE_000t.nii.gz`` (``t`` = phase, ``_0000`` is
   pre-contrast), masks ``labelsTr/CASE.nii.gz``; optional ``imagesTs/`` (unlabelled, or

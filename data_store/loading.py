@@ -97,78 +97,102 @@ def load_case(source: CaseSource) -> LoadedCase:
     Raises:
         InputError: one line naming the case, the file and the problem (see module docstring).
     """
-    cid = source.case_id
-    if source.problem:
-        path = source.problem_path or (source.files[0] if source.files else None)
-        raise InputError(source.problem, case=cid, path=_s(path))
-    if not source.phase_files:
-        raise InputError(
-            "fewer than two phases: no image files", case=cid, path=_s(source.mask_file)
-        )
-
+    _check_discovered(source)
     sha: dict[str, str] = {}
-    if source.layout == "nifti4d":
-        path = source.phase_files[0]
-        vol = _read(path, cid, sha)
-        data = _squeeze(vol.data, path, cid, _AXIS4)
-        if data.ndim == 3:
-            raise InputError(
-                f"fewer than two phases: a 3D image {data.shape} is one phase "
-                "(the nifti4d layout needs phases on axis 4)",
-                case=cid,
-                path=str(path),
-            )
-        if data.ndim != 4:
-            raise InputError(_dim_problem(data.shape, _AXIS4), case=cid, path=str(path))
-        _check_spatial(data.shape[:3], data.shape, path, cid)  # T >= 2: length-1 axis 4 dropped
-        geometry = _geometry(vol, path, cid)
-        _check_finite(data, path, cid)
-        image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
-        phase_present = (True,) * image.shape[0]
-    else:
-        if len(source.phase_files) < 2:
-            raise InputError(
-                _too_few(len(source.phase_files)), case=cid, path=_s(source.phase_files[0])
-            )
-        vols: list[np.ndarray] = []
-        geometry = None
-        ref: NiftiVolume | None = None
-        for t, path in enumerate(source.phase_files):
-            vol = _read(path, cid, sha)
-            data = _squeeze(vol.data, path, cid)
-            if data.ndim != 3:
-                extra = " (this layout has one 3D file per phase)" if data.ndim == 4 else ""
-                raise InputError(_dim_problem(data.shape) + extra, case=cid, path=str(path))
-            _check_spatial(data.shape, data.shape, path, cid)
-            if ref is None:
-                ref, geometry = vol, _geometry(vol, path, cid)
-            else:
-                if data.shape != geometry.shape:
-                    raise InputError(
-                        f"phase shapes differ: phase {t} is {data.shape}, "
-                        f"phase 0 is {geometry.shape}",
-                        case=cid,
-                        path=str(path),
-                    )
-                _check_affine(vol.affine, ref.affine, geometry.shape, f"phase {t}", path, cid)
-            _check_finite(data, path, cid)
-            vols.append(data)
-        dtype = np.result_type(*vols)
-        image = np.stack([v.astype(dtype, copy=False) for v in vols])  # (T, i, j, k)
-        phase_present = source.phase_present or (True,) * image.shape[0]
-
-    image = geometry.to_canonical(image)  # (T, Z, Y, X)
+    read = _read_4d if source.layout == "nifti4d" else _read_phase_files
+    phases = read(source, sha)
+    image = phases.geometry.to_canonical(phases.image)  # (T, Z, Y, X)
     mask = None
     if source.mask_file is not None:
-        mask = _load_mask(source.mask_file, geometry, cid, sha)
-
+        mask = _load_mask(source.mask_file, phases.geometry, source.case_id, sha)
     return LoadedCase(
-        source=dataclasses.replace(source, phase_present=tuple(phase_present)),
+        source=dataclasses.replace(source, phase_present=tuple(phases.present)),
         image=image,
         mask=mask,
-        geometry=geometry,
+        geometry=phases.geometry,
         sha256=sha,
     )
+
+
+@dataclass
+class _Phases:
+    """A case's phases as read, before the mask.
+
+    Attributes:
+        image: (T, i, j, k) in file order.
+        geometry: the phase-0 file's geometry.
+        present: nominal phase presence (`CaseSource.phase_present`).
+    """
+
+    image: np.ndarray
+    geometry: Geometry
+    present: tuple[bool, ...]
+
+
+def _check_discovered(source: CaseSource) -> None:
+    """Raises the problem discovery recorded, or the lack of any image file."""
+    if source.problem:
+        path = source.problem_path or (source.files[0] if source.files else None)
+        raise InputError(source.problem, case=source.case_id, path=_s(path))
+    if not source.phase_files:
+        raise InputError(
+            "fewer than two phases: no image files", case=source.case_id, path=_s(source.mask_file)
+        )
+
+
+def _read_4d(source: CaseSource, sha: dict[str, str]) -> _Phases:
+    """The nifti4d layout: one file, phases on axis 4."""
+    cid = source.case_id
+    path = source.phase_files[0]
+    vol = _read(path, cid, sha)
+    data = _squeeze(vol.data, path, cid, _AXIS4)
+    if data.ndim == 3:
+        raise InputError(
+            f"fewer than two phases: a 3D image {data.shape} is one phase "
+            "(the nifti4d layout needs phases on axis 4)",
+            case=cid,
+            path=str(path),
+        )
+    if data.ndim != 4:
+        raise InputError(_dim_problem(data.shape, _AXIS4), case=cid, path=str(path))
+    _check_spatial(data.shape[:3], data.shape, path, cid)  # T >= 2: length-1 axis 4 dropped
+    geometry = _geometry(vol, path, cid)
+    _check_finite(data, path, cid)
+    image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
+    return _Phases(image, geometry, (True,) * image.shape[0])
+
+
+def _read_phase_files(source: CaseSource, sha: dict[str, str]) -> _Phases:
+    """Multi-file layouts: one 3D file per phase, each on phase 0's grid."""
+    cid = source.case_id
+    if len(source.phase_files) < 2:
+        raise InputError(
+            _too_few(len(source.phase_files)), case=cid, path=_s(source.phase_files[0])
+        )
+    vols: list[np.ndarray] = []
+    ref: NiftiVolume | None = None  # phase 0
+    for t, path in enumerate(source.phase_files):
+        vol = _read(path, cid, sha)
+        data = _squeeze(vol.data, path, cid)
+        if data.ndim != 3:
+            extra = " (this layout has one 3D file per phase)" if data.ndim == 4 else ""
+            raise InputError(_dim_problem(data.shape) + extra, case=cid, path=str(path))
+        _check_spatial(data.shape, data.shape, path, cid)
+        if ref is None:
+            ref, geometry = vol, _geometry(vol, path, cid)
+        else:
+            if data.shape != geometry.shape:
+                raise InputError(
+                    f"phase shapes differ: phase {t} is {data.shape}, phase 0 is {geometry.shape}",
+                    case=cid,
+                    path=str(path),
+                )
+            _check_affine(vol.affine, ref.affine, geometry.shape, f"phase {t}", path, cid)
+        _check_finite(data, path, cid)
+        vols.append(data)
+    dtype = np.result_type(*vols)
+    image = np.stack([v.astype(dtype, copy=False) for v in vols])  # (T, i, j, k)
+    return _Phases(image, geometry, source.phase_present or (True,) * image.shape[0])
 
 
 # ---------------------------------------------------------------------------------- checks

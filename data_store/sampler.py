@@ -102,7 +102,6 @@ class _CaseMeta:
         self.lo, self.hi = (float(p) for p in attrs["percentiles"])
         self.pad = attrs["intensity_min"]
         self.dtype = np.dtype(attrs["dtype"])
-        self.labelled = bool(attrs["labelled"])
         self.foreground = store.foreground(case_id)  # (N, 3) z, y, x
         self.bbox = attrs.get("foreground_bbox")  # [start, stop) per axis, None: no foreground
 

@@ -260,12 +260,9 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
     """
     import zarr
 
-    from data_store.normalize import intensity_percentiles
-
     if not isinstance(location, StoreLocation):
         location = StoreLocation.parse(location)
-    src = loaded.source
-    case_id = src.case_id
+    case_id = loaded.source.case_id
     check_case_id(case_id)
     image = np.ascontiguousarray(loaded.image)  # (T, Z, Y, X)
     t, z, y, x = image.shape
@@ -276,66 +273,99 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
         group.create_array(
             "image", data=image, chunks=chunks, compressors=_codecs(), dimension_names="TZYX"
         )
-        labelled = loaded.mask is not None
-        fg_count, bbox = 0, None
-        if labelled:
-            mask = np.ascontiguousarray(loaded.mask, dtype=np.uint8)  # (Z, Y, X)
-            group.create_array(
-                "mask", data=mask, chunks=chunks[1:], compressors=_codecs(), dimension_names="ZYX"
-            )
-            coords = np.argwhere(mask).astype(np.int32)  # (N, 3) z, y, x
-            fg_count = int(len(coords))
-            if fg_count:  # [start, stop) per axis: patches outside it need no mask read
-                first, stop = coords.min(0), coords.max(0) + 1
-                bbox = [[int(a), int(b)] for a, b in zip(first, stop, strict=True)]
-            if len(coords) > FOREGROUND_SAMPLES:
-                seed = int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
-                keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
-                coords = coords[np.sort(keep)]
-            group.create_array(
-                "foreground", data=coords.reshape(-1, 3), chunks=(max(1, len(coords)), 3)
-            )
-        lo, hi = intensity_percentiles(image)
-        present, phase_index = phase_presence(src, t)
-        sources = [{"role": r, "path": p} for r, p in source_roles(src, t)]
-        for s in sources:
-            s["sha256"] = loaded.sha256[s["path"]] if s["path"] in loaded.sha256 else _sha(s)
-            s["path"] = os.path.abspath(s["path"])
-        attrs = {
-            "case_id": case_id,
-            "schema_version": SCHEMA_VERSION,
-            "shape": [z, y, x],
-            "spacing": [float(v) for v in loaded.geometry.spacing],
-            "geometry": loaded.geometry.to_attrs(),
-            "canonical_orientation": CANONICAL,
-            "phases": t,
-            "phase_present": present,
-            "phase_index": phase_index,
-            "times": [float(v) for v in src.times] if src.times else None,
-            "percentiles": [lo, hi],
-            "intensity_min": float(image.min()),
-            "intensity_max": float(image.max()),
-            "dtype": str(image.dtype),
-            "sources": sources,
-            "site": src.site,
-            "layout": src.layout,
-            "labelled": labelled,
-            "foreground_voxels": fg_count,
-            "foreground_bbox": bbox,
-        }
+        foreground = _Foreground()
+        if loaded.mask is not None:
+            foreground = _write_mask(group, loaded.mask, chunks[1:], case_id)
+        attrs = _case_attrs(loaded, image, foreground)
         group.update_attributes(attrs)
         group.update_attributes({"complete": True})  # last: a group without it is not a case
-        old = None
-        if location.exists(case_id):
-            old = f"{OLD_PREFIX}{case_id}-{uuid.uuid4().hex[:12]}"
-            location.rename(case_id, old)
-        location.rename(tmp, case_id)
-        if old:
-            location.remove(old)
+        _rename_into_place(location, tmp, case_id)
     except BaseException:
         location.remove(tmp)
         raise
     return case_summary({**attrs, "complete": True})
+
+
+@dataclass(frozen=True)
+class _Foreground:
+    """What a case's attributes say about its mask.
+
+    Attributes:
+        voxels: number of mask voxels (0 for an unlabelled case).
+        bbox: [start, stop) per axis (Z, Y, X) of the mask voxels, or None when there are none.
+    """
+
+    voxels: int = 0
+    bbox: list[list[int]] | None = None
+
+
+def _write_mask(
+    group: Any, mask: np.ndarray, chunks_zyx: tuple[int, ...], case_id: str
+) -> _Foreground:
+    """Writes the ``mask`` and ``foreground`` arrays of a labelled case; returns `_Foreground`."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)  # (Z, Y, X)
+    group.create_array(
+        "mask", data=mask, chunks=chunks_zyx, compressors=_codecs(), dimension_names="ZYX"
+    )
+    coords = np.argwhere(mask).astype(np.int32)  # (N, 3) z, y, x
+    fg_count, bbox = int(len(coords)), None
+    if fg_count:  # [start, stop) per axis: patches outside it need no mask read
+        first, stop = coords.min(0), coords.max(0) + 1
+        bbox = [[int(a), int(b)] for a, b in zip(first, stop, strict=True)]
+    if len(coords) > FOREGROUND_SAMPLES:
+        # Seeded by the case ID: rewriting a case with the same mask keeps the same sample.
+        seed = int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
+        keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
+        coords = coords[np.sort(keep)]
+    group.create_array("foreground", data=coords.reshape(-1, 3), chunks=(max(1, len(coords)), 3))
+    return _Foreground(voxels=fg_count, bbox=bbox)
+
+
+def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict[str, Any]:
+    """The case group's attributes (see the module docstring), all but ``complete``."""
+    from data_store.normalize import intensity_percentiles
+
+    src = loaded.source
+    t, z, y, x = image.shape
+    lo, hi = intensity_percentiles(image)
+    present, phase_index = phase_presence(src, t)
+    sources = [{"role": r, "path": p} for r, p in source_roles(src, t)]
+    for s in sources:
+        s["sha256"] = loaded.sha256[s["path"]] if s["path"] in loaded.sha256 else _sha(s)
+        s["path"] = os.path.abspath(s["path"])
+    return {
+        "case_id": src.case_id,
+        "schema_version": SCHEMA_VERSION,
+        "shape": [z, y, x],
+        "spacing": [float(v) for v in loaded.geometry.spacing],
+        "geometry": loaded.geometry.to_attrs(),
+        "canonical_orientation": CANONICAL,
+        "phases": t,
+        "phase_present": present,
+        "phase_index": phase_index,
+        "times": [float(v) for v in src.times] if src.times else None,
+        "percentiles": [lo, hi],
+        "intensity_min": float(image.min()),
+        "intensity_max": float(image.max()),
+        "dtype": str(image.dtype),
+        "sources": sources,
+        "site": src.site,
+        "layout": src.layout,
+        "labelled": loaded.mask is not None,
+        "foreground_voxels": foreground.voxels,
+        "foreground_bbox": foreground.bbox,
+    }
+
+
+def _rename_into_place(location: StoreLocation, tmp: str, case_id: str) -> None:
+    """Renames the complete ``tmp`` group to ``case_id``, moving an older copy aside first."""
+    old = None
+    if location.exists(case_id):
+        old = f"{OLD_PREFIX}{case_id}-{uuid.uuid4().hex[:12]}"
+        location.rename(case_id, old)
+    location.rename(tmp, case_id)
+    if old:
+        location.remove(old)
 
 
 def _sha(source: dict) -> str:

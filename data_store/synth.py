@@ -442,184 +442,391 @@ def _vessel_points(rng, start, end, n=160):
 
 
 def _anatomy(rng, cfg: SynthConfig, sp) -> tuple[_Painter, np.ndarray, list[float]]:
-    """Paint one case's tissues; returns the painter, the tumour mask and tumour diameters."""
-    from scipy.ndimage import binary_dilation, distance_transform_edt
+    """Paint one case's tissues; returns the painter, the tumour mask and tumour diameters.
 
-    shape = cfg.shape
-    nz, ny, nx = shape
-    fz, fy, fx = (n * s for n, s in zip(shape, sp, strict=True))
-    z = ((np.arange(nz) - (nz - 1) / 2) * sp[0])[:, None, None].astype(np.float32)
-    y = (np.arange(ny) * sp[1])[None, :, None].astype(np.float32)
-    x = ((np.arange(nx) - (nx - 1) / 2) * sp[2])[None, None, :].astype(np.float32)
-    grid = (z, y, x)
-    p = _Painter(shape)
+    The random draws happen in the order of the calls below (body, tissues, vessels, tumours,
+    benign foci): a seed gives the same case only while that order holds.
+    """
+    g = _Grid.make(cfg.shape, sp)
+    p = _Painter(cfg.shape)
+    body = _body(rng, cfg, g)
+    _paint_tissues(rng, cfg, g, body, p)
+    _paint_vessels(rng, cfg, g, body, p)
+    place = _placement(cfg, g, body.breast)
+    mask, diameters = _paint_tumours(rng, cfg, g, place, p)
+    _paint_benign(rng, cfg, g, place, mask, p)
+    return p, mask, diameters
 
+
+@dataclass(frozen=True, eq=False)
+class _Grid:
+    """Voxel centres of the canonical grid in mm, broadcastable against each other.
+
+    Attributes:
+        shape: (Z, Y, X) voxels.
+        sp: spacing (Z, Y, X) mm.
+        fov: extent (Z, Y, X) mm, shape times spacing.
+        z: (Z, 1, 1) float32 from the centre, superior positive.
+        y: (1, Y, 1) float32 from the posterior edge, anterior positive.
+        x: (1, 1, X) float32 from the centre, towards the patient's right.
+    """
+
+    shape: tuple[int, int, int]
+    sp: tuple[float, float, float]
+    fov: tuple[float, float, float]
+    z: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+
+    @classmethod
+    def make(cls, shape, sp) -> _Grid:
+        """The grid of a (Z, Y, X) `shape` with spacing `sp` (mm)."""
+        nz, ny, nx = shape
+        fov = tuple(n * s for n, s in zip(shape, sp, strict=True))
+        z = ((np.arange(nz) - (nz - 1) / 2) * sp[0])[:, None, None].astype(np.float32)
+        y = (np.arange(ny) * sp[1])[None, :, None].astype(np.float32)
+        x = ((np.arange(nx) - (nx - 1) / 2) * sp[2])[None, None, :].astype(np.float32)
+        return cls(shape=shape, sp=sp, fov=fov, z=z, y=y, x=x)
+
+    @property
+    def zyx(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(z, y, x), as `_lesion` and `_pick_centre` take them."""
+        return self.z, self.y, self.x
+
+
+@dataclass(frozen=True)
+class _Breast:
+    """One half-ellipsoid breast on the chest wall, in mm.
+
+    Attributes:
+        cx: centre along X (negative: the patient's left).
+        base: Y of its base on the chest wall.
+        cz: centre along Z at the base.
+        rx, ry, rz: radii along X, Y (anterior protrusion) and Z.
+        droop: how far the centre moves inferior towards the front (at Y = base + ry).
+    """
+
+    cx: float
+    base: float
+    cz: float
+    rx: float
+    ry: float
+    rz: float
+    droop: float
+
+    def radius(self, g: _Grid) -> np.ndarray:
+        """(Z, Y, X) float32 normalised ellipsoid radius: 1 on the surface."""
+        cz_y = self.cz - self.droop * np.clip((g.y - self.base) / self.ry, 0, 1)
+        return np.sqrt(
+            ((g.x - self.cx) / self.rx) ** 2
+            + ((g.y - self.base) / self.ry) ** 2
+            + ((g.z - cz_y) / self.rz) ** 2
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Body:
+    """The body of one case; masks are (Z, Y, X) bool.
+
+    Attributes:
+        chest_wall_mm: Y of the chest wall at the midline.
+        thorax: everything behind the chest wall, within the body's width.
+        muscle: the front `muscle_mm` of the thorax (pectoral muscle).
+        breast: both breasts.
+        rho: (Z, Y, X) float32 normalised radius of the nearer breast (inf behind its base).
+        inside: thorax or breast, i.e. not air.
+        skin: voxels of `inside` within `skin_mm` of the air.
+        breasts: the two breasts, left then right.
+    """
+
+    chest_wall_mm: float
+    thorax: np.ndarray
+    muscle: np.ndarray
+    breast: np.ndarray
+    rho: np.ndarray
+    inside: np.ndarray
+    skin: np.ndarray
+    breasts: list[_Breast]
+
+
+def _body(rng, cfg: SynthConfig, g: _Grid) -> _Body:
+    """Chest wall, thorax, pectoral muscle, breasts and skin."""
+    from scipy.ndimage import distance_transform_edt
+
+    fz, fy, fx = g.fov
     # Chest wall: curved, more anterior at the midline; the thorax is everything behind it.
     cw0 = _uniform(rng, cfg.chest_wall) * fy
     bend = cfg.chest_wall_curvature * fy
-    chest_wall = cw0 - bend * (x / (fx / 2)) ** 2  # (1, 1, X)
+    chest_wall = cw0 - bend * (g.x / (fx / 2)) ** 2  # (1, 1, X)
     halfwidth = cfg.body_halfwidth * fx
-    body_x = np.abs(x) <= halfwidth
-    thorax = np.broadcast_to((y < chest_wall) & body_x, shape)
-    muscle = thorax & (y >= chest_wall - cfg.muscle_mm)
+    body_x = np.abs(g.x) <= halfwidth
+    thorax = np.broadcast_to((g.y < chest_wall) & body_x, g.shape)
+    muscle = thorax & (g.y >= chest_wall - cfg.muscle_mm)
 
-    # Breasts: half-ellipsoids on the chest wall, slightly drooping (centre moves inferior).
-    breast = np.zeros(shape, bool)
-    rho = np.full(shape, np.inf, np.float32)  # normalised ellipsoid radius of the nearer breast
+    breast = np.zeros(g.shape, bool)
+    rho = np.full(g.shape, np.inf, np.float32)
     breasts = []
     for side in (-1.0, 1.0):
-        cx = side * _uniform(rng, cfg.breast_offset) * fx
-        rx = _uniform(rng, cfg.breast_halfwidth) * fx
-        ry = _uniform(rng, cfg.breast_depth) * fy
-        rz = _uniform(rng, cfg.breast_height) * fz
-        cz = rng.uniform(-0.05, 0.05) * fz
-        base = cw0 - bend * (cx / (fx / 2)) ** 2 - 0.03 * fy
-        droop = rng.uniform(0.0, 0.25) * rz
-        cz_y = cz - droop * np.clip((y - base) / ry, 0, 1)
-        r = np.sqrt(((x - cx) / rx) ** 2 + ((y - base) / ry) ** 2 + ((z - cz_y) / rz) ** 2)
-        inside = (r <= 1.0) & (y >= chest_wall)
-        breast |= inside
-        rho = np.minimum(rho, np.where(y >= base, r, np.inf))
-        breasts.append((cx, base, cz, rx, ry, rz))
+        b = _draw_breast(rng, cfg, g, side, cw0, bend)
+        r = b.radius(g)
+        breast |= (r <= 1.0) & (g.y >= chest_wall)
+        rho = np.minimum(rho, np.where(g.y >= b.base, r, np.inf))
+        breasts.append(b)
 
-    body = thorax | breast
-    depth = distance_transform_edt(body, sampling=sp).astype(np.float32)  # mm to the air
-    skin = body & (depth <= cfg.skin_mm)
+    inside = thorax | breast
+    depth = distance_transform_edt(inside, sampling=g.sp).astype(np.float32)  # mm to the air
+    return _Body(
+        chest_wall_mm=cw0,
+        thorax=thorax,
+        muscle=muscle,
+        breast=breast,
+        rho=rho,
+        inside=inside,
+        skin=inside & (depth <= cfg.skin_mm),
+        breasts=breasts,
+    )
 
-    p.paint(thorax, "thorax", _draw_curve(rng, cfg.thorax))
-    p.paint(muscle, "muscle", _draw_curve(rng, cfg.muscle))
+
+def _draw_breast(rng, cfg: SynthConfig, g: _Grid, side: float, cw0: float, bend: float) -> _Breast:
+    """One breast (`side` -1 left, +1 right) on the chest wall at `cw0`, bent back by `bend`.
+
+    Half-ellipsoids, slightly drooping (the centre moves inferior towards the front).
+    """
+    fz, fy, fx = g.fov
+    cx = side * _uniform(rng, cfg.breast_offset) * fx
+    rx = _uniform(rng, cfg.breast_halfwidth) * fx
+    ry = _uniform(rng, cfg.breast_depth) * fy
+    rz = _uniform(rng, cfg.breast_height) * fz
+    cz = rng.uniform(-0.05, 0.05) * fz
+    base = cw0 - bend * (cx / (fx / 2)) ** 2 - 0.03 * fy
+    droop = rng.uniform(0.0, 0.25) * rz
+    return _Breast(cx=cx, base=base, cz=cz, rx=rx, ry=ry, rz=rz, droop=droop)
+
+
+def _paint_tissues(rng, cfg: SynthConfig, g: _Grid, body: _Body, p: _Painter) -> None:
+    """Thorax, muscle, heart, breast fat, fibroglandular tissue and skin, in that order."""
+    p.paint(body.thorax, "thorax", _draw_curve(rng, cfg.thorax))
+    p.paint(body.muscle, "muscle", _draw_curve(rng, cfg.muscle))
+    fz, fy, fx = g.fov
     (hz, hy, hx), (rz, ry, rx) = cfg.heart_centre, cfg.heart_radii
     heart = (
-        ((x - hx * fx) / (rx * fx)) ** 2
-        + ((y - hy * fy) / (ry * fy)) ** 2
-        + ((z - hz * fz) / (rz * fz)) ** 2
+        ((g.x - hx * fx) / (rx * fx)) ** 2
+        + ((g.y - hy * fy) / (ry * fy)) ** 2
+        + ((g.z - hz * fz) / (rz * fz)) ** 2
     ) <= 1.0
-    p.paint(thorax & ~muscle & heart, "heart", _draw_curve(rng, cfg.heart))
-    p.paint(breast, "fat", _draw_curve(rng, cfg.fat))
+    p.paint(body.thorax & ~body.muscle & heart, "heart", _draw_curve(rng, cfg.heart))
+    p.paint(body.breast, "fat", _draw_curve(rng, cfg.fat))
+    fgt, het = _fgt(rng, cfg, g, body)
+    p.paint(fgt, "fgt", _draw_curve(rng, cfg.fgt), het)
+    p.paint(body.skin, "skin", _draw_curve(rng, cfg.skin))
 
-    # Fibroglandular tissue: smooth noise, biased to the breast centre, cut at a case quantile.
-    sigma_vox = [cfg.fgt_scale_mm / s for s in sp]
-    score = _smooth_noise(rng, shape, sigma_vox) + 1.5 * (1.0 - np.minimum(rho, 1.0))
-    interior = breast & ~skin
-    fgt = np.zeros(shape, bool)
+
+def _fgt(rng, cfg: SynthConfig, g: _Grid, body: _Body) -> tuple[np.ndarray, np.ndarray]:
+    """Fibroglandular tissue: smooth noise, biased to the breast centre, cut at a case quantile.
+
+    Returns its (Z, Y, X) bool mask and the (Z, Y, X) float32 factor on its enhancement.
+    """
+    sigma_vox = [cfg.fgt_scale_mm / s for s in g.sp]
+    score = _smooth_noise(rng, g.shape, sigma_vox) + 1.5 * (1.0 - np.minimum(body.rho, 1.0))
+    interior = body.breast & ~body.skin
+    fgt = np.zeros(g.shape, bool)
     if interior.any():
         cut = np.quantile(score[interior], 1.0 - _uniform(rng, cfg.fgt_fraction))
         fgt = interior & (score > cut)
-    het = 1.0 + cfg.fgt.heterogeneity * _smooth_noise(rng, shape, sigma_vox)
-    p.paint(fgt, "fgt", _draw_curve(rng, cfg.fgt), het)
-    p.paint(skin, "skin", _draw_curve(rng, cfg.skin))
+    het = 1.0 + cfg.fgt.heterogeneity * _smooth_noise(rng, g.shape, sigma_vox)
+    return fgt, het
 
-    # Vessels: wiggly tubes from the chest wall towards the nipple, plus the internal mammary
-    # arteries running S/I beside the sternum. One distance transform rasterises all of them.
-    seeds = np.zeros(shape, bool)
-    seed_radius = np.zeros(shape, np.float32)
-    seed_curve = np.zeros(shape, np.int32)
-    curves = []
 
-    def add_curve(points, radius):
+class _VesselSeeds:
+    """Vessel centre lines as seed voxels, each with its radius and curve (S0, A, tau, k)."""
+
+    def __init__(self, g: _Grid):
+        self.grid = g
+        self.seeds = np.zeros(g.shape, bool)
+        self.radius = np.zeros(g.shape, np.float32)
+        self.curve = np.zeros(g.shape, np.int32)
+        self.curves: list[tuple[float, float, float, float]] = []
+
+    def add(self, points: np.ndarray, radius: float, curve) -> None:
+        """Adds the voxels of (n, 3) (z, y, x) mm `points` that lie inside the grid."""
+        g = self.grid
         idx = np.round(
-            (points - [z[0, 0, 0], y[0, 0, 0], x[0, 0, 0]]) / np.asarray(sp, np.float32)
+            (points - [g.z[0, 0, 0], g.y[0, 0, 0], g.x[0, 0, 0]]) / np.asarray(g.sp, np.float32)
         ).astype(int)
-        keep = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
+        keep = np.all((idx >= 0) & (idx < np.asarray(g.shape)), axis=1)
         iz, iy, ix = idx[keep].T
-        seeds[iz, iy, ix] = True
-        seed_radius[iz, iy, ix] = radius
-        seed_curve[iz, iy, ix] = len(curves)
-        curves.append(_draw_curve(rng, cfg.vessel))
+        self.seeds[iz, iy, ix] = True
+        self.radius[iz, iy, ix] = radius
+        self.curve[iz, iy, ix] = len(self.curves)
+        self.curves.append(curve)
 
-    for cx, base, cz, rx, ry, rz in breasts:
-        lo, hi = cfg.vessels_per_breast
+    def paint(self, p: _Painter, inside: np.ndarray) -> None:
+        """Paints the voxels of `inside` within their nearest seed's radius, with its curve."""
+        from scipy.ndimage import distance_transform_edt
+
+        if not self.seeds.any():
+            return
+        dist, (iz, iy, ix) = distance_transform_edt(
+            ~self.seeds, sampling=self.grid.sp, return_indices=True
+        )
+        vessel = inside & (dist <= self.radius[iz, iy, ix])
+        which = self.curve[iz, iy, ix]
+        for n, curve in enumerate(self.curves):
+            p.paint(vessel & (which == n), "vessel", curve)
+
+
+def _paint_vessels(rng, cfg: SynthConfig, g: _Grid, body: _Body, p: _Painter) -> None:
+    """Vessels: wiggly tubes from the chest wall towards the nipple, plus the internal mammary
+    arteries running S/I beside the sternum. One distance transform rasterises all of them.
+    """
+    seeds = _VesselSeeds(g)
+    lo, hi = cfg.vessels_per_breast
+    for b in body.breasts:
         for _ in range(int(rng.integers(lo, hi + 1))):
             start = np.array(
-                [cz + rng.uniform(-0.6, 0.6) * rz, base, cx + rng.uniform(-0.7, 0.7) * rx]
+                [b.cz + rng.uniform(-0.6, 0.6) * b.rz, b.base, b.cx + rng.uniform(-0.7, 0.7) * b.rx]
             )
             end = np.array(
                 [
-                    cz + rng.uniform(-0.3, 0.3) * rz,
-                    base + 0.85 * ry,
-                    cx + rng.uniform(-0.2, 0.2) * rx,
+                    b.cz + rng.uniform(-0.3, 0.3) * b.rz,
+                    b.base + 0.85 * b.ry,
+                    b.cx + rng.uniform(-0.2, 0.2) * b.rx,
                 ]
             )
-            add_curve(_vessel_points(rng, start, end), _uniform(rng, cfg.vessel_radius_mm))
+            points = _vessel_points(rng, start, end)
+            seeds.add(points, _uniform(rng, cfg.vessel_radius_mm), _draw_curve(rng, cfg.vessel))
+    nz, fz, fx = g.shape[0], g.fov[0], g.fov[2]
     for side in (-1.0, 1.0):
         xs = side * 0.05 * fx
-        ys = cw0 - cfg.muscle_mm - 3.0
+        ys = body.chest_wall_mm - cfg.muscle_mm - 3.0
         pts = np.stack(
             [np.linspace(-fz / 2, fz / 2, 4 * nz), np.full(4 * nz, ys), np.full(4 * nz, xs)], 1
         )
-        add_curve(pts, 1.5 * cfg.vessel_radius_mm[1])
-    if seeds.any():
-        dist, (iz, iy, ix) = distance_transform_edt(~seeds, sampling=sp, return_indices=True)
-        vessel = body & (dist <= seed_radius[iz, iy, ix])
-        which = seed_curve[iz, iy, ix]
-        for n, curve in enumerate(curves):
-            p.paint(vessel & (which == n), "vessel", curve)
+        seeds.add(pts, 1.5 * cfg.vessel_radius_mm[1], _draw_curve(rng, cfg.vessel))
+    seeds.paint(p, body.inside)
 
-    # Lesions sit inside the breast, clear of the skin and of each other.
-    room = np.where(breast, distance_transform_edt(breast, sampling=sp), 0.0) - cfg.skin_mm
-    room = room.astype(np.float32)
-    min_d = _min_diameter_mm(cfg, sp)
-    taken: list[tuple[tuple[float, float, float], float]] = []
-    margin = 2.0 * max(sp)
 
-    mask = np.zeros(shape, bool)
+@dataclass(eq=False)
+class _Placement:
+    """Where lesions may go: inside the breast, clear of the skin and of each other.
+
+    Attributes:
+        breast: (Z, Y, X) bool.
+        room: (Z, Y, X) float32 mm from a breast voxel to the skin's inner edge (-skin_mm
+            outside the breast).
+        taken: (centre (z, y, x) mm, keep-out radius mm) of each lesion placed so far.
+        margin: extra keep-out distance around a lesion, two voxels, in mm.
+        min_d: the smallest lesion diameter, mm (`_min_diameter_mm`).
+    """
+
+    breast: np.ndarray
+    room: np.ndarray
+    taken: list[tuple[tuple[float, float, float], float]]
+    margin: float
+    min_d: float
+
+
+def _placement(cfg: SynthConfig, g: _Grid, breast: np.ndarray) -> _Placement:
+    """The room inside `breast`, before any lesion is placed."""
+    from scipy.ndimage import distance_transform_edt
+
+    room = np.where(breast, distance_transform_edt(breast, sampling=g.sp), 0.0) - cfg.skin_mm
+    return _Placement(
+        breast=breast,
+        room=room.astype(np.float32),
+        taken=[],
+        margin=2.0 * max(g.sp),
+        min_d=_min_diameter_mm(cfg, g.sp),
+    )
+
+
+def _paint_tumours(
+    rng, cfg: SynthConfig, g: _Grid, place: _Placement, p: _Painter
+) -> tuple[np.ndarray, list[float]]:
+    """The labelled tumours, never touching each other; at least one, however small the breast.
+
+    Returns the (Z, Y, X) bool tumour mask and each tumour's diameter in mm.
+    """
+    from scipy.ndimage import binary_dilation
+
+    mask = np.zeros(g.shape, bool)
     near = mask  # tumour voxels and their 26-neighbours
     diameters: list[float] = []
     lo, hi = cfg.tumour_count
     n_tumours = int(rng.integers(lo, hi + 1))
     d_lo, d_hi = cfg.tumour_diameter_mm
-    log_lo, log_hi = math.log(max(d_lo, min_d)), math.log(max(d_hi, min_d))
+    log_lo, log_hi = math.log(max(d_lo, place.min_d)), math.log(max(d_hi, place.min_d))
     for _ in range(n_tumours):
         diameter = math.exp(rng.uniform(log_lo, log_hi))
         reach = diameter / 2 * (1 + 2 * cfg.tumour_irregularity)
-        pick = _pick_centre(rng, room, reach, taken, grid)
+        pick = _pick_centre(rng, place.room, reach, place.taken, g.zyx)
         if pick is None:
             continue
         centre, reach = pick
-        diameter = max(min(diameter, 2 * reach / (1 + 2 * cfg.tumour_irregularity)), min_d)
-        for _ in range(8):  # grow a lesion that a coarse grid would almost miss
-            box, lesion = _lesion(rng, grid, sp, centre, diameter / 2, cfg.tumour_irregularity)
-            lesion &= breast[box] & ~near[box]  # never touching another tumour
-            lesion = _largest_component(lesion)  # coarse grids can cut off a lobe
-            if lesion.sum() >= cfg.min_lesion_voxels:
-                break
-            diameter *= 1.25
+        diameter = max(min(diameter, 2 * reach / (1 + 2 * cfg.tumour_irregularity)), place.min_d)
+        box, lesion, diameter = _grow_tumour(rng, cfg, g, place.breast & ~near, centre, diameter)
         if not lesion.any():
             continue
-        taken.append(
-            (centre, max(reach, diameter / 2 * (1 + 2 * cfg.tumour_irregularity)) + margin)
+        place.taken.append(
+            (centre, max(reach, diameter / 2 * (1 + 2 * cfg.tumour_irregularity)) + place.margin)
         )
-        het = _heterogeneity(rng, lesion.shape, sp, cfg.tumour.heterogeneity)
+        het = _heterogeneity(rng, lesion.shape, g.sp, cfg.tumour.heterogeneity)
         p.paint(lesion, "tumour", _draw_curve(rng, cfg.tumour), het, box)
         mask[box] |= lesion
         near = binary_dilation(mask, np.ones((3, 3, 3), bool))
         diameters.append(diameter)
-    if not mask.any():  # nothing fitted: put the smallest tumour in the deepest breast voxel
-        flat = int(np.argmax(room))
-        iz, iy, ix = np.unravel_index(flat, shape)
-        centre = (float(z[iz, 0, 0]), float(y[0, iy, 0]), float(x[0, 0, ix]))
-        box, lesion = _lesion(rng, grid, sp, centre, min_d / 2, 0.0)
-        lesion &= breast[box]
-        p.paint(lesion, "tumour", _draw_curve(rng, cfg.tumour), None, box)
-        mask[box] |= lesion
-        diameters.append(min_d)
+    if not mask.any():  # nothing fitted: every case has a tumour
+        diameters.append(_deepest_tumour(rng, cfg, g, place, mask, p))
+    return mask, diameters
 
-    # Benign foci: smooth ellipsoids, painted under the tumours (never over a labelled voxel).
+
+def _grow_tumour(rng, cfg: SynthConfig, g: _Grid, allowed: np.ndarray, centre, diameter: float):
+    """A tumour at `centre` within `allowed` ((Z, Y, X) bool), grown by 25 % steps (at most 8
+    tries) until it has `min_lesion_voxels`: a coarse grid would almost miss a small one.
+
+    Returns (box slices, (z, y, x) bool lesion in the box, its diameter in mm).
+    """
+    for _ in range(8):
+        box, lesion = _lesion(rng, g.zyx, g.sp, centre, diameter / 2, cfg.tumour_irregularity)
+        lesion &= allowed[box]  # in the breast, never touching another tumour
+        lesion = _largest_component(lesion)  # coarse grids can cut off a lobe
+        if lesion.sum() >= cfg.min_lesion_voxels:
+            break
+        diameter *= 1.25
+    return box, lesion, diameter
+
+
+def _deepest_tumour(
+    rng, cfg: SynthConfig, g: _Grid, place: _Placement, mask: np.ndarray, p: _Painter
+) -> float:
+    """Paints the smallest tumour in the deepest breast voxel, adds it to `mask`; its diameter."""
+    flat = int(np.argmax(place.room))
+    iz, iy, ix = np.unravel_index(flat, g.shape)
+    centre = (float(g.z[iz, 0, 0]), float(g.y[0, iy, 0]), float(g.x[0, 0, ix]))
+    box, lesion = _lesion(rng, g.zyx, g.sp, centre, place.min_d / 2, 0.0)
+    lesion &= place.breast[box]
+    p.paint(lesion, "tumour", _draw_curve(rng, cfg.tumour), None, box)
+    mask[box] |= lesion
+    return place.min_d
+
+
+def _paint_benign(
+    rng, cfg: SynthConfig, g: _Grid, place: _Placement, mask: np.ndarray, p: _Painter
+) -> None:
+    """Benign foci: smooth ellipsoids, painted under the tumours (never over a labelled voxel)."""
     lo, hi = cfg.benign_count
     for _ in range(int(rng.integers(lo, hi + 1))):
-        diameter = max(_uniform(rng, cfg.benign_diameter_mm), min_d * 2 / 3)
-        pick = _pick_centre(rng, room, diameter / 2, taken, grid)
+        diameter = max(_uniform(rng, cfg.benign_diameter_mm), place.min_d * 2 / 3)
+        pick = _pick_centre(rng, place.room, diameter / 2, place.taken, g.zyx)
         if pick is None:
             continue
         centre, reach = pick
         axes = rng.uniform(0.75, 1.0, 3)
-        box, lesion = _lesion(rng, grid, sp, centre, reach, 0.05, axes)
-        lesion &= breast[box] & ~mask[box]
-        taken.append((centre, reach + margin))
-        het = _heterogeneity(rng, lesion.shape, sp, cfg.benign.heterogeneity)
+        box, lesion = _lesion(rng, g.zyx, g.sp, centre, reach, 0.05, axes)
+        lesion &= place.breast[box] & ~mask[box]
+        place.taken.append((centre, reach + place.margin))
+        het = _heterogeneity(rng, lesion.shape, g.sp, cfg.benign.heterogeneity)
         p.paint(lesion, "benign", _draw_curve(rng, cfg.benign), het, box)
-
-    return p, mask, diameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,15 +1012,7 @@ def write_cohort(
         The case IDs written, in order (`SYN_000`, ...).
     """
     cfg = config or SynthConfig()
-    if cases < 1:
-        raise InputError(f"--cases {cases}: need at least 1")
-    if not 0 <= test_cases < cases:
-        raise InputError(
-            f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
-            "so that at least one case is for training"
-        )
-    if seed < 0:
-        raise InputError(f"--seed {seed}: need a non-negative integer")
+    _check_counts(cases, test_cases, seed)
     out = Path(out)
     _clear_previous(out)
     n_train = cases - test_cases
@@ -825,14 +1024,39 @@ def write_cohort(
     for n, case_id in enumerate(ids):
         split = "Tr" if n < n_train else "Ts"
         case = synthesize(np.random.default_rng([seed, n]), cfg)
-        for t, vol in enumerate(case.image):
-            _save_nifti(out / f"images{split}" / f"{case_id}_{t:04d}.nii.gz", vol, case.affine)
-        _save_nifti(out / f"labels{split}" / f"{case_id}.nii.gz", case.mask, case.affine)
+        _save_case(out, split, case_id, case)
         if progress is not None:
             progress(case_id, "train" if split == "Tr" else "test", case)
 
+    meta = _dataset_json(cfg, seed, cases, test_cases)
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return ids
+
+
+def _check_counts(cases: int, test_cases: int, seed: int) -> None:
+    """Refuses counts no cohort can have, naming the CLI option."""
+    if cases < 1:
+        raise InputError(f"--cases {cases}: need at least 1")
+    if not 0 <= test_cases < cases:
+        raise InputError(
+            f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
+            "so that at least one case is for training"
+        )
+    if seed < 0:
+        raise InputError(f"--seed {seed}: need a non-negative integer")
+
+
+def _save_case(out: Path, split: str, case_id: str, case: SynthCase) -> None:
+    """One NIfTI file per phase in ``images{split}/``, the mask in ``labels{split}/``."""
+    for t, vol in enumerate(case.image):
+        _save_nifti(out / f"images{split}" / f"{case_id}_{t:04d}.nii.gz", vol, case.affine)
+    _save_nifti(out / f"labels{split}" / f"{case_id}.nii.gz", case.mask, case.affine)
+
+
+def _dataset_json(cfg: SynthConfig, seed: int, cases: int, test_cases: int) -> dict:
+    """`dataset.json`: nnU-Net v2 fields plus the acquisition times and the generator's inputs."""
     times = cfg.acquisition_times
-    meta = {
+    return {
         "name": "SyntheticBreastDCE",
         "description": "Synthetic breast DCE-MRI (data_store.synth): phase 0 pre-contrast, "
         "labels are malignant tumours; benign foci, vessels and FGT enhance too.",
@@ -841,7 +1065,7 @@ def write_cohort(
             for t in range(cfg.phases)
         },
         "labels": {"background": 0, "tumour": 1},
-        "numTraining": n_train,
+        "numTraining": cases - test_cases,
         "numTest": test_cases,
         "file_ending": ".nii.gz",
         "acquisition_times_s": list(times),
@@ -854,8 +1078,6 @@ def write_cohort(
             "config": dataclasses.asdict(cfg),
         },
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return ids
 
 
 def cli(args) -> int:
