@@ -13,7 +13,7 @@
 # `stop` is `ray stop`: it stops every Ray process of this user on this machine.
 #
 # Without a token Ray 2.60 starts the head with authentication *disabled* and accepts any job
-# (FIELD_NOTES.md), so this script always generates one and sets RAY_AUTH_MODE=token.
+# (a warning only), so this script always generates one and sets RAY_AUTH_MODE=token.
 # Clients need the same: `export RAY_AUTH_MODE=token` (before Python imports ray) and the token in
 # ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN.
 set -euo pipefail

@@ -219,7 +219,9 @@ def plan_sweep(store: str, cfg: spacemod.SweepConfig, name: str | None, resume: 
     st = open_store(store)
     base = base_train_config(cfg)
     check_space(cfg, base)
-    name = names.check(name or cfg.name) if (name or cfg.name) else default_name(store, cfg)
+    if name is None:
+        name = cfg.name or default_name(store, cfg)
+    names.check(name, "--name" if name != cfg.name else "name")
     storage = base.run.resolved_storage_path()
     exp_path = f"{storage.rstrip('/')}/{name}"
     exists = tune.Tuner.can_restore(exp_path)

@@ -142,3 +142,28 @@ def test_register_gate_load_promote(tracking_db, capsys):
 
     with pytest.raises(InputError):
         registry.load_model("models:/nope@champion")
+
+
+def test_a_model_registered_before_the_restructure_still_loads(tmp_path):
+    """Its model_config.json names the phase selection `input_phases` (today: `phases`), and its
+    stored pyfunc imports `load_model_files` from `tsesnet.registry`."""
+    import importlib
+
+    from tsesnet.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model("tiny", "early", phases=(2,)).eval()
+    cfg = dataclasses.asdict(net.config)
+    cfg["input_phases"] = cfg.pop("phases")
+    d = tmp_path / "model" / "artifacts"
+    d.mkdir(parents=True)
+    torch.save(net.state_dict(), d / "weights.pt")
+    (d / "model_config.json").write_text(
+        json.dumps({"format": "tsesnet-weights-v1", "model_config": cfg, "patch": [16, 32, 32]})
+    )
+    loaded = registry.load_model(str(tmp_path / "model"))
+    assert loaded.model.config.phases == (2,)
+    assert _same_output(loaded.model, net)
+    old_path = importlib.import_module("tsesnet.registry")
+    again = old_path.load_model_files(d / "weights.pt", d / "model_config.json")
+    assert _same_output(again.model, net)

@@ -75,6 +75,16 @@ def test_bad_sweep_files_name_the_key(tmp_path, data, needle):
     assert "s.yaml" in str(err.value)
 
 
+def test_sweep_files_read_floats_like_training_configs(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("set: [loss.tau=1e-5]\nspace:\n  loss.tau: {loguniform: [1e-5, 1e-1]}\n")
+    cfg = spacemod.load(p)
+    assert cfg.params()[0].args == (1e-5, 0.1) and all(
+        type(a) is float for a in cfg.params()[0].args
+    )
+    assert runner.base_train_config(cfg).loss.tau == 1e-5
+
+
 def test_missing_sweep_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not found"):
         spacemod.load(tmp_path / "nope.yaml")
@@ -184,7 +194,14 @@ def test_optuna_plots_are_written(tmp_path):
 
 
 def _tiny_cfg(tmp_path, trials=4):
-    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    """The shipped tiny sweep, written as a user would write it: `1e-5`, not `1.0e-5` (YAML 1.1
+    reads `1e-5` as a string; the sweep loader is the training loader, YAML 1.2 floats)."""
+    text = (CONFIGS / "sweep_tiny.yaml").read_text().replace("1.0e-5", "1e-5")
+    text = text.replace("train_config: tiny.yaml", f"train_config: {CONFIGS / 'tiny.yaml'}")
+    assert "loss.tau: {loguniform: [1e-5, 1.0]}" in text
+    (tmp_path / "sweep_tiny.yaml").write_text(text)
+    cfg = spacemod.load(tmp_path / "sweep_tiny.yaml")
+    assert cfg.params()[2].args == (1e-5, 1.0)
     cfg.trials = trials
     cfg.set = [*cfg.set, f"run.storage_path={tmp_path / 'ray'}"]
     return cfg

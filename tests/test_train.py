@@ -173,3 +173,60 @@ def test_a_run_resumes_only_with_its_own_model_and_store(tmp_path):
     with pytest.raises(InputError, match=r"store fingerprint fp1 -> fp2") as err:
         claim_run_folder(str(tmp_path), "r", model, "fp2")
     assert str(err.value).startswith(str(tmp_path / "r")) and "\n" not in str(err.value)
+
+
+# --- what was written before the restructure still reads the same ---------------------------
+
+# tiny.yaml as it stood before the `data` section extended the sampler's settings, and its hash.
+OLD_TINY = """
+model: {preset: tiny, fusion: tsff, tumor_aware: true}
+loss: {alpha: 0.7, beta: 0.5, tau: 1.0e-5, samples_per_class: 32}
+data: {fold: 0, patch: [16, 32, 32], augment: true, patches_per_epoch: 2, batch_size: 1,
+       cache_bytes: 67108864, val_overlap: 0.25, val_batch_size: 1, max_val_cases: 1}
+optim: {lr: 1.0e-3}
+schedule: {epochs: 1, early_stop_patience: 5, val_every: 1, checkpoint_every: 1}
+run: {workers: 1, cpus_per_worker: 1.0, max_failures: 0}
+"""
+
+
+def test_default_run_names_of_earlier_runs_do_not_change(tmp_path):
+    """A run started without --name resumes only if its default name is the same as before."""
+    old = tmp_path / "old_tiny.yaml"
+    old.write_text(OLD_TINY)
+    assert default_run_name("/x/demo.zarr", load_config(old)) == "demo-tiny-tsff-fold0-48dc59d8"
+    assert default_run_name("/x/demo.zarr", TrainConfig()) == "demo-paper-tsff-fold0-77769544"
+    # a new setting changes the name only when it is set
+    changed = load_config(old, ["data.admit_after=4"])
+    assert default_run_name("/x/demo.zarr", changed) != "demo-tiny-tsff-fold0-48dc59d8"
+
+
+def test_checkpoint_state_and_run_file_of_earlier_runs_still_read(tmp_path):
+    import json
+
+    from tsesnet.training.checkpoint import RUN_FILE, TrainState, claim_run_folder
+
+    # state.json as the loop wrote it before any validation improved (no filter keys yet)
+    old = {"epoch": 3, "best_val_dice": -1.0, "best_epoch": -1, "history": [{"epoch": 0}]}
+    state = TrainState.from_json(json.dumps({**old, "stopped_early": False, "phases": 3}))
+    assert (state.epoch, state.phases, state.restarts, state.filtered_dice) == (3, 3, 0, -1.0)
+    assert json.loads(state.to_json())["history"] == [{"epoch": 0}]
+    with pytest.raises(InputError, match="not a training state"):
+        TrainState.from_json("[1, 2]", "ckpt/state.json")
+    # a run folder claimed when the field was still called input_phases
+    model = dataclasses.asdict(load_config(TINY, ["model.phases=[0,2]"]).model.config())
+    legacy = {("input_phases" if k == "phases" else k): v for k, v in model.items()}
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / RUN_FILE).write_text(
+        json.dumps({"model": json.loads(json.dumps(legacy)), "store_fingerprint": "fp"})
+    )
+    claim_run_folder(str(tmp_path), "r", model, "fp")  # resumes: no error
+
+
+@pytest.mark.parametrize("name", ["../../x", ".hidden", "a/b", "it's", "", "x" * 200])
+def test_run_names_are_names(name, tiny_store, tmp_path):
+    from tsesnet.training.driver import plan_run
+
+    cfg = load_config(TINY, [f"run.storage_path={tmp_path}"])
+    with pytest.raises(InputError, match="not a valid name"):
+        plan_run(str(tiny_store), cfg, name)
+    assert list(tmp_path.iterdir()) == []

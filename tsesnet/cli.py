@@ -1,4 +1,4 @@
-"""The `tsesnet` command: one parser, subcommands dispatched lazily to the modules that own them.
+"""The `tsesnet` command: the parser and the dispatch to the module that owns each subcommand.
 
 Nothing heavy (torch, ray, mlflow, zarr) is imported until a subcommand runs, so `--help` is fast.
 Each handler takes the parsed `argparse.Namespace` and returns an exit status.
@@ -41,11 +41,18 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tsesnet` parser: one subparser per command, added by the data, training, serving and
+    program groups below (in the order `tsesnet --help` lists them)."""
     p = argparse.ArgumentParser(
         prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_data_commands, _training_commands, _serving_commands, _programs):
+        add(sub)
+    return p
 
+
+def _data_commands(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic DCE-MRI cohort (nnU-Net raw layout)")
     s.add_argument("out", metavar="OUT")
     s.add_argument("--cases", type=int, required=True, metavar="N")
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--case", required=True, metavar="ID")
     s.add_argument("out", metavar="OUT")
 
+
+def _training_commands(sub) -> None:
     s = sub.add_parser("model-summary", help="parameters, MACs, FLOPs and step memory")
     s.add_argument("--preset", default="paper")
     s.add_argument("--fusion", default="tsff")
@@ -112,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("version", metavar="VERSION")
     s.add_argument("--alias", required=True, metavar="A")
 
+
+def _serving_commands(sub) -> None:
     s = sub.add_parser("predict", help="batch prediction with Ray Data from an MLflow model")
     s.add_argument("--model", required=True, metavar="URI")
     s.add_argument("--input", required=True, metavar="STORE_OR_DIR")
@@ -133,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", required=True, metavar="DIR")
     s.add_argument("--json", action="store_true")
 
+
+def _programs(sub) -> None:
     s = sub.add_parser("demo", help="the whole platform end to end on a synthetic cohort")
     s.add_argument("--out", default="demo_output", metavar="DIR")
 
@@ -149,7 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     s.add_argument("--experiment", default="tsesnet-science", metavar="NAME")
     s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
-    return p
 
 
 def _handler_key(args: argparse.Namespace) -> str:
@@ -163,13 +175,7 @@ def _handler_key(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = HANDLERS[_handler_key(args)].split(":")
-    try:
-        handler = getattr(importlib.import_module(module_name), func_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"error: `tsesnet {_handler_key(args)}` is not available yet", file=sys.stderr)
-        return 2
+    handler = getattr(importlib.import_module(module_name), func_name)
     from data_store.errors import InputError
 
     try:

@@ -10,7 +10,7 @@ For each: median step time (forward with TSC features + Dice/feature loss + back
 achieved TFLOP/s (the step's FLOPs as torch's FlopCounterMode counts forward + backward, over the
 step time), peak allocated memory, and the relative error against a strict fp32 step (TF32 off)
 of the logits and of two weight gradients (the first full-resolution convolution and the
-bottleneck TA's 5x5x5 convolution). FIELD_NOTES: cuDNN has had wrong-result bugs for bf16 3D
+bottleneck TA's 5x5x5 convolution). cuDNN has had wrong-result and slow-path bugs for bf16 3D
 convolutions, so no speed number goes without the error next to it.
 
 Runs in about 2-3 minutes on one H100 (torch.compile is most of it). On a machine without CUDA

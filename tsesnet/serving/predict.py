@@ -24,6 +24,7 @@ The pipeline, read top to bottom:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import math
@@ -474,11 +475,8 @@ def predict(
     Raises:
         InputError: bad input, bad flags, or a model that no actor could load.
     """
-    import ray.data
-    from tqdm import tqdm
-
+    from tsesnet.common.cluster import connect
     from tsesnet.serving.evaluate import summarize
-    from tsesnet.tracking.runs import tracking_uri
 
     config = config or PredictConfig()
     reader = CaseReader.for_input(input_path)
@@ -487,58 +485,21 @@ def predict(
         raise InputError("no cases to predict", path=input_path)
     out_dir = Path(output).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-
     check_model_uri(model_uri)
-    from tsesnet.common.cluster import connect
-
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
-    env = {k: os.environ[k] for k in _MLFLOW_ENV if os.environ.get(k)}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    predictor = {
+        "model_uri": model_uri,
+        "reader": reader,
+        "out_dir": str(out_dir),
+        "config": config,
+        "env": _actor_env(),
+        "threads": int(cpus_per_worker),
+    }
     start = time.perf_counter()
-    # Our tqdm bar counts cases; Ray Data's own bars (or, off a terminal, its progress log lines)
-    # would count blocks and interleave with it. Set before the dataset copies the context.
-    ctx = ray.data.DataContext.get_current()
-    data_logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, data_logger.level
-    ctx.enable_progress_bars = False
-    data_logger.setLevel(logging.ERROR)
-    rows = []
-    try:
-        # One block per case and batch_size=1: the pool hands out cases one by one, so a slow
-        # case holds up only its own actor. Only IDs travel; actors read and write the volumes.
-        ds = ray.data.from_items(
-            [{"case_id": c} for c in case_ids], override_num_blocks=len(case_ids)
-        )
-        ds = ds.map_batches(
-            CasePredictor,
-            fn_constructor_kwargs={
-                "model_uri": model_uri,
-                "reader": reader,
-                "out_dir": str(out_dir),
-                "config": config,
-                "env": env,
-                "threads": int(cpus_per_worker),
-            },
-            batch_size=1,
-            # At most 2 cases queued per actor (Ray's default, pinned because it matters here):
-            # no idle gap between cases, and at most one case of backlog when the others finish.
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
-            num_cpus=cpus_per_worker,
-            num_gpus=config.gpus_per_worker or None,
-        )
-        bar = tqdm(
-            total=len(case_ids), desc="predict", unit="case", disable=not progress, file=sys.stderr
-        )
-        for r in ds.iter_rows():
-            rows.append({k: _clean(r[k]) for k in SUMMARY_COLUMNS})
-            bar.update(1)
-            if r["status"] == "error":
-                bar.write(f"error: case {r['case_id']}: {r['error']}", file=sys.stderr)
-        bar.close()
-    finally:
-        ctx.enable_progress_bars, level = saved
-        data_logger.setLevel(level)
+    with _quiet_ray_data():
+        ds = _dataset(case_ids, predictor, config, workers, cpus_per_worker)
+        rows = _collect(ds, len(case_ids), progress)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
@@ -546,6 +507,70 @@ def predict(
     csv_path = out_dir / "summary.csv"
     write_summary_csv(csv_path, rows)
     return PredictReport(rows=rows, summary=summarize(rows), csv_path=csv_path, seconds=seconds)
+
+
+def _actor_env() -> dict[str, str]:
+    """The MLflow settings the actors need (Ray workers do not inherit the driver's current
+    environment, only the one Ray started with)."""
+    from tsesnet.tracking.runs import tracking_uri
+
+    env = {k: os.environ[k] for k in _MLFLOW_ENV if os.environ.get(k)}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    return env
+
+
+@contextlib.contextmanager
+def _quiet_ray_data():
+    """Our bar counts cases; Ray Data's own bars (or, off a terminal, its progress log lines)
+    would count blocks and interleave with it. Set before the dataset copies the context."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    data_logger = logging.getLogger("ray.data")
+    saved = ctx.enable_progress_bars, data_logger.level
+    ctx.enable_progress_bars = False
+    data_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, level = saved
+        data_logger.setLevel(level)
+
+
+def _dataset(case_ids, predictor: dict, config: PredictConfig, workers: int, cpus: float):
+    """The Ray Data pipeline: case IDs in, one `CasePredictor` row per case out.
+
+    One block per case and batch_size=1: the pool hands out cases one by one, so a slow case
+    holds up only its own actor. Only IDs travel; actors read and write the volumes.
+    """
+    import ray.data
+
+    ds = ray.data.from_items([{"case_id": c} for c in case_ids], override_num_blocks=len(case_ids))
+    return ds.map_batches(
+        CasePredictor,
+        fn_constructor_kwargs=predictor,
+        batch_size=1,
+        # At most 2 cases queued per actor (Ray's default, pinned because it matters here):
+        # no idle gap between cases, and at most one case of backlog when the others finish.
+        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+        num_cpus=cpus,
+        num_gpus=config.gpus_per_worker or None,
+    )
+
+
+def _collect(ds, n_cases: int, progress: bool) -> list[dict]:
+    """Stream the result rows with a progress bar over cases, printing errors as they come."""
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(total=n_cases, desc="predict", unit="case", disable=not progress, file=sys.stderr)
+    for r in ds.iter_rows():
+        rows.append({k: _clean(r[k]) for k in SUMMARY_COLUMNS})
+        bar.update(1)
+        if r["status"] == "error":
+            bar.write(f"error: case {r['case_id']}: {r['error']}", file=sys.stderr)
+    bar.close()
+    return rows
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -132,10 +132,6 @@ def log_and_register(
             (`tsesnet.postprocess`); prediction applies it.
     """
     import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     client = _client()
     cfg = {
@@ -147,31 +143,7 @@ def log_and_register(
         "min_component_fraction": float(min_component_fraction),
         "lineage": {k: (v if isinstance(v, int | float) else str(v)) for k, v in lineage.items()},
     }
-    divisor = 2 ** (len(model_config["channels"]) - 1)
-    # A small example (smaller than a patch: prediction pads), so the MLmodel stays small.
-    example = np.zeros((1, phases or 2, divisor, divisor, divisor), np.float32)  # (B, T, Z, Y, X)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]),
-    )
-    with tempfile.TemporaryDirectory() as d:
-        w, c = Path(d) / WEIGHTS_FILE, Path(d) / CONFIG_FILE
-        torch.save(weights, w)
-        c.write_text(json.dumps(cfg, indent=1))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(Path(__file__).with_name("pyfunc.py")),
-                artifacts={"weights": str(w), "config": str(c)},
-                signature=signature,
-                input_example=example,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                    "numpy",
-                    "scipy",
-                ],
-            )
+    info = _log_model(run_id, weights, cfg)
     champion = _champion(client, name)
     alias, reason = decide_alias(float(val_dice), lineage, champion)
     mv = mlflow.register_model(info.model_uri, name)
@@ -189,6 +161,42 @@ def log_and_register(
     client.set_tag(run_id, "tsesnet.model_alias", alias)
     client.set_tag(run_id, "tsesnet.model_alias_reason", reason)
     return Registration(name, str(mv.version), alias, f"models:/{name}/{mv.version}", reason)
+
+
+def _log_model(run_id: str, weights: dict, cfg: dict):
+    """Log `weights.pt` and `model_config.json` as the pyfunc model `model` of the run."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    divisor = 2 ** (len(cfg["model_config"]["channels"]) - 1)
+    # A small example (smaller than a patch: prediction pads), so the MLmodel stays small.
+    t = cfg["phases"] or 2
+    example = np.zeros((1, t, divisor, divisor, divisor), np.float32)  # (B, T, Z, Y, X)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]),
+    )
+    with tempfile.TemporaryDirectory() as d:
+        w, c = Path(d) / WEIGHTS_FILE, Path(d) / CONFIG_FILE
+        torch.save(weights, w)
+        c.write_text(json.dumps(cfg, indent=1))
+        with mlflow.start_run(run_id=run_id):
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc.py")),
+                artifacts={"weights": str(w), "config": str(c)},
+                signature=signature,
+                input_example=example,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}",
+                    "numpy",
+                    "scipy",
+                ],
+            )
 
 
 def _build(cfg: dict):

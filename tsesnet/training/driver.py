@@ -22,25 +22,11 @@ from data_store.errors import InputError
 from tsesnet.common import names
 from tsesnet.training import checkpoint
 from tsesnet.training.config import TrainConfig, check_config, default_run_name, load_config
+from tsesnet.training.plan import RunPlan
 
 # Run tags: which epoch's best weights a run registered, as which version and alias.
 REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
 VERSION_TAG, ALIAS_TAG = "tsesnet.model_version", "tsesnet.model_alias"
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything decided before the workers start."""
-
-    name: str
-    store: str  # absolute path or URL
-    fingerprint: str
-    train_ids: tuple[str, ...]
-    val_ids: tuple[str, ...]
-    model_config: dict
-    storage_path: str
-    run_id: str
-    resumed: bool
 
 
 @dataclass
@@ -80,7 +66,7 @@ def train(
     """
     cfg = config or TrainConfig()
     plan = plan_run(store, cfg, name)
-    result = fit(plan, cfg, callbacks)
+    result = fit(plan, callbacks)
     with result.checkpoint.as_directory() as ckpt_dir:
         state = checkpoint.read_state(ckpt_dir)
         reg = register(ckpt_dir, cfg, run_id=plan.run_id, lineage=_lineage(plan, cfg))
@@ -111,7 +97,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
 
     check_config(cfg)
     store = store if "://" in str(store) else str(Path(store).expanduser().resolve())
-    name = names.check(name) if name else default_run_name(store, cfg)
+    name = default_run_name(store, cfg) if name is None else names.check(name)
     st = open_store(store)
     if not 0 <= cfg.data.fold < st.n_folds:
         raise InputError(f"data.fold={cfg.data.fold} but the store has {st.n_folds} folds")
@@ -133,6 +119,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         flush=True,
     )
     return RunPlan(
+        config=cfg,
         name=name,
         store=store,
         fingerprint=st.fingerprint,
@@ -142,6 +129,8 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         storage_path=storage_path,
         run_id=run_id,
         resumed=resumed,
+        tracking_uri=runs.tracking_uri(),
+        git_commit=runs.git_commit(),
     )
 
 
@@ -161,26 +150,15 @@ def _check_network(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(net.config)
 
 
-def fit(plan: RunPlan, cfg: TrainConfig, callbacks: list | None = None):
+def fit(plan: RunPlan, callbacks: list | None = None):
     """Run the workers on Ray Train (`TorchTrainer`); return Ray's `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tsesnet.common.cluster import connect
-    from tsesnet.tracking import runs
-    from tsesnet.training.worker import WorkerSetup, train_loop_per_worker
+    from tsesnet.training.worker import train_loop_per_worker
 
-    setup = WorkerSetup(
-        config=cfg,
-        store=plan.store,
-        store_fingerprint=plan.fingerprint,
-        train_ids=plan.train_ids,
-        val_ids=plan.val_ids,
-        tracking_uri=runs.tracking_uri(),
-        run_id=plan.run_id,
-        run_name=plan.name,
-        git_commit=runs.git_commit(),
-    )
+    cfg = plan.config
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
@@ -190,7 +168,7 @@ def fit(plan: RunPlan, cfg: TrainConfig, callbacks: list | None = None):
     # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
-        functools.partial(train_loop_per_worker, setup),
+        functools.partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
             num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

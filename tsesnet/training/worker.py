@@ -23,21 +23,7 @@ import torch
 from tsesnet.training import checkpoint
 from tsesnet.training.checkpoint import TrainState
 from tsesnet.training.config import TrainConfig
-
-
-@dataclass(frozen=True)
-class WorkerSetup:
-    """What the driver hands every worker: the config and the run it belongs to."""
-
-    config: TrainConfig
-    store: str
-    store_fingerprint: str
-    train_ids: tuple[str, ...]
-    val_ids: tuple[str, ...]
-    tracking_uri: str
-    run_id: str
-    run_name: str
-    git_commit: str
+from tsesnet.training.plan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -53,20 +39,20 @@ class Rank:
         return self.rank == 0
 
 
-def train_loop_per_worker(setup: WorkerSetup) -> None:
-    """Ray Train's per-worker function (the driver binds `setup` to it)."""
+def train_loop_per_worker(plan: RunPlan) -> None:
+    """Ray Train's per-worker function (the driver binds the run's `plan` to it)."""
     import ray.train
     import ray.train.torch
 
     _quiet_report_log()
-    cfg = setup.config
+    cfg = plan.config
     ctx = ray.train.get_context()
     me = Rank(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     torch.manual_seed(cfg.schedule.seed)
     model, optimizer, state, best, resumed = _build(cfg, me)
     module = model.module if hasattr(model, "module") else model
-    data = EpochData(setup, me)
-    log = RunLog(setup, me, state, resumed)
+    data = EpochData(plan, me)
+    log = RunLog(plan, me, state, resumed)
     nodes = len(set(_gather(ray.get_runtime_context().get_node_id(), me.world)))
     model.train()
     for epoch in range(state.epoch + 1, cfg.schedule.epochs):
@@ -129,21 +115,21 @@ def _build(cfg: TrainConfig, me: Rank):
 class EpochData:
     """This rank's training patches and validation cases."""
 
-    def __init__(self, setup: WorkerSetup, me: Rank):
+    def __init__(self, plan: RunPlan, me: Rank):
         from data_store.sampler import PatchSampler
         from data_store.store import open_store
 
-        cfg = setup.config
-        self.store = open_store(setup.store)
+        cfg = plan.config
+        self.store = open_store(plan.store)
         self.sampler = PatchSampler(
             self.store,
-            list(setup.train_ids),
+            list(plan.train_ids),
             cfg.data,
             seed=cfg.schedule.seed,
             rank=me.rank,
             world_size=me.world,
         )
-        val_ids = list(setup.val_ids)
+        val_ids = list(plan.val_ids)
         if cfg.data.max_val_cases > 0:
             val_ids = val_ids[: cfg.data.max_val_cases]
         self.my_val_ids = val_ids[me.rank :: me.world]
@@ -325,23 +311,23 @@ def _quiet_report_log() -> None:
 class RunLog:
     """Rank 0's MLflow run and epoch lines; on other ranks every method does nothing."""
 
-    def __init__(self, setup: WorkerSetup, me: Rank, state: TrainState, resumed: int):
+    def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
         self.on = me.is_zero
-        self.epochs = setup.config.schedule.epochs
+        self.epochs = plan.config.schedule.epochs
         if not self.on:
             return
         import mlflow
 
-        mlflow.set_tracking_uri(setup.tracking_uri)
-        mlflow.start_run(run_id=setup.run_id)
+        mlflow.set_tracking_uri(plan.tracking_uri)
+        mlflow.start_run(run_id=plan.run_id)
         if resumed < 0:
-            _log_run_start(setup, me)
+            _log_run_start(plan, me)
         else:
             from tsesnet.common.yaml_config import dump_yaml
 
             mlflow.set_tag("tsesnet.restarts", str(state.restarts))
             # The config may differ from the first start's (e.g. more epochs): keep each one.
-            mlflow.log_text(dump_yaml(setup.config), f"config/resumed_{state.restarts}.yaml")
+            mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
             print(f"[rank 0] resumed from the checkpoint of epoch {state.epoch}", flush=True)
 
     def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
@@ -386,14 +372,14 @@ def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
     return line
 
 
-def _log_run_start(setup: WorkerSetup, me: Rank) -> None:
+def _log_run_start(plan: RunPlan, me: Rank) -> None:
     """Rank 0, first start only: resolved config, system info, data lineage."""
     import mlflow
 
     from tsesnet.common.yaml_config import dump_yaml, flatten
     from tsesnet.tracking import runs
 
-    cfg = setup.config
+    cfg = plan.config
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg).items()})
     mlflow.log_text(dump_yaml(cfg), "config/resolved.yaml")
     tags = runs.system_info()
@@ -401,13 +387,13 @@ def _log_run_start(setup: WorkerSetup, me: Rank) -> None:
         {
             "sys.workers": str(me.world),
             "sys.device": str(me.device),
-            "data.store": setup.store,
-            "data.store_fingerprint": setup.store_fingerprint,
+            "data.store": plan.store,
+            "data.store_fingerprint": plan.fingerprint,
             "data.fold": str(cfg.data.fold),
-            "data.n_train": str(len(setup.train_ids)),
-            "data.n_val": str(len(setup.val_ids)),
-            "code.git_commit": setup.git_commit,
-            runs.RUN_NAME_TAG: setup.run_name,
+            "data.n_train": str(len(plan.train_ids)),
+            "data.n_val": str(len(plan.val_ids)),
+            "code.git_commit": plan.git_commit,
+            runs.RUN_NAME_TAG: plan.name,
         }
     )
     mlflow.set_tags(tags)
