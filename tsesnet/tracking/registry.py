@@ -25,6 +25,8 @@ DEFAULT_NAME = "tsesnet"
 CHAMPION, CHALLENGER = "champion", "challenger"
 WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "model_config.json"
 FORMAT = "tsesnet-weights-v1"
+# What `model_config.json`'s "training_data" holds (absent in models registered before it).
+TRAINING_DATA_KEYS = ("phases", "spacing_mm_min", "spacing_mm_max", "orientations")
 
 
 @dataclass
@@ -116,6 +118,7 @@ def log_and_register(
     lineage: dict,
     name: str = DEFAULT_NAME,
     min_component_fraction: float = 0.0,
+    training_data: dict | None = None,
 ) -> Registration:
     """Log the weights as an MLflow model in `run_id`, register it and set its alias.
 
@@ -130,6 +133,9 @@ def log_and_register(
         name: registered model name.
         min_component_fraction: the connected-component filter chosen on validation
             (`tsesnet.postprocess`); prediction applies it.
+        training_data: what the training cases looked like, for prediction to warn about
+            unlike scans: {"phases": [lo, hi], "spacing_mm_min": [z, y, x], "spacing_mm_max":
+            [z, y, x], "orientations": ["RAS", ...]} (`TRAINING_DATA_KEYS`); None when unknown.
     """
     import mlflow
 
@@ -142,6 +148,7 @@ def log_and_register(
         "val_dice": float(val_dice),
         "min_component_fraction": float(min_component_fraction),
         "lineage": {k: (v if isinstance(v, int | float) else str(v)) for k, v in lineage.items()},
+        "training_data": training_data,
     }
     info = _log_model(run_id, weights, cfg)
     champion = _champion(client, name)
