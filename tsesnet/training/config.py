@@ -37,6 +37,8 @@ class ModelSpec:
         tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
         phases: the acquired phases the network reads, in order; [] = all.
         phase_embedding: a learned vector per phase before fusion; False is the paper's model.
+        channels_last: train in the channels_last_3d memory format on CUDA (not part of the
+            architecture; ignored on CPU with a note).
     """
 
     preset: str = "paper"
@@ -44,12 +46,20 @@ class ModelSpec:
     tumor_aware: bool = True
     phases: tuple[int, ...] = ()
     phase_embedding: bool = False
+    channels_last: bool = False
+
+    # How the network is run, not what it is: not `ModelConfig` fields.
+    _RUNTIME = ("channels_last",)
 
     def config(self):
         """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion)."""
         from tsesnet.model import model_config
 
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in self._RUNTIME
+        }
         return model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
 
     def build(self):
@@ -131,6 +141,7 @@ class RunSettings:
         experiment: MLflow experiment name.
         registered_model_name: MLflow registered model the best checkpoint goes to.
         register: log and register the best checkpoint at the end.
+        compile: `torch.compile` the network on CUDA (ignored on CPU with a note).
     """
 
     workers: int = 1
@@ -142,6 +153,7 @@ class RunSettings:
     experiment: str = "tsesnet"
     registered_model_name: str = "tsesnet"
     register: bool = True
+    compile: bool = False
 
     def resolved_storage_path(self) -> str:
         """The one storage-path rule: `storage_path` made absolute, `<cwd>/ray_results` when
@@ -205,6 +217,8 @@ def config_hash(cfg: TrainConfig) -> str:
     d = yaml_config.to_dict(cfg)
     default = yaml_config.to_dict(TrainConfig())
     d.pop("run", None)
+    for key in ModelSpec._RUNTIME:  # how the network runs, not what it learns
+        del d["model"][key]
     for section, keys in _HASHED_WHEN_SET.items():
         for key in keys:
             if d[section][key] == default[section][key]:

@@ -103,6 +103,7 @@ def _build(cfg: TrainConfig, me: Rank):
             state, best = checkpoint.restore(d, net, optimizer)
         state.restarts += 1
         resumed = state.epoch
+    net = _runtime_options(net, cfg, me)
     model = ray.train.torch.prepare_model(net)  # DDP over gloo (CPU) or NCCL (GPU)
     # Adam's state was loaded on CPU; move it next to the parameters.
     for s in optimizer.state.values():
@@ -110,6 +111,32 @@ def _build(cfg: TrainConfig, me: Rank):
             if torch.is_tensor(v) and k != "step":
                 s[k] = v.to(me.device)
     return model, optimizer, state, best, resumed
+
+
+def _runtime_options(net, cfg: TrainConfig, me: Rank):
+    """`model.channels_last` and `run.compile` on CUDA; on CPU a note says they are ignored.
+
+    The checkpoint keeps the uncompiled module's weights: `torch.compile` wraps the module in
+    place (`net.compile()`), so `state_dict` keys are unchanged.
+    """
+    wanted = [
+        k
+        for k, on in (
+            ("model.channels_last", cfg.model.channels_last),
+            ("run.compile", cfg.run.compile),
+        )
+        if on
+    ]
+    if me.device.type != "cuda":
+        if wanted and me.is_zero:
+            print(f"note: {', '.join(wanted)} apply on CUDA only; ignored on CPU", flush=True)
+        return net
+    net = net.to(me.device)
+    if cfg.model.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    if cfg.run.compile:
+        net.compile()
+    return net
 
 
 class EpochData:
