@@ -88,8 +88,9 @@ class SamplerConfig:
             raise ValueError(f"intensity_scale must be 0 < lo <= hi, got {self.intensity_scale}")
         if self.intensity_shift[0] > self.intensity_shift[1]:
             raise ValueError(f"intensity_shift must be lo <= hi, got {self.intensity_shift}")
-        if self.admit_after < 1 or self.patches_per_epoch < 1:
-            raise ValueError("admit_after and patches_per_epoch must be >= 1")
+        for name in ("admit_after", "patches_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class _CaseMeta:

@@ -86,7 +86,7 @@ def test_from_dict_builds_nested_typed_config():
         ({"data": {"patch": [32, 64, "x"]}}, "data.patch[2]: expected int"),
         ({"data": {"cache": "big"}}, "data.cache: expected int | null"),
         ({"data": 5}, "data: expected a mapping of DataSection fields"),
-        ({"model": {"channels": [8]}}, "model: channels needs >= 2 levels"),
+        ({"model": {"channels": [8]}}, "model.channels needs >= 2 levels"),
         ({"extra": {"w": "x"}}, "extra.w: expected float"),
     ],
 )
@@ -154,7 +154,7 @@ def test_apply_overrides_typed_and_pure():
         ("model.tumor_aware=1", "model.tumor_aware: expected bool, got int"),
         ("loss.alpha", "is not key=value"),
         ("loss.alpha.x=1", "loss.alpha is a value, not a section"),
-        ("model.channels=[4]", "model: channels needs >= 2 levels"),
+        ("model.channels=[4]", "model.channels needs >= 2 levels"),
     ],
 )
 def test_apply_overrides_errors(item, message):

@@ -230,3 +230,52 @@ def test_run_names_are_names(name, tiny_store, tmp_path):
     with pytest.raises(InputError, match="not a valid name"):
         plan_run(str(tiny_store), cfg, name)
     assert list(tmp_path.iterdir()) == []
+
+
+def _out_of_range(spec: str) -> float:
+    """A value just outside an interval spec of `RANGES` (or NaN when it is unbounded)."""
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    if lo != float("-inf"):
+        return lo - 1 if spec[0] == "[" else lo
+    if hi != float("inf"):
+        return hi + 1 if spec[-1] == "]" else hi
+    return float("nan")
+
+
+def _override(key: str, value, default) -> str:
+    if isinstance(default, tuple | list):
+        value = [value, *default[1:]] if default else [value]
+        return f"{key}=[{', '.join(map(str, value))}]"
+    if isinstance(default, int) and float(value).is_integer():
+        value = int(value)
+    return f"{key}={'.nan' if value != value else value}"
+
+
+def test_every_numeric_setting_has_a_range_and_is_checked_before_ray_starts():
+    """Walk every numeric key of TrainConfig: an out-of-range value is a one-line error naming
+    the key, raised by load_config (which the CLI calls before it starts Ray)."""
+    from tsesnet.training.config import RANGES, numeric_settings
+
+    settings = numeric_settings(TrainConfig())
+    assert set(settings) == set(RANGES), "every numeric setting needs a range in RANGES"
+    for key, default in settings.items():
+        item = _override(key, _out_of_range(RANGES[key]), default)
+        with pytest.raises(InputError) as err:
+            load_config(TINY, [item])
+        assert key in str(err.value) and "\n" not in str(err.value), item
+
+
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("data.val_overlap=1.0", "data.val_overlap"),
+        ("data.fg_fraction=5", "data.fg_fraction"),
+        ("run.cpus_per_worker=0", "run.cpus_per_worker"),
+        ("run.gpus_per_worker=1.5", "run.gpus_per_worker"),
+        ("loss.tau=.inf", "loss.tau"),
+    ],
+)
+def test_the_reported_crashes_are_config_errors(item, key):
+    with pytest.raises(InputError, match=key.replace(".", r"\.")):
+        load_config(TINY, [item])

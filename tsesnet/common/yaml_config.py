@@ -190,7 +190,11 @@ def _instantiate(cls: type[T], kwargs: dict, where: str) -> T:
     except (ValueError, TypeError) as err:
         if isinstance(err, InputError):
             raise
-        raise InputError(f"{where or cls.__name__}: {err}") from err
+        text = str(err)
+        first = text.split(" ", 1)[0]
+        if where and first in {f.name for f in dataclasses.fields(cls)}:
+            raise InputError(f"{where}.{text}") from err  # "data.fg_fraction must be ..."
+        raise InputError(f"{where or cls.__name__}: {text}") from err
 
 
 # ---------------------------------------------------------------------------------------------

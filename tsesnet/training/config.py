@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -190,17 +191,87 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# The valid range of every numeric setting, as an interval ("[" closed, "(" open; for a tuple,
+# of each element). Checked by `check_config` before Ray starts; `tests/test_train.py` walks every
+# numeric key of `TrainConfig` and fails on one missing here.
+RANGES = {
+    "model.phases": "[0, inf)",
+    "loss.alpha": "[0, inf)",
+    "loss.beta": "[0, inf)",
+    "loss.tau": "(0, inf)",
+    "loss.samples_per_class": "[1, inf)",
+    "loss.bce": "[0, inf)",
+    "data.patch": "[1, inf)",
+    "data.fg_fraction": "[0, 1]",
+    "data.cache_bytes": "[0, inf)",
+    "data.intensity_scale": "(0, inf)",
+    "data.intensity_shift": "(-inf, inf)",
+    "data.admit_after": "[1, inf)",
+    "data.patches_per_epoch": "[1, inf)",
+    "data.fold": "[0, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.val_overlap": "[0, 1)",
+    "data.val_batch_size": "[1, inf)",
+    "data.max_val_cases": "[0, inf)",
+    "optim.lr": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.grad_clip": "[0, inf)",
+    "schedule.epochs": "[1, inf)",
+    "schedule.early_stop_patience": "[1, inf)",
+    "schedule.val_every": "[1, inf)",
+    "schedule.checkpoint_every": "[1, inf)",
+    "schedule.seed": "[0, 2147483648)",
+    "run.workers": "[1, inf)",
+    "run.gpus_per_worker": "[0, inf)",
+    "run.cpus_per_worker": "(0, inf)",
+    "run.max_failures": "[-1, inf)",
+    "run.checkpoints_to_keep": "[1, inf)",
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    lo_text, hi_text = spec[1:-1].split(",")
+    lo, hi = float(lo_text), float(hi_text)
+    if not math.isfinite(value) and not (math.isinf(value) and math.isinf(lo if value < 0 else hi)):
+        return False  # NaN, or an infinity the interval does not reach
+    above = value > lo if spec[0] == "(" else value >= lo
+    below = value < hi if spec[-1] == ")" else value <= hi
+    return above and below
+
+
+def numeric_settings(cfg: TrainConfig) -> dict[str, float | int | tuple]:
+    """Every numeric setting (numbers and tuples of numbers), by dotted key."""
+    out = {}
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            items = value if isinstance(value, tuple | list) else (value,)
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+                out[f"{section.name}.{f.name}"] = value
+    return out
+
+
 def check_config(cfg: TrainConfig) -> None:
-    """Settings that are well-typed but out of range, named by their keys."""
-    problems = []
-    if cfg.run.workers < 1:
-        problems.append("run.workers must be >= 1")
-    if cfg.data.batch_size < 1 or cfg.data.patches_per_epoch < 1:
-        problems.append("data.batch_size and data.patches_per_epoch must be >= 1")
-    if cfg.schedule.epochs < 1 or cfg.schedule.val_every < 1 or cfg.schedule.checkpoint_every < 1:
-        problems.append("schedule.epochs, val_every and checkpoint_every must be >= 1")
-    if problems:
-        raise InputError("bad config: " + "; ".join(problems))
+    """Every numeric setting in its range (`RANGES`), named by its key, before Ray starts.
+
+    Raises:
+        InputError: one line naming the first key out of range, its value and the range.
+    """
+    for key, value in numeric_settings(cfg).items():
+        spec = RANGES[key]
+        items = value if isinstance(value, tuple | list) else (value,)
+        if not all(_in_range(float(v), spec) for v in items):
+            raise InputError(
+                f"bad config: {key}={_show(value)} is out of range; it must be in {spec}"
+            )
+    g = cfg.run.gpus_per_worker
+    if g > 1 and g != int(g):
+        raise InputError(f"bad config: run.gpus_per_worker={g:g}: above 1 it must be whole")
+
+
+def _show(value) -> str:
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple | list) else str(value)
 
 
 # Keys added after the first release: hashed only when set to something else than their default,
