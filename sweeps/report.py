@@ -265,4 +265,3 @@ def log_parent_end(client, run_id, cfg, rows, best, version, alias) -> None:
             client.set_tag(run_id, "tsesnet.best_run_id", best.run_id)
     if version:
         client.set_tag(run_id, "tsesnet.model_version", str(version))
-        client.set_tag(run_id, "tsesnet.model_alias", str(alias))

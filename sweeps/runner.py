@@ -308,6 +308,7 @@ def register_best(best: TrialRow, plan: SweepPlan):
     from ray.train import Checkpoint
 
     from tsesnet.common.yaml_config import with_values
+    from tsesnet.tracking.runs import git_commit
     from tsesnet.training.driver import register
 
     ckpt = best.checkpoint_path
@@ -322,13 +323,16 @@ def register_best(best: TrialRow, plan: SweepPlan):
     # The base with the trial's values: the trial's own config never registers.
     cfg = with_values(plan.base, best.params, where="space.")
     lineage = {
+        "store": plan.setup.store,
         "store_fingerprint": plan.store.fingerprint,
         "fold": cfg.data.fold,
         "run_name": plan.setup.run_name(best.trial),
+        "git_commit": git_commit(),
         "sweep": plan.name,
     }
+    train_ids, _ = plan.store.split(cfg.data.fold)
     with Checkpoint(ckpt).as_directory() as d:
-        return register(d, cfg, run_id=best.run_id, lineage=lineage)
+        return register(d, cfg, run_id=best.run_id, lineage=lineage, train_ids=train_ids)
 
 
 def cli(args) -> int:

@@ -39,6 +39,13 @@ def _forget_tracking_uri():
         # A better score on another fold or another store is not comparable.
         (0.90, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-A", fold=1), "challenger"),
         (0.90, LINEAGE, _mv(val_dice=0.5, store_fingerprint="fp-B", fold=0), "challenger"),
+        # Full precision: identical weights tie, a tie never moves the champion.
+        (0.0437000123, LINEAGE, _mv(val_dice=repr(0.0437000123), **LINEAGE), "challenger"),
+        (0.0437000124, LINEAGE, _mv(val_dice=repr(0.0437000123), **LINEAGE), "champion"),
+        # A champion registered before full precision ("%.6f"): compared at its precision.
+        (0.0437000123, LINEAGE, _mv(val_dice="0.043700", **LINEAGE), "challenger"),
+        (0.0437004, LINEAGE, _mv(val_dice="0.043700", **LINEAGE), "challenger"),
+        (0.0437006, LINEAGE, _mv(val_dice="0.043700", **LINEAGE), "champion"),
     ],
 )
 def test_alias_gate(new, lineage, champion, alias):
@@ -134,8 +141,20 @@ def test_register_gate_load_promote(tracking_db, capsys):
     assert main(["models", "show", "tsesnet"]) == 0
     assert "champion" in capsys.readouterr().out
 
-    assert main(["models", "promote", "tsesnet", "1", "--alias", "champion"]) == 0
+    args = ["models", "promote", "tsesnet", "1", "--alias", "champion", "--reason", "re-read"]
+    assert main(args) == 0
+    assert "(was version 3)" in capsys.readouterr().out
     assert _same_output(registry.load_model("models:/tsesnet@champion").model, net1)
+    # Who moved it, when and why, on both versions (tags and description).
+    client = mlflow.MlflowClient()
+    won, lost = client.get_model_version("tsesnet", "1"), client.get_model_version("tsesnet", "3")
+    assert won.tags["promoted_champion_reason"] == "re-read" and won.tags["promoted_champion_by"]
+    assert won.tags["promoted_champion_at"].startswith("20")
+    assert lost.tags["demoted_champion_reason"] == "re-read"
+    assert "moved here from v3" in won.description and "moved from here to v1" in lost.description
+    assert "registered_as" in lost.tags  # what registration decided stays, labelled as such
+    assert main(["models", "promote", "tsesnet", "1", "--alias", "v2"]) == 2
+    assert "reserved" in capsys.readouterr().err
     assert main(["models", "promote", "tsesnet", "99", "--alias", "champion"]) == 2
     assert "no version 99" in capsys.readouterr().err
     assert main(["models", "show", "nope"]) == 2

@@ -139,7 +139,16 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert m["val_dice_filtered"] >= m["val_dice"] - 1e-9
     assert p["loss.alpha"] == "0.7" and p["model.preset"] == "tiny"
     assert t["data.store_fingerprint"] and t["data.fold"] == "0" and t["code.git_commit"]
-    assert t["sys.torch"] and t["tsesnet.model_alias"] == "champion"
+    assert t["sys.torch"] and t["tsesnet.model_version"] == "1"
+    assert "tsesnet.model_alias" not in t  # aliases move: no run tag claims one
+    assert run.info.status == "FINISHED"
+    mv = client.get_model_version("tsesnet", "1")
+    assert mv.tags["store_fingerprint"] == t["data.store_fingerprint"]
+    assert float(mv.tags["val_dice"]) == m["val_dice"]  # full precision
+    for needle in ("validation DSC", "HD95", t["data.store_fingerprint"], "fold 0", "tiny/tsff"):
+        assert needle in mv.description, needle
+    assert t["code.git_commit"] in mv.description and "@champion" in mv.description
+    assert "@champion" in client.get_registered_model("tsesnet").description
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/val_overlay.png"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [
@@ -147,6 +156,8 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     ]
     loaded = registry.load_model("models:/tsesnet@champion")
     assert loaded.patch == (16, 32, 32) and loaded.config["lineage"]["fold"] == 0
+    seen = loaded.config["training_data"]
+    assert seen["phases"] == [3, 3] and len(seen["spacing_mm_min"]) == 3 and seen["orientations"]
     assert loaded.config["min_component_fraction"] == m["val_min_component_fraction"]
 
     # The same name again, now for 2 epochs: resumes after epoch 1, same MLflow run.
@@ -158,6 +169,10 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert res.model_version == "2"
     configs = {a.path for a in client.list_artifacts(res.run_id, "config")}
     assert configs == {"config/resolved.yaml", "config/resumed_1.yaml"}
+    # Once more: nothing left to train, the same checkpoint is never registered twice.
+    again = train(str(tiny_store), load_config(TINY, ["schedule.epochs=2"]), "e2e")
+    assert (again.model_version, again.epochs_done) == ("2", 2)
+    assert len(client.search_model_versions("name = 'tsesnet'")) == 2
 
 
 def test_a_run_resumes_only_with_its_own_model_and_store(tmp_path):

@@ -19,9 +19,9 @@ HANDLERS = {
     "model-summary": "tsesnet.programs.model_summary:cli",
     "train": "tsesnet.training.driver:cli",
     "sweep": "sweeps.runner:cli",
-    "models list": "tsesnet.tracking.registry:cli_list",
-    "models show": "tsesnet.tracking.registry:cli_show",
-    "models promote": "tsesnet.tracking.registry:cli_promote",
+    "models list": "tsesnet.tracking.models:cli_list",
+    "models show": "tsesnet.tracking.models:cli_show",
+    "models promote": "tsesnet.tracking.models:cli_promote",
     "predict": "tsesnet.serving.predict:cli",
     "evaluate": "tsesnet.serving.evaluate:cli",
     "demo": "tsesnet.programs.demo:cli",
@@ -120,6 +120,7 @@ def _training_commands(sub) -> None:
     s.add_argument("name", metavar="NAME")
     s.add_argument("version", metavar="VERSION")
     s.add_argument("--alias", required=True, metavar="A")
+    s.add_argument("--reason", default="", metavar="TEXT", help="why (kept on the version)")
 
 
 def _serving_commands(sub) -> None:

@@ -13,6 +13,7 @@ version tags); otherwise it gets `challenger`. Aliases, never the deprecated sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -58,7 +59,8 @@ class LoadedModel:
     uri: str
 
 
-def _client():
+def client():
+    """An MLflow client on `runs.tracking_uri()` (the database created if new)."""
     import mlflow
 
     from tsesnet.tracking import runs
@@ -76,11 +78,24 @@ def _champion(client, name: str):
         return None
 
 
+def _old_dice(text: str | None, new_dice: float) -> tuple[float, float]:
+    """(champion's Dice, the new Dice as comparable to it).
+
+    Versions registered before full precision stored `f"{dice:.6f}"`: the new Dice is rounded
+    the same way, so identical weights tie instead of "beating" themselves by rounding.
+    """
+    old = float(text) if text else float("nan")
+    if text and "." in text and len(text.split(".")[1]) == 6 and "e" not in text.lower():
+        return old, round(new_dice, 6)
+    return old, new_dice
+
+
 def decide_alias(new_dice: float, lineage: dict, champion) -> tuple[str, str]:
-    """`champion` if `new_dice` beats the champion's on the same fold/store, else `challenger`.
+    """`champion` if `new_dice` strictly beats the champion's on the same fold/store (a tie never
+    moves it), else `challenger`.
 
     Args:
-        new_dice: the new version's validation Dice.
+        new_dice: the new version's validation Dice, at full precision.
         lineage: {"store_fingerprint", "fold"} of the new version's validation.
         champion: the current champion `ModelVersion`, or None.
 
@@ -98,13 +113,11 @@ def decide_alias(new_dice: float, lineage: dict, champion) -> tuple[str, str]:
             f"champion v{champion.version} was validated on another store/fold; "
             "promote by hand if wanted"
         )
-    old = float(tags.get("val_dice", "nan"))
-    if old != old or new_dice > old:  # NaN: a champion without a score loses
-        return CHAMPION, f"val Dice {new_dice:.4f} beats champion v{champion.version} ({old:.4f})"
-    return (
-        CHALLENGER,
-        f"val Dice {new_dice:.4f} does not beat champion v{champion.version} ({old:.4f})",
-    )
+    old, new = _old_dice(tags.get("val_dice"), new_dice)
+    if old != old or new > old:  # NaN: a champion without a score loses
+        return CHAMPION, f"val Dice {new!r} beats champion v{champion.version} ({old!r})"
+    verb = "ties" if new == old else "does not beat"
+    return CHALLENGER, f"val Dice {new!r} {verb} champion v{champion.version} ({old!r})"
 
 
 def log_and_register(
@@ -119,6 +132,7 @@ def log_and_register(
     name: str = DEFAULT_NAME,
     min_component_fraction: float = 0.0,
     training_data: dict | None = None,
+    val_hd95: float | None = None,
 ) -> Registration:
     """Log the weights as an MLflow model in `run_id`, register it and set its alias.
 
@@ -129,17 +143,19 @@ def log_and_register(
         patch: training patch (Z, Y, X), the sliding-window size for prediction.
         phases: phase count T seen in training (for the input example); None means 2.
         val_dice: mean validation Dice of these weights.
-        lineage: {"store_fingerprint", "fold", ...} of the validation, stored as version tags.
+        lineage: {"store_fingerprint", "fold", "store", "git_commit", "run_name", ...} of the
+            validation, stored as version tags and in the version's description.
         name: registered model name.
         min_component_fraction: the connected-component filter chosen on validation
             (`tsesnet.postprocess`); prediction applies it.
         training_data: what the training cases looked like, for prediction to warn about
             unlike scans: {"phases": [lo, hi], "spacing_mm_min": [z, y, x], "spacing_mm_max":
             [z, y, x], "orientations": ["RAS", ...]} (`TRAINING_DATA_KEYS`); None when unknown.
+        val_hd95: mean validation HD95 (mm) at the same epoch, for the description.
     """
     import mlflow
 
-    client = _client()
+    mlc = client()
     cfg = {
         "format": FORMAT,
         "model_config": model_config,
@@ -151,23 +167,66 @@ def log_and_register(
         "training_data": training_data,
     }
     info = _log_model(run_id, weights, cfg)
-    champion = _champion(client, name)
-    alias, reason = decide_alias(float(val_dice), lineage, champion)
+    alias, reason = decide_alias(float(val_dice), lineage, _champion(mlc, name))
+    _describe_model(mlc, name)
     mv = mlflow.register_model(info.model_uri, name)
     tags = {
-        "val_dice": f"{float(val_dice):.6f}",
+        "val_dice": repr(float(val_dice)),
+        "val_hd95": "" if val_hd95 is None else repr(float(val_hd95)),
         "min_component_fraction": f"{float(min_component_fraction):g}",
         "run_id": run_id,
+        **{k: str(v) for k, v in lineage.items()},
+        "preset": str(model_config.get("preset")),
+        "fusion": str(model_config["fusion"]),
+        # what happened at registration; the alias itself may move later (`tsesnet models`)
+        "registered_as": alias,
+        "registration_reason": reason,
     }
-    tags.update({k: str(v) for k, v in lineage.items()})
-    tags.update({"preset": str(model_config.get("preset")), "fusion": str(model_config["fusion"])})
     for k, v in tags.items():
-        client.set_model_version_tag(name, mv.version, k, v)
-    client.set_registered_model_alias(name, alias, mv.version)
-    client.set_tag(run_id, "tsesnet.model_version", str(mv.version))
-    client.set_tag(run_id, "tsesnet.model_alias", alias)
-    client.set_tag(run_id, "tsesnet.model_alias_reason", reason)
+        mlc.set_model_version_tag(name, mv.version, k, v)
+    mlc.update_model_version(name, mv.version, description=_version_description(tags))
+    mlc.set_registered_model_alias(name, alias, mv.version)
+    mlc.set_tag(run_id, "tsesnet.model_version", str(mv.version))
     return Registration(name, str(mv.version), alias, f"models:/{name}/{mv.version}", reason)
+
+
+MODEL_DESCRIPTION = (
+    "TSESNet segmentation models for breast tumours in 4D DCE-MRI, registered by the tsesnet "
+    "platform. Every training run (and the best trial of every sweep) registers its best "
+    "checkpoint as a new version. The alias @champion moves to a new version only when its "
+    "validation Dice strictly beats the champion's on the same store and fold; otherwise the "
+    "new version is @challenger. `tsesnet models promote NAME VERSION --alias A --reason TEXT` "
+    "moves an alias by hand and records who, when and why on the versions involved. Load a "
+    "version with `tsesnet predict --model models:/NAME@champion` (weights only, no code)."
+)
+
+
+def _describe_model(mlc, name: str) -> None:
+    """Create the registered model with its description, or fill a missing description."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = mlc.get_registered_model(name)
+    except MlflowException:
+        with contextlib.suppress(MlflowException):  # another run may create it meanwhile
+            mlc.create_registered_model(name, description=MODEL_DESCRIPTION)
+        return
+    if not rm.description:
+        mlc.update_registered_model(name, description=MODEL_DESCRIPTION)
+
+
+def _version_description(t: dict) -> str:
+    hd95 = f", HD95 {float(t['val_hd95']):.2f} mm" if t.get("val_hd95") else ""
+    lines = [
+        f"TSESNet {t['preset']}/{t['fusion']}: validation DSC {float(t['val_dice']):.4f}{hd95} "
+        f"on fold {t.get('fold', '?')} of store {t.get('store', '?')} "
+        f"(fingerprint {t.get('store_fingerprint', '?')}).",
+        f"Run {t.get('run_name') or t['run_id']} (MLflow run {t['run_id']}), code "
+        f"{t.get('git_commit', 'unknown')}; prediction keeps components >= "
+        f"{t['min_component_fraction']} x the largest.",
+        f"Registered as @{t['registered_as']}: {t['registration_reason']}.",
+    ]
+    return "\n\n".join(lines)
 
 
 def _log_model(run_id: str, weights: dict, cfg: dict):
@@ -241,7 +300,7 @@ def load_model(uri: str) -> LoadedModel:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    _client()
+    client()
     try:
         local = Path(
             uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri)
@@ -260,118 +319,8 @@ def model_config_dict(model) -> dict:
     return dataclasses.asdict(model.config)
 
 
-# ---------------------------------------------------------------- the `tsesnet models` commands
+def quote_name(name: str) -> str:
+    """A registered model name as an MLflow search literal."""
+    from tsesnet.tracking.runs import quote
 
-
-def _aliases_by_version(rm) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for alias, version in (rm.aliases or {}).items():
-        out.setdefault(str(version), []).append(alias)
-    return out
-
-
-def list_models() -> list[dict]:
-    """Registered models: name, latest version, aliases -> version."""
-    client = _client()
-    rows = []
-    for rm in client.search_registered_models():
-        versions = client.search_model_versions(f"name = '{rm.name}'")
-        rows.append(
-            {
-                "name": rm.name,
-                "versions": len(versions),
-                "latest": max((int(v.version) for v in versions), default=None),
-                "aliases": {a: str(v) for a, v in (rm.aliases or {}).items()},
-            }
-        )
-    return sorted(rows, key=lambda r: r["name"])
-
-
-def show_model(name: str) -> dict:
-    """All versions of one registered model with aliases, val Dice, fold and run."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as err:
-        raise InputError(f"no registered model named {name!r}") from err
-    by_version = _aliases_by_version(rm)
-    versions = []
-    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
-        t = v.tags or {}
-        versions.append(
-            {
-                "version": str(v.version),
-                "aliases": sorted(by_version.get(str(v.version), [])),
-                "val_dice": float(t["val_dice"]) if "val_dice" in t else None,
-                "fold": t.get("fold"),
-                "store_fingerprint": t.get("store_fingerprint"),
-                "preset": t.get("preset"),
-                "fusion": t.get("fusion"),
-                "run_id": v.run_id,
-                "run_name": t.get("run_name"),
-                "source": v.source,
-            }
-        )
-    return {
-        "name": name,
-        "aliases": {a: str(v) for a, v in (rm.aliases or {}).items()},
-        "versions": versions,
-    }
-
-
-def promote(name: str, version: str, alias: str) -> None:
-    """Point `alias` of model `name` at `version` (moving it from any other version)."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client()
-    try:
-        client.get_model_version(name, str(version))
-    except MlflowException as err:
-        raise InputError(f"model {name!r} has no version {version}") from err
-    client.set_registered_model_alias(name, alias, str(version))
-
-
-def cli_list(args) -> int:
-    """`tsesnet models list [--json]`."""
-    rows = list_models()
-    if getattr(args, "json", False):
-        print(json.dumps(rows, indent=1))
-        return 0
-    if not rows:
-        print("no registered models")
-        return 0
-    print(f"{'name':<24} {'versions':>8} {'latest':>6}  aliases")
-    for r in rows:
-        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(r["aliases"].items()))
-        print(f"{r['name']:<24} {r['versions']:>8} {r['latest'] or '-':>6}  {aliases}")
-    return 0
-
-
-def cli_show(args) -> int:
-    """`tsesnet models show NAME [--json]`."""
-    info = show_model(args.name)
-    if getattr(args, "json", False):
-        print(json.dumps(info, indent=1))
-        return 0
-    print(
-        f"{info['name']}: "
-        + (", ".join(f"@{a}=v{v}" for a, v in info["aliases"].items()) or "no aliases")
-    )
-    print(f"{'version':>7}  {'aliases':<22} {'val DSC':>7}  {'fold':>4}  {'model':<16} run")
-    for v in info["versions"]:
-        dsc = f"{v['val_dice']:.4f}" if v["val_dice"] is not None else "-"
-        model = f"{v['preset']}/{v['fusion']}"
-        print(
-            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {dsc:>7}  "
-            f"{v['fold'] or '-':>4}  {model:<16} {v['run_name'] or v['run_id']}"
-        )
-    return 0
-
-
-def cli_promote(args) -> int:
-    """`tsesnet models promote NAME VERSION --alias A`."""
-    promote(args.name, args.version, args.alias)
-    print(f"{args.name}@{args.alias} -> version {args.version}")
-    return 0
+    return quote(name)

@@ -4,14 +4,18 @@
 (`mlflow.db`) and an artifact folder (`mlartifacts/`) in the working directory are used, so
 nothing needs a server. Nothing is configured at import: call `tracking_uri()` when needed.
 
-The database is created once by the driver, `ensure_database()`, before Ray workers or Tune
-trials start: several processes opening a new SQLite database at once race on its schema
-migration and most of them die (seen here: 7 of 8 processes failed with "duplicate column
-name"); once the database exists, 16 concurrent writers logged without an error.
+Several processes opening a new SQLite database at once race on its schema migration and die
+(seen here: 6 of 6 processes started together failed with "duplicate column name" or an alembic
+`CommandError`); once the database exists, 16 concurrent writers logged without an error. So
+`configure()` creates and migrates a SQLite database under an exclusive file lock
+(`<database>.lock`) before anything else touches it, and the driver calls `ensure_database()`
+before Ray workers or Tune trials start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import subprocess
@@ -58,7 +62,23 @@ def configure() -> str:
     uri = tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        with _exclusive(Path(uri[len("sqlite:///") :] + ".lock")):
+            # The first store access creates and migrates the schema: one process at a time.
+            mlflow.MlflowClient().search_experiments(max_results=1)
     return uri
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive `flock` on `lock_path` (created if needed) for the block."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:

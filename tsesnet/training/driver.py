@@ -12,6 +12,7 @@ Sweeps (`sweeps.trial`) and the science check call `train` too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -24,9 +25,10 @@ from tsesnet.training import checkpoint
 from tsesnet.training.config import TrainConfig, check_config, default_run_name, load_config
 from tsesnet.training.plan import RunPlan
 
-# Run tags: which epoch's best weights a run registered, as which version and alias.
+# Run tags: which epoch's best weights a run registered, and as which version (never the alias:
+# aliases move, and a run tag would go stale).
 REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
-VERSION_TAG, ALIAS_TAG = "tsesnet.model_version", "tsesnet.model_alias"
+VERSION_TAG = "tsesnet.model_version"
 
 
 @dataclass
@@ -66,11 +68,17 @@ def train(
     """
     cfg = config or TrainConfig()
     plan = plan_run(store, cfg, name)
-    result = fit(plan, callbacks)
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = checkpoint.read_state(ckpt_dir)
-        reg = register(ckpt_dir, cfg, run_id=plan.run_id, lineage=_lineage(plan, cfg))
-    _end_run(plan.run_id, "FINISHED")
+    with ended_as(plan.run_id):
+        result = fit(plan, callbacks)
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = checkpoint.read_state(ckpt_dir)
+            reg = register(
+                ckpt_dir,
+                cfg,
+                run_id=plan.run_id,
+                lineage=_lineage(plan, cfg),
+                train_ids=plan.train_ids,
+            )
     return TrainResult(
         name=plan.name,
         run_id=plan.run_id,
@@ -187,18 +195,56 @@ def fit(plan: RunPlan, callbacks: list | None = None):
 
 
 def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
-    return {"store_fingerprint": plan.fingerprint, "fold": cfg.data.fold, "run_name": plan.name}
+    return {
+        "store": plan.store,
+        "store_fingerprint": plan.fingerprint,
+        "fold": cfg.data.fold,
+        "run_name": plan.name,
+        "git_commit": plan.git_commit,
+    }
 
 
-def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict):
+def training_data(store: str, case_ids) -> dict:
+    """What the training cases look like, stored with the model so that prediction can warn
+    about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations."""
+    import nibabel as nib
+    import numpy as np
+
+    from data_store.store import open_store
+
+    st = open_store(store)
+    phases, spacing, orientations = [], [], set()
+    for cid in case_ids:
+        entry = st.index[cid]
+        phases.append(int(entry["phases"]))
+        spacing.append([float(v) for v in entry["spacing"]])
+        affine = np.asarray(st.case_attrs(cid)["geometry"]["affine"], dtype=float)
+        orientations.add("".join(nib.aff2axcodes(affine)))
+    sp = np.asarray(spacing)
+    return {
+        "phases": [min(phases), max(phases)],
+        "spacing_mm_min": sp.min(0).tolist(),
+        "spacing_mm_max": sp.max(0).tolist(),
+        "orientations": sorted(orientations),
+    }
+
+
+def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_ids=()):
     """Log and register the best weights of a checkpoint, once per run and epoch.
 
     The one registration path, for `tsesnet train`, sweeps and the science check. A run that
     already registered this checkpoint's epoch (a rerun of a finished run, a resumed sweep)
-    keeps its version; `run.register: false` registers nothing.
+    keeps its version and registers nothing new; `run.register: false` registers nothing.
+
+    Args:
+        ckpt_dir: a checkpoint directory (`tsesnet.training.checkpoint`).
+        cfg: the run's config (model, patch, `run.register`, `run.registered_model_name`).
+        run_id: the MLflow run the model belongs to.
+        lineage: store, store_fingerprint, fold, run_name, git_commit (version tags).
+        train_ids: the training cases, described with the model (`training_data`).
 
     Returns:
-        (version, alias), or (None, None) when nothing is registered.
+        (version, its alias now or None), or (None, None) when nothing is registered.
     """
     import mlflow
 
@@ -206,11 +252,14 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict):
 
     state = checkpoint.read_state(ckpt_dir)
     client = mlflow.MlflowClient()
+    name = cfg.run.registered_model_name
     tags = client.get_run(run_id).data.tags
     if tags.get(REGISTERED_AT_TAG) == str(state.epoch):
-        return tags[VERSION_TAG], tags.get(ALIAS_TAG)
+        version = tags[VERSION_TAG]
+        return version, _alias_of(client, name, version)
     if not cfg.run.register:
         return None, None
+    best = next((h for h in state.history if h.get("epoch") == state.best_epoch), {})
     reg = log_and_register(
         run_id=run_id,
         weights=checkpoint.load_best(ckpt_dir),
@@ -218,19 +267,42 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict):
         patch=tuple(cfg.data.patch),
         phases=state.phases,
         val_dice=state.best_val_dice,
+        val_hd95=best.get("val_hd95"),
         min_component_fraction=state.min_component_fraction,
         lineage=lineage,
-        name=cfg.run.registered_model_name,
+        name=name,
+        training_data=training_data(lineage["store"], train_ids) if train_ids else None,
     )
     client.set_tag(run_id, REGISTERED_AT_TAG, str(state.epoch))
     print(f"registered {reg.name} v{reg.version} as @{reg.alias}: {reg.reason}", flush=True)
     return reg.version, reg.alias
 
 
-def _end_run(run_id: str, status: str) -> None:
+def _alias_of(client, name: str, version: str) -> str | None:
+    """The alias (champion first) that points at `version` now, or None."""
+    aliases = client.get_registered_model(name).aliases or {}
+    held = sorted(
+        (a for a, v in aliases.items() if str(v) == str(version)), key=lambda a: a != "champion"
+    )
+    return held[0] if held else None
+
+
+@contextlib.contextmanager
+def ended_as(run_id: str):
+    """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
+    SIGTERM turned into KeyboardInterrupt), FAILED on any other error; the error propagates."""
     import mlflow
 
-    mlflow.MlflowClient().set_terminated(run_id, status)
+    client = mlflow.MlflowClient()
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def cli(args) -> int:

@@ -1,0 +1,169 @@
+"""`tsesnet models list | show | promote`: browse the registry and move aliases by hand.
+
+A promotion is recorded where a user browsing the registry looks: on the version that gets the
+alias (tags `promoted_<alias>_by`, `_at`, `_reason`, and a line in its description) and on the
+version that loses it, so who moved `@champion`, when and why is never lost.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import socket
+
+from data_store.errors import InputError
+from tsesnet.common import names
+from tsesnet.tracking.registry import client, quote_name
+
+
+def _aliases_by_version(rm) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for alias, version in (rm.aliases or {}).items():
+        out.setdefault(str(version), []).append(alias)
+    return out
+
+
+def list_models() -> list[dict]:
+    """Registered models: name, latest version, aliases -> version."""
+    mlc = client()
+    rows = []
+    for rm in mlc.search_registered_models():
+        versions = mlc.search_model_versions(f"name = {quote_name(rm.name)}")
+        rows.append(
+            {
+                "name": rm.name,
+                "versions": len(versions),
+                "latest": max((int(v.version) for v in versions), default=None),
+                "aliases": {a: str(v) for a, v in (rm.aliases or {}).items()},
+            }
+        )
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def show_model(name: str) -> dict:
+    """All versions of one registered model with aliases, val Dice, fold and run."""
+    from mlflow.exceptions import MlflowException
+
+    mlc = client()
+    try:
+        rm = mlc.get_registered_model(name)
+    except MlflowException as err:
+        raise InputError(f"no registered model named {name!r}") from err
+    by_version = _aliases_by_version(rm)
+    versions = []
+    for v in sorted(
+        mlc.search_model_versions(f"name = {quote_name(name)}"), key=lambda v: int(v.version)
+    ):
+        t = v.tags or {}
+        versions.append(
+            {
+                "version": str(v.version),
+                "aliases": sorted(by_version.get(str(v.version), [])),
+                "val_dice": float(t["val_dice"]) if t.get("val_dice") else None,
+                "val_hd95": float(t["val_hd95"]) if t.get("val_hd95") else None,
+                "fold": t.get("fold"),
+                "store_fingerprint": t.get("store_fingerprint"),
+                "preset": t.get("preset"),
+                "fusion": t.get("fusion"),
+                "run_id": v.run_id,
+                "run_name": t.get("run_name"),
+                "source": v.source,
+            }
+        )
+    return {
+        "name": name,
+        "aliases": {a: str(v) for a, v in (rm.aliases or {}).items()},
+        "versions": versions,
+    }
+
+
+def promote(name: str, version: str, alias: str, reason: str = "") -> str | None:
+    """Point `alias` of model `name` at `version`, recording who, when and why.
+
+    The version that gets the alias and the one that loses it each get tags
+    (`promoted_<alias>_by/_at/_reason`, `demoted_<alias>_...`) and a line in their description.
+
+    Returns:
+        The version that held the alias before (None if none did, or the same version).
+
+    Raises:
+        InputError: no such model or version, or an alias that is not a name.
+    """
+    from mlflow.exceptions import MlflowException
+
+    names.check(alias, "--alias")
+    if alias == "latest" or (alias[:1] == "v" and alias[1:].isdigit()):
+        raise InputError(f"--alias {alias!r} is reserved by MLflow; choose another name")
+    mlc = client()
+    try:
+        target = mlc.get_model_version(name, str(version))
+    except MlflowException as err:
+        raise InputError(f"model {name!r} has no version {version}") from err
+    try:
+        before = str(mlc.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        before = None
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    why = reason or "no reason given"
+    mlc.set_registered_model_alias(name, alias, str(version))
+    _record(mlc, target, f"promoted_{alias}", who, when, why,
+            f"{when}: @{alias} moved here from {'v' + before if before else 'nowhere'} "
+            f"by {who}: {why}")  # fmt: skip
+    if before and before != str(version):
+        _record(mlc, mlc.get_model_version(name, before), f"demoted_{alias}", who, when, why,
+                f"{when}: @{alias} moved from here to v{version} by {who}: {why}")  # fmt: skip
+    return before if before != str(version) else None
+
+
+def _record(mlc, mv, prefix: str, who: str, when: str, why: str, line: str) -> None:
+    for key, value in (("by", who), ("at", when), ("reason", why)):
+        mlc.set_model_version_tag(mv.name, mv.version, f"{prefix}_{key}", value)
+    text = f"{mv.description}\n\n{line}" if mv.description else line
+    mlc.update_model_version(mv.name, mv.version, description=text)
+
+
+def cli_list(args) -> int:
+    """`tsesnet models list [--json]`."""
+    rows = list_models()
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no registered models")
+        return 0
+    print(f"{'name':<24} {'versions':>8} {'latest':>6}  aliases")
+    for r in rows:
+        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(r["aliases"].items()))
+        print(f"{r['name']:<24} {r['versions']:>8} {r['latest'] or '-':>6}  {aliases}")
+    return 0
+
+
+def cli_show(args) -> int:
+    """`tsesnet models show NAME [--json]`."""
+    info = show_model(args.name)
+    if getattr(args, "json", False):
+        print(json.dumps(info, indent=1))
+        return 0
+    print(
+        f"{info['name']}: "
+        + (", ".join(f"@{a}=v{v}" for a, v in info["aliases"].items()) or "no aliases")
+    )
+    print(f"{'version':>7}  {'aliases':<22} {'val DSC':>7}  {'fold':>4}  {'model':<16} run")
+    for v in info["versions"]:
+        dsc = f"{v['val_dice']:.4f}" if v["val_dice"] is not None else "-"
+        model = f"{v['preset']}/{v['fusion']}"
+        print(
+            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {dsc:>7}  "
+            f"{v['fold'] or '-':>4}  {model:<16} {v['run_name'] or v['run_id']}"
+        )
+    return 0
+
+
+def cli_promote(args) -> int:
+    """`tsesnet models promote NAME VERSION --alias A [--reason TEXT]`."""
+    before = promote(args.name, args.version, args.alias, args.reason or "")
+    moved = f" (was version {before})" if before else ""
+    print(f"{args.name}@{args.alias} -> version {args.version}{moved}")
+    return 0
