@@ -32,7 +32,12 @@ class TrialRow:
 
 
 def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, name: str):
-    """One `TrialRow` per trial that started, best first (NaN metrics last)."""
+    """One `TrialRow` per trial that started, best first (NaN metrics last).
+
+    Parameters, status and checkpoint come from Tune; every metric comes from the trial's MLflow
+    child run, whose history is whole: Tune's results of a trial resumed from its last checkpoint
+    start after it, so the best epoch before an interruption would be lost there.
+    """
     runs = {
         r.data.tags.get(TRIAL_TAG): r.info.run_id
         for r in client.search_runs(
@@ -47,33 +52,39 @@ def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, na
             # it trained nothing and has no MLflow run
             continue
         trial = Path(str(res.path)).name
-        m = res.metrics or {}
-        df = res.metrics_dataframe
-        history: list[float] = []
-        best_dice, hd95 = float("nan"), float("nan")
-        if df is not None and "val_dice" in df:
-            history = [float(v) for v in df[cfg.metric]] if cfg.metric in df else []
-            vals = df["val_dice"].astype(float)
-            if vals.notna().any():
-                i = vals.idxmax()
-                best_dice = float(vals[i])
-                hd95 = float(df["val_hd95"][i]) if "val_hd95" in df else float("nan")
-        rows.append(
-            TrialRow(
-                trial=trial,
-                status="ERROR" if res.error else "TERMINATED",
-                params={p.path: res.config.get(p.path) for p in cfg.params()},
-                epochs=int(m.get(EPOCHS, 0) or 0),
-                best_val_dice=best_dice,
-                hd95=hd95,
-                run_id=runs.get(trial),
-                checkpoint_path=m.get("checkpoint_path"),
-                history=history,
-            )
+        run_id = runs.get(trial)
+        row = TrialRow(
+            trial=trial,
+            status="ERROR" if res.error else "TERMINATED",
+            params={p.path: res.config.get(p.path) for p in cfg.params()},
+            epochs=int((res.metrics or {}).get(EPOCHS, 0) or 0),
+            best_val_dice=float("nan"),
+            hd95=float("nan"),
+            run_id=run_id,
+            checkpoint_path=(res.metrics or {}).get("checkpoint_path"),
         )
+        if run_id:
+            _fill_from_history(row, client, cfg.metric)
+        rows.append(row)
     sign = -1.0 if cfg.mode == "max" else 1.0
     rows.sort(key=lambda r: (not math.isfinite(r.best_val_dice), sign * _nan0(r.best_val_dice)))
     return rows
+
+
+def _fill_from_history(row: TrialRow, client, metric: str) -> None:
+    """Best validation Dice, the HD95 at that epoch, epochs run and the ranking metric's history,
+    from the MLflow run (one value per epoch: the last logged per step wins)."""
+
+    def by_step(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(row.run_id, key)}
+
+    dice, hd95 = by_step("val_dice"), by_step("val_hd95")
+    if dice:
+        step = max(dice, key=lambda s: (dice[s], -s))  # the first epoch of the best value
+        row.best_val_dice, row.hd95 = float(dice[step]), float(hd95.get(step, float("nan")))
+    history = by_step(metric)
+    row.history = [float(history[s]) for s in sorted(history)]
+    row.epochs = max(row.epochs, len(by_step("train_total")))
 
 
 def _nan0(x: float) -> float:
@@ -81,16 +92,11 @@ def _nan0(x: float) -> float:
 
 
 def finish_child_runs(client, rows: list[TrialRow], max_epochs: int) -> None:
-    """Trials stopped by ASHA never return from `train`: close their runs here.
-
-    A stopped trial may have trained (and logged) an epoch more than Tune saw before it was
-    stopped; `epochs` becomes what was trained, as the run's metric history shows.
-    """
+    """Trials stopped by ASHA never return from `train`: close their runs here (the epochs a
+    stopped trial trained are what its run's history shows, `collect_rows`)."""
     for r in rows:
         if not r.run_id:
             continue
-        logged = len(client.get_metric_history(r.run_id, "val_dice"))
-        r.epochs = max(r.epochs, logged)
         client.set_tag(r.run_id, "tsesnet.epochs_run", str(r.epochs))
         if r.status == "TERMINATED" and r.epochs < max_epochs:
             client.set_tag(r.run_id, "tsesnet.stopped_early", "true")

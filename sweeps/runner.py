@@ -59,6 +59,7 @@ class SweepPlan:
     storage: str  # where Tune experiments live (the base's `run.storage_path`)
     n_parallel: int
     setup: TrialSetup
+    trials: int  # how many trials the sweep runs in all
 
     @property
     def experiment_path(self) -> str:
@@ -161,8 +162,37 @@ def build_tuner(
             trial_name_creator=namer,
             trial_dirname_creator=namer,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, stop=stop, verbose=1),
+        # Tune's own lines ("Trial ... completed after N iterations") count the reports Tune
+        # saw, which can be an epoch short of what a stopped trial trained; the sweep prints
+        # its own (`_TrialLines`) and the table from the runs' histories.
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, stop=stop, verbose=0, callbacks=[_trial_lines()]
+        ),
     )
+
+
+def _trial_lines():
+    """A Tune callback printing one line when a trial starts (its values) and when it ends."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            values = ", ".join(
+                f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in trial.config.items()
+            )
+            print(f"trial {trial.custom_dirname} started: {values}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            print(f"trial {trial.custom_dirname} finished", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"trial {trial.custom_dirname} failed: see {trial.path}", flush=True)
+
+    return TrialLines()
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def run_sweep(
@@ -173,6 +203,7 @@ def run_sweep(
     resume: bool = False,
     register: bool = True,
     stop=None,
+    trials_given: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep and return its trials sorted by the metric.
 
@@ -183,13 +214,20 @@ def run_sweep(
         resume: continue the sweep of that name (error if there is none).
         register: register the best trial's model (`run.register` of the base config too).
         stop: an optional Tune stopper (the benchmark's epoch budget).
+        trials_given: with `resume`, `cfg.trials` is what the user asked for (more trials
+            than the sweep has are proposed; fewer is an error), else the sweep keeps its own.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C stopped the sweep (its state saved, nothing registered).
     """
     import mlflow
 
-    plan = plan_sweep(store, cfg, name, resume)
+    plan = plan_sweep(store, cfg, name, resume, trials_given)
     grid = _tuner(plan, cfg, resume, stop).fit()
     client = mlflow.MlflowClient()
     rows = report.collect_rows(grid, cfg, client, plan.setup.experiment_id, plan.name)
+    if _unfinished(plan.experiment_path, plan.trials, stop):
+        _interrupted(client, plan, rows, store)
     report.finish_child_runs(client, rows, plan.base.schedule.epochs)
     best = rows[0] if rows and math.isfinite(rows[0].best_val_dice) else None
     version = alias = None
@@ -201,15 +239,49 @@ def run_sweep(
     return SweepResult(plan.name, parent, rows, best, version, alias, plan.experiment_path, grid)
 
 
-def plan_sweep(store: str, cfg: spacemod.SweepConfig, name: str | None, resume: bool) -> SweepPlan:
+def _unfinished(exp_path: str, trials: int, stop) -> bool:
+    """Whether Tune returned before every trial finished: a Ctrl-C (Tune catches the first one,
+    writes its state and returns; it then stops the running trials, so only the state on disk
+    still shows them unfinished). Under a `stop` budget ending early is the plan."""
+    from ray.tune.analysis import ExperimentAnalysis
+
+    if stop is not None:
+        return False
+    saved = ExperimentAnalysis(exp_path).trials
+    open_trials = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+    return bool(open_trials) or len(saved) < trials
+
+
+def _interrupted(client, plan: SweepPlan, rows: list[TrialRow], store: str) -> None:
+    """End the unfinished trials' runs and the parent as KILLED, register nothing, say how to
+    continue, and raise KeyboardInterrupt (the CLI exits 130)."""
+    for r in rows:
+        if r.run_id and client.get_run(r.run_id).info.status == "RUNNING":
+            client.set_terminated(r.run_id, "KILLED")
+    client.set_terminated(plan.setup.parent_run_id, "KILLED")
+    done = sum(1 for r in rows if r.run_id and client.get_run(r.run_id).info.status != "KILLED")
+    print(
+        f"sweep {plan.name} interrupted: {done} of {plan.trials} trials finished, nothing "
+        f"registered; Tune saved its state. Continue with: tsesnet sweep --store {store} "
+        f"--name {plan.name} --resume",
+        flush=True,
+    )
+    raise KeyboardInterrupt
+
+
+def plan_sweep(
+    store: str,
+    cfg: spacemod.SweepConfig,
+    name: str | None,
+    resume: bool,
+    trials_given: bool = False,
+) -> SweepPlan:
     """Check the sweep and its base config, find the Tune experiment and the MLflow parent run.
 
     Raises:
         InputError: a bad space, store or name; a sweep that exists without `resume`, or
             `resume` without one.
     """
-    from ray import tune
-
     from data_store.store import open_store
     from tsesnet.common.cluster import connect
     from tsesnet.tracking import runs
@@ -223,19 +295,14 @@ def plan_sweep(store: str, cfg: spacemod.SweepConfig, name: str | None, resume: 
         name = cfg.name or default_name(store, cfg)
     names.check(name, "--name" if name != cfg.name else "name")
     storage = base.run.resolved_storage_path()
-    exp_path = f"{storage.rstrip('/')}/{name}"
-    exists = tune.Tuner.can_restore(exp_path)
-    if exists and not resume:
-        raise InputError(
-            f"sweep {name!r} already exists at {exp_path}: pass --resume to continue it, "
-            "or --name for a new sweep"
-        )
-    if resume and not exists:
-        raise InputError(f"no sweep {name!r} to resume at {exp_path}")
+    exp_path = _experiment(storage, name, resume)
+    trials = (
+        _resumed_trials(exp_path, cfg.trials if trials_given else None) if resume else cfg.trials
+    )
     ray = connect()
     per_trial = trial_resources(base, cfg.trial_driver_cpus)
     n_parallel = concurrency(per_trial, ray.cluster_resources(), cfg.max_concurrent_trials)
-    n_parallel = min(n_parallel, cfg.trials)
+    n_parallel = min(n_parallel, trials)
     experiment_id = runs.ensure_database(base.run.experiment)
     parent = _parent_run(experiment_id, name, resume)
     if not resume:
@@ -243,7 +310,7 @@ def plan_sweep(store: str, cfg: spacemod.SweepConfig, name: str | None, resume: 
 
         report.log_parent_start(mlflow.MlflowClient(), parent, cfg, base, store, st, n_parallel)
     print(
-        f"sweep {name}: {cfg.trials} trials, {n_parallel} at a time "
+        f"sweep {name}: {trials} trials, {n_parallel} at a time "
         f"({per_trial['CPU']:g} CPU, {per_trial['GPU']:g} GPU each), "
         f"{cfg.search.algorithm} + {cfg.scheduler.algorithm} on {cfg.metric} ({cfg.mode}); "
         f"MLflow parent run {parent}; Tune experiment {exp_path}",
@@ -259,7 +326,41 @@ def plan_sweep(store: str, cfg: spacemod.SweepConfig, name: str | None, resume: 
         experiment_id=experiment_id,
         parent_run_id=parent,
     )
-    return SweepPlan(name, st, base, storage, n_parallel, setup)
+    return SweepPlan(name, st, base, storage, n_parallel, setup, trials)
+
+
+def _experiment(storage: str, name: str, resume: bool) -> str:
+    """The Tune experiment folder of sweep `name`: it must exist to resume, and not otherwise."""
+    from ray import tune
+
+    exp_path = f"{storage.rstrip('/')}/{name}"
+    exists = tune.Tuner.can_restore(exp_path)
+    if exists and not resume:
+        raise InputError(
+            f"sweep {name!r} already exists at {exp_path}: pass --resume to continue it, "
+            "or --name for a new sweep"
+        )
+    if resume and not exists:
+        raise InputError(f"no sweep {name!r} to resume at {exp_path}")
+    return exp_path
+
+
+def _resumed_trials(exp_path: str, wanted: int | None) -> int:
+    """The trial count of a resumed sweep: its own, or `wanted` when that is more (the extra
+    trials are proposed); fewer than it has is an error."""
+    from sweeps import tune_state
+
+    planned = tune_state.planned_trials(exp_path)
+    if wanted is None or planned is None or wanted == planned:
+        return planned or wanted or 0
+    if wanted < planned:
+        raise InputError(
+            f"--trials {wanted} is fewer than the {planned} trials the sweep at {exp_path} "
+            "already has; give a larger number, or leave --trials out to finish it"
+        )
+    tune_state.extend_trials(exp_path, wanted)
+    print(f"note: the sweep grows from {planned} to {wanted} trials", flush=True)
+    return wanted
 
 
 def _parent_run(experiment_id: str, name: str, resume: bool) -> str:
@@ -343,18 +444,19 @@ def cli(args) -> int:
     if args.trials is not None:
         if args.trials < 1:
             raise InputError(f"--trials must be >= 1, got {args.trials}")
-        if args.resume and args.trials != cfg.trials:
-            print("note: --trials is ignored with --resume (the sweep keeps its own)")
         cfg.trials = args.trials
-    res = run_sweep(args.store, cfg, name=args.name, resume=args.resume)
+    res = run_sweep(
+        args.store,
+        cfg,
+        name=args.name,
+        resume=args.resume,
+        trials_given=args.trials is not None,
+    )
     print()
     print(f"sweep {res.name}: {len(res.rows)} trials, sorted by {cfg.metric} ({cfg.mode})")
     print(report.results_table(res.rows))
     if res.best is not None:
         print(f"\nbest: {res.best.trial} (MLflow run {res.best.run_id})")
-    if res.model_version:
-        reg = base_train_config(cfg).run.registered_model_name
-        print(f"registered {reg} version {res.model_version} as @{res.alias}")
     uri = runs.tracking_uri()
     print(f"\nbrowse it: mlflow ui --backend-store-uri {uri}  (parent run {res.parent_run_id})")
     return 0

@@ -155,9 +155,10 @@ def test_results_table_and_csv():
     assert len(csv_text.splitlines()) == 5
 
 
-def test_a_trial_stopped_before_it_started_is_not_a_row(tmp_path, mlflow_uri):
-    """A `stop` budget can end a sweep after the searcher created a trial that never ran (Tune
-    keeps it, with no config and no results): it is left out, the others are collected."""
+def test_rows_take_the_whole_history_from_mlflow(tmp_path, mlflow_uri):
+    """A trial resumed at its last checkpoint reports to Tune only the epochs after it (here the
+    second); its best (epoch 1, DSC 0.6) is in its MLflow run. A `stop` budget can also end a
+    sweep after the searcher created a trial that never ran (no config, no results): no row."""
     import mlflow
     import pandas as pd
     from ray.tune import Result
@@ -169,16 +170,20 @@ def test_a_trial_stopped_before_it_started_is_not_a_row(tmp_path, mlflow_uri):
         checkpoint=None,
         error=None,
         path=str(tmp_path / "t001"),
-        metrics_dataframe=pd.DataFrame(
-            {"val_dice": [0.2, 0.4], "val_hd95": [9.0, 7.0], cfg.metric: [0.2, 0.4]}
-        ),
+        metrics_dataframe=pd.DataFrame({"val_dice": [0.4], "val_hd95": [7.0], cfg.metric: [0.6]}),
     )
     never = Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path / "t002"))
     client = mlflow.MlflowClient()
     exp = client.create_experiment("collect")
+    child = client.create_run(exp, tags={"tsesnet.sweep": "s", "tsesnet.trial": "t001"})
+    for step, (dice, hd95) in enumerate([(0.6, 5.0), (0.4, 7.0)]):
+        for key, value in (("val_dice", dice), ("val_hd95", hd95), ("train_total", 1.0)):
+            client.log_metric(child.info.run_id, key, value, step=step)
+        client.log_metric(child.info.run_id, cfg.metric, 0.6, step=step)
     rows = report.collect_rows([ran, never], cfg, client, exp, "s")
-    assert [(r.trial, r.epochs, r.best_val_dice, r.hd95) for r in rows] == [("t001", 2, 0.4, 7.0)]
-    assert rows[0].params["model.fusion"] == "tsff"
+    assert [(r.trial, r.epochs, r.best_val_dice, r.hd95) for r in rows] == [("t001", 2, 0.6, 5.0)]
+    assert rows[0].params["model.fusion"] == "tsff" and rows[0].history == [0.6, 0.6]
+    assert rows[0].run_id == child.info.run_id
 
 
 def test_optuna_plots_are_written(tmp_path):
@@ -287,6 +292,104 @@ def _terminated_trials(exp_dir: Path) -> set[str]:
             if trial.get("status") == "TERMINATED":
                 out.add(trial.get("custom_dirname") or trial.get("trial_id"))
     return out
+
+
+def _sweep_cmd(store, cfg_file, *extra) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "tsesnet.cli", "sweep", "--store", str(store),
+            "--config", str(cfg_file), "--name", "killed", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_registers_nothing_and_resumes_to_the_same_answer(
+    ray_session, tiny_store, mlflow_uri, tmp_path
+):
+    """Ctrl-C (SIGINT) once a trial has finished: exit 130, runs KILLED, nothing registered.
+    `--resume` finishes it: the table, the parent run and the registered version agree with the
+    child runs' own histories; trials finished before were not run again. `--resume` of the
+    finished sweep registers nothing new; `--resume --trials 4` proposes one more trial and
+    `--trials 2` is a one-line error."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    cfg = _tiny_cfg(tmp_path, trials=3)
+    cfg_file = tmp_path / "sweep.yaml"
+    data = yaml.safe_load((CONFIGS / "sweep_tiny.yaml").read_text())
+    data.update(train_config=str(CONFIGS / "tiny.yaml"), set=cfg.set, trials=3)
+    cfg_file.write_text(yaml.safe_dump(data))
+    exp_dir = tmp_path / "ray" / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+
+    def run(*extra, timeout=600):
+        out = subprocess.run(_sweep_cmd(tiny_store, cfg_file, *extra), env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return out.returncode, out.stdout + out.stderr
+
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
+    driver = subprocess.Popen(
+        _sweep_cmd(tiny_store, cfg_file), env=env, cwd=tmp_path, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 240
+    while not (done_before := _terminated_trials(exp_dir)):
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(1)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=180) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    log.close()
+    text = (tmp_path / "driver.log").read_text()
+    assert (
+        "interrupted" in text
+        and "--resume" in text
+        and "registered" not in text.replace("nothing registered", "")
+    )
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("tsesnet").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.`tsesnet.kind` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    assert client.search_model_versions("name = 'tsesnet'") == []
+
+    def lines(trial):
+        return (exp_dir / trial / "result.json").read_text().count("\n")
+
+    before = {t: lines(t) for t in done_before}
+    code, out = run("--resume")
+    assert code == 0, out[-3000:]
+    assert {t: lines(t) for t in done_before} == before  # finished trials did not run again
+    table = {line.split()[0]: line for line in out.splitlines() if re.match(r"t\d{3} ", line)}
+    assert sorted(table) == ["t001", "t002", "t003"]
+    children = {c.data.tags["tsesnet.trial"]: c for c in _children(client, parent.info.run_id)}
+    assert sorted(children) == ["t001", "t002", "t003"]
+    best = {}
+    for t, c in children.items():
+        assert c.info.status == "FINISHED"
+        hist = client.get_metric_history(c.info.run_id, "val_dice")
+        steps = [m.step for m in hist]
+        assert steps and len(steps) == len(set(steps)), f"{t}: {steps}"
+        best[t] = max(m.value for m in hist)
+        assert f"{best[t]:.4f}" in table[t]  # the table shows each trial's own best
+    winner = max(best, key=best.get)
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["tsesnet.best_trial"] == winner
+    assert parent.data.metrics["best_val_dice"] == pytest.approx(best[winner])
+    (mv,) = client.search_model_versions("name = 'tsesnet'")
+    assert mv.run_id == children[winner].info.run_id
+
+    code, out = run("--resume")  # finished: nothing new trained or registered
+    assert code == 0 and len(client.search_model_versions("name = 'tsesnet'")) == 1, out[-2000:]
+    code, out = run("--resume", "--trials", "2")
+    assert code == 2 and "fewer than the 3 trials" in out and out.count("\n") <= 3, out[-2000:]
+    code, out = run("--resume", "--trials", "4")
+    assert code == 0, out[-3000:]
+    assert sorted(p.name for p in exp_dir.glob("t[0-9][0-9][0-9]")) == [
+        "t001", "t002", "t003", "t004"
+    ]  # fmt: skip
+    assert {t: lines(t) for t in done_before} == before
 
 
 @pytest.mark.slow

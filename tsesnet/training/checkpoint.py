@@ -105,12 +105,15 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerprint: str) -> None:
+def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerprint: str) -> bool:
     """Refuse to resume run `name` from checkpoints of another model or store.
 
     The first run of a name writes `RUN_FILE` (the model config and the store fingerprint) next
     to its checkpoints; a later run of the same name must match it. Everything else (epochs,
     learning rate, workers) may change on resume.
+
+    Returns:
+        Whether the folder holds checkpoints (Ray Train will resume from the latest).
 
     Raises:
         InputError: naming the run, the folder and what differs.
@@ -126,7 +129,7 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
         fs.makedirs(root, exist_ok=True)
         with fs.open(path, "w") as f:
             json.dump(mine, f, indent=1)
-        return
+        return False
     with fs.open(path) as f:
         theirs = json.load(f)
     old_model = upgrade_config(theirs.get("model", {}))
@@ -143,3 +146,4 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
             f"({'; '.join(differ)}); choose another --name or delete this folder",
             path=f"{storage_path}/{name}",
         )
+    return bool(fs.glob(f"{root}/checkpoint_*"))

@@ -33,12 +33,12 @@ VERSION_TAG = "tsesnet.model_version"
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a finished run produced (epochs counted from 1, as every printed line counts them)."""
 
     name: str
     run_id: str
     best_val_dice: float
-    best_epoch: int
+    best_epoch: int  # the epoch of the best validation Dice, from 1 (0: never validated)
     epochs_done: int
     min_component_fraction: float
     val_dice_filtered: float
@@ -83,7 +83,7 @@ def train(
         name=plan.name,
         run_id=plan.run_id,
         best_val_dice=float(state.best_val_dice),
-        best_epoch=int(state.best_epoch),
+        best_epoch=int(state.best_epoch) + 1,
         epochs_done=int(state.epoch) + 1,
         min_component_fraction=float(state.min_component_fraction),
         val_dice_filtered=float(state.filtered_dice),
@@ -118,12 +118,12 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         )
     model_config = _check_network(cfg)
     storage_path = cfg.run.resolved_storage_path()
-    checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
+    resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
     experiment_id = runs.ensure_database(cfg.run.experiment)
-    run_id, resumed = runs.find_or_create_run(experiment_id, name)
+    run_id, _ = runs.find_or_create_run(experiment_id, name)
     print(
-        f"run {name}: MLflow run {run_id}{' (resuming)' if resumed else ''}, "
-        f"checkpoints in {storage_path}/{name}",
+        f"run {name}: MLflow run {run_id}, checkpoints in {storage_path}/{name}"
+        f"{' (resuming from the latest)' if resumed else ''}",
         flush=True,
     )
     return RunPlan(
@@ -274,7 +274,11 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
         training_data=training_data(lineage["store"], train_ids) if train_ids else None,
     )
     client.set_tag(run_id, REGISTERED_AT_TAG, str(state.epoch))
-    print(f"registered {reg.name} v{reg.version} as @{reg.alias}: {reg.reason}", flush=True)
+    print(
+        f"registered {reg.name} version {reg.version} as @{reg.alias} ({reg.reason}): "
+        f"{reg.model_uri}",
+        flush=True,
+    )
     return reg.version, reg.alias
 
 
@@ -322,9 +326,4 @@ def cli(args) -> int:
         f"prediction keeps connected components of >= {res.min_component_fraction:g} x the "
         f"largest (chosen on validation: Dice {res.val_dice_filtered:.4f} with it)"
     )
-    if res.model_version:
-        print(
-            f"registered {cfg.run.registered_model_name} version {res.model_version} "
-            f"as @{res.alias}: models:/{cfg.run.registered_model_name}@{res.alias}"
-        )
     return 0

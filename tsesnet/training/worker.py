@@ -355,7 +355,7 @@ class RunLog:
             mlflow.set_tag("tsesnet.restarts", str(state.restarts))
             # The config may differ from the first start's (e.g. more epochs): keep each one.
             mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
-            print(f"[rank 0] resumed from the checkpoint of epoch {state.epoch}", flush=True)
+            print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
 
     def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
         """Log the epoch's metrics (step = epoch), refresh the plots, print the epoch line."""
