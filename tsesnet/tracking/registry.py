@@ -115,10 +115,20 @@ def decide_alias(new_dice: float, lineage: dict, champion) -> tuple[str, str]:
             "promote by hand if wanted"
         )
     old, new = _old_dice(tags.get("val_dice"), new_dice)
+    a, b = _as_distinct_text(new, old)
     if old != old or new > old:  # NaN: a champion without a score loses
-        return CHAMPION, f"val Dice {new!r} beats champion v{champion.version} ({old!r})"
+        return CHAMPION, f"val Dice {a} beats champion v{champion.version} ({b})"
     verb = "ties" if new == old else "does not beat"
-    return CHALLENGER, f"val Dice {new!r} {verb} champion v{champion.version} ({old!r})"
+    return CHALLENGER, f"val Dice {a} {verb} champion v{champion.version} ({b})"
+
+
+def _as_distinct_text(a: float, b: float) -> tuple[str, str]:
+    """Both numbers with 4 decimals, or as many more as it takes to tell them apart."""
+    for digits in range(4, 18):
+        ta, tb = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if ta != tb or a == b or a != a or b != b:
+            return ta, tb
+    return repr(a), repr(b)
 
 
 def log_and_register(

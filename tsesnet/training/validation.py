@@ -39,11 +39,13 @@ def validate(module, store, case_ids, cfg, device, montage_of: str | None = None
         montage_of: a case ID whose inputs and prediction to return for the overlay plot.
 
     Returns:
-        (one dict per case: case, dice, hd95, sensitivity, dice_by_fraction; a `Montage` of
+        (one dict per case: case, soft_dice, dice, hd95, sensitivity, dice_by_fraction; a
+        `Montage` of
         `montage_of`, or None).
     """
     from data_store.normalize import normalize_intensity
     from tsesnet.inference import sliding_window_inference
+    from tsesnet.losses import dice_loss
     from tsesnet.metrics import dice, hd95, sensitivity
     from tsesnet.postprocess import component_dices
 
@@ -67,6 +69,10 @@ def validate(module, store, case_ids, cfg, device, montage_of: str | None = None
         rows.append(
             {
                 "case": cid,
+                # 1 - soft Dice loss of the whole volume: moves with the probabilities from the
+                # first epoch, while the thresholded Dice sits at 0 until the first tumour is
+                # found (what a sweep's scheduler can rank trials on early)
+                "soft_dice": 1.0 - float(dice_loss(logits[0, 0], torch.from_numpy(gt).float())),
                 "dice": float(dice(pred, gt)),
                 "hd95": float(hd95(pred, gt, case.spacing)),
                 "sensitivity": float(sensitivity(pred, gt)),

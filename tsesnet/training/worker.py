@@ -72,6 +72,9 @@ def train_loop_per_worker(plan: RunPlan) -> None:
         state.stopped_early = should_stop(state, epoch, cfg)
         metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes)
         metrics.update(best_val_dice=state.best_val_dice, resumed_from_epoch=resumed)
+        soft = [h["val_soft_dice"] for h in state.history if "val_soft_dice" in h]
+        soft += [metrics["val_soft_dice"]] if "val_soft_dice" in metrics else []
+        metrics["best_val_soft_dice"] = max(soft, default=0.0)
         metrics["epoch_time_s"] = time.perf_counter() - t0
         state.epoch = epoch
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, float | int)})
@@ -217,8 +220,15 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
     )
     use_bf16 = me.device.type == "cuda" and cfg.optim.bf16
     sums = {"dice": 0.0, "tsc": 0.0, "bce": 0.0, "total": 0.0}
-    n_seen = 0
-    for x, y in data.batches(epoch, cfg.data.batch_size, me.device):
+    n_seen, wait = 0, 0.0
+    batches = iter(data.batches(epoch, cfg.data.batch_size, me.device))
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)  # the time the step waits for its data
+        wait += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        x, y = batch
         terms = train_step(model, optimizer, x, y, cfg, gen, use_bf16)
         for k in sums:
             sums[k] += terms[k]
@@ -229,7 +239,7 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
     metrics = {f"train_{k}": v / data.steps for k, v in sums.items()}
     # Every rank did the same number of steps; global throughput counts all of them.
     metrics.update(patches_per_s=n_seen * me.world / train_s, lr=lr, epoch=epoch)
-    metrics["train_time_s"] = train_s
+    metrics.update(train_time_s=train_s, data_wait_s=wait, data_wait_fraction=wait / train_s)
     return metrics, n_seen
 
 
@@ -248,6 +258,7 @@ def validate_epoch(module, data: EpochData, cfg: TrainConfig, me: Rank):
     )
     rows = [r for part in _gather(rows, me.world) for r in part]
     out = {f"val_{k}": v for k, v in mean_metrics(rows).items()}
+    out["val_soft_dice"] = float(np.mean([r["soft_dice"] for r in rows]))
     fraction, out["val_dice_filtered"] = choose_fraction([r["dice_by_fraction"] for r in rows])
     out["val_min_component_fraction"] = fraction
     return out, montage
@@ -388,7 +399,8 @@ class RunLog:
 def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
     line = (
         f"[epoch {epoch + 1}/{epochs}] loss {m['train_total']:.4f} (dice {m['train_dice']:.4f}, "
-        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s"
+        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s, "
+        f"data wait {100 * m['data_wait_fraction']:.0f}%"
     )
     if "val_dice" in m:
         line += (
