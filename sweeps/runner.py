@@ -46,6 +46,7 @@ class SweepResult:
     model_version: str | None
     alias: str | None
     experiment_path: str
+    experiment_id: str
     grid: Any = field(default=None, repr=False)  # Tune's ResultGrid
 
 
@@ -236,7 +237,17 @@ def run_sweep(
     parent = plan.setup.parent_run_id
     report.log_parent_end(client, parent, cfg, rows, best, version, alias)
     client.set_terminated(parent, "FINISHED")
-    return SweepResult(plan.name, parent, rows, best, version, alias, plan.experiment_path, grid)
+    return SweepResult(
+        plan.name,
+        parent,
+        rows,
+        best,
+        version,
+        alias,
+        plan.experiment_path,
+        plan.setup.experiment_id,
+        grid,
+    )
 
 
 def _unfinished(exp_path: str, trials: int, stop) -> bool:
@@ -457,6 +468,9 @@ def cli(args) -> int:
     print(report.results_table(res.rows))
     if res.best is not None:
         print(f"\nbest: {res.best.trial} (MLflow run {res.best.run_id})")
-    uri = runs.tracking_uri()
-    print(f"\nbrowse it: mlflow ui --backend-store-uri {uri}  (parent run {res.parent_run_id})")
+    print(f"\n{runs.ui_hint()}")
+    print(f"  the sweep and its trials: {runs.run_link(res.experiment_id, res.parent_run_id)}")
+    if res.model_version:
+        model = base_train_config(cfg).run.registered_model_name
+        print(f"  the registered model:     {runs.model_link(model, res.model_version)}")
     return 0

@@ -98,7 +98,7 @@ def test_run_names_are_deterministic():
 
 
 @pytest.mark.slow
-def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, monkeypatch):
+def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, monkeypatch, capsys):
     """One epoch end to end with the defaults (SQLite and ray_results in the working directory),
     then the same name with two epochs continues from the checkpoint in the same MLflow run."""
     import mlflow
@@ -111,6 +111,10 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
     assert main(["train", "--store", str(tiny_store), "--config", str(TINY), "--name", "e2e"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("registered tsesnet version 1") == 1  # one registration line
+    assert "(resuming" not in out
+    assert "/#/models/tsesnet/versions/1?workflowType=machine_learning" in out
     assert (tmp_path / "mlflow.db").is_file()
     assert (tmp_path / "ray_results" / "e2e").is_dir()
 
@@ -142,6 +146,10 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert t["sys.torch"] and t["tsesnet.model_version"] == "1"
     assert "tsesnet.model_alias" not in t  # aliases move: no run tag claims one
     assert run.info.status == "FINISHED"
+    assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType" in out
+    (data,) = run.inputs.dataset_inputs  # the runs table's "Dataset" column
+    assert data.dataset.digest == t["data.store_fingerprint"] and data.dataset.name == "tiny.zarr"
+    assert [(i.key, i.value) for i in data.tags] == [("mlflow.data.context", "fold 0")]
     mv = client.get_model_version("tsesnet", "1")
     assert mv.tags["store_fingerprint"] == t["data.store_fingerprint"]
     assert float(mv.tags["val_dice"]) == m["val_dice"]  # full precision

@@ -109,8 +109,10 @@ def run_demo(out: str | Path) -> int:
         f"  Zarr store            : {store}\n"
         f"  MLflow database       : {uri}\n"
         f"  registered model      : {model_uri} (@{result.alias})\n"
-        f"Browse runs and the registry:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n",
+        f"Browse runs and the registry (start the UI first):\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+        f"  the training run : {runs.run_link(result.experiment_id, result.run_id)}\n"
+        f"  the model        : {runs.model_link(name, result.model_version)}\n",
         flush=True,
     )
     return 1 if pred.failed or ev.summary.get("n_failed") else 0

@@ -180,3 +180,58 @@ def quote(value: str) -> str:
         if q not in value:
             return f"{q}{value}{q}"
     raise ValueError(f"cannot search MLflow for a value with both quote characters: {value!r}")
+
+
+def log_store_input(store: str, fingerprint: str, fold: int) -> None:
+    """Log the store as the active run's dataset input (the runs table's "Dataset" column):
+    source the store's path or URL, digest its fingerprint, context the validation fold."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        # a local path resolves to MLflow's local-artifact source, with a warning that it could
+        # be read two ways
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(store)
+    name = Path(str(store).rstrip("/")).name
+    dataset = MetaDataset(source, name=name, digest=fingerprint[:36])
+    mlflow.log_input(dataset, context=f"fold {fold}")
+
+
+def ui_base() -> str:
+    """Where the MLflow UI of this tracking store is: the server itself for an http(s) URI,
+    else where `mlflow ui` serves it by default."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+# The MLflow 3.17 UI opens an experiment in "GenAI" mode (no runs table) unless the URL says
+# `workflowType=machine_learning`; every link the platform prints says it.
+_MODE = "workflowType=machine_learning"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """The UI page of a run (a sweep's parent lists its trials as children)."""
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}?{_MODE}"
+
+
+def experiment_link(experiment_id: str) -> str:
+    """The UI's runs table of an experiment."""
+    return f"{ui_base()}/#/experiments/{experiment_id}?{_MODE}"
+
+
+def model_link(name: str, version: str | None = None) -> str:
+    """The UI page of a registered model, or of one of its versions."""
+    page = f"models/{name}" + (f"/versions/{version}" if version else "")
+    return f"{ui_base()}/#/{page}?{_MODE}"
+
+
+def ui_hint() -> str:
+    """How to open the UI for this tracking store (a command for a local database)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {uri}"
+    return f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

@@ -36,6 +36,7 @@ class TrainResult:
     """What a finished run produced (epochs counted from 1, as every printed line counts them)."""
 
     name: str
+    experiment_id: str
     run_id: str
     best_val_dice: float
     best_epoch: int  # the epoch of the best validation Dice, from 1 (0: never validated)
@@ -81,6 +82,7 @@ def train(
             )
     return TrainResult(
         name=plan.name,
+        experiment_id=plan.experiment_id,
         run_id=plan.run_id,
         best_val_dice=float(state.best_val_dice),
         best_epoch=int(state.best_epoch) + 1,
@@ -135,6 +137,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         val_ids=tuple(val_ids),
         model_config=model_config,
         storage_path=storage_path,
+        experiment_id=experiment_id,
         run_id=run_id,
         resumed=resumed,
         tracking_uri=runs.tracking_uri(),
@@ -317,6 +320,8 @@ def cli(args) -> int:
     if args.gpus_per_worker is not None:
         overrides.append(f"run.gpus_per_worker={args.gpus_per_worker}")
     cfg = load_config(args.config, overrides)
+    from tsesnet.tracking import runs
+
     res = train(args.store, cfg, args.name)
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
@@ -326,4 +331,9 @@ def cli(args) -> int:
         f"prediction keeps connected components of >= {res.min_component_fraction:g} x the "
         f"largest (chosen on validation: Dice {res.val_dice_filtered:.4f} with it)"
     )
+    print(runs.ui_hint())
+    print(f"  the run:   {runs.run_link(res.experiment_id, res.run_id)}")
+    if res.model_version:
+        name = cfg.run.registered_model_name
+        print(f"  the model: {runs.model_link(name, res.model_version)}")
     return 0

@@ -18,7 +18,8 @@ class RunPlan:
         train_ids, val_ids: the labelled cases of the training folds and the validation fold.
         model_config: the network's `ModelConfig` fields (what a resume must match).
         storage_path: where the run's checkpoints live (`storage_path/name`).
-        run_id: the MLflow run; `resumed` when checkpoints exist to continue from.
+        experiment_id, run_id: the MLflow experiment and run; `resumed` when checkpoints exist
+            to continue from.
         tracking_uri: the MLflow tracking URI the workers log to.
         git_commit: the commit of the code that runs.
     """
@@ -31,6 +32,7 @@ class RunPlan:
     val_ids: tuple[str, ...]
     model_config: dict
     storage_path: str
+    experiment_id: str
     run_id: str
     resumed: bool
     tracking_uri: str

@@ -436,3 +436,4 @@ def _log_run_start(plan: RunPlan, me: Rank) -> None:
         }
     )
     mlflow.set_tags(tags)
+    runs.log_store_input(plan.store, plan.fingerprint, cfg.data.fold)
