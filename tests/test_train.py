@@ -302,3 +302,75 @@ def test_every_numeric_setting_has_a_range_and_is_checked_before_ray_starts():
 def test_the_reported_crashes_are_config_errors(item, key):
     with pytest.raises(InputError, match=key.replace(".", r"\.")):
         load_config(TINY, [item])
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed_and_resuming_gives_the_uninterrupted_answer(
+    tiny_store, ray_session, tmp_path
+):
+    """Ctrl-C (SIGINT) during `tsesnet train`: exit 130 and the MLflow run KILLED, not RUNNING
+    forever, nothing registered. The same command again resumes from the last checkpoint into
+    the same run, and its history (one value per epoch) is the history of a run never
+    interrupted."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "mlartifacts"),
+    }
+
+    def cmd(name, epochs):
+        return [sys.executable, "-m", "tsesnet.cli", "train", "--store", str(tiny_store),
+                "--config", str(TINY), "--name", name, "--set", f"schedule.epochs={epochs}",
+                "--set", f"run.storage_path={tmp_path / 'ray'}"]  # fmt: skip
+
+    def run(name, epochs):
+        out = subprocess.run(
+            cmd(name, epochs), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    log = open(tmp_path / "train.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd("ctrl-c", 40), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 180
+    # once Ray Train has registered a checkpoint (what a rerun resumes from)
+    while not (tmp_path / "ray" / "ctrl-c" / "checkpoint_manager_snapshot.json").exists():
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "train.log").read_text()[-3000:]
+    log.close()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+
+    def history(name):
+        (r,) = client.search_runs(
+            [client.get_experiment_by_name("tsesnet").experiment_id],
+            filter_string=f"tags.`tsesnet.run_name` = '{name}'",
+        )
+        points = client.get_metric_history(r.info.run_id, "train_total")
+        return r, [m.step for m in points], {m.step: m.value for m in points}
+
+    run_, steps, _ = history("ctrl-c")
+    assert run_.info.status == "KILLED"
+    assert client.search_model_versions("name = 'tsesnet'") == []
+    epochs = len(steps) + 2
+    assert "(resuming from the latest)" in run("ctrl-c", epochs)
+    resumed, steps, values = history("ctrl-c")
+    assert resumed.info.run_id == run_.info.run_id and resumed.info.status == "FINISHED"
+    assert steps == list(range(epochs))  # one value per epoch, none repeated
+    run("straight", epochs)
+    _, _, reference = history("straight")
+    assert values == pytest.approx(reference, rel=1e-6)

@@ -113,7 +113,9 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
     learning rate, workers) may change on resume.
 
     Returns:
-        Whether the folder holds checkpoints (Ray Train will resume from the latest).
+        Whether Ray Train will resume: it has registered a checkpoint of this run (its
+        checkpoint manager's snapshot exists; a checkpoint folder alone, written by a run killed
+        before Ray registered it, is not resumed from).
 
     Raises:
         InputError: naming the run, the folder and what differs.
@@ -146,4 +148,6 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
             f"({'; '.join(differ)}); choose another --name or delete this folder",
             path=f"{storage_path}/{name}",
         )
-    return bool(fs.glob(f"{root}/checkpoint_*"))
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return fs.exists(f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     from tsesnet.common.cluster import connect
+    from tsesnet.training.epoch_log import EpochMetricsToMLflow
     from tsesnet.training.worker import train_loop_per_worker
 
     cfg = plan.config
@@ -188,13 +190,40 @@ def fit(plan: RunPlan, callbacks: list | None = None):
             storage_path=plan.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=list(callbacks or []),
+            callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
         ),
     )
-    result = trainer.fit()
+    result = _interruptible(trainer.fit)
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
+
+
+def _interruptible(fn):
+    """Run `fn()` in a daemon thread and return what it returns (or raise what it raised),
+    leaving Ctrl-C to this thread as a KeyboardInterrupt.
+
+    `TorchTrainer.fit` in the main thread installs its own SIGINT handler, which aborts the run
+    and exits the process (status 1) from inside the handler, so the caller could not end the
+    MLflow run as KILLED or exit 130. Off the main thread it installs none. Leaving on Ctrl-C
+    ends the run's workers with the driver (they are its actors); the last checkpoint stays
+    and a rerun resumes from it.
+    """
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException as err:  # handed to the caller
+            out["error"] = err
+
+    thread = threading.Thread(target=target, name="tsesnet-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a short wait, so a signal is acted on at once
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:

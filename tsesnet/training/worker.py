@@ -286,7 +286,8 @@ def _report(epoch, metrics, cfg: TrainConfig, me: Rank, module, optimizer, best,
     import ray.train
 
     last = state.stopped_early or epoch == cfg.schedule.epochs - 1
-    if me.is_zero and (last or (epoch + 1) % cfg.schedule.checkpoint_every == 0):
+    due = last or (epoch + 1) % cfg.schedule.checkpoint_every == 0
+    if me.is_zero and due:
         with tempfile.TemporaryDirectory() as d:
             checkpoint.save(d, module, optimizer, best, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -347,7 +348,10 @@ def _quiet_report_log() -> None:
 
 
 class RunLog:
-    """Rank 0's MLflow run and epoch lines; on other ranks every method does nothing."""
+    """Rank 0's MLflow run (config, tags, plots) and epoch lines; on other ranks every method
+    does nothing. Per-epoch metrics go to MLflow from the Train controller once a checkpoint
+    holds them (`tsesnet.training.epoch_log`); on resume, epochs the restored checkpoint holds
+    but MLflow missed (a kill between the two) are logged here."""
 
     def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
         self.on = me.is_zero
@@ -358,25 +362,31 @@ class RunLog:
 
         mlflow.set_tracking_uri(plan.tracking_uri)
         mlflow.start_run(run_id=plan.run_id)
-        if resumed < 0:
+        started_before = bool(mlflow.MlflowClient().get_run(plan.run_id).data.params)
+        if resumed < 0 and not started_before:
             _log_run_start(plan, me)
-        else:
-            from tsesnet.common.yaml_config import dump_yaml
+            return
+        from tsesnet.common.yaml_config import dump_yaml
 
-            mlflow.set_tag("tsesnet.restarts", str(state.restarts))
-            # The config may differ from the first start's (e.g. more epochs): keep each one.
-            mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
+        mlflow.set_tag("tsesnet.restarts", str(state.restarts))
+        # The config may differ from the first start's (e.g. more epochs): keep each one.
+        mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
+        from tsesnet.training.epoch_log import log_epoch
+
+        client = mlflow.MlflowClient()
+        logged = {m.step for m in client.get_metric_history(plan.run_id, "epoch_time_s")}
+        for h in state.history:
+            if int(h["epoch"]) not in logged:
+                log_epoch(client, plan.run_id, int(h["epoch"]), h)
+        if resumed >= 0:
             print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
 
     def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
-        """Log the epoch's metrics (step = epoch), refresh the plots, print the epoch line."""
+        """Refresh the plots and print the epoch line."""
         if not self.on:
             return
-        import mlflow
-
         from tsesnet.tracking import plots
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if "val_dice" in metrics:
             plots.log_learning_curves(state.history)
         if montage is not None:
