@@ -180,6 +180,27 @@ def test_hidden_and_other_files_are_ignored(tmp_path):
     assert len(source.phase_files) == 3
 
 
+def test_declared_test_splits(tmp_path):
+    """imagesTs/labelsTs (nnU-Net), test.txt (BTS), train_test_splits.csv (MAMA-MIA)."""
+    write_cohort("nnunet", tmp_path / "nn", n_cases=2, test_cases=2, labelled_test=True)
+    sources = {s.case_id: s for s in discover(tmp_path / "nn")}
+    assert {k: (s.subset, s.labelled) for k, s in sources.items()} == {
+        "case_000": ("train", True),
+        "case_001": ("train", True),
+        "case_002": ("test", True),
+        "case_003": ("test", True),
+    }
+    write_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001", "DUKE_002", "ISPY1_1001"))
+    (tmp_path / "mm" / "train_test_splits.csv").write_text(
+        "train_split,test_split\nDUKE_001,ispy1_1001\nDUKE_002,\n"
+    )
+    sources = {s.case_id: s.subset for s in discover(tmp_path / "mm")}
+    assert sources == {"DUKE_001": "train", "DUKE_002": "train", "ISPY1_1001": "test"}
+    (tmp_path / "mm" / "train_test_splits.csv").write_text("train,holdout\nDUKE_001,x\n")
+    with pytest.raises(InputError, match="train_test_splits.csv has no test_split column"):
+        discover(tmp_path / "mm")
+
+
 def test_nnunet_4d_channel_file_is_read_as_its_phases(tmp_path):
     """dcm2niix's 4D series put in nnU-Net folders as CASE_0000 (the only channel file)."""
     written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=4, affine="lps")

@@ -380,3 +380,75 @@ def test_zero_spacing_is_refused_or_assumed_and_recorded(tmp_path):
     (ok,) = discover(tmp_path / "ok")
     kept = load_case(ok, ReadOptions(assume_spacing=(9.0, 9.0, 9.0)))
     assert kept.spacing == pytest.approx((1.5, 0.8, 0.7)) and not kept.spacing_assumed
+
+
+def _loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.name)  # points at itself
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _broken(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.with_name("gone.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_loop, "symbolic link loop: the path never reaches a file"),
+        (_directory, "a directory, not a NIfTI file"),
+        (_broken, "broken symbolic link (its target"),
+    ],
+)
+def test_unreadable_phase_path_rejects_its_case(tmp_path, make, problem):
+    """Such a phase used to be skipped silently: the case was stored with a phase missing."""
+    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    bad = _phase(tmp_path, 1)
+    make(bad)
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert bad in sources[CASE].phase_files
+    with pytest.raises(InputError) as info:
+        load_case(sources[CASE])
+    assert str(info.value).startswith(f"case {CASE}: {bad}: {problem}")
+    assert load_case(sources["case_001"]).image.shape[0] == 3  # the other case is untouched
+
+
+def test_stray_phase_number_is_rejected_and_changes_no_other_case(tmp_path):
+    """One stray GAP_0999 used to give every case a 1000-long phase_present."""
+    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    image, _ = make_arrays()
+    gap = _overwrite(tmp_path / "imagesTr" / "GAP_0999.nii.gz", image[0])
+    stray = _overwrite(tmp_path / "imagesTr" / "case_001_0999.nii.gz", image[0])
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert sources[CASE].phase_present == (True, True, True)
+    assert load_case(sources[CASE]).image.shape[0] == 3
+    with pytest.raises(InputError) as info:
+        load_case(sources["case_001"])
+    assert str(info.value) == (
+        f"case case_001: {stray}: phase 999 is beyond the cohort's phases 0..2 (the longest "
+        "case numbered without a gap has 3); phase numbers run 0..k, with missing phases only "
+        "in between"
+    )
+    with pytest.raises(InputError, match="no pre-contrast phase: GAP_0000.nii.gz is missing"):
+        load_case(sources["GAP"])
+    assert Path(sources["GAP"].problem_path).parent == gap.parent
+    # dataset.json's channel count is the cohort's phases when it gives one
+    (tmp_path / "dataset.json").write_text('{"channel_names": {"0": "pre", "1": "post"}}')
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    with pytest.raises(InputError, match=r"phase 2 is beyond the cohort's phases 0..1 \(dataset"):
+        load_case(sources[CASE])
+
+
+def test_bts_phase_beyond_p5_is_rejected(tmp_path):
+    write_cohort("bts", tmp_path, centres={"C1": 2})
+    p7 = _overwrite(tmp_path / "C1" / "C1_2" / "P7.nii.gz", make_arrays()[0][0])
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert sources["C1_1"].phase_present == (True,) * 6
+    with pytest.raises(InputError, match="phase 7 is beyond the cohort's phases 0..5") as info:
+        load_case(sources["C1_2"])
+    assert Path(info.value.path) == p7
