@@ -340,8 +340,21 @@ def load_index(location: StoreLocation, *, strict: bool = True) -> StoreIndex:
     if strict and index.problems:
         first, more = index.problems[0], len({p.case_id for p in index.problems}) - 1
         tail = f"; {more} more damaged case(s), `tsesnet store verify` lists them" if more else ""
-        raise InputError(f"{first.problem}{tail}", case=first.case_id, path=first.path)
+        raise InputError(
+            f"{first.problem}{tail}{_writer_note(location)}", case=first.case_id, path=first.path
+        )
     return index
+
+
+def _writer_note(location: StoreLocation) -> str:
+    """While a writer holds the store, its cases and index disagree until it ends: say so."""
+    from data_store.lock import read_holder
+
+    exists, holder = read_holder(location)
+    if not exists or (holder is not None and holder.gone()):
+        return ""
+    who = holder.describe() if holder else "another process"
+    return f"; {who} holds the store's writer lock: retry when it is done"
 
 
 def _table(root: dict[str, Any], location: StoreLocation) -> tuple[dict[str, Any], int]:

@@ -496,6 +496,24 @@ class Store:
             )
         self._checked.add(case_id)
 
+    def check_cases(self, case_ids: list[str]) -> None:
+        """`check_case` for every case of a list (a training run's, before its workers start),
+        so a damaged case stops the run at once, in one line, not in a worker mid-epoch.
+
+        Raises:
+            InputError: the first damaged case, with how many others are damaged.
+        """
+        damaged = [(c, p) for c in case_ids for p in self.case_problems(c)[:1]]
+        if damaged:
+            (cid, first), more = damaged[0], len(damaged) - 1
+            tail = f"; {more} more damaged case(s)" if more else ""
+            raise InputError(
+                f"{first.problem}{tail} (`tsesnet store verify {self.path}` lists them)",
+                case=cid,
+                path=first.path,
+            )
+        self._checked.update(case_ids)
+
     def case_problems(self, case_id: str, *, deep: bool = False) -> list[Problem]:
         """Everything the cheap check (and with ``deep``, the checksums) finds wrong with a case.
 

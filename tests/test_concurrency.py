@@ -98,6 +98,29 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_said(empty_store):
         assert f"delete {empty_store / LOCK_NAME}" in str(info.value)
 
 
+def test_a_reader_during_a_write_is_told_who_writes(tmp_path):
+    """An ingest replacing a case leaves index and case apart until it ends: readers refuse,
+    naming the writer, instead of reading a mix."""
+    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    from test_store import build_store
+
+    build_store(tmp_path / "src", tmp_path / "store")
+    root = tmp_path / "store" / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["cases"]["case_001"]["checksums"][0][1] = "0" * 64  # the old sources
+    root.write_text(json.dumps(doc))
+    location = StoreLocation.parse(tmp_path / "store")
+    with (
+        StoreLock(location, command="tsesnet ingest new") as lock,
+        pytest.raises(InputError) as info,
+    ):
+        open_store(tmp_path / "store")
+    assert str(info.value).startswith("case case_001: ")
+    assert str(info.value).endswith(
+        f"; {lock.holder.describe()} holds the store's writer lock: retry when it is done"
+    )
+
+
 RACE = """
 import sys, time
 from pathlib import Path

@@ -71,6 +71,9 @@ def test_deleted_chunks_are_refused_by_every_reader(store_path, capsys):
     with pytest.raises(InputError, match="mask chunk c/.* missing"):
         store.read_region("case_001", (slice(0, 4), slice(0, 4), slice(0, 4)))
     assert store.read_case("case_002").image.shape == (2, 30, 70, 70)  # intact cases still read
+    with pytest.raises(InputError) as info:  # a training driver's check before workers start
+        open_store(store_path).check_cases(["case_002", "case_000", "case_001"])
+    assert str(info.value).startswith(expected) and "; 1 more damaged case(s)" in str(info.value)
     # the training sampler, as a Ray Train worker gets it (pickled: it checks again there)
     sampler = PatchSampler(
         pickle.loads(pickle.dumps(store)),
