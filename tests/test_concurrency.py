@@ -295,3 +295,13 @@ def test_rerun_repairs_a_partial_case(tmp_path, ray_session, capsys):
     assert "stored 1, unchanged 2" in printed and "repaired 1 damaged case(s): case_001" in printed
     assert main(["store", "verify", str(tmp_path / "store"), "--deep"]) == 0
     assert main(["store", "export", str(tmp_path / "store"), "--case", "case_001", str(out)]) == 0
+
+
+def test_lock_on_an_object_store(tmp_path):
+    """fsspec URLs: the lock file is an exclusive create ("xb") there."""
+    location = StoreLocation.parse(f"memory://tsesnet-lock-{tmp_path.name}/store")
+    with StoreLock(location, command="tsesnet ingest a") as lock:
+        with pytest.raises(InputError, match=r"locked by another writer, pid \d+ on"):
+            StoreLock(location, wait=0).acquire()
+        assert location.exists(LOCK_NAME) and lock.held
+    assert not location.exists(LOCK_NAME)

@@ -204,3 +204,20 @@ def test_synth_test_cohort_is_stored_as_the_test_split(tmp_path, ray_session, ca
     capsys.readouterr()
     assert main(["store", "info", str(store)]) == 0
     assert "4 train, 2 test (never in a fold)" in capsys.readouterr().out
+
+
+def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
+    """Its cases are kept (not rewritten), its fingerprint is unchanged, new cases are recorded."""
+    from test_integrity import _strip_records
+
+    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    _strip_records(tmp_path / "store")
+    before = open_store(tmp_path / "store").fingerprint
+    again = ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    assert again.skipped == ["case_000", "case_001"] and again.fingerprint == before
+    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    more = ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    store = open_store(tmp_path / "store")
+    assert more.stored == ["case_002"] and store.has_record("case_002")
+    assert not store.has_record("case_000") and store.fingerprint == more.fingerprint
