@@ -265,6 +265,8 @@ def read_root(location: StoreLocation) -> dict[str, Any]:
             "create one with `tsesnet ingest SRC STORE`",
             path=location.url,
         )
+    if location.is_link("zarr.json"):
+        raise InputError("the store's zarr.json is a symbolic link", path=location.url)
     try:
         meta = location.read_json("zarr.json")
         attrs = meta["attributes"] if meta.get("node_type") == "group" else None
@@ -380,15 +382,20 @@ def _no_case_collisions(raw: dict[str, Any], location: StoreLocation) -> None:
 
 
 def _check_against_cases(location: StoreLocation, index: StoreIndex) -> None:
-    """Every entry against its case group's own attributes (one batch read of zarr.json)."""
-    metas = location.read_many([f"{cid}/zarr.json" for cid in index.entries])
+    """Every entry against its case group's own attributes (one batch read of zarr.json).
+
+    A case folder or zarr.json that is a symbolic link is refused before it is read: it could
+    point anywhere on the machine.
+    """
+    links = {c for c in index.entries if location.is_link(c) or location.is_link(f"{c}/zarr.json")}
+    for cid in sorted(links):
+        index.problems.append(Problem(cid, location.path(cid), "case folder is a symbolic link"))
+    metas = location.read_many([f"{c}/zarr.json" for c in index.entries if c not in links])
     for cid, entry in index.entries.items():
+        if cid in links:
+            continue
         meta_key = f"{cid}/zarr.json"
         where = location.path(meta_key)
-        if location.is_link(cid) or location.is_link(meta_key):
-            link = Problem(cid, location.path(cid), "case folder is a symbolic link")
-            index.problems.append(link)
-            continue
         attrs, why = _case_attrs(metas[meta_key], cid)
         if why:
             index.problems.append(Problem(cid, where, why))

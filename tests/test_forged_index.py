@@ -48,10 +48,12 @@ def recording():
 
 
 def _outside(seen: list[str], root: Path, allowed: Path) -> list[str]:
-    """The paths under `root` (the test's folder) that are not under `allowed` (the store)."""
+    """The paths under `root` (the test's folder) that are not under `allowed` (the store),
+    links resolved."""
     out = []
+    root, allowed = Path(os.path.realpath(root)), Path(os.path.realpath(allowed))
     for p in seen:
-        full = Path(os.path.abspath(p))
+        full = Path(os.path.realpath(p))  # through any link: where the bytes come from
         if full.is_relative_to(root) and not full.is_relative_to(allowed):
             out.append(str(full))
     return out
