@@ -21,8 +21,9 @@ within one case, independent of ingestion order. Unlabelled cases and ``test`` c
 fold. Folds are a function of that set of IDs: adding cases can move others.
 
 Fingerprint: a hash of every case's ID and source checksums and, for cases ingested with an
-integrity record, the record's digest (which covers the stored arrays' checksums) and the split.
-A store written before records existed keeps the fingerprint it had.
+integrity record, the checksums of the stored arrays' decoded values (`content`, independent of
+the codec's bytes) and the split. A store written before records existed keeps the fingerprint
+it had.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_store.errors import InputError
-from data_store.integrity import Problem, record_digest
+from data_store.integrity import Problem, record_digests
 from data_store.location import StoreLocation, check_case_id
 
 __all__ = [
@@ -80,8 +81,10 @@ class IndexEntry:
         checksums: (role, sha256) of every source file.
         fold: the case's fold, None for unlabelled and test cases.
         split: "train" (folds are dealt over these) or "test" (held out).
-        integrity: the digest of the case's integrity record, None for cases stored before
-            records existed.
+        integrity: the digest of the case's whole integrity record, None for cases stored
+            before records existed.
+        content: the digest of the stored arrays' decoded checksums (what the fingerprint
+            covers), None for cases stored before records existed.
         spacing_assumed: the spacing came from ``--assume-spacing``, not the files.
     """
 
@@ -95,6 +98,7 @@ class IndexEntry:
     fold: int | None = None
     split: str = "train"
     integrity: str | None = None
+    content: str | None = None
     spacing_assumed: bool = False
 
     @classmethod
@@ -119,6 +123,7 @@ class IndexEntry:
             fold=fold,
             split=split,
             integrity=_optional_text(raw.get("integrity"), "integrity"),
+            content=_optional_text(raw.get("content"), "content"),
             spacing_assumed=_flag(raw.get("spacing_assumed", False), "spacing_assumed"),
         )
 
@@ -126,8 +131,8 @@ class IndexEntry:
 def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
     """The root index's entry for a case, from its group attributes (all but the fold).
 
-    ``integrity`` and ``spacing_assumed`` appear only when the case has them, so the entries of
-    a store written before they existed read back the same.
+    ``integrity``, ``content`` and ``spacing_assumed`` appear only when the case has them, so
+    the entries of a store written before they existed read back the same.
     """
     summary = {
         "phases": int(attrs["phases"]),
@@ -139,9 +144,9 @@ def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
         "checksums": [[s["role"], s["sha256"]] for s in attrs["sources"]],
         "split": attrs.get("split", "train"),
     }
-    digest = record_digest(attrs)
-    if digest is not None:
-        summary["integrity"] = digest
+    digests = record_digests(attrs)
+    if digests is not None:
+        summary["integrity"], summary["content"] = digests
     if attrs.get("spacing_assumed"):
         summary["spacing_assumed"] = True
     return summary
@@ -164,15 +169,15 @@ def store_fingerprint(index: dict[str, Any]) -> str:
     """A stable hash of what the index says is stored (order-independent; module docstring).
 
     Args:
-        index: case ID -> `IndexEntry` or its JSON (``checksums``, optional ``integrity``,
+        index: case ID -> `IndexEntry` or its JSON (``checksums``, optional ``content``,
             ``split``).
     """
     h = hashlib.sha256(f"tsesnet-store-v{SCHEMA_VERSION}".encode())
     for case_id in sorted(index):
         e = index[case_id]
         checksums = [list(c) for c in _get(e, "checksums")]
-        extra = {"integrity": _get(e, "integrity"), "split": _get(e, "split")}
-        if extra["integrity"] is None and extra["split"] == "train":
+        extra = {"content": _get(e, "content"), "split": _get(e, "split")}
+        if extra["content"] is None and extra["split"] == "train":
             h.update(json.dumps([case_id, checksums]).encode())  # as before records existed
         else:
             h.update(json.dumps([case_id, checksums, extra], sort_keys=True).encode())
@@ -180,7 +185,7 @@ def store_fingerprint(index: dict[str, Any]) -> str:
 
 
 def _get(entry: Any, key: str) -> Any:
-    defaults = {"split": "train", "integrity": None}
+    defaults = {"split": "train", "content": None}
     if isinstance(entry, IndexEntry):
         return getattr(entry, key)
     return entry.get(key, defaults.get(key))
@@ -439,8 +444,10 @@ def _entry_differs(entry: IndexEntry, attrs: dict[str, Any]) -> str | None:
             return f"index says {name} {_show(mine)}, the case's attributes say {_show(said)}"
     if entry.checksums != theirs.checksums:
         return "index source checksums differ from the case's attributes"
-    if entry.integrity != theirs.integrity or entry.spacing_assumed != theirs.spacing_assumed:
+    if (entry.integrity, entry.content) != (theirs.integrity, theirs.content):
         return "index integrity digest differs from the case's record"
+    if entry.spacing_assumed != theirs.spacing_assumed:
+        return "index says spacing_assumed differently from the case's attributes"
     return None
 
 

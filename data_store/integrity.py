@@ -14,8 +14,10 @@ from the store after writing:
 
 Both kinds of checksum, because they answer different questions: a chunk file's checksum names
 the damaged file (``image chunk c/0/1/0/0``) and is checked without decoding anything; the
-decoded checksum is what the data is, independent of codec and chunking, and it is what the
-store fingerprint covers (`CaseRecord.digest` is a hash of the whole record).
+decoded checksum is what the data is, independent of codec and chunking (two sites ingesting
+the same cohort with other Blosc builds store other bytes, the same values). So the store
+fingerprint covers the decoded checksums (`CaseRecord.content_digest`), and the index keeps
+a digest of the whole record (`CaseRecord.digest`) to tell an edited record from its entry.
 
 Checks, each a list of `Problem` (one line each: case, file, problem):
 
@@ -166,19 +168,30 @@ class CaseRecord:
         return cls({n: ArrayRecord.from_attrs(a) for n, a in arrays.items()})
 
     def digest(self) -> str:
-        """sha256 of the record's canonical JSON: what the store fingerprint covers."""
-        text = json.dumps(self.to_attrs(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """sha256 of the whole record's canonical JSON (files included): the index keeps it."""
+        return _json_sha(self.to_attrs())
+
+    def content_digest(self) -> str:
+        """sha256 of each array's shape, dtype and decoded checksum: what the data is, whatever
+        the codec; the store fingerprint covers it."""
+        return _json_sha({n: [list(a.shape), a.dtype, a.sha256] for n, a in self.arrays.items()})
 
 
-def record_digest(attrs: dict[str, Any]) -> str | None:
-    """The digest of a case's record from its attributes, None if it has none (or a bad one)."""
+def record_digests(attrs: dict[str, Any]) -> tuple[str, str] | None:
+    """(`CaseRecord.digest`, `CaseRecord.content_digest`) of a case's record from its
+    attributes; None if it has none, ("malformed", "malformed") for a bad one."""
     if "integrity" not in attrs:
         return None
     try:
-        return CaseRecord.from_attrs(attrs["integrity"]).digest()
+        record = CaseRecord.from_attrs(attrs["integrity"])
     except ValueError:
-        return "malformed"
+        return "malformed", "malformed"
+    return record.digest(), record.content_digest()
+
+
+def _json_sha(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- recording
