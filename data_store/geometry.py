@@ -15,11 +15,21 @@ byte order; big-endian files are byte-swapped). When the header has a non-trivia
 ``float32(raw) * float32(slope) + float32(inter)`` and the result is float32; `NiftiVolume.scaling`
 records ``(slope, inter)``. Spacing is taken from the affine's column norms, in the affine's
 units, which NIfTI files from scanners give in mm.
+
+Refused before any voxel is read (`read_nifti`, one line naming the file): voxel types other than
+real scalars (complex, RGB, float128: `SUPPORTED_KINDS`); a header whose declared voxel data is
+larger than the file holds after the header (uncompressed files) or than
+`ReadOptions.max_image_bytes` (any file; for a ``.nii.gz`` the true size is only known by
+decompressing it); and a file without a spacing: no sform, and a zero or non-finite
+``pixdim[1:4]`` (nibabel would silently read such a file with 1 mm voxels), unless
+`ReadOptions.assume_spacing` gives one, which is then recorded as assumed.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import math
 import os
 import re
 import zlib
@@ -33,7 +43,48 @@ from nibabel.orientations import io_orientation
 
 from data_store.errors import InputError
 
-__all__ = ["Geometry", "NiftiVolume", "read_nifti", "write_nifti"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "Geometry",
+    "NiftiVolume",
+    "ReadOptions",
+    "read_nifti",
+    "write_nifti",
+]
+
+#: 4 GiB of decoded voxels per file. The largest breast DCE files seen in public cohorts are a
+#: 4D series of 6 phases of 512 x 512 x 200 int16 voxels (0.6 GiB); a 4D float64 series of 10
+#: phases of 512 x 512 x 160 is 3.1 GiB. Ingest holds about three copies of a case in memory
+#: (the read, the stacked phases, the canonical copy), so the default bounds a worker to ~12 GiB.
+DEFAULT_MAX_IMAGE_BYTES = 4 * 1024**3
+#: numpy kinds of the voxel types stored: signed/unsigned integers and floats up to 8 bytes.
+SUPPORTED_KINDS = "iuf"
+_GZIP_SUFFIXES = (".gz",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """What `read_nifti` accepts beyond the defaults (the `tsesnet ingest` flags).
+
+    Attributes:
+        max_image_bytes: the most decoded voxel bytes one file may declare.
+        assume_spacing: (Z, Y, X) mm for files that have no spacing (no sform and a zero
+            pixdim); None rejects such files. Files that have a spacing keep their own.
+    """
+
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    assume_spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_image_bytes <= 0:
+            raise InputError(f"--max-image-gib must be > 0, got {self.max_image_bytes / 2**30:g}")
+        if self.assume_spacing is not None:
+            spacing = tuple(float(s) for s in self.assume_spacing)
+            if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+                raise InputError(
+                    f"--assume-spacing needs three positive sizes in mm (Z Y X), got {spacing}"
+                )
+            object.__setattr__(self, "assume_spacing", spacing)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,16 +150,25 @@ class Geometry:
         )
 
     @classmethod
-    def from_image(cls, img: nib.Nifti1Image) -> Geometry:
-        """The geometry of a loaded nibabel NIfTI image (its first three axes)."""
+    def from_image(cls, img: nib.Nifti1Image, affine: np.ndarray | None = None) -> Geometry:
+        """The geometry of a loaded nibabel NIfTI image (its first three axes).
+
+        Args:
+            img: the image.
+            affine: an affine to use instead of the image's (an assumed spacing); it is also
+                what a qform-coded export writes.
+        """
         hdr = img.header
         qcode = int(hdr["qform_code"])
+        qform = hdr.get_qform() if qcode > 0 else None
+        if affine is not None and qform is not None:
+            qform = affine
         return cls.from_affine(
-            img.affine,
+            img.affine if affine is None else affine,
             img.shape[:3],
             qform_code=qcode,
             sform_code=int(hdr["sform_code"]),
-            qform=hdr.get_qform() if qcode > 0 else None,
+            qform=qform,
             nifti_version=2 if isinstance(img, nib.Nifti2Image) else 1,
         )
 
@@ -216,41 +276,82 @@ class NiftiVolume(NamedTuple):
         affine: (4, 4) float64 voxel-to-world affine (sform if set, else qform, as nibabel).
         image: the nibabel image (header access: ``image.header``; data already read).
         scaling: (slope, inter) when the header's scaling was applied, else None.
+        spacing_assumed: the file had no spacing and `affine` uses `ReadOptions.assume_spacing`.
     """
 
     data: np.ndarray
     affine: np.ndarray
     image: nib.Nifti1Image
     scaling: tuple[float, float] | None
+    spacing_assumed: bool = False
 
     @property
     def geometry(self) -> Geometry:
         """The geometry of the file's first three axes."""
-        return Geometry.from_image(self.image)
+        return Geometry.from_image(self.image, self.affine if self.spacing_assumed else None)
 
 
-def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolume:
+def read_nifti(
+    path: str | os.PathLike, *, case: str | None = None, options: ReadOptions | None = None
+) -> NiftiVolume:
     """Reads a NIfTI-1 or NIfTI-2 file completely into memory.
 
-    The whole data block is read here, so truncated or corrupt files fail now, with a clear
-    message, not later in a worker.
+    The header is checked first (voxel type, declared size, spacing: see the module
+    docstring), then the whole data block is read, so truncated or corrupt files fail now, with
+    a clear message, not later in a worker.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
         case: the case ID to name in error messages.
+        options: size limit and assumed spacing (default `ReadOptions()`).
 
     Returns:
         A `NiftiVolume`; see the module docstring for the value/dtype rules.
 
     Raises:
-        InputError: "file not found", "cannot read file", "not a NIfTI file" or
-            "truncated or corrupt image data", naming the case and file.
+        InputError: "file not found" (or what the path is instead: a directory, a broken
+            symbolic link, a link loop), "cannot read file", "not a NIfTI file", an unsupported
+            voxel type, a declared size too large, no spacing, or "truncated or corrupt image
+            data", naming the case and file.
     """
     path = Path(path)
+    options = options or ReadOptions()
     if not path.is_file():
-        raise InputError("file not found", case=case, path=str(path))
+        raise InputError(_not_a_file(path), case=case, path=str(path))
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", case=case, path=str(path))
+    img = _load_header(path, case)
+    _check_voxel_type(img, path, case)
+    _check_declared_size(img, path, case, options.max_image_bytes)
+    affine, assumed = _affine(img, path, case, options.assume_spacing)
+    raw, slope, inter = _read_voxels(img, path, case)
+    if raw.dtype.byteorder not in ("=", "|"):
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+    scaling = None
+    if (slope, inter) != (1.0, 0.0):
+        scaling = (slope, inter)
+        raw = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    return NiftiVolume(raw, affine, img, scaling, assumed)
+
+
+def _not_a_file(path: Path) -> str:
+    """What a path that is not a regular file is, for the message."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "symbolic link loop: the path never reaches a file"
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if path.is_dir():
+        return "a directory, not a NIfTI file"
+    if path.exists():
+        return "not a regular file (a device, socket or pipe)"
+    return "file not found"
+
+
+def _load_header(path: Path, case: str | None) -> nib.Nifti1Image:
+    """nibabel's image of the file, header read, no voxels read yet."""
     try:
         img = nib.load(str(path), mmap=False)
     except nib.filebasedimages.ImageFileError as err:
@@ -267,10 +368,64 @@ def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolu
             case=case,
             path=str(path),
         )
+    return img
+
+
+def _check_voxel_type(img: nib.Nifti1Image, path: Path, case: str | None) -> None:
+    """Only real scalar voxels (integers, floats up to 8 bytes) are stored."""
+    dtype = img.header.get_data_dtype()
+    if dtype.kind in SUPPORTED_KINDS and dtype.fields is None and dtype.itemsize <= 8:
+        return
+    if dtype.fields is not None:
+        what = f"{'/'.join(dtype.names)} ({len(dtype.names)} values per voxel)"
+    else:
+        what = str(dtype.newbyteorder("="))
+    raise InputError(
+        f"unsupported voxel type {what} (NIfTI datatype {int(img.header['datatype'])}): "
+        "tsesnet stores real-valued scalar images (integer or float, at most 8 bytes)",
+        case=case,
+        path=str(path),
+    )
+
+
+def _check_declared_size(img: nib.Nifti1Image, path: Path, case: str | None, limit: int) -> None:
+    """The voxel data the header declares must fit in the file and under the limit."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    declared = math.prod(shape) * img.header.get_data_dtype().itemsize
+    what = f"{'x'.join(map(str, shape))} {img.header.get_data_dtype().newbyteorder('=')}"
+    if not path.name.lower().endswith(_GZIP_SUFFIXES):
+        offset = int(img.dataobj.offset)
+        held = max(0, path.stat().st_size - offset)
+        if declared > held:
+            raise InputError(
+                f"truncated or corrupt image data (expected {declared} bytes of voxels after the "
+                f"header, found {held}: the header declares {what})",
+                case=case,
+                path=str(path),
+            )
+    if declared > limit:
+        raise InputError(
+            f"the header declares {what} voxels ({_size(declared)}), more than the "
+            f"{_size(limit)} limit per file (--max-image-gib)",
+            case=case,
+            path=str(path),
+        )
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that fits: "14.9 GiB", "4 GiB", "672 bytes"."""
+    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= unit:
+            return f"{n / unit:.3g} {name}"
+    return f"{n} bytes"
+
+
+def _read_voxels(img: nib.Nifti1Image, path: Path, case: str | None):
+    """(raw voxels, slope, inter), every voxel read now."""
     try:
         proxy = img.dataobj
         raw = np.asarray(proxy.get_unscaled())
-        slope, inter = float(proxy.slope), float(proxy.inter)
+        return raw, float(proxy.slope), float(proxy.inter)
     except Exception as err:  # EOFError, zlib.error, OSError, ValueError on short data
         short = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(err))
         why = (
@@ -281,13 +436,42 @@ def read_nifti(path: str | os.PathLike, *, case: str | None = None) -> NiftiVolu
         raise InputError(
             f"truncated or corrupt image data ({why})", case=case, path=str(path)
         ) from err
-    if raw.dtype.byteorder not in ("=", "|"):
-        raw = raw.astype(raw.dtype.newbyteorder("="))
-    scaling = None
-    if (slope, inter) != (1.0, 0.0):
-        scaling = (slope, inter)
-        raw = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    return NiftiVolume(raw, np.asarray(img.affine, dtype=np.float64), img, scaling)
+
+
+def _affine(
+    img: nib.Nifti1Image, path: Path, case: str | None, assume: tuple[float, ...] | None
+) -> tuple[np.ndarray, bool]:
+    """(the affine to use, whether its spacing is assumed): see the module docstring."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if int(img.header["sform_code"]) > 0:
+        return affine, False  # the sform's columns are the spacing
+    pixdim = _raw_pixdim(img, path)
+    ndim = min(3, len(img.header.get_data_shape()))
+    if all(math.isfinite(p) and p != 0 for p in pixdim[:ndim]):
+        return affine, False
+    if assume is None:
+        shown = ", ".join(f"{p:g}" for p in pixdim)
+        raise InputError(
+            f"no voxel spacing: pixdim[1:4] is ({shown}) and the file has no sform; pass "
+            "`--assume-spacing Z Y X` (mm) to ingest it with a spacing you know",
+            case=case,
+            path=str(path),
+        )
+    ornt = io_orientation(affine)  # nibabel's affine for this file, with 1 mm voxels
+    for c, axis in enumerate(_canonical_source_axes(ornt)):
+        column = affine[:3, axis]
+        affine[:3, axis] = column / np.linalg.norm(column) * assume[c]
+    return affine, True
+
+
+def _raw_pixdim(img: nib.Nifti1Image, path: Path) -> tuple[float, float, float]:
+    """pixdim[1:4] as stored in the file: nibabel's loaded header has zeros replaced by 1."""
+    size = type(img.header).template_dtype.itemsize
+    opener = gzip.open if path.name.lower().endswith(_GZIP_SUFFIXES) else open
+    with opener(path, "rb") as f:
+        block = f.read(size)
+    raw = type(img.header)(binaryblock=block, endianness=img.header.endianness, check=False)
+    return tuple(float(p) for p in raw["pixdim"][1:4])
 
 
 def write_nifti(

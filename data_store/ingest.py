@@ -2,15 +2,23 @@
 
 `tsesnet ingest SRC STORE [--layout L] [--workers N] [--folds K]`.
 
+One writer at a time: the run holds the store's lock (`data_store.lock.StoreLock`) from
+before it creates or cleans anything until after the index is written. A second ingest waits
+up to ``--wait`` seconds, then fails naming the holder; the lock of a holder on this host that
+no longer runs (killed) is taken over, and the run says so.
+
 Each task checksums the case's source files, skips the case when the store already holds it
-with the same checksums (by role: phase0, phase1, ..., image4d, mask), else validates and loads
-it (`data_store.loading.load_case`) and writes it under a temporary name that is renamed into
-place when complete (`data_store.store.write_case`). A bad case is one line
+intact (the cheap integrity check) with the same checksums (by role: phase0, phase1, ...,
+image4d, mask), else validates and loads it (`data_store.loading.load_case`) and writes it under
+a temporary name, reads it back, records it and renames it into place
+(`data_store.store.write_case`). A stored case that is damaged (a missing or truncated chunk, a
+missing array) is written again from its sources: a rerun repairs it. A bad case is one line
 ``case X: FILE: problem``; it is skipped, the other cases are stored, and the exit status is 1.
 At the end the root index (case list, folds, fingerprint) is rebuilt from the complete case
 groups on disk and written in one update, so cases stored by earlier runs (or by a run that
-crashed before its index update) are never lost. Leftover temporary groups of a crashed run are
-removed first. One ingest at a time per store.
+crashed before its index update) are never lost. Leftover temporary entries of a crashed run
+(on this host) are removed first; those of a writer that still runs, or of another host, are
+left and listed.
 
 Ray: an initialised session or ``RAY_ADDRESS`` is used as is; otherwise a local Ray starts with
 its dashboard bound to 127.0.0.1 and stops at the end. On a cluster the store must be on
@@ -29,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 from data_store.errors import InputError
 
 if TYPE_CHECKING:  # annotations only; the modules are imported where they are used
+    from data_store.geometry import ReadOptions
     from data_store.layouts import CaseSource
-    from data_store.store import StoreLocation
+    from data_store.location import StoreLocation
 
 __all__ = ["IngestReport", "cli", "ingest"]
 
@@ -44,7 +53,10 @@ class IngestReport:
         stored: case IDs written (new or with changed sources).
         skipped: case IDs already stored with the same source checksums.
         rejected: one line per bad case, ``case X: FILE: problem``.
-        cleaned: leftover temporary entries removed before the run.
+        cleaned: leftover temporary entries removed (or restored) before the run.
+        kept: temporary entries of other writers left alone, one line each saying why.
+        repaired: stored cases that were damaged and were written again (also in `stored`).
+        took_over: the stale lock holder this run took over from (`LockHolder.describe`).
         n_cases: cases in the store after the run.
         fingerprint: the store's fingerprint after the run.
     """
@@ -54,6 +66,9 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    took_over: str | None = None
     n_cases: int = 0
     fingerprint: str = ""
 
@@ -62,7 +77,9 @@ class IngestReport:
         return not self.rejected
 
 
-def _ingest_one(source: Any, store_url: str, stored_checksums: list | None) -> tuple[str, Any]:
+def _ingest_one(
+    source: Any, store_url: str, stored_checksums: list | None, options: ReadOptions
+) -> tuple[str, Any]:
     """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line)."""
     from data_store.loading import file_sha256, load_case
     from data_store.store import source_roles, write_case
@@ -75,7 +92,7 @@ def _ingest_one(source: Any, store_url: str, stored_checksums: list | None) -> t
                 current = None  # unreadable: let load_case name the problem
             if current == stored_checksums:
                 return "skipped", source.case_id
-        loaded = load_case(source)
+        loaded = load_case(source, options)
         write_case(store_url, loaded)
         return "stored", source.case_id
     except InputError as err:
@@ -115,6 +132,8 @@ def ingest(
     folds: int = 5,
     *,
     progress: bool = True,
+    wait: float = 60.0,
+    options: ReadOptions | None = None,
 ) -> IngestReport:
     """Validates a NIfTI cohort and stores its good cases as Zarr (see the module docstring).
 
@@ -125,35 +144,42 @@ def ingest(
         workers: the most cases processed at once (default: the cluster's CPUs).
         folds: number of patient-level folds (>= 2).
         progress: show a tqdm progress bar on stderr.
+        wait: seconds to wait for another writer's lock on the store.
+        options: what source files may be (size limit, assumed spacing).
 
     Returns:
         An `IngestReport`; `report.rejected` lists the bad cases.
 
     Raises:
-        InputError: bad arguments, an empty source, an unknown layout, duplicate case IDs, or a
-            store path that holds something else.
+        InputError: bad arguments, an empty source, an unknown layout, duplicate case IDs, a
+            store path that holds something else, or a store another writer holds longer
+            than `wait`.
     """
-    from data_store.store import clean_leftovers
+    from data_store.lock import StoreLock
+    from data_store.store import clean_leftovers, init_store
 
     if folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     sources = _discover(src, layout)
-    location = _prepare_store(store)
-    report = IngestReport(store=location.url, cleaned=clean_leftovers(location))
-    existing = _stored_checksums(location)
-    ray, own = _connect_ray(workers)
-    try:
-        limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        plan = _Plan(sources, location, existing, folds, limit, progress)
-        _run_tasks(ray, plan, report)
-    finally:
-        if own:
-            ray.shutdown()
-    report.stored.sort()
-    report.skipped.sort()
-    report.rejected.sort()
+    location = _target(store)
+    with StoreLock(location, wait=wait) as lock:
+        init_store(location)
+        leftovers = clean_leftovers(location)
+        report = IngestReport(store=location.url, cleaned=leftovers.cleaned, kept=leftovers.kept)
+        report.took_over = lock.took_over.describe() if lock.took_over else None
+        existing, damaged = _stored_cases(location)
+        ray, own = _connect_ray(workers)
+        try:
+            limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+            plan = _Plan(sources, location, existing, folds, limit, progress, options, damaged)
+            _run_tasks(ray, plan, report)
+        finally:
+            if own:
+                ray.shutdown()
+    for names in (report.stored, report.skipped, report.rejected, report.repaired):
+        names.sort()
     return report
 
 
@@ -168,6 +194,8 @@ class _Plan:
         folds: number of folds of the index written at the end.
         limit: the most tasks running at once.
         progress: show a tqdm progress bar on stderr.
+        options: how source files are read (`ReadOptions`).
+        damaged: case ID -> why a stored case must be written again.
     """
 
     sources: list[CaseSource]
@@ -176,6 +204,8 @@ class _Plan:
     folds: int
     limit: int
     progress: bool
+    options: ReadOptions | None
+    damaged: dict[str, str]
 
     @property
     def target(self) -> str:
@@ -194,25 +224,33 @@ def _discover(src: str | os.PathLike, layout: str) -> list[CaseSource]:
     return sources
 
 
-def _prepare_store(store: str | os.PathLike) -> StoreLocation:
-    """The store's `StoreLocation`, its root group created if missing."""
-    from data_store.store import StoreLocation, init_store
+def _target(store: str | os.PathLike) -> StoreLocation:
+    """The store's `StoreLocation`, its folder made if missing; refuses a folder that holds
+    something else before a lock file is put in it."""
+    from data_store.index import check_target
+    from data_store.location import StoreLocation
 
     location = StoreLocation.parse(store)
     if location.local:
         os.makedirs(location.root, exist_ok=True)
-    init_store(location)
+    check_target(location)
     return location
 
 
-def _stored_checksums(location: StoreLocation) -> dict[str, list]:
-    """Case ID -> [[role, sha256], ...] of every complete case already in the store."""
+def _stored_cases(location: StoreLocation) -> tuple[dict[str, list], dict[str, str]]:
+    """(case ID -> [[role, sha256], ...] of every intact stored case, case ID -> the first
+    problem of every damaged one): a damaged case is never skipped as unchanged."""
+    from data_store.integrity import check_stored
     from data_store.store import scan_cases
 
-    return {
-        cid: [[s["role"], s["sha256"]] for s in attrs["sources"]]
-        for cid, attrs in scan_cases(location).items()
-    }
+    intact, damaged = {}, {}
+    for cid, attrs in scan_cases(location).items():
+        problems = check_stored(location, cid, attrs)
+        if problems:
+            damaged[cid] = str(problems[0])
+        else:
+            intact[cid] = [[s["role"], s["sha256"]] for s in attrs["sources"]]
+    return intact, damaged
 
 
 def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
@@ -233,10 +271,13 @@ def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
         while queue or pending:
             while queue and len(pending) < plan.limit:
                 s = queue.pop(0)
-                pending[task.remote(s, plan.target, plan.existing.get(s.case_id))] = s
+                stored = plan.existing.get(s.case_id)
+                pending[task.remote(s, plan.target, stored, plan.options)] = s
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             source = pending.pop(ref)
             status, what = _outcome(ray, ref, source)
+            if status == "stored" and what in plan.damaged:
+                report.repaired.append(what)
             _tally(report, bar, status, what)
     finally:
         bar.close()
@@ -278,20 +319,33 @@ def cli(args: argparse.Namespace) -> int:
     """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
     any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
     """
+    from data_store.geometry import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
+
+    max_gib = getattr(args, "max_image_gib", None)
+    options = ReadOptions(
+        max_image_bytes=int(max_gib * 2**30) if max_gib else DEFAULT_MAX_IMAGE_BYTES,
+        assume_spacing=getattr(args, "assume_spacing", None),
+    )
     report = ingest(
         args.src,
         args.store,
         layout=args.layout,
         workers=args.workers,
         folds=getattr(args, "folds", 5),
+        wait=getattr(args, "wait", 60.0),
+        options=options,
     )
     print(
         f"{report.store}: stored {len(report.stored)}, unchanged {len(report.skipped)}, "
         f"rejected {len(report.rejected)}; {report.n_cases} cases in the store, "
         f"fingerprint {report.fingerprint}"
     )
+    if report.repaired:
+        print(f"repaired {len(report.repaired)} damaged case(s): {', '.join(report.repaired)}")
     if report.cleaned:
         print(f"removed {len(report.cleaned)} leftover temporary entries of an interrupted run")
+    for line in report.kept:
+        print(f"left alone: {line}", file=sys.stderr)
     if report.rejected:
         print(f"{len(report.rejected)} case(s) rejected:", file=sys.stderr)
         for line in report.rejected:

@@ -10,7 +10,9 @@ everywhere, and hidden files (``.*``) are ignored:
   the expected number of phases; a list ``acquisition_times_s`` or ``acquisition_times``, one
   number per channel, as `data_store.synth` writes, gives every case's times in s).
 - ``mamamia`` (MAMA-MIA): ``images/CASE/CASE_000t.nii.gz``, masks
-  ``segmentations/expert/CASE.nii.gz``, optional ``patient_info_files/CASE.json``. File names
+  ``segmentations/expert/CASE.nii.gz``, optional ``patient_info_files/CASE.json`` and
+  ``train_test_splits.csv`` (the release's split: IDs in its ``test_split`` column are test
+  cases, in ``train_split`` training cases; sets `CaseSource.subset`). File names
   match the folder name case-insensitively (the public release has ``DUKE_001/duke_001_0000``).
   Site = the dataset prefix of the ID (``DUKE_001`` -> ``DUKE``). Acquisition times (s) are taken
   from the first key named ``acquisition_times`` (a list of numbers, one per phase file) found
@@ -24,8 +26,14 @@ everywhere, and hidden files (``.*``) are ignored:
   SRC may also be a single 4D file.
 
 Missing phases (BTS ``P2..P5``, a gap in nnU-Net channels) are recorded in
-`CaseSource.phase_present`, indexed by nominal phase over the cohort's largest phase index, and
-simply not loaded; `CaseSource.phase_files` lists only the files present, in phase order.
+`CaseSource.phase_present`, indexed by nominal phase, and simply not loaded;
+`CaseSource.phase_files` lists only the files present, in phase order. The nominal phases of a
+cohort are 0..N-1: N is the number of channels ``dataset.json`` declares (nnU-Net), 6 for BTS
+(P0..P5), else the phase count of the longest case numbered 0..k without a gap. A case with a
+phase file beyond N (a stray ``GAP_0999.nii.gz``, ``P7``) is rejected naming that file, and
+does not change any other case's phases. A file or folder with a NIfTI name that is not a
+regular file (a directory, a broken link, a link loop) is kept in its case, so that loading
+rejects the case naming it rather than storing it with a phase silently missing.
 
 Problems that concern the whole source (unknown layout, no cases, duplicate case IDs, a broken
 ``dataset.json``) raise `InputError` here. Problems of one case (no pre-contrast file, two files
@@ -37,6 +45,7 @@ collide on a case-insensitive file system).
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections import defaultdict
@@ -57,6 +66,8 @@ LAYOUTS: dict[str, str] = {
 MASK_SUFFIXES = ("_mask", "_seg")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<t>\d{4})$")
 _BTS_PHASE = re.compile(r"^[Pp](?P<t>\d+)$")
+BTS_PHASES = 6  # P0 (pre-contrast) .. P5
+MAMAMIA_SPLITS = "train_test_splits.csv"
 
 
 @dataclass(frozen=True)
@@ -200,9 +211,11 @@ def _dirs(folder: Path) -> list[Path]:
 
 
 def _niftis(folder: Path) -> list[Path]:
+    """Entries with a NIfTI name: regular files, and anything else so named (a directory, a
+    broken link, a link loop), which `read_nifti` rejects naming it."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and nifti_stem(p) is not None)
+    return sorted(p for p in folder.iterdir() if nifti_stem(p) is not None)
 
 
 def _first_file(case: CaseSource) -> str:
@@ -232,12 +245,39 @@ def _pop_mask(masks: dict[str, list[Path]], case_id: str) -> tuple[Path | None, 
     return (found[0] if found else None), None
 
 
+@dataclass(frozen=True)
+class _PhaseRange:
+    """A cohort's nominal phases, 0..n-1 (see the module docstring).
+
+    Attributes:
+        n: the number of nominal phases.
+        why: where n comes from, for the message that rejects a phase beyond it.
+    """
+
+    n: int
+    why: str
+
+
+def _phase_range(
+    phase_maps: list[dict[int, list[Path]]], declared: int | None = None, why: str = ""
+) -> _PhaseRange:
+    """The declared count, else the longest case numbered 0..k without a gap (else, when no
+    case is, the largest index: nothing can be told apart)."""
+    if declared:
+        return _PhaseRange(declared, why)
+    gap_free = [max(p) + 1 for p in phase_maps if p and sorted(p) == list(range(max(p) + 1))]
+    if gap_free:
+        n = max(gap_free)
+        return _PhaseRange(n, f"the longest case numbered without a gap has {n}")
+    return _PhaseRange(max((max(p) + 1 for p in phase_maps if p), default=0), "")
+
+
 def _build(
     case_id: str,
     phases: dict[int, list[Path]],
     *,
     layout: str,
-    nominal: int,
+    nominal: _PhaseRange,
     mask: Path | None,
     folder: Path,
     expected0: str,
@@ -247,7 +287,7 @@ def _build(
     problem: tuple[str, Path] | None = None,
 ) -> CaseSource:
     """A CaseSource from a {phase index: files} map, recording the first per-case problem."""
-    present = sorted(phases)
+    present = sorted(t for t in phases if t < nominal.n)
     files = tuple(phases[t][0] for t in present)
     for t in present:
         if problem is None and len(phases[t]) > 1:
@@ -255,6 +295,13 @@ def _build(
             problem = (f"two files for phase {t}: {a.name} and {b.name}", a)
     if problem is None and 0 not in phases:
         problem = (f"no pre-contrast phase: {expected0} is missing", folder / expected0)
+    beyond = sorted(t for t in phases if t >= nominal.n)
+    if problem is None and beyond:
+        problem = (
+            f"phase {beyond[0]} is beyond the cohort's phases 0..{nominal.n - 1} ({nominal.why});"
+            " phase numbers run 0..k, with missing phases only in between",
+            phases[beyond[0]][0],
+        )
     if times is not None and len(times) != len(files):
         times = None
     return CaseSource(
@@ -264,9 +311,7 @@ def _build(
         layout=layout,
         site=site,
         times=times,
-        phase_present=tuple(
-            t in phases for t in range(max(nominal, present[-1] + 1 if present else 0))
-        ),
+        phase_present=tuple(t in phases for t in range(nominal.n)),
         subset=subset,
         problem=problem[0] if problem else None,
         problem_path=problem[1] if problem else None,
@@ -302,20 +347,7 @@ def _mask_case_id(path: Path) -> str:
 
 
 def _nnunet(src: Path) -> list[CaseSource]:
-    nominal = 0
-    cohort_times = None
-    meta = src / "dataset.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-        except (OSError, ValueError) as err:
-            raise InputError(f"unreadable dataset.json ({err})", path=str(meta)) from err
-        channels = (
-            info.get("channel_names") or info.get("modality") if isinstance(info, dict) else None
-        )
-        nominal = len(channels) if isinstance(channels, dict) else 0
-        if isinstance(info, dict):
-            cohort_times = _numbers(info.get("acquisition_times_s", info.get("acquisition_times")))
+    declared, cohort_times = _dataset_json(src / "dataset.json")
     found = []  # (subset, images folder, {case: {t: files}}, masks)
     cases: list[CaseSource] = []
     for images_name, labels_name, subset in (
@@ -340,8 +372,9 @@ def _nnunet(src: Path) -> list[CaseSource]:
                 )
                 continue
             by_case[m["case"]][int(m["t"])].append(p)
-            nominal = max(nominal, int(m["t"]) + 1)
         found.append((subset, folder, by_case, _masks_by_id(src / labels_name)))
+    maps = [phases for _, _, by_case, _ in found for phases in by_case.values()]
+    nominal = _phase_range(maps, declared, f"dataset.json declares {declared} channels")
     for subset, folder, by_case, masks in found:
         for case_id, phases in by_case.items():
             mask, problem = _pop_mask(masks, case_id)
@@ -361,6 +394,21 @@ def _nnunet(src: Path) -> list[CaseSource]:
             )
         cases.extend(_orphan_masks(masks, "nnunet", f"{folder.name}/{{case}}_0000.nii.gz"))
     return cases
+
+
+def _dataset_json(meta: Path) -> tuple[int | None, tuple[float, ...] | None]:
+    """(channels declared, acquisition times in s) from an nnU-Net ``dataset.json``, if any."""
+    if not meta.is_file():
+        return None, None
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"unreadable dataset.json ({err})", path=str(meta)) from err
+    if not isinstance(info, dict):
+        return None, None
+    channels = info.get("channel_names") or info.get("modality")
+    times = _numbers(info.get("acquisition_times_s", info.get("acquisition_times")))
+    return (len(channels) if isinstance(channels, dict) and channels else None), times
 
 
 def _numbers(value: Any) -> tuple[float, ...] | None:
@@ -410,8 +458,8 @@ def _mamamia(src: Path) -> list[CaseSource]:
     masks = _masks_by_id(src / "segmentations" / "expert")
     info_dir = src / "patient_info_files"
     infos = {p.name.lower(): p for p in info_dir.iterdir()} if info_dir.is_dir() else {}
+    train, test = _mamamia_splits(src / MAMAMIA_SPLITS)
     scanned = []  # (case folder, {t: files}, problem)
-    nominal = 0
     for case_dir in _dirs(images) if images.is_dir() else []:
         phases: dict[int, list[Path]] = defaultdict(list)
         problem = None
@@ -422,8 +470,8 @@ def _mamamia(src: Path) -> list[CaseSource]:
                 problem = problem or (f"unexpected file name (expected {expected})", p)
                 continue
             phases[int(m["t"])].append(p)
-            nominal = max(nominal, int(m["t"]) + 1)
         scanned.append((case_dir, phases, problem))
+    nominal = _phase_range([phases for _, phases, _ in scanned])
     cases = []
     for case_dir, phases, problem in scanned:
         case_id = case_dir.name
@@ -441,11 +489,38 @@ def _mamamia(src: Path) -> list[CaseSource]:
                 expected0=f"{case_id.lower()}_0000.nii.gz",
                 site=case_id.split("_")[0],
                 times=_mamamia_times(infos.get(f"{case_id.lower()}.json")),
+                subset=_subset(case_id.lower(), train, test),
                 problem=problem,
             )
         )
     cases.extend(_orphan_masks(masks, "mamamia", "images/{case}/{case}_0000.nii.gz"))
     return cases
+
+
+def _mamamia_splits(path: Path) -> tuple[set[str], set[str]]:
+    """(train IDs, test IDs), lower-cased, from MAMA-MIA's ``train_test_splits.csv``."""
+    if not path.is_file():
+        return set(), set()
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"unreadable {path.name} ({err})", path=str(path)) from err
+    columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else []) if c}
+    if "test_split" not in columns:
+        raise InputError(
+            f"{path.name} has no test_split column (columns: {', '.join(columns) or 'none'})",
+            path=str(path),
+        )
+
+    def ids(column: str | None) -> set[str]:
+        return {r[column].strip().lower() for r in rows if column and (r.get(column) or "").strip()}
+
+    return ids(columns.get("train_split")), ids(columns["test_split"])
+
+
+def _subset(key: str, train: set[str], test: set[str]) -> str | None:
+    return "test" if key in test else "train" if key in train else None
 
 
 def _read_list(path: Path) -> set[str]:
@@ -457,7 +532,6 @@ def _read_list(path: Path) -> set[str]:
 def _bts(src: Path) -> list[CaseSource]:
     train, test = _read_list(src / "train.txt"), _read_list(src / "test.txt")
     scanned = []  # (centre, case folder, {t: files}, problem)
-    nominal = 0
     for centre in _dirs(src):
         if centre.name.endswith("_gt"):
             continue
@@ -471,17 +545,17 @@ def _bts(src: Path) -> list[CaseSource]:
                     problem = problem or (f"unexpected file name ({expected})", p)
                     continue
                 phases[t].append(p)
-                nominal = max(nominal, t + 1)
             if phases or problem:  # other folders are not cases
                 scanned.append((centre, case_dir, phases, problem))
     masks = {c.name: _masks_by_id(src / f"{c.name}_gt") for c in {s[0] for s in scanned}}
+    nominal = _PhaseRange(BTS_PHASES, "BTS numbers its phases P0..P5")
     cases = []
     for centre, case_dir, phases, problem in scanned:
         case_id = case_dir.name
         mask, mask_problem = _pop_mask(masks[centre.name], case_id)
         if problem is None and mask_problem:
             problem = (mask_problem, mask)
-        subset = "train" if case_id in train else "test" if case_id in test else None
+        subset = _subset(case_id, train, test)
         cases.append(
             _build(
                 case_id,

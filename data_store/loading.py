@@ -7,8 +7,12 @@ Every problem raises `InputError(problem, case=ID, path=FILE)`, whose text is on
 
 - discovery problems recorded in `CaseSource.problem` (no pre-contrast file, two files for a
   phase, a mask without an image, an unexpected file name);
-- each file: exists, is readable, is NIfTI, data not truncated (read eagerly);
-- dimensionality: a phase file is 3D (multi-file layouts) or 4D with phases on axis 4 (nifti4d);
+- each file: exists and is a regular file (not a directory, a broken link or a link loop), is
+  readable, is NIfTI, has a supported voxel type, declares no more voxel data than it holds (or
+  than the size limit), has a spacing (or one is assumed), data not truncated (read eagerly):
+  see `data_store.geometry.read_nifti`;
+- dimensionality: a phase file is 3D (multi-file layouts) or 4D with phases on axis 4 (nifti4d,
+  and the single ``_0000`` file of an nnU-Net or MAMA-MIA case, which then holds every phase);
   trailing axes of length 1 beyond the third are dropped first; 2D images, including a 3D file
   with a spatial axis of length 1, and 5D images are rejected;
 - at least two phases (pre-contrast + one post-contrast);
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
-from data_store.geometry import Geometry, NiftiVolume, read_nifti
+from data_store.geometry import Geometry, NiftiVolume, ReadOptions, read_nifti
 from data_store.layouts import CaseSource
 
 __all__ = ["AFFINE_TOL_MM", "LoadedCase", "affine_mismatch_mm", "file_sha256", "load_case"]
@@ -54,6 +58,8 @@ class LoadedCase:
         mask: (Z, Y, X) uint8 in {0, 1}, or None for an unlabelled case.
         geometry: the phase-0 file's geometry.
         sha256: source file path (str) -> sha256 hex digest, for every file read.
+        source_4d: every phase came from one 4D file.
+        spacing_assumed: the spacing is `ReadOptions.assume_spacing`, not the files'.
     """
 
     source: CaseSource
@@ -61,6 +67,8 @@ class LoadedCase:
     mask: np.ndarray | None
     geometry: Geometry
     sha256: dict[str, str]
+    source_4d: bool = False
+    spacing_assumed: bool = False
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -91,27 +99,50 @@ def affine_mismatch_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> 
     return float(np.sqrt((diff[:3] ** 2).sum(axis=0)).max())
 
 
-def load_case(source: CaseSource) -> LoadedCase:
+def load_case(source: CaseSource, options: ReadOptions | None = None) -> LoadedCase:
     """Reads and validates one case, returning it in canonical (T, Z, Y, X) order.
+
+    Args:
+        source: the case's files.
+        options: size limit and assumed spacing for every file (default `ReadOptions()`).
 
     Raises:
         InputError: one line naming the case, the file and the problem (see module docstring).
     """
     _check_discovered(source)
-    sha: dict[str, str] = {}
+    reader = _Reader(source.case_id, options or ReadOptions())
     read = _read_4d if source.layout == "nifti4d" else _read_phase_files
-    phases = read(source, sha)
+    phases = read(source, reader)
     image = phases.geometry.to_canonical(phases.image)  # (T, Z, Y, X)
     mask = None
     if source.mask_file is not None:
-        mask = _load_mask(source.mask_file, phases.geometry, source.case_id, sha)
+        mask = _load_mask(source.mask_file, phases.geometry, reader)
+    times = source.times if source.times and len(source.times) == image.shape[0] else None
     return LoadedCase(
-        source=dataclasses.replace(source, phase_present=tuple(phases.present)),
+        source=dataclasses.replace(source, phase_present=tuple(phases.present), times=times),
         image=image,
         mask=mask,
         geometry=phases.geometry,
-        sha256=sha,
+        sha256=reader.sha,
+        source_4d=phases.source_4d,
+        spacing_assumed=reader.assumed,
     )
+
+
+@dataclass
+class _Reader:
+    """Reads one case's files: the options, and what was read (checksums, assumed spacing)."""
+
+    case_id: str
+    options: ReadOptions
+    sha: dict[str, str] = dataclasses.field(default_factory=dict)
+    assumed: bool = False
+
+    def read(self, path: Path) -> NiftiVolume:
+        vol = read_nifti(path, case=self.case_id, options=self.options)
+        self.sha[str(path)] = file_sha256(path)
+        self.assumed = self.assumed or vol.spacing_assumed
+        return vol
 
 
 @dataclass
@@ -122,11 +153,13 @@ class _Phases:
         image: (T, i, j, k) in file order.
         geometry: the phase-0 file's geometry.
         present: nominal phase presence (`CaseSource.phase_present`).
+        source_4d: all phases came from one 4D file.
     """
 
     image: np.ndarray
     geometry: Geometry
     present: tuple[bool, ...]
+    source_4d: bool = False
 
 
 def _check_discovered(source: CaseSource) -> None:
@@ -140,11 +173,11 @@ def _check_discovered(source: CaseSource) -> None:
         )
 
 
-def _read_4d(source: CaseSource, sha: dict[str, str]) -> _Phases:
+def _read_4d(source: CaseSource, reader: _Reader) -> _Phases:
     """The nifti4d layout: one file, phases on axis 4."""
     cid = source.case_id
     path = source.phase_files[0]
-    vol = _read(path, cid, sha)
+    vol = reader.read(path)
     data = _squeeze(vol.data, path, cid, _AXIS4)
     if data.ndim == 3:
         raise InputError(
@@ -155,24 +188,27 @@ def _read_4d(source: CaseSource, sha: dict[str, str]) -> _Phases:
         )
     if data.ndim != 4:
         raise InputError(_dim_problem(data.shape, _AXIS4), case=cid, path=str(path))
-    _check_spatial(data.shape[:3], data.shape, path, cid)  # T >= 2: length-1 axis 4 dropped
+    return _phases_on_axis4(vol, data, path, cid)
+
+
+def _phases_on_axis4(vol: NiftiVolume, data: np.ndarray, path: Path, cid: str) -> _Phases:
+    """A 4D file's (i, j, k, T) data, T >= 2 (a length-1 axis 4 was dropped), as its phases."""
+    _check_spatial(data.shape[:3], data.shape, path, cid)
     geometry = _geometry(vol, path, cid)
     _check_finite(data, path, cid)
     image = np.moveaxis(data, -1, 0)  # (i, j, k, T) -> (T, i, j, k)
-    return _Phases(image, geometry, (True,) * image.shape[0])
+    return _Phases(image, geometry, (True,) * image.shape[0], source_4d=True)
 
 
-def _read_phase_files(source: CaseSource, sha: dict[str, str]) -> _Phases:
-    """Multi-file layouts: one 3D file per phase, each on phase 0's grid."""
+def _read_phase_files(source: CaseSource, reader: _Reader) -> _Phases:
+    """Multi-file layouts: one 3D file per phase, each on phase 0's grid (or one 4D file)."""
     cid = source.case_id
     if len(source.phase_files) < 2:
-        raise InputError(
-            _too_few(len(source.phase_files)), case=cid, path=_s(source.phase_files[0])
-        )
+        return _read_single_file(source, reader)
     vols: list[np.ndarray] = []
     ref: NiftiVolume | None = None  # phase 0
     for t, path in enumerate(source.phase_files):
-        vol = _read(path, cid, sha)
+        vol = reader.read(path)
         data = _squeeze(vol.data, path, cid)
         if data.ndim != 3:
             extra = " (this layout has one 3D file per phase)" if data.ndim == 4 else ""
@@ -195,17 +231,25 @@ def _read_phase_files(source: CaseSource, sha: dict[str, str]) -> _Phases:
     return _Phases(image, geometry, source.phase_present or (True,) * image.shape[0])
 
 
+def _read_single_file(source: CaseSource, reader: _Reader) -> _Phases:
+    """A case with one phase file: a 4D file holding every phase (dcm2niix's dynamic series put
+    in nnU-Net or MAMA-MIA folders as ``CASE_0000``) is read as its phases; a 3D one is one
+    phase, too few."""
+    cid, path = source.case_id, source.phase_files[0]
+    vol = reader.read(path)
+    data = _squeeze(vol.data, path, cid)
+    if data.ndim == 4:
+        return _phases_on_axis4(vol, data, path, cid)
+    if data.ndim != 3:
+        raise InputError(_dim_problem(data.shape), case=cid, path=str(path))
+    raise InputError(_too_few(1), case=cid, path=str(path))
+
+
 # ---------------------------------------------------------------------------------- checks
 
 
 def _s(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def _read(path: Path, cid: str, sha: dict[str, str]) -> NiftiVolume:
-    vol = read_nifti(path, case=cid)
-    sha[str(path)] = file_sha256(path)
-    return vol
 
 
 def _geometry(vol: NiftiVolume, path: Path, cid: str) -> Geometry:
@@ -270,9 +314,10 @@ def _check_finite(data: np.ndarray, path: Path, cid: str) -> None:
         )
 
 
-def _load_mask(path: Path, geometry: Geometry, cid: str, sha: dict[str, str]) -> np.ndarray:
+def _load_mask(path: Path, geometry: Geometry, reader: _Reader) -> np.ndarray:
     """(Z, Y, X) uint8 mask, validated against the phase-0 geometry."""
-    vol = _read(path, cid, sha)
+    cid = reader.case_id
+    vol = reader.read(path)
     data = _squeeze(vol.data, path, cid)
     if data.shape != geometry.shape:
         raise InputError(

@@ -6,6 +6,8 @@ Layout (one Zarr v3 hierarchy; a local path or any fsspec URL, e.g. ``s3://bucke
 
     STORE/zarr.json          root group; attributes: schema_version, cases (the index: one
                              summary per case), n_folds, fold_rule, fingerprint
+                             (`data_store.index`)
+    STORE/.lock              while an ingest writes: who holds the store (`data_store.lock`)
     STORE/CASE/zarr.json     one group per case; attributes below
     STORE/CASE/image         (T, Z, Y, X) the scanner's dtype and values (lossless)
     STORE/CASE/mask          (Z, Y, X) uint8 in {0, 1}; absent for unlabelled cases
@@ -19,20 +21,24 @@ Case attributes: ``case_id``, ``schema_version``, ``spacing`` (mm, Z Y X), ``geo
 P0..P5), ``phase_index`` (nominal index of each stored phase), ``times`` (s, or null),
 ``percentiles`` (0.1 %/99.9 % over all phases), ``intensity_min``/``intensity_max``,
 ``dtype``, ``sources`` (role, path, sha256 of every source file), ``site``, ``layout``,
-``labelled``, ``foreground_voxels``, ``foreground_bbox`` ([start, stop) per axis, or null)
-and ``complete`` (written last).
+``labelled``, ``foreground_voxels``, ``foreground_bbox`` ([start, stop) per axis, or null),
+``split`` ("train" or "test"; absent in stores written before it: "train"), ``source_4d``
+(true when all phases came from one 4D file), ``spacing_assumed`` (true when the spacing came
+from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written,
+`data_store.integrity`; absent in stores written before it) and ``complete`` (written last).
 
-Writing a case is crash-safe: it is written under ``.tmp-CASE-<uuid>`` and renamed to ``CASE``
-when complete (an atomic ``rename`` on a local store; on object stores, where there is no
-rename, the root index is what makes a case visible, and it lists only complete cases).
-Replacing a case whose sources changed moves the old group to ``.old-CASE-<uuid>`` first.
-Leftover ``.tmp-*``/``.old-*`` entries are removed by the next ingest (one writer at a time).
+Writing a case is crash-safe: it is written under ``.tmp-CASE@HOST.PID.UUID``, read back and
+compared with what was meant (its integrity record is made from that read), and renamed to
+``CASE`` (an atomic ``rename`` on a local store; on object stores, where there is no rename,
+the copy is checked against the record once in place, and the root index is what makes a case
+visible). Replacing a case whose sources changed moves the old group to
+``.old-CASE@HOST.PID.UUID`` first. `clean_leftovers` removes only entries of this process or of
+a process on this host that is gone, and renames an ``.old-`` entry back when its case is
+missing: a stored case is never lost.
 
-Folds: patient-level, patient = case ID (each supported layout has one case per patient; MAMA-MIA
-IDs are patient IDs). Labelled cases are ordered by sha256("tsesnet-folds-v1:" + ID) and dealt
-round-robin into k folds: deterministic, balanced to within one case, independent of ingestion
-order. Unlabelled cases (prediction inputs) have no fold. Folds are a function of the set of
-labelled IDs: adding cases can move others (the fingerprint changes with them).
+Reading: `open_store` checks the index (`data_store.index.load_index`), and the first read of a
+case in a process runs `Store.check_case` (the cheap integrity check), so a damaged case is one
+line naming the case and file, never zeros where a chunk was deleted or a codec traceback.
 
 Chunks and codec, measured (``python tests/benchmarks/measure_chunks.py``: the phantom of
 ``tests/benchmarks/bench_loader.py``, 6x100x320x320 int16, half air, tissue, per-phase
@@ -75,7 +81,8 @@ import asyncio
 import hashlib
 import json
 import os
-import uuid
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,31 +91,61 @@ import numpy as np
 
 from data_store.errors import InputError
 from data_store.geometry import Geometry
+from data_store.index import (
+    FOLD_RULE,
+    SCHEMA_VERSION,
+    SPLITS,
+    IndexEntry,
+    assign_folds,
+    case_summary,
+    init_store,
+    load_index,
+    scan_cases,
+    store_fingerprint,
+    write_index,
+)
+from data_store.integrity import (
+    ARRAYS,
+    CaseRecord,
+    Problem,
+    check_arrays,
+    check_deep,
+    check_files,
+    check_unrecorded,
+    record_case,
+)
+from data_store.location import (
+    Owner,
+    StoreLocation,
+    check_case_id,
+    parse_entry,
+    temp_name,
+)
 
 __all__ = [
+    "FOLD_RULE",
     "SCHEMA_VERSION",
     "Case",
+    "Leftovers",
     "Store",
     "StoreLocation",
     "assign_folds",
+    "case_summary",
+    "check_case_id",
+    "clean_leftovers",
     "cli_export",
     "cli_info",
+    "init_store",
     "open_store",
+    "scan_cases",
     "store_fingerprint",
     "write_case",
+    "write_index",
 ]
 
-SCHEMA_VERSION = 1
 IMAGE_CHUNK_ZYX = (24, 64, 64)  # spatial chunk; the phase axis is never split (see docstring)
 FOREGROUND_SAMPLES = 10_000
-FOLD_SALT = "tsesnet-folds-v1:"
-FOLD_RULE = (
-    "patient-level (patient = case ID): labelled IDs sorted by sha256('tsesnet-folds-v1:' + ID),"
-    " dealt round-robin into n_folds; unlabelled cases have no fold"
-)
 CANONICAL = "nibabel closest RAS+ (flips/permutations only), transposed to (Z=S, Y=A, X=R)"
-TMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
 
 
 def _codecs():
@@ -117,112 +154,7 @@ def _codecs():
     return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)]
 
 
-# --------------------------------------------------------------------------- location
-
-
-@dataclass(frozen=True)
-class StoreLocation:
-    """Where a store lives: a local directory or an fsspec URL.
-
-    Attributes:
-        url: what the user gave (a path or URL).
-        local: True for a local directory (``file://`` URLs included): atomic renames.
-        root: the root path on the filesystem (`fs` path for remote stores).
-    """
-
-    url: str
-    local: bool
-    root: str
-
-    @classmethod
-    def parse(cls, path: str | os.PathLike) -> StoreLocation:
-        text = os.fspath(path)
-        if text.startswith("file://"):
-            return cls(text, True, os.path.abspath(text[len("file://") :]))
-        if "://" in text:
-            import fsspec
-
-            _, root = fsspec.core.url_to_fs(text)
-            return cls(text, False, root.rstrip("/"))
-        return cls(text, True, os.path.abspath(text))
-
-    @property
-    def fs(self):
-        """The fsspec filesystem (remote stores only; local ones use `os`)."""
-        import fsspec
-
-        return fsspec.core.url_to_fs(self.url)[0]
-
-    def zarr_target(self, name: str | None = None):
-        """What to pass to ``zarr.open_group`` for the root or a child entry ``name``."""
-        if self.local:
-            from zarr.storage import LocalStore
-
-            return LocalStore(os.path.join(self.root, name) if name else self.root)
-        return self.url.rstrip("/") + (f"/{name}" if name else "")
-
-    def entries(self) -> list[str]:
-        """Names of the root's direct children (files and folders)."""
-        if self.local:
-            return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
-        fs = self.fs
-        if not fs.exists(self.root):
-            return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.root, detail=False))
-
-    def exists(self, name: str) -> bool:
-        if self.local:
-            return os.path.exists(os.path.join(self.root, name))
-        return self.fs.exists(f"{self.root}/{name}")
-
-    def rename(self, src: str, dst: str) -> None:
-        """Renames a child entry (atomic on a local store)."""
-        if self.local:
-            os.rename(os.path.join(self.root, src), os.path.join(self.root, dst))
-        else:
-            self.fs.mv(f"{self.root}/{src}", f"{self.root}/{dst}", recursive=True)
-
-    def remove(self, name: str) -> None:
-        """Removes a child entry and everything under it; missing is fine."""
-        if self.local:
-            import shutil
-
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-        else:
-            fs = self.fs
-            if fs.exists(f"{self.root}/{name}"):
-                fs.rm(f"{self.root}/{name}", recursive=True)
-
-
-def check_case_id(case_id: str) -> None:
-    """A case ID must be usable as one Zarr node name."""
-    if (
-        not case_id
-        or "/" in case_id
-        or "\\" in case_id
-        or case_id.startswith((".", "__"))
-        or case_id == "zarr.json"
-    ):
-        raise InputError(
-            "case ID is not a valid store name (no '/', not starting with '.' or '__')",
-            case=case_id,
-        )
-
-
 # --------------------------------------------------------------------------- writing
-
-
-def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The root index's entry for a case, from its group attributes."""
-    return {
-        "phases": int(attrs["phases"]),
-        "shape": list(attrs["shape"]),
-        "spacing": list(attrs["spacing"]),
-        "labelled": bool(attrs["labelled"]),
-        "site": attrs.get("site"),
-        "dtype": attrs["dtype"],
-        "checksums": [[s["role"], s["sha256"]] for s in attrs["sources"]],
-    }
 
 
 def phase_presence(src: Any, t: int) -> tuple[list[bool], list[int]]:
@@ -249,7 +181,10 @@ def source_roles(src: Any, t: int | None = None) -> list[tuple[str, str]]:
 
 
 def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
-    """Writes one validated case under a temporary name, then renames it into place.
+    """Writes one validated case under a temporary name, verifies it, renames it into place.
+
+    The arrays are read back from the store and compared with what was meant before the case
+    is marked complete; its integrity record is made from that read (`record_case`).
 
     Args:
         location: the store (it must exist: `init_store`).
@@ -257,33 +192,51 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
 
     Returns:
         The case's root-index summary (`case_summary`).
+
+    Raises:
+        InputError: the copy read back or renamed into place is not what was written.
     """
     import zarr
 
     if not isinstance(location, StoreLocation):
         location = StoreLocation.parse(location)
-    case_id = loaded.source.case_id
-    check_case_id(case_id)
+    case_id = check_case_id(loaded.source.case_id)
     image = np.ascontiguousarray(loaded.image)  # (T, Z, Y, X)
     t, z, y, x = image.shape
     chunks = (t, *(min(c, s) for c, s in zip(IMAGE_CHUNK_ZYX, (z, y, x), strict=True)))
-    tmp = f"{TMP_PREFIX}{case_id}-{uuid.uuid4().hex[:12]}"
+    tmp = temp_name("tmp", case_id)
     group = zarr.open_group(location.zarr_target(tmp), mode="w", zarr_format=3)
     try:
         group.create_array(
             "image", data=image, chunks=chunks, compressors=_codecs(), dimension_names="TZYX"
         )
         foreground = _Foreground()
+        expected = {"image": image}
         if loaded.mask is not None:
             foreground = _write_mask(group, loaded.mask, chunks[1:], case_id)
+            expected.update(mask=foreground.mask, foreground=foreground.sample)
         attrs = _case_attrs(loaded, image, foreground)
+        record = record_case(location, tmp, case_id, expected)
+        attrs["integrity"] = record.to_attrs()
         group.update_attributes(attrs)
         group.update_attributes({"complete": True})  # last: a group without it is not a case
         _rename_into_place(location, tmp, case_id)
     except BaseException:
         location.remove(tmp)
         raise
+    _check_in_place(location, case_id, record)
     return case_summary({**attrs, "complete": True})
+
+
+def _check_in_place(location: StoreLocation, case_id: str, record: CaseRecord) -> None:
+    """The renamed case's files must be the recorded ones (an object store's rename is a copy);
+    a case that is not is removed, not left half there."""
+    problems = check_files(location, case_id, record)
+    if problems:
+        location.remove(case_id)
+        first = problems[0]
+        text = f"copy into place incomplete: {first.problem}"
+        raise InputError(text, case=case_id, path=first.path)
 
 
 @dataclass(frozen=True)
@@ -293,10 +246,14 @@ class _Foreground:
     Attributes:
         voxels: number of mask voxels (0 for an unlabelled case).
         bbox: [start, stop) per axis (Z, Y, X) of the mask voxels, or None when there are none.
+        mask: (Z, Y, X) uint8, the mask written (None for an unlabelled case).
+        sample: (N, 3) int32, the ``foreground`` array written.
     """
 
     voxels: int = 0
     bbox: list[list[int]] | None = None
+    mask: np.ndarray | None = field(default=None, repr=False)
+    sample: np.ndarray | None = field(default=None, repr=False)
 
 
 def _write_mask(
@@ -317,8 +274,9 @@ def _write_mask(
         seed = int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16)
         keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
         coords = coords[np.sort(keep)]
-    group.create_array("foreground", data=coords.reshape(-1, 3), chunks=(max(1, len(coords)), 3))
-    return _Foreground(voxels=fg_count, bbox=bbox)
+    sample = np.ascontiguousarray(coords.reshape(-1, 3))
+    group.create_array("foreground", data=sample, chunks=(max(1, len(coords)), 3))
+    return _Foreground(voxels=fg_count, bbox=bbox, mask=mask, sample=sample)
 
 
 def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict[str, Any]:
@@ -354,6 +312,9 @@ def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict
         "labelled": loaded.mask is not None,
         "foreground_voxels": foreground.voxels,
         "foreground_bbox": foreground.bbox,
+        "split": "test" if src.subset == "test" else "train",
+        **({"source_4d": True} if getattr(loaded, "source_4d", False) else {}),
+        **({"spacing_assumed": True} if getattr(loaded, "spacing_assumed", False) else {}),
     }
 
 
@@ -361,7 +322,7 @@ def _rename_into_place(location: StoreLocation, tmp: str, case_id: str) -> None:
     """Renames the complete ``tmp`` group to ``case_id``, moving an older copy aside first."""
     old = None
     if location.exists(case_id):
-        old = f"{OLD_PREFIX}{case_id}-{uuid.uuid4().hex[:12]}"
+        old = temp_name("old", case_id)
         location.rename(case_id, old)
     location.rename(tmp, case_id)
     if old:
@@ -374,120 +335,62 @@ def _sha(source: dict) -> str:
     return file_sha256(source["path"])
 
 
-def init_store(location: StoreLocation) -> None:
-    """Creates the root group if missing; refuses a folder that holds something else."""
-    import zarr
+@dataclass
+class Leftovers:
+    """What `clean_leftovers` found.
 
-    entries = location.entries()
-    if entries and "zarr.json" not in entries:
-        raise InputError(
-            "not a tsesnet store (a non-empty folder without zarr.json); choose a new path",
-            path=location.url,
-        )
-    if not entries:
-        root = zarr.open_group(location.zarr_target(), mode="w", zarr_format=3)
-        root.update_attributes({"schema_version": SCHEMA_VERSION, "cases": {}, "n_folds": 0})
-        return
-    _root_attrs(location)  # validates it is a store
+    Attributes:
+        removed: temporary entries removed (their writer is gone).
+        restored: ``.old-`` entries renamed back to their missing case.
+        kept: one line per entry left alone, saying why (its writer may still be running).
+    """
+
+    removed: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    @property
+    def cleaned(self) -> list[str]:
+        """The entries removed or restored, sorted."""
+        return sorted(self.removed + self.restored)
 
 
-def clean_leftovers(location: StoreLocation) -> list[str]:
-    """Removes ``.tmp-*`` and ``.old-*`` entries a crashed ingest left; returns their names.
+def clean_leftovers(location: StoreLocation) -> Leftovers:
+    """Removes ``.tmp-*``/``.old-*`` entries whose writer is gone (this process, or a process on
+    this host that no longer runs); entries named before owners were recorded count as gone.
 
     An ``.old-CASE-*`` whose ``CASE`` is missing (a crash between the two renames of a
-    replacement) is renamed back instead: a stored case is never lost.
+    replacement) is renamed back instead: a stored case is never lost. Entries of a running
+    process or of another host are kept and listed in `Leftovers.kept`.
     """
-    gone = [e for e in location.entries() if e.startswith((TMP_PREFIX, OLD_PREFIX))]
-    for name in gone:
-        case_id = name[len(OLD_PREFIX) :].rsplit("-", 1)[0]
-        if name.startswith(OLD_PREFIX) and not location.exists(case_id):
-            location.rename(name, case_id)
+    me, found = Owner.me(), Leftovers()
+    for name in location.entries():
+        entry = parse_entry(name)
+        if entry is None:
+            continue
+        if entry.owner is not None and entry.owner != me:
+            running = entry.owner.running()
+            if running is None:
+                found.kept.append(
+                    f"{name}: made by {entry.owner}, another host (remove it by hand once no "
+                    "ingest runs there)"
+                )
+            elif running:
+                found.kept.append(f"{name}: in use by {entry.owner}")
+            if running is not False:
+                continue
+        restore = entry.kind == "old" and not location.exists(entry.case_id)
+        try:
+            check_case_id(entry.case_id)
+        except InputError:
+            restore = False  # not a name a case can have: nothing to restore
+        if restore:
+            location.rename(name, entry.case_id)
+            found.restored.append(name)
         else:
             location.remove(name)
-    return gone
-
-
-def scan_cases(location: StoreLocation) -> dict[str, dict[str, Any]]:
-    """Reads every complete case group's attributes (the source of truth for the index)."""
-    import zarr
-
-    found = {}
-    for name in location.entries():
-        if name.startswith((".", "__")) or name == "zarr.json":
-            continue
-        try:
-            attrs = dict(zarr.open_group(location.zarr_target(name), mode="r").attrs)
-        except Exception:
-            continue  # not a group (stray file): not a case
-        if attrs.get("complete") and attrs.get("case_id") == name:
-            found[name] = attrs
+            found.removed.append(name)
     return found
-
-
-def assign_folds(labelled_ids: list[str], n_folds: int) -> dict[str, int]:
-    """Deterministic, balanced patient-level folds (see the module docstring)."""
-    order = sorted(
-        labelled_ids, key=lambda c: (hashlib.sha256((FOLD_SALT + c).encode()).hexdigest(), c)
-    )
-    return {case_id: i % n_folds for i, case_id in enumerate(order)}
-
-
-def store_fingerprint(index: dict[str, dict[str, Any]]) -> str:
-    """A stable hash of the case IDs and their source checksums (order-independent)."""
-    h = hashlib.sha256(f"tsesnet-store-v{SCHEMA_VERSION}".encode())
-    for case_id in sorted(index):
-        h.update(json.dumps([case_id, index[case_id]["checksums"]]).encode())
-    return h.hexdigest()[:16]
-
-
-def write_index(location: StoreLocation, n_folds: int) -> dict[str, Any]:
-    """Rebuilds the root index from the case groups present and writes it in one update.
-
-    The index is derived from the complete case groups on disk, so a run that crashed before
-    updating it loses nothing: the next run's index lists every case that was renamed in.
-    """
-    import zarr
-
-    cases = {cid: case_summary(a) for cid, a in scan_cases(location).items()}
-    folds = assign_folds([c for c, s in cases.items() if s["labelled"]], n_folds)
-    for cid, s in cases.items():
-        s["fold"] = folds.get(cid)
-    attrs = {
-        "schema_version": SCHEMA_VERSION,
-        "cases": cases,
-        "n_folds": n_folds,
-        "fold_rule": FOLD_RULE,
-        "fingerprint": store_fingerprint(cases),
-    }
-    # One zarr.json write: atomic on a local store (zarr >= 3.1.3), one PUT on object stores.
-    zarr.open_group(location.zarr_target(), mode="r+").attrs.put(attrs)
-    return attrs
-
-
-def _root_attrs(location: StoreLocation) -> dict[str, Any]:
-    import zarr
-
-    if not location.exists("zarr.json"):
-        raise InputError(
-            "not a tsesnet store (no zarr.json: missing or another kind of folder); "
-            "create one with `tsesnet ingest SRC STORE`",
-            path=location.url,
-        )
-    try:
-        attrs = dict(zarr.open_group(location.zarr_target(), mode="r").attrs)
-    except Exception as err:
-        raise InputError(
-            f"not a tsesnet store ({type(err).__name__}); create one with `tsesnet ingest`",
-            path=location.url,
-        ) from err
-    if "schema_version" not in attrs:
-        raise InputError("not a tsesnet store (no schema_version attribute)", path=location.url)
-    if attrs["schema_version"] != SCHEMA_VERSION:
-        raise InputError(
-            f"store schema version {attrs['schema_version']} is not {SCHEMA_VERSION}; re-ingest",
-            path=location.url,
-        )
-    return attrs
 
 
 # --------------------------------------------------------------------------- reading
@@ -519,95 +422,258 @@ class Case:
 class Store:
     """Read access to a store; picklable (zarr handles reopen lazily in each process).
 
+    Opening checks the index against every case's attributes (`load_index`); the first read of
+    a case in a process checks the case against its integrity record (`check_case`), so every
+    reader (export, training, prediction) refuses a damaged case with one line.
+
     Attributes:
         path: the store's path or URL.
         case_ids: sorted case IDs.
-        fingerprint: stable hash of case IDs and source checksums.
+        entries: case ID -> `IndexEntry` (phases, shape, split, fold, ...).
+        index: case ID -> the index entry as stored (JSON), as older callers read it.
+        fingerprint: stable hash of what is stored (`store_fingerprint`).
         n_folds: number of folds.
+        index_problems: with ``strict=False`` (`tsesnet store verify`), what is wrong with the
+            index per case instead of an error; `case_ids` then lists the cases whose group
+            could be read.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, strict: bool = True):
         self.location = StoreLocation.parse(path)
         self.path = self.location.url
-        attrs = _root_attrs(self.location)
-        self.index: dict[str, dict[str, Any]] = attrs.get("cases", {})
-        self.case_ids: list[str] = sorted(self.index)
-        self.fingerprint: str = attrs.get("fingerprint", store_fingerprint(self.index))
-        self.n_folds: int = int(attrs.get("n_folds", 0))
+        index = load_index(self.location, strict=strict)
+        self.index: dict[str, dict[str, Any]] = index.raw
+        self.index_problems: list[Problem] = index.problems  # empty unless strict=False
+        self.entries: dict[str, IndexEntry] = {c: index.entries[c] for c in index.attrs}
+        self.case_ids: list[str] = sorted(self.entries)
+        self.fingerprint: str = index.fingerprint
+        self.n_folds: int = index.n_folds
+        self._attrs = index.attrs
         self._groups: dict[str, Any] = {}
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._checked: set[str] = set()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_groups"], state["_arrays"] = {}, {}
+        state["_groups"], state["_arrays"], state["_checked"] = {}, {}, set()
         return state
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, {len(self.case_ids)} cases, {self.n_folds} folds)"
 
-    def _entry(self, case_id: str) -> dict[str, Any]:
+    def _entry(self, case_id: str) -> IndexEntry:
         try:
-            return self.index[case_id]
-        except KeyError:
+            return self.entries[case_id]
+        except (KeyError, TypeError):
             raise InputError(
                 f"no such case in store {self.path} (it has {len(self.case_ids)} cases)",
-                case=case_id,
+                case=str(case_id),
             ) from None
 
-    def group(self, case_id: str):
-        """The case's zarr group (opened once per process)."""
-        self._entry(case_id)
-        if case_id not in self._groups:
-            import zarr
+    # ------------------------------------------------------------------ integrity
 
-            self._groups[case_id] = zarr.open_group(self.location.zarr_target(case_id), mode="r")
+    def check_case(self, case_id: str) -> None:
+        """The cheap integrity check of a case, run once per case per process before its data
+        is read: arrays present, shapes/dtypes/chunks as recorded, every recorded chunk file
+        present with its recorded size, nothing unrecorded, no symbolic links.
+
+        Cost, measured on a 6x100x320x320 int16 case (250 chunk files): see the README's
+        Reliability section.
+
+        Raises:
+            InputError: one line naming the case, the file and the problem.
+        """
+        if case_id in self._checked:
+            return
+        problems = self.case_problems(case_id)
+        if problems:
+            first = problems[0]
+            more = f"; {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+            raise InputError(
+                f"{first.problem}{more} (`tsesnet store verify {self.path}` checks every case)",
+                case=case_id,
+                path=first.path,
+            )
+        self._checked.add(case_id)
+
+    def check_cases(self, case_ids: list[str]) -> None:
+        """`check_case` for every case of a list (a training run's, before its workers start),
+        so a damaged case stops the run at once, in one line, not in a worker mid-epoch.
+
+        Raises:
+            InputError: the first damaged case, with how many others are damaged.
+        """
+        damaged = [(c, p) for c in case_ids for p in self.case_problems(c)[:1]]
+        if damaged:
+            (cid, first), more = damaged[0], len(damaged) - 1
+            tail = f"; {more} more damaged case(s)" if more else ""
+            raise InputError(
+                f"{first.problem}{tail} (`tsesnet store verify {self.path}` lists them)",
+                case=cid,
+                path=first.path,
+            )
+        self._checked.update(case_ids)
+
+    def case_problems(self, case_id: str, *, deep: bool = False) -> list[Problem]:
+        """Everything the cheap check (and with ``deep``, the checksums) finds wrong with a case.
+
+        Nothing is opened through a folder whose files are not as recorded (or that holds a
+        symbolic link): the file listing comes first.
+        """
+        self._entry(case_id)
+        attrs = self._attrs[case_id]
+        record, problems = self._record(case_id, attrs)
+        if problems:
+            return problems
+        if record is None:
+            problems = self._link_problems(case_id)
+        else:
+            problems = check_files(self.location, case_id, record)
+        if problems:
+            return problems
+        arrays, problems = self._open_arrays(case_id)
+        if record is None:
+            return problems + check_unrecorded(self.location, case_id, attrs, arrays, decode=deep)
+        problems += check_arrays(self.location, case_id, record, attrs, arrays)
+        if deep and not problems:
+            problems += check_deep(self.location, case_id, record)
+        return problems
+
+    def has_record(self, case_id: str) -> bool:
+        """Whether the case was stored with an integrity record."""
+        self._entry(case_id)
+        return "integrity" in self._attrs[case_id]
+
+    def _record(self, case_id: str, attrs: dict) -> tuple[CaseRecord | None, list[Problem]]:
+        if "integrity" not in attrs:
+            return None, []
+        try:
+            return CaseRecord.from_attrs(attrs["integrity"]), []
+        except ValueError as err:
+            where = self.location.path(f"{case_id}/zarr.json")
+            return None, [Problem(case_id, where, f"integrity record malformed ({err})")]
+
+    def _link_problems(self, case_id: str) -> list[Problem]:
+        """Symbolic links in the array folders of a case without a record."""
+        problems = []
+        for name in ARRAYS:
+            _, links = self.location.list_files(f"{case_id}/{name}")
+            for link in links:
+                where = self.location.path(f"{case_id}/{name}/{link}".rstrip("/"))
+                problems.append(Problem(case_id, where, f"{name}: symbolic link in the store"))
+        return problems
+
+    def _open_arrays(self, case_id: str) -> tuple[dict[str, Any], list[Problem]]:
+        """Opens the case's group and arrays (metadata only) into this process's caches."""
+        import zarr
+
+        meta = self.location.path(f"{case_id}/zarr.json")
+        try:
+            group = self._groups.get(case_id) or zarr.open_group(
+                self.location.zarr_target(case_id), mode="r"
+            )
+        except Exception as err:  # a damaged zarr.json: one line, never a traceback
+            return {}, [Problem(case_id, meta, f"case group unreadable ({type(err).__name__})")]
+        self._groups[case_id] = group
+        arrays, problems = {}, []
+        for name in ARRAYS:
+            try:
+                arrays[name] = group.get(name, None)
+            except Exception as err:
+                arrays[name] = None
+                where = self.location.path(f"{case_id}/{name}/zarr.json")
+                problems.append(
+                    Problem(case_id, where, f"{name} metadata unreadable ({type(err).__name__})")
+                )
+            self._arrays[(case_id, name)] = arrays[name]
+        return arrays, problems
+
+    @contextmanager
+    def _decoding(self, case_id: str, name: str):
+        """Turns a codec error while reading chunks into one line naming the case and array."""
+        try:
+            yield
+        except InputError:
+            raise
+        except Exception as err:
+            raise InputError(
+                f"{name} chunks could not be decoded ({type(err).__name__}: {err}); "
+                f"`tsesnet store verify {self.path} --deep` checks every chunk",
+                case=case_id,
+                path=self.location.path(f"{case_id}/{name}"),
+            ) from err
+
+    # ------------------------------------------------------------------ the index
+
+    def group(self, case_id: str):
+        """The case's zarr group (opened, and checked, once per process)."""
+        self.check_case(case_id)
         return self._groups[case_id]
 
     def array(self, case_id: str, name: str):
         """The case's zarr array `name` ("image", "mask", "foreground"), or None if absent;
         opened once per process (opening reads metadata: a patch read should not)."""
-        key = (case_id, name)
-        if key not in self._arrays:
-            g = self.group(case_id)
-            self._arrays[key] = g.get(name, None)
-        return self._arrays[key]
+        self.check_case(case_id)
+        return self._arrays[(case_id, name)]
 
     def fold_of(self, case_id: str) -> int:
-        """The case's fold, or -1 for an unlabelled case (no fold)."""
-        fold = self._entry(case_id).get("fold")
+        """The case's fold, or -1 for an unlabelled or test case (no fold)."""
+        fold = self._entry(case_id).fold
         return -1 if fold is None else int(fold)
 
     def labelled(self, case_id: str) -> bool:
-        return bool(self._entry(case_id)["labelled"])
+        return self._entry(case_id).labelled
+
+    def split_of(self, case_id: str) -> str:
+        """ "train" or "test" (stores written before splits were recorded: "train")."""
+        return self._entry(case_id).split
+
+    def case_ids_in(self, split: str) -> list[str]:
+        """The sorted IDs of one split ("train" or "test"), labelled or not.
+
+        Raises:
+            InputError: an unknown split name.
+        """
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}: a store has the splits {', '.join(SPLITS)}")
+        return [c for c in self.case_ids if self.entries[c].split == split]
 
     def split(self, fold: int) -> tuple[list[str], list[str]]:
-        """(train IDs, validation IDs) for a fold, labelled cases only, sorted."""
+        """(train IDs, validation IDs) for a fold: labelled cases of the train split, sorted.
+
+        Test cases are never in either list.
+        """
         if not 0 <= fold < self.n_folds:
             raise InputError(f"fold {fold} out of range: the store has {self.n_folds} folds")
-        labelled = [c for c in self.case_ids if self.labelled(c)]
-        val = [c for c in labelled if self.fold_of(c) == fold]
-        return [c for c in labelled if self.fold_of(c) != fold], val
+        pool = [c for c in self.case_ids if self.fold_of(c) >= 0]
+        val = [c for c in pool if self.fold_of(c) == fold]
+        return [c for c in pool if self.fold_of(c) != fold], val
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
-        return dict(self.group(case_id).attrs)
+        """The case group's attributes (as read, and checked against the index, at open)."""
+        self._entry(case_id)
+        return dict(self._attrs[case_id])
 
     def shape(self, case_id: str) -> tuple[int, int, int, int]:
         """(T, Z, Y, X) from the index, without opening the case."""
         e = self._entry(case_id)
-        return (int(e["phases"]), *(int(s) for s in e["shape"]))
+        return (e.phases, *e.shape)
 
     def nbytes(self, case_id: str) -> int:
         """Decoded bytes of image + mask."""
         t, z, y, x = self.shape(case_id)
-        itemsize = np.dtype(self._entry(case_id)["dtype"]).itemsize
+        itemsize = np.dtype(self._entry(case_id).dtype).itemsize
         return t * z * y * x * itemsize + z * y * x
+
+    # ------------------------------------------------------------------ data
 
     def foreground(self, case_id: str) -> np.ndarray:
         """(N, 3) int32 (z, y, x) of up to 10,000 foreground voxels; (0, 3) if none/unlabelled."""
-        g = self.group(case_id)
-        if "foreground" not in g:
+        array = self.array(case_id, "foreground")
+        if array is None:
             return np.zeros((0, 3), np.int32)
-        return np.asarray(g["foreground"][...], dtype=np.int32).reshape(-1, 3)
+        with self._decoding(case_id, "foreground"):
+            return np.asarray(array[...], dtype=np.int32).reshape(-1, 3)
 
     def read_region(
         self, case_id: str, region: tuple[slice, slice, slice], *, mask: bool = True
@@ -619,7 +685,8 @@ class Store:
         image_array, mask_array = self.array(case_id, "image"), self.array(case_id, "mask")
         image_sel = (slice(None), *region)
         if not mask or mask_array is None:
-            return image_array[image_sel], None
+            with self._decoding(case_id, "image"):
+                return image_array[image_sel], None
         from zarr.core.sync import sync
 
         async def both():  # the two arrays' chunks decode together: ~1/3 less time measured
@@ -627,17 +694,22 @@ class Store:
                 image_array.async_array.getitem(image_sel), mask_array.async_array.getitem(region)
             )
 
-        image, mask_region = sync(both())
+        with self._decoding(case_id, "image and mask"):
+            image, mask_region = sync(both())
         return image, mask_region
 
     def read_case(self, case_id: str) -> Case:
         """Reads a whole case (image, mask, geometry) into memory."""
-        g = self.group(case_id)
-        attrs = dict(g.attrs)
+        image_array, mask_array = self.array(case_id, "image"), self.array(case_id, "mask")
+        attrs = self.case_attrs(case_id)
+        with self._decoding(case_id, "image"):
+            image = image_array[...]
+        with self._decoding(case_id, "mask"):
+            mask = mask_array[...] if mask_array is not None else None
         return Case(
             case_id=case_id,
-            image=g["image"][...],
-            mask=g["mask"][...] if "mask" in g else None,
+            image=image,
+            mask=mask,
             spacing=tuple(float(s) for s in attrs["spacing"]),
             geometry=Geometry.from_attrs(attrs["geometry"]),
             percentiles=tuple(float(p) for p in attrs["percentiles"]),
@@ -646,10 +718,11 @@ class Store:
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Opens a store for reading (a local path or an fsspec URL).
+    """Opens a store for reading (a local path or an fsspec URL), checking its index.
 
     Raises:
-        InputError: if the path is not a tsesnet store.
+        InputError: if the path is not a tsesnet store, or its index is damaged or forged (one
+            line naming the store, or the case and file).
     """
     return Store(path)
 
@@ -659,35 +732,37 @@ def open_store(path: str | os.PathLike) -> Store:
 
 def info_rows(store: Store) -> list[dict[str, Any]]:
     """The rows of `store info` (the JSON schema's ``cases`` list)."""
-    rows = []
-    for cid in store.case_ids:
-        e = store.index[cid]
-        rows.append(
-            {
-                "id": cid,
-                "phases": int(e["phases"]),
-                "shape": [int(s) for s in e["shape"]],
-                "spacing": [float(s) for s in e["spacing"]],
-                "labelled": bool(e["labelled"]),
-                "site": e.get("site"),
-                "fold": e.get("fold"),
-            }
-        )
-    return rows
+    return [
+        {
+            "id": cid,
+            "phases": e.phases,
+            "shape": list(e.shape),
+            "spacing": list(e.spacing),
+            "spacing_assumed": e.spacing_assumed,
+            "labelled": e.labelled,
+            "site": e.site,
+            "split": e.split,
+            "fold": e.fold,
+        }
+        for cid, e in ((c, store.entries[c]) for c in store.case_ids)
+    ]
 
 
 def info_table(store: Store) -> str:
     """The text `tsesnet store info` prints: one line per case, then the totals."""
     rows = info_rows(store)
-    header = ["id", "phases", "shape (Z,Y,X)", "spacing mm (Z,Y,X)", "labelled", "site", "fold"]
+    header = ["id", "phases", "shape (Z,Y,X)", "spacing mm (Z,Y,X)", "labelled", "site"]
+    header += ["split", "fold"]
     table = [
         [
             r["id"],
             str(r["phases"]),
             "x".join(map(str, r["shape"])),
-            "x".join(f"{s:.3g}" for s in r["spacing"]),
+            "x".join(f"{s:.3g}" for s in r["spacing"])
+            + (" (assumed)" if r["spacing_assumed"] else ""),
             "yes" if r["labelled"] else "no",
             r["site"] or "-",
+            r["split"],
             "-" if r["fold"] is None else str(r["fold"]),
         ]
         for r in rows
@@ -699,32 +774,51 @@ def info_table(store: Store) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     n_lab = sum(r["labelled"] for r in rows)
+    n_test = sum(r["split"] == "test" for r in rows)
     voxels = sum(r["phases"] * int(np.prod(r["shape"])) for r in rows)
     lines.append(
         f"{len(rows)} cases ({n_lab} labelled, {len(rows) - n_lab} unlabelled), "
+        f"{len(rows) - n_test} train, {n_test} test (never in a fold), "
         f"{voxels / 1e6:.1f} M voxels, {store.n_folds} folds, fingerprint {store.fingerprint}"
     )
     return "\n".join(lines)
 
 
 def cli_info(args: argparse.Namespace) -> int:
-    """`tsesnet store info STORE [--json]`: a table of cases and totals."""
+    """`tsesnet store info STORE [--json]`: a table of cases and totals; exit status 1 (and one
+    line per damaged case on stderr) when the cheap integrity check finds a damaged case."""
     store = open_store(args.store)
+    damaged = {}
+    for cid in store.case_ids:
+        problems = store.case_problems(cid)
+        if problems:
+            damaged[cid] = problems[0]
     if args.json:
         rows = info_rows(store)
+        for row in rows:
+            row["intact"] = row["id"] not in damaged
         doc = {"cases": rows, "n_folds": store.n_folds, "fingerprint": store.fingerprint}
         print(json.dumps(doc, indent=2))
     else:
         print(info_table(store))
-    return 0
+    for problem in damaged.values():
+        print(f"damaged: {problem}", file=sys.stderr)
+    if damaged:
+        print(
+            f"{len(damaged)} damaged case(s): `tsesnet store verify {store.path}` lists every "
+            "problem; rerun `tsesnet ingest` on their sources to repair them",
+            file=sys.stderr,
+        )
+    return 1 if damaged else 0
 
 
 def export_case(store: Store, case_id: str, out: str | os.PathLike) -> list[Path]:
     """Writes a case back as NIfTI on its original grid; returns the files written.
 
     Files: ``OUT/CASE_000t.nii.gz`` per stored phase, t its nominal index (``OUT/CASE.nii.gz``,
-    phases on the 4th axis, when the source was one 4D file) and ``OUT/CASE_mask.nii.gz`` for a
-    labelled case.
+    phases on the 4th axis, when the source was one 4D file: the nifti4d layout, or a 4D
+    ``_0000`` file of an nnU-Net or MAMA-MIA case) and ``OUT/CASE_mask.nii.gz`` for a labelled
+    case. A damaged case raises `InputError` before any file is written.
     Shape, affine, qform/sform codes and voxel values equal the source files' (voxel dtype is
     the stored one: the source's, native byte order).
     """
@@ -734,7 +828,7 @@ def export_case(store: Store, case_id: str, out: str | os.PathLike) -> list[Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if case.attrs.get("layout") == "nifti4d":
+    if case.attrs.get("layout") == "nifti4d" or case.attrs.get("source_4d"):
         path = out / f"{case_id}.nii.gz"
         write_nifti(path, case.image, case.geometry)  # (T, Z, Y, X) -> (i, j, k, T)
         written.append(path)

@@ -144,23 +144,25 @@ def write_nnunet(
     affine: str = "ras",
     dtype: str = "int16",
     dataset_json: bool = True,
+    labelled_test: bool = False,
     seed: int = 0,
 ) -> dict[str, WrittenCase]:
-    """nnU-Net raw: `n_cases` labelled in imagesTr/labelsTr, `test_cases` unlabelled in imagesTs."""
+    """nnU-Net raw: `n_cases` labelled in imagesTr/labelsTr, `test_cases` in imagesTs
+    (unlabelled, or with `labelled_test` labelled in labelsTs/, as `tsesnet synth` writes)."""
     root = Path(root)
     out = {}
     for n in range(n_cases + test_cases):
-        labelled = n < n_cases
+        train = n < n_cases
+        labelled = train or labelled_test
         case_id = f"case_{n:03d}"
-        images = root / ("imagesTr" if labelled else "imagesTs")
+        images = root / ("imagesTr" if train else "imagesTs")
+        labels = root / ("labelsTr" if train else "labelsTs")
         image, mask = make_arrays(shape, phases, dtype, seed + n, labelled)
         aff = make_affine(affine)
         files = [
             save_nifti(images / f"{case_id}_{t:04d}.nii.gz", image[t], aff) for t in range(phases)
         ]
-        mask_file = (
-            save_nifti(root / "labelsTr" / f"{case_id}.nii.gz", mask, aff) if labelled else None
-        )
+        mask_file = save_nifti(labels / f"{case_id}.nii.gz", mask, aff) if labelled else None
         out[case_id] = WrittenCase(case_id, image, mask, aff, files, mask_file)
     if dataset_json:
         meta = {
@@ -294,3 +296,51 @@ WRITERS = {
 def write_cohort(layout: str, root: Path, **kwargs) -> dict[str, WrittenCase]:
     """Writes a small cohort in `layout` ("nnunet", "mamamia", "bts", "nifti4d")."""
     return WRITERS[layout](root, **kwargs)
+
+
+# ------------------------------------------------------------------ hostile files
+
+
+def forge_header(
+    path: Path,
+    shape: tuple[int, ...],
+    dtype: str | np.dtype = "int16",
+    *,
+    data_bytes: int = 3700,
+) -> Path:
+    """A NIfTI-1 file whose header declares `shape` x `dtype` voxels but which holds only
+    `data_bytes` bytes of voxel data (the default makes a 4 KB ``.nii``); ``.nii.gz`` names are
+    gzip-compressed, so only decompressing would show the shortfall."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(shape)
+    header.set_data_offset(352)
+    header.set_sform(make_affine("ras"), code=1)
+    header.set_qform(make_affine("ras"), code=1)
+    raw = header.binaryblock + b"\0" * 4 + bytes(data_bytes)  # + the empty extension flag
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def save_without_spacing(path: Path, data: np.ndarray, pixdim=(0.0, 0.0, 0.0)) -> Path:
+    """A file with no sform and no qform (codes 0) whose pixdim[1:4] are as given: nibabel
+    would replace zeros by 1 on writing, so the header bytes are patched after it wrote them."""
+    import gzip
+    import struct
+
+    path = Path(path)
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    img = nib.Nifti1Image(np.asarray(data), None)
+    img.header["qform_code"] = 0
+    img.header["sform_code"] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(plain))
+    raw = bytearray(plain.read_bytes())
+    raw[80:92] = struct.pack("<3f", *pixdim)  # pixdim[1:4] (little-endian header)
+    plain.unlink()
+    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
+    return path

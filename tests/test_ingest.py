@@ -70,7 +70,8 @@ def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session, monke
     store = open_store(tmp_path / "store")
     case = store.read_case("case_002")
     np.testing.assert_array_equal(case.image[1], case.geometry.to_canonical(changed.image[1] + 7))
-    assert [e for e in (tmp_path / "store").iterdir() if e.name.startswith(".")] == []
+    hidden = sorted(e.name for e in (tmp_path / "store").iterdir() if e.name.startswith("."))
+    assert hidden == [".lock.guard"]  # no temporary entry left, and no lock held
 
 
 CRASH = """
@@ -122,3 +123,101 @@ def test_crash_mid_write_then_rerun(tmp_path, ray_session):
     assert store.case_ids == ["case_000", "case_001", "case_002", "case_003"]
     np.testing.assert_array_equal(store.read_case("case_000").image, kept)
     assert store.read_case("case_003").mask is not None
+
+
+def _hostile_cohort(root: Path) -> dict[str, str]:
+    """Three good nnU-Net cases and one case per kind of unreadable input: case ID -> what its
+    one rejection line must say."""
+    import nibabel as nib
+    from nifti_factory import forge_header, make_affine, make_arrays, save_without_spacing
+
+    write_cohort("nnunet", root, n_cases=3, phases=2, dataset_json=False)
+    images = root / "imagesTr"
+    image, _ = make_arrays(phases=2)
+    expected = {}
+    for case, problem in (
+        ("loop", "symbolic link loop"),
+        ("folder", "a directory, not a NIfTI file"),
+        ("cplx", "unsupported voxel type complex64"),
+        ("huge", "the header declares 2000x2000x2000 int16 voxels (14.9 GiB)"),
+        ("nospacing", "no voxel spacing: pixdim[1:4] is (0, 0, 0)"),
+        ("stray", "phase 999 is beyond the cohort's phases 0..1"),
+    ):
+        save_nifti(images / f"{case}_0000.nii.gz", image[0], make_affine())
+        second = images / f"{case}_0001.nii.gz"
+        if case == "loop":
+            second.symlink_to(second.name)
+        elif case == "folder":
+            second.mkdir()
+        elif case == "cplx":
+            nib.save(nib.Nifti1Image(image[1].astype(np.complex64), make_affine()), str(second))
+        elif case == "huge":
+            forge_header(second, (2000, 2000, 2000))
+        elif case == "nospacing":
+            save_without_spacing(images / f"{case}_0000.nii.gz", image[0])
+            save_without_spacing(second, image[1])
+        else:
+            save_nifti(second, image[1], make_affine())
+            second = save_nifti(images / f"{case}_0999.nii.gz", image[1], make_affine())
+        named = images / "nospacing_0000.nii.gz" if case == "nospacing" else second
+        expected[case] = f"case {case}: {named}: {problem}"
+    return expected
+
+
+def test_unreadable_inputs_are_one_line_each_and_the_good_cases_are_stored(
+    tmp_path, ray_session, capsys
+):
+    expected = _hostile_cohort(tmp_path / "src")
+    store = tmp_path / "store"
+    assert main(["ingest", str(tmp_path / "src"), str(store)]) == 1
+    err = capsys.readouterr().err
+    lines = sorted(ln.strip() for ln in err.splitlines() if ln.strip().startswith("case "))
+    assert len(lines) == len(expected), err
+    for line, case in zip(lines, sorted(expected), strict=True):
+        assert line.startswith(expected[case]), (line, expected[case])
+    assert open_store(store).case_ids == ["case_000", "case_001", "case_002"]
+    # the same source with a spacing for the file that has none: that case is stored too
+    args = ["ingest", str(tmp_path / "src"), str(store), "--assume-spacing", "3", "0.8", "0.7"]
+    assert main(args) == 1
+    store_now = open_store(store)
+    assert "nospacing" in store_now.case_ids
+    assert store_now.case_attrs("nospacing")["spacing_assumed"] is True
+    assert store_now.entries["nospacing"].spacing == pytest.approx((3.0, 0.8, 0.7))
+    capsys.readouterr()
+    assert main(["store", "info", str(store)]) == 0
+    assert "3x0.8x0.7 (assumed)" in capsys.readouterr().out
+
+
+def test_synth_test_cohort_is_stored_as_the_test_split(tmp_path, ray_session, capsys):
+    """The issue: `tsesnet synth --test-cases K` then `tsesnet ingest` put the test cases in
+    the training folds."""
+    raw, store = tmp_path / "raw", tmp_path / "store"
+    args = ["synth", str(raw), "--cases", "6", "--test-cases", "2", "--shape", "8", "32", "32"]
+    assert main([*args, "--phases", "2"]) == 0
+    assert main(["ingest", str(raw), str(store), "--folds", "2"]) == 0
+    st = open_store(store)
+    test = st.case_ids_in("test")
+    assert len(test) == 2 and all(st.labelled(c) and st.fold_of(c) == -1 for c in test)
+    for fold in range(2):
+        train, val = st.split(fold)
+        assert not set(test) & set(train + val) and len(train + val) == 4
+    capsys.readouterr()
+    assert main(["store", "info", str(store)]) == 0
+    assert "4 train, 2 test (never in a fold)" in capsys.readouterr().out
+
+
+def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
+    """Its cases are kept (not rewritten), its fingerprint is unchanged, new cases are recorded."""
+    from test_integrity import _strip_records
+
+    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    _strip_records(tmp_path / "store")
+    before = open_store(tmp_path / "store").fingerprint
+    again = ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    assert again.skipped == ["case_000", "case_001"] and again.fingerprint == before
+    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    more = ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    store = open_store(tmp_path / "store")
+    assert more.stored == ["case_002"] and store.has_record("case_002")
+    assert not store.has_record("case_000") and store.fingerprint == more.fingerprint

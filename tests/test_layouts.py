@@ -178,3 +178,45 @@ def test_hidden_and_other_files_are_ignored(tmp_path):
     (tmp_path / "imagesTr" / "README.md").write_text("notes")
     (source,) = discover(tmp_path)
     assert len(source.phase_files) == 3
+
+
+def test_declared_test_splits(tmp_path):
+    """imagesTs/labelsTs (nnU-Net), test.txt (BTS), train_test_splits.csv (MAMA-MIA)."""
+    write_cohort("nnunet", tmp_path / "nn", n_cases=2, test_cases=2, labelled_test=True)
+    sources = {s.case_id: s for s in discover(tmp_path / "nn")}
+    assert {k: (s.subset, s.labelled) for k, s in sources.items()} == {
+        "case_000": ("train", True),
+        "case_001": ("train", True),
+        "case_002": ("test", True),
+        "case_003": ("test", True),
+    }
+    write_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001", "DUKE_002", "ISPY1_1001"))
+    (tmp_path / "mm" / "train_test_splits.csv").write_text(
+        "train_split,test_split\nDUKE_001,ispy1_1001\nDUKE_002,\n"
+    )
+    sources = {s.case_id: s.subset for s in discover(tmp_path / "mm")}
+    assert sources == {"DUKE_001": "train", "DUKE_002": "train", "ISPY1_1001": "test"}
+    (tmp_path / "mm" / "train_test_splits.csv").write_text("train,holdout\nDUKE_001,x\n")
+    with pytest.raises(InputError, match="train_test_splits.csv has no test_split column"):
+        discover(tmp_path / "mm")
+
+
+def test_nnunet_4d_channel_file_is_read_as_its_phases(tmp_path):
+    """dcm2niix's 4D series put in nnU-Net folders as CASE_0000 (the only channel file)."""
+    written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=4, affine="lps")
+    (tmp_path / "nn" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "nn" / "labelsTr").mkdir()
+    shutil.copy(written["dyn00"].phase_files[0], tmp_path / "nn" / "imagesTr" / "dyn_0000.nii.gz")
+    shutil.copy(written["dyn00"].mask_file, tmp_path / "nn" / "labelsTr" / "dyn.nii.gz")
+    (source,) = discover(tmp_path / "nn")
+    loaded = load_case(source)
+    assert loaded.image.shape == (4, 8, 7, 6) and loaded.source_4d
+    assert loaded.source.phase_present == (True,) * 4
+    assert np.array_equal(loaded.image, loaded.geometry.to_canonical(written["dyn00"].image))
+    # beside other channel files a 4D file is still refused: one 3D file per phase
+    save_nifti(
+        tmp_path / "nn" / "imagesTr" / "dyn_0001.nii.gz", written["dyn00"].image[1], make_affine()
+    )
+    (source,) = discover(tmp_path / "nn")
+    with pytest.raises(InputError, match=r"image is 4D \(6, 7, 8, 4\).*one 3D file per phase"):
+        load_case(source)

@@ -221,7 +221,11 @@ def test_store_info_json_schema_and_table(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert [c["id"] for c in doc["cases"]] == ["C1_1", "C1_2", "C2_1"]
     for c in doc["cases"]:
-        assert set(c) == {"id", "phases", "shape", "spacing", "labelled", "site", "fold"}
+        assert set(c) == {
+            *("id", "phases", "shape", "spacing", "spacing_assumed", "labelled", "site"),
+            *("split", "fold", "intact"),
+        }
+        assert c["split"] == "train" and c["spacing_assumed"] is False
         assert c["phases"] == 6 and len(c["shape"]) == 3 and len(c["spacing"]) == 3
         assert c["shape"] == [8, 7, 6]  # (Z, Y, X) of a (6, 7, 8) LAS file
         assert c["spacing"] == pytest.approx([1.5, 0.8, 0.7])
@@ -259,6 +263,45 @@ def test_leftovers_cleaned_and_interrupted_replacement_restored(tmp_path):
     (root / "case_000").rename(root / ".old-case_000-0123abcd")  # crash between the renames
     (root / ".tmp-case_001-89abcdef").mkdir()  # crash while writing
     gone = clean_leftovers(StoreLocation.parse(root))
-    assert sorted(gone) == [".old-case_000-0123abcd", ".tmp-case_001-89abcdef"]
+    assert gone.restored == [".old-case_000-0123abcd"]
+    assert gone.removed == [".tmp-case_001-89abcdef"]
     assert sorted(e.name for e in root.iterdir()) == ["case_000", "case_001", "zarr.json"]
     assert open_store(root).read_case("case_000").image.shape == store.shape("case_000")
+
+
+# ----------------------------------------------------------------------- test splits
+
+
+def test_test_split_is_stored_shown_and_never_in_a_fold(tmp_path, capsys):
+    write_cohort("nnunet", tmp_path / "src", n_cases=4, test_cases=2, labelled_test=True)
+    store = build_store(tmp_path / "src", tmp_path / "store", folds=2)
+    assert store.case_ids_in("test") == ["case_004", "case_005"]
+    assert store.case_ids_in("train") == ["case_000", "case_001", "case_002", "case_003"]
+    assert store.case_attrs("case_004")["split"] == "test" and store.labelled("case_004")
+    for cid in store.case_ids_in("test"):
+        assert store.fold_of(cid) == -1 and store.entries[cid].fold is None
+    for k in range(2):
+        train, val = store.split(k)
+        assert sorted(train + val) == store.case_ids_in("train")
+    with pytest.raises(InputError, match="unknown split 'val'"):
+        store.case_ids_in("val")
+    assert main(["store", "info", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "split" in out.splitlines()[0]
+    assert [ln.split()[6] for ln in out.splitlines()[1:7]] == ["train"] * 4 + ["test"] * 2
+    assert "6 cases (6 labelled, 0 unlabelled), 4 train, 2 test (never in a fold)" in out
+    assert main(["store", "info", str(tmp_path / "store"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["cases"]
+    assert [r["split"] for r in rows] == ["train"] * 4 + ["test"] * 2
+
+
+def test_4d_channel_file_exports_as_one_4d_file(tmp_path):
+    written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=3)
+    images = tmp_path / "nn" / "imagesTr"
+    images.mkdir(parents=True)
+    shutil.copy(written["dyn00"].phase_files[0], images / "dyn_0000.nii.gz")
+    store = build_store(tmp_path / "nn", tmp_path / "store")
+    assert store.shape("dyn")[0] == 3 and store.case_attrs("dyn")["source_4d"] is True
+    (path,) = export_case(store, "dyn", tmp_path / "out")
+    assert path.name == "dyn.nii.gz"
+    assert_same_nifti(path, images / "dyn_0000.nii.gz")

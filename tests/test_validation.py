@@ -14,9 +14,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from nifti_factory import make_affine, make_arrays, save_nifti, write_cohort
+from nifti_factory import (
+    forge_header,
+    make_affine,
+    make_arrays,
+    save_nifti,
+    save_without_spacing,
+    write_cohort,
+)
 
 from data_store.errors import InputError
+from data_store.geometry import ReadOptions
 from data_store.layouts import discover
 from data_store.loading import AFFINE_TOL_MM, load_case
 
@@ -276,3 +284,171 @@ def test_bad_case_does_not_hide_good_ones(tmp_path):
         except InputError as err:
             rejected.append(err.case)
     assert loaded == ["case_001", "case_002"] and rejected == [CASE]
+
+
+# --------------------------------------------------------------- refused before reading voxels
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_forged_header_is_refused_before_any_voxel_is_read(tmp_path, name):
+    """A 4 KB file whose header claims 2000^3 int16 voxels (16 GB): one line, at once."""
+    import time
+
+    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    _phase(tmp_path, 1).unlink()
+    path = forge_header(tmp_path / "imagesTr" / f"{CASE}_0001{name[4:]}", (2000, 2000, 2000))
+    assert path.stat().st_size <= 4096
+    (source,) = discover(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(InputError) as info:
+        load_case(source)
+    assert time.perf_counter() - start < 2.0
+    err = info.value
+    assert err.case == CASE and Path(err.path) == path and "\n" not in str(err)
+    if name.endswith(".gz"):  # the true size is only known by decompressing: the limit says no
+        assert err.problem == (
+            "the header declares 2000x2000x2000 int16 voxels (14.9 GiB), more than the 4 GiB "
+            "limit per file (--max-image-gib)"
+        )
+    else:
+        assert err.problem.startswith(
+            "truncated or corrupt image data (expected 16000000000 bytes of voxels after the "
+            "header, found 3700"
+        )
+
+
+def test_size_limit_is_configurable(tmp_path):
+    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)  # 6x7x8 int16
+    (source,) = discover(tmp_path)
+    assert load_case(source, ReadOptions(max_image_bytes=6 * 7 * 8 * 2)).image.shape[0] == 2
+    with pytest.raises(InputError, match=r"int16 voxels \(672 bytes\), more than the 671 bytes"):
+        load_case(source, ReadOptions(max_image_bytes=6 * 7 * 8 * 2 - 1))
+    with pytest.raises(InputError, match=r"more than the 671 bytes limit") as info:
+        load_case(source, ReadOptions(max_image_bytes=671))
+    assert Path(info.value.path) == _phase(tmp_path, 0)
+    with pytest.raises(InputError, match="--max-image-gib must be > 0"):
+        ReadOptions(max_image_bytes=0)
+
+
+RGB = [("R", "u1"), ("G", "u1"), ("B", "u1")]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shown"),
+    [
+        ("complex64", "complex64 (NIfTI datatype 32)"),
+        (RGB, "R/G/B (3 values per voxel) (NIfTI datatype 128)"),
+        ("complex128", "complex128 (NIfTI datatype 1792)"),
+    ],
+)
+def test_unsupported_voxel_types_are_one_line(tmp_path, dtype, shown):
+    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.dtype(dtype))
+    data = np.zeros((6, 7, 8), dtype=np.dtype(dtype))
+    path = _phase(tmp_path, 1)
+    img = nib.Nifti1Image(data, make_affine("ras"), header=header)
+    nib.save(img, str(path))
+    (source,) = discover(tmp_path)
+    with pytest.raises(InputError) as info:
+        load_case(source)
+    assert str(info.value) == (
+        f"case {CASE}: {path}: unsupported voxel type {shown}: tsesnet stores real-valued "
+        "scalar images (integer or float, at most 8 bytes)"
+    )
+
+
+def test_zero_spacing_is_refused_or_assumed_and_recorded(tmp_path):
+    image, mask = make_arrays(phases=2)
+    for t in range(2):
+        save_without_spacing(_phase(tmp_path, t), image[t])
+    save_without_spacing(_mask(tmp_path), mask)
+    (source,) = discover(tmp_path)
+    with pytest.raises(InputError) as info:
+        load_case(source)
+    assert str(info.value) == (
+        f"case {CASE}: {_phase(tmp_path, 0)}: no voxel spacing: pixdim[1:4] is (0, 0, 0) and "
+        "the file has no sform; pass `--assume-spacing Z Y X` (mm) to ingest it with a spacing "
+        "you know"
+    )
+    loaded = load_case(source, ReadOptions(assume_spacing=(3.0, 0.8, 0.7)))
+    assert loaded.spacing == pytest.approx((3.0, 0.8, 0.7)) and loaded.spacing_assumed
+    with pytest.raises(InputError, match="three positive sizes"):
+        ReadOptions(assume_spacing=(1.0, 0.0, 1.0))
+    # a file with a spacing keeps its own, the option notwithstanding
+    write_cohort("nnunet", tmp_path / "ok", n_cases=1, phases=2, dataset_json=False)
+    (ok,) = discover(tmp_path / "ok")
+    kept = load_case(ok, ReadOptions(assume_spacing=(9.0, 9.0, 9.0)))
+    assert kept.spacing == pytest.approx((1.5, 0.8, 0.7)) and not kept.spacing_assumed
+
+
+def _loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.name)  # points at itself
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _broken(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.with_name("gone.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_loop, "symbolic link loop: the path never reaches a file"),
+        (_directory, "a directory, not a NIfTI file"),
+        (_broken, "broken symbolic link (its target"),
+    ],
+)
+def test_unreadable_phase_path_rejects_its_case(tmp_path, make, problem):
+    """Such a phase used to be skipped silently: the case was stored with a phase missing."""
+    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    bad = _phase(tmp_path, 1)
+    make(bad)
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert bad in sources[CASE].phase_files
+    with pytest.raises(InputError) as info:
+        load_case(sources[CASE])
+    assert str(info.value).startswith(f"case {CASE}: {bad}: {problem}")
+    assert load_case(sources["case_001"]).image.shape[0] == 3  # the other case is untouched
+
+
+def test_stray_phase_number_is_rejected_and_changes_no_other_case(tmp_path):
+    """One stray GAP_0999 used to give every case a 1000-long phase_present."""
+    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    image, _ = make_arrays()
+    gap = _overwrite(tmp_path / "imagesTr" / "GAP_0999.nii.gz", image[0])
+    stray = _overwrite(tmp_path / "imagesTr" / "case_001_0999.nii.gz", image[0])
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert sources[CASE].phase_present == (True, True, True)
+    assert load_case(sources[CASE]).image.shape[0] == 3
+    with pytest.raises(InputError) as info:
+        load_case(sources["case_001"])
+    assert str(info.value) == (
+        f"case case_001: {stray}: phase 999 is beyond the cohort's phases 0..2 (the longest "
+        "case numbered without a gap has 3); phase numbers run 0..k, with missing phases only "
+        "in between"
+    )
+    with pytest.raises(InputError, match="no pre-contrast phase: GAP_0000.nii.gz is missing"):
+        load_case(sources["GAP"])
+    assert Path(sources["GAP"].problem_path).parent == gap.parent
+    # dataset.json's channel count is the cohort's phases when it gives one
+    (tmp_path / "dataset.json").write_text('{"channel_names": {"0": "pre", "1": "post"}}')
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    with pytest.raises(InputError, match=r"phase 2 is beyond the cohort's phases 0..1 \(dataset"):
+        load_case(sources[CASE])
+
+
+def test_bts_phase_beyond_p5_is_rejected(tmp_path):
+    write_cohort("bts", tmp_path, centres={"C1": 2})
+    p7 = _overwrite(tmp_path / "C1" / "C1_2" / "P7.nii.gz", make_arrays()[0][0])
+    sources = {s.case_id: s for s in discover(tmp_path)}
+    assert sources["C1_1"].phase_present == (True,) * 6
+    with pytest.raises(InputError, match="phase 7 is beyond the cohort's phases 0..5") as info:
+        load_case(sources["C1_2"])
+    assert Path(info.value.path) == p7

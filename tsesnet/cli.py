@@ -16,6 +16,7 @@ HANDLERS = {
     "ingest": "data_store.ingest:cli",
     "store info": "data_store.store:cli_info",
     "store export": "data_store.store:cli_export",
+    "store verify": "data_store.verify:cli",
     "model-summary": "tsesnet.programs.model_summary:cli",
     "train": "tsesnet.training.driver:cli",
     "sweep": "sweeps.runner:cli",
@@ -75,8 +76,30 @@ def _data_commands(sub) -> None:
     )
     s.add_argument("--workers", type=int, default=None, metavar="N")
     s.add_argument("--folds", type=int, default=5, metavar="K", help="patient-level folds (5)")
+    s.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for another writer's lock on STORE (60)",
+    )
+    s.add_argument(
+        "--assume-spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="voxel size in mm for files that have none (no sform, zero pixdim); recorded",
+    )
+    s.add_argument(
+        "--max-image-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="largest decoded voxel data one file may declare, GiB (4)",
+    )
 
-    store = sub.add_parser("store", help="inspect or export a store")
+    store = sub.add_parser("store", help="inspect, export or verify a store")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     s = ssub.add_parser("info", help="table of cases and totals")
     s.add_argument("store", metavar="STORE")
@@ -85,6 +108,18 @@ def _data_commands(sub) -> None:
     s.add_argument("store", metavar="STORE")
     s.add_argument("--case", required=True, metavar="ID")
     s.add_argument("out", metavar="OUT")
+    s = ssub.add_parser("verify", help="check every case against its integrity record")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--deep", action="store_true", help="also compare every checksum")
+    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--record",
+        action="store_true",
+        help="first record cases stored without an integrity record (what is there now)",
+    )
+    s.add_argument(
+        "--wait", type=float, default=60.0, metavar="SECONDS", help="for --record: lock wait"
+    )
 
 
 def _training_commands(sub) -> None:

@@ -1,0 +1,201 @@
+"""`tsesnet store verify STORE [--deep] [--json] [--record]`: is every stored case intact?
+
+The cheap check (the default; what every reader runs once per case): the index against each
+case's attributes, then per case the arrays present with the recorded shape, dtype and chunks
+and every recorded chunk file present with its recorded size (`data_store.integrity`).
+``--deep`` also reads every chunk file and compares its sha256, and decodes every array and
+compares the checksum of its values.
+
+Output: one line per damaged case (``case X: FILE: image chunk c/0/1/0/0 missing``, with the
+number of further problems), notes (temporary entries, cases on disk but not indexed, a writer
+holding the lock), and a summary. Exit status 0 when no case is damaged, 1 when any is, 2 when
+the store cannot be opened at all (not a store, an unknown schema, a forged case ID).
+
+Cases stored before integrity records existed are listed as such: their files cannot be
+checked against a record (a deleted chunk reads as zeros). ``--record`` adds a record to each
+of them from what is there now (their arrays must decode, with the shapes their attributes
+say), under the store's writer lock, and rebuilds the index; the store's fingerprint changes
+with it. Re-ingesting from the sources records them too, and checks them against the sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+from data_store.errors import InputError
+from data_store.integrity import Problem, check_unrecorded, record_case
+from data_store.location import StoreLocation, parse_entry
+
+__all__ = ["VerifyReport", "cli", "record_unrecorded", "verify_store"]
+
+CHEAP = "cheap check: index, arrays, shapes, dtypes, chunk files and sizes"
+DEEP = "deep check: also the sha256 of every chunk file and of every decoded array"
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_store` found.
+
+    Attributes:
+        store: the store's path or URL.
+        deep: whether checksums were compared.
+        cases: number of cases in the index.
+        damaged: case ID -> its problems (each one line: case, file, problem).
+        unrecorded: cases stored without an integrity record.
+        notes: one line each: temporary entries, cases on disk but not indexed, a held lock.
+        recorded: cases given a record by ``--record``.
+    """
+
+    store: str
+    deep: bool
+    cases: int = 0
+    damaged: dict[str, list[Problem]] = field(default_factory=dict)
+    unrecorded: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recorded: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def lines(self) -> list[str]:
+        """The text report: one line per damaged case, the notes, then the summary."""
+        out = []
+        for cid in sorted(self.damaged):
+            first, *rest = self.damaged[cid]
+            out.append(str(first) + (f" (+{len(rest)} more)" if rest else ""))
+        out += [f"note: {n}" for n in self.notes]
+        if self.recorded:
+            out.append(f"recorded {len(self.recorded)} case(s) that had no integrity record")
+        intact = self.cases - len(self.damaged)
+        out.append(
+            f"{self.store}: {self.cases} cases, {len(self.damaged)} damaged, {intact} intact "
+            f"({DEEP if self.deep else CHEAP})"
+        )
+        if self.unrecorded:
+            out.append(
+                f"{self.store}: {len(self.unrecorded)} case(s) have no integrity record (stored "
+                "before records existed), so a deleted or damaged chunk of theirs cannot be "
+                f"told from data: add one with `tsesnet store verify {self.store} --record` "
+                "(records what is there now) or re-ingest them"
+            )
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "store": self.store,
+            "deep": self.deep,
+            "cases": self.cases,
+            "ok": self.ok,
+            "damaged": [
+                {
+                    "case": cid,
+                    "problems": [{"path": p.path, "problem": p.problem} for p in problems],
+                }
+                for cid, problems in sorted(self.damaged.items())
+            ],
+            "unrecorded": sorted(self.unrecorded),
+            "notes": self.notes,
+            "recorded": self.recorded,
+        }
+
+
+def verify_store(path: str, *, deep: bool = False) -> VerifyReport:
+    """Checks every case of a store (see the module docstring).
+
+    Raises:
+        InputError: the store cannot be opened (not a store, unknown schema, a bad case ID).
+    """
+    from data_store.store import Store
+
+    store = Store(path, strict=False)
+    report = VerifyReport(store.path, deep, cases=len(store.index))
+    for problem in store.index_problems:
+        report.damaged.setdefault(problem.case_id, []).append(problem)
+    for cid in store.case_ids:
+        problems = store.case_problems(cid, deep=deep)
+        if problems:
+            report.damaged.setdefault(cid, []).extend(problems)
+        if not store.has_record(cid):
+            report.unrecorded.append(cid)
+    report.notes = _notes(store.location, set(store.index))
+    return report
+
+
+def _notes(location: StoreLocation, indexed: set[str]) -> list[str]:
+    """Temporary entries, complete cases not in the index, and a held writer lock."""
+    from data_store.index import scan_cases
+    from data_store.lock import read_holder
+
+    notes = []
+    exists, holder = read_holder(location)
+    if exists:
+        who = holder.describe() if holder else "an unreadable lock file"
+        state = " (no longer running)" if holder is not None and holder.gone() else ""
+        notes.append(f"the store's writer lock is held by {who}{state}")
+    for name in location.entries():
+        entry = parse_entry(name)
+        if entry is not None:
+            owner = f"made by {entry.owner}" if entry.owner else "made before owners were recorded"
+            notes.append(
+                f"temporary entry {name} ({owner}): an ingest in progress, or a leftover that "
+                "the next ingest removes"
+            )
+    for cid in sorted(set(scan_cases(location)) - indexed):
+        notes.append(f"case {cid} is stored but not in the index: the next ingest indexes it")
+    return notes
+
+
+def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
+    """Adds an integrity record to every complete case without one, then rebuilds the index.
+
+    Runs under the store's writer lock. A case is recorded only if its arrays decode and have
+    the shapes and dtype its attributes say.
+
+    Returns:
+        The case IDs recorded.
+
+    Raises:
+        InputError: the store is locked, or a case cannot be recorded (naming it and why).
+    """
+    import zarr
+
+    from data_store.index import read_root, scan_cases, write_index
+    from data_store.lock import StoreLock
+
+    location = StoreLocation.parse(path)
+    done = []
+    with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --record"):
+        n_folds = int(read_root(location).get("n_folds", 0))
+        for cid, attrs in sorted(scan_cases(location).items()):
+            if "integrity" in attrs:
+                continue
+            group = zarr.open_group(location.zarr_target(cid), mode="r+")
+            arrays = {name: group.get(name, None) for name in ("image", "mask", "foreground")}
+            problems = check_unrecorded(location, cid, attrs, arrays, decode=True)
+            if problems:
+                first = problems[0]
+                raise InputError(f"cannot record: {first.problem}", case=cid, path=first.path)
+            record = record_case(location, cid, cid, None)
+            group.update_attributes({"integrity": record.to_attrs()})
+            done.append(cid)
+        write_index(location, n_folds)
+    return done
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
+    store cannot be opened."""
+    recorded = record_unrecorded(args.store, wait=args.wait) if args.record else []
+    report = verify_store(args.store, deep=args.deep)
+    report.recorded = recorded
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    sys.stdout.flush()
+    return 0 if report.ok else 1
