@@ -374,3 +374,23 @@ def test_ctrl_c_ends_the_run_killed_and_resuming_gives_the_uninterrupted_answer(
     run("straight", epochs)
     _, _, reference = history("straight")
     assert values == pytest.approx(reference, rel=1e-6)
+
+
+def test_training_refuses_a_damaged_store_before_it_starts(tiny_store, tmp_path, capsys):
+    """A store with a deleted chunk (Zarr would read zeros) stops `tsesnet train` in one line
+    naming the case and the file, before Ray or MLflow start."""
+    import shutil
+
+    from tsesnet.cli import main
+
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_store, damaged)
+    chunk = next(p for p in sorted(damaged.glob("*/image/c/**/*")) if p.is_file())
+    chunk.unlink()
+    code = main(["train", "--store", str(damaged), "--config", str(TINY),
+                 "--set", f"run.storage_path={tmp_path / 'ray'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    case = chunk.relative_to(damaged).parts[0]
+    assert case in err and "image" in err and "missing" in err, err  # case, file, problem
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()

@@ -119,6 +119,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
             "labelled cases; both must be non-empty",
             path=store,
         )
+    st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
     storage_path = cfg.run.resolved_storage_path()
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
