@@ -125,6 +125,12 @@ start() {
     tail -n 20 "$log" >&2
     die "ray start failed (full output in $log)"
   fi
+  # `ray start` returns before the job API and the Ray Client server listen; wait for them.
+  local waited=0
+  until port_taken "$DASHBOARD_PORT" && port_taken "$CLIENT_PORT"; do
+    (( waited++ < 60 )) || die "the dashboard ($DASHBOARD_PORT) or Ray Client ($CLIENT_PORT) did not come up; logs in $RAY_TEMP_DIR/session_latest/logs"
+    sleep 1
+  done
   cat <<MSG
 Ray head on 127.0.0.1:$RAY_PORT, dashboard and job API on http://127.0.0.1:$DASHBOARD_PORT
 Token authentication on; token in ${RAY_AUTH_TOKEN:+\$RAY_AUTH_TOKEN}${RAY_AUTH_TOKEN:-$TOKEN_PATH}.
