@@ -1,72 +1,178 @@
 #!/usr/bin/env bash
-# A local Ray "cluster" for `ray job submit`: one head on this machine, bound to 127.0.0.1,
-# token authentication on, dashboard (the job API) at http://127.0.0.1:8265.
+# A local Ray "cluster" for `ray job submit` and `tsesnet submit`: one head on this machine, every
+# port it opens bound to 127.0.0.1, token authentication on, the dashboard (the job API) at
+# http://127.0.0.1:$DASHBOARD_PORT. Run it from anywhere; it acts on the checkout it lives in.
 #
-#   platform/local_cluster.sh start      # prints the token file and the submit command
-#   platform/local_cluster.sh status
-#   platform/local_cluster.sh stop
+#   platform/local_cluster.sh start      # prints the token file, the ports and the submit command
+#   platform/local_cluster.sh status     # `ray status`, and the head's listening sockets
+#   platform/local_cluster.sh stop       # ends this head only (found by its own temp dir)
 #
-# Environment: RAY (the ray executable, default: .venv/bin/ray if present, else ray),
-# RAY_PORT (6379), DASHBOARD_PORT (8265), NUM_CPUS / NUM_GPUS (default: all), RAY_TEMP_DIR
-# (default /tmp/ray), AGENT_PORT (the dashboard agent that runs jobs, 52365: set it when another
-# Ray on this machine holds that port), RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token; generated if missing).
-# `stop` is `ray stop`: it stops every Ray process of this user on this machine.
+# Environment (set the ports to run beside another Ray on the same machine; every one of Ray's
+# other ports is picked free at start):
+#   RAY                     the ray executable (default: .venv/bin/ray of this checkout, else ray)
+#   RAY_PORT                GCS port, 6379
+#   DASHBOARD_PORT          dashboard and job API, 8265
+#   CLIENT_PORT             Ray Client server (ray://), 10001
+#   AGENT_PORT              the dashboard agent that runs jobs, 52365
+#   DASHBOARD_METRIC_PORT   the dashboard's Prometheus metrics, 44227 (Ray's own variable)
+#   AUTOSCALER_METRIC_PORT  the autoscaler's Prometheus metrics, 44217 (Ray's own variable)
+#   NUM_CPUS / NUM_GPUS     resources of the head (default: all)
+#   RAY_TEMP_DIR            this head's own temp dir, default /tmp/tsesnet-ray-$UID-$RAY_PORT;
+#                           `stop` ends exactly the processes using it
+#   RAY_AUTH_TOKEN_PATH     the token file (default ~/.ray/auth_token; generated if missing, and
+#                           made mode 0600 if others can read it)
+#   STOP_GRACE              seconds `stop` waits after SIGTERM before SIGKILL, 10
 #
-# Without a token Ray 2.60 starts the head with authentication *disabled* and accepts any job
-# (a warning only), so this script always generates one and sets RAY_AUTH_MODE=token.
-# Clients need the same: `export RAY_AUTH_MODE=token` (before Python imports ray) and the token in
-# ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN.
+# Why these choices:
+# - Ray replaces `--node-ip-address 127.0.0.1` by the machine's LAN address and then listens
+#   on all interfaces (GCS, raylet, Ray Client). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 puts Ray in
+#   its single-machine mode (the one it uses on macOS), where the node address stays 127.0.0.1 and
+#   every listener is on loopback; such a head accepts no other nodes, which is the point here.
+# - `ray stop` stops every Ray process of this user on the machine, other people's and other
+#   sessions' included. `stop` here signals only the processes whose command line or open files
+#   are inside this head's RAY_TEMP_DIR.
+# - Without a token Ray 2.60 starts the head with authentication *disabled* and accepts any job
+#   (a warning only), so this script always has a token and sets RAY_AUTH_MODE=token. Clients need
+#   the same: `export RAY_AUTH_MODE=token` (before Python imports ray) and the token in
+#   ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${RAY:-}" ]]; then
-  if [[ -x .venv/bin/ray ]]; then RAY=.venv/bin/ray; else RAY=ray; fi
+  if [[ -x .venv/bin/ray ]]; then RAY=$PWD/.venv/bin/ray; else RAY=ray; fi
 fi
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+CLIENT_PORT=${CLIENT_PORT:-10001}
+AGENT_PORT=${AGENT_PORT:-52365}
+export DASHBOARD_METRIC_PORT=${DASHBOARD_METRIC_PORT:-44227}
+export AUTOSCALER_METRIC_PORT=${AUTOSCALER_METRIC_PORT:-44217}
+RAY_TEMP_DIR=${RAY_TEMP_DIR:-/tmp/tsesnet-ray-$(id -u)-$RAY_PORT}
+TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+STOP_GRACE=${STOP_GRACE:-10}
 export RAY_AUTH_MODE=token
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
-case "${1:-}" in
-  start)
-    token_path=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
-    if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "$token_path" ]]; then
-      if [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
-        # `ray get-auth-token --generate` writes ~/.ray/auth_token; copy it where asked.
-        mkdir -p "$(dirname "$token_path")"
-        HOME_TOKEN=$HOME/.ray/auth_token
-        [[ -s "$HOME_TOKEN" ]] || "$RAY" get-auth-token --generate >/dev/null
-        install -m 600 "$HOME_TOKEN" "$token_path"
-      else
-        "$RAY" get-auth-token --generate >/dev/null
-        chmod 600 "$token_path"
-      fi
+die() { echo "local_cluster.sh: $*" >&2; exit 1; }
+
+# PIDs of the processes that belong to this head: their command line or an open file is inside
+# RAY_TEMP_DIR (Ray renames some processes, e.g. `ray::DashboardAgent`, so the command line alone
+# misses them). grep reads the path from a pipe, so that it does not find itself.
+head_pids() {
+  {
+    grep -l -a -F -f <(printf '%s/\n' "$RAY_TEMP_DIR") /proc/[0-9]*/cmdline 2>/dev/null \
+      | cut -d/ -f3 || true
+    find /proc/[0-9]*/fd -maxdepth 1 -lname "$RAY_TEMP_DIR/*" 2>/dev/null | cut -d/ -f3 || true
+  } | sort -un || true
+}
+
+# The head's listening TCP sockets (address:port process), from `ss -ltnp`.
+head_listeners() {
+  command -v ss >/dev/null || return 0
+  local pids
+  pids=$(head_pids | paste -sd'|' -)
+  [[ -n $pids ]] || return 0
+  ss -ltnpH | grep -E "pid=($pids)," | awk '{print $4, $6}' || true
+}
+
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+check_ports_free() {
+  local name
+  for name in RAY_PORT DASHBOARD_PORT CLIENT_PORT AGENT_PORT DASHBOARD_METRIC_PORT \
+              AUTOSCALER_METRIC_PORT; do
+    if port_taken "${!name}"; then
+      die "port ${!name} ($name) is already in use on 127.0.0.1 (another Ray?); pick a free one:" \
+          "$name=PORT $0 start"
     fi
-    args=(--head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
-          --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats)
-    [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
-    [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
-    [[ -n "${RAY_TEMP_DIR:-}" ]] && args+=(--temp-dir "$RAY_TEMP_DIR")
-    [[ -n "${AGENT_PORT:-}" ]] && args+=(--dashboard-agent-listen-port "$AGENT_PORT")
-    "$RAY" start "${args[@]}"
-    cat <<MSG
+  done
+}
 
+# A token file that exists, readable by its owner only.
+ensure_token() {
+  [[ -n "${RAY_AUTH_TOKEN:-}" ]] && return 0
+  if [[ ! -s "$TOKEN_PATH" ]]; then
+    mkdir -p -m 700 "$(dirname "$TOKEN_PATH")"
+    (umask 077 && "$RAY" get-auth-token --generate >/dev/null 2>&1) \
+      || die "could not generate a token with $RAY get-auth-token --generate"
+    if [[ "$TOKEN_PATH" != "$HOME/.ray/auth_token" ]]; then
+      # `ray get-auth-token --generate` writes ~/.ray/auth_token; copy it where asked.
+      install -m 600 "$HOME/.ray/auth_token" "$TOKEN_PATH"
+    fi
+  fi
+  local mode
+  mode=$(stat -c %a "$TOKEN_PATH")
+  if (( 8#$mode & 8#077 )); then
+    chmod 600 "$TOKEN_PATH"
+    echo "local_cluster.sh: the Ray token file $TOKEN_PATH was readable by others (mode $mode); set it to 0600"
+  fi
+}
+
+start() {
+  [[ -z $(head_pids) ]] || die "a head is already running in $RAY_TEMP_DIR; stop it first: $0 stop"
+  check_ports_free
+  ensure_token
+  mkdir -p -m 700 "$RAY_TEMP_DIR"
+  # Jobs run `tsesnet ...`: put the executables beside this ray on their PATH.
+  PATH="$(dirname "$(command -v "$RAY")"):$PATH"
+  local args=(--head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT"
+    --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT"
+    --temp-dir "$RAY_TEMP_DIR" --disable-usage-stats)
+  [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
+  [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
+  local log="$RAY_TEMP_DIR/ray-start.log"
+  if ! "$RAY" start "${args[@]}" >"$log" 2>&1; then
+    tail -n 20 "$log" >&2
+    die "ray start failed (full output in $log)"
+  fi
+  # `ray start` returns before the job API and the Ray Client server listen; wait for them.
+  local waited=0
+  until port_taken "$DASHBOARD_PORT" && port_taken "$CLIENT_PORT"; do
+    (( waited++ < 60 )) || die "the dashboard ($DASHBOARD_PORT) or Ray Client ($CLIENT_PORT) did not come up; logs in $RAY_TEMP_DIR/session_latest/logs"
+    sleep 1
+  done
+  cat <<MSG
 Ray head on 127.0.0.1:$RAY_PORT, dashboard and job API on http://127.0.0.1:$DASHBOARD_PORT
-Token authentication on; token in ${RAY_AUTH_TOKEN:+\$RAY_AUTH_TOKEN}${RAY_AUTH_TOKEN:-$token_path}.
-Submit a job (from the repository root, the virtual environment active):
+Token authentication on; token in ${RAY_AUTH_TOKEN:+\$RAY_AUTH_TOKEN}${RAY_AUTH_TOKEN:-$TOKEN_PATH}.
+Temp dir (logs) $RAY_TEMP_DIR. Listening:
+$(head_listeners | sed 's/^/  /')
+Submit a job (the virtual environment active, from any directory):
 
   export RAY_AUTH_MODE=token
-  ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --runtime-env platform/runtime_env.yaml \\
-      -- tsesnet train --store \$PWD/data/store.zarr --config platform/configs/small.yaml \\
-         --set run.storage_path=\$PWD/ray_results
+  tsesnet submit --address http://127.0.0.1:$DASHBOARD_PORT -- tsesnet train --store /abs/store.zarr ...
 
-Stop it with: platform/local_cluster.sh stop
+Stop it with: $([[ $RAY_PORT == 6379 ]] || echo "RAY_PORT=$RAY_PORT ")$0 stop
 MSG
-    ;;
+}
+
+# SIGTERM to every process of this head; SIGKILL to those still there after STOP_GRACE seconds
+# (Ray's GCS and autoscaler monitor take longer than that to act on SIGTERM; `ray stop` waits 16 s).
+stop() {
+  local pids left="" waited=0
+  pids=$(head_pids | tr '\n' ' ')
+  [[ -n ${pids// } ]] || { echo "no head running in $RAY_TEMP_DIR"; return 0; }
+  # shellcheck disable=SC2086
+  kill -TERM $pids 2>/dev/null || true
+  while (( waited < STOP_GRACE * 2 )); do
+    left=$(head_pids | tr '\n' ' ')
+    [[ -n ${left// } ]] || break
+    sleep 0.5
+    waited=$((waited + 1))
+  done
+  # shellcheck disable=SC2086
+  [[ -n ${left// } ]] && { kill -KILL $left 2>/dev/null || true; }
+  echo "stopped the head in $RAY_TEMP_DIR ($(wc -w <<<"$pids") processes, $(wc -w <<<"$left")" \
+    "of them by SIGKILL after ${STOP_GRACE} s); no other Ray was signalled"
+}
+
+case "${1:-}" in
+  start) start ;;
   status)
     "$RAY" status --address "127.0.0.1:$RAY_PORT"
+    echo "Listening (address:port process):"
+    head_listeners | sed 's/^/  /'
     ;;
-  stop)
-    "$RAY" stop
-    ;;
+  stop) stop ;;
   *)
     echo "usage: $0 start|status|stop" >&2
     exit 2

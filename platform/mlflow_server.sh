@@ -4,27 +4,61 @@
 #   platform/mlflow_server.sh            # serves on $MLFLOW_HOST:$MLFLOW_PORT (127.0.0.1:5000)
 #   export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
 #
-# Environment:
+# Environment (MLflow's own variable names: `mlflow server` reads each of them itself, so none of
+# them, passwords included, appears on a command line that `ps` shows):
 #   MLFLOW_BACKEND_STORE_URI      database for runs and the registry; default sqlite:///$PWD/mlflow.db
-#                                 (use postgresql://... or mysql://... when several nodes write)
+#                                 (postgresql://USER@HOST:5432/DB when several nodes write; give
+#                                 the password in a PGPASSFILE, never in the URI)
 #   MLFLOW_ARTIFACTS_DESTINATION  where artifacts go, proxied by the server; default $PWD/mlartifacts
 #                                 (s3://bucket/prefix or a shared path on a cluster)
-#   MLFLOW_HOST / MLFLOW_PORT     bind address (127.0.0.1: local only; on a cluster the private IP
-#                                 or 0.0.0.0 behind a firewall, never a public interface)
-#   MLFLOW_WORKERS                gunicorn/uvicorn workers (2)
+#   MLFLOW_HOST / MLFLOW_PORT     bind address (127.0.0.1: local only; on a cluster the head's
+#                                 private IP, never a public interface)
+#   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers accepted (MLflow's default: localhost only); on a
+#                                 cluster HEAD_PRIVATE_IP:5000
+#   MLFLOW_WORKERS                uvicorn workers (2)
+#   MLFLOW_AUTH_CONFIG_PATH       an MLflow basic-auth .ini (admin_username, admin_password,
+#                                 database_uri, default_permission): turns authentication on.
+#                                 Required when MLFLOW_HOST is not a loopback address, unless
+#                                 MLFLOW_NO_AUTH=1 says that a proxy in front authenticates.
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  the auth app's CSRF key (default: random at each start)
+#   PGPASSFILE                    PostgreSQL passwords (mode 0600), read by the database driver
 #
 # Locally no server is needed: without MLFLOW_TRACKING_URI, tsesnet writes mlflow.db and
 # mlartifacts/ in the working directory; `mlflow ui --backend-store-uri sqlite:///mlflow.db`
 # browses them.
 set -euo pipefail
+die() { echo "mlflow_server.sh: $*" >&2; exit 1; }
 MLFLOW=${MLFLOW:-mlflow}
 [[ -x .venv/bin/mlflow && "$MLFLOW" == mlflow ]] && MLFLOW=.venv/bin/mlflow
-BACKEND=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$PWD/mlflow.db}
-ARTIFACTS=${MLFLOW_ARTIFACTS_DESTINATION:-$PWD/mlartifacts}
-exec "$MLFLOW" server \
-  --backend-store-uri "$BACKEND" \
-  --artifacts-destination "$ARTIFACTS" \
-  --serve-artifacts \
-  --host "${MLFLOW_HOST:-127.0.0.1}" \
-  --port "${MLFLOW_PORT:-5000}" \
-  --workers "${MLFLOW_WORKERS:-2}"
+export MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$PWD/mlflow.db}
+export MLFLOW_ARTIFACTS_DESTINATION=${MLFLOW_ARTIFACTS_DESTINATION:-$PWD/mlartifacts}
+export MLFLOW_HOST=${MLFLOW_HOST:-127.0.0.1}
+export MLFLOW_PORT=${MLFLOW_PORT:-5000}
+export MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
+
+# A password inside the URI would reach MLflow's logs and error messages.
+if [[ $MLFLOW_BACKEND_STORE_URI =~ ^[a-z0-9+]+://[^/@:]+:[^/@]+@ ]]; then
+  die "MLFLOW_BACKEND_STORE_URI holds a password; put it in a PGPASSFILE (or ~/.pgpass) instead"
+fi
+args=(server --serve-artifacts)
+if [[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
+  [[ -r $MLFLOW_AUTH_CONFIG_PATH ]] || die "MLFLOW_AUTH_CONFIG_PATH=$MLFLOW_AUTH_CONFIG_PATH is not readable"
+  if (( 8#$(stat -c %a "$MLFLOW_AUTH_CONFIG_PATH") & 8#077 )); then
+    die "$MLFLOW_AUTH_CONFIG_PATH holds the admin password and is readable by others; chmod 600 it"
+  fi
+  export MLFLOW_AUTH_CONFIG_PATH
+  # The auth app's CSRF protection needs a key shared by the server's workers; a new random one
+  # per start unless given (signed-in browser sessions then end with a restart).
+  MLFLOW_FLASK_SERVER_SECRET_KEY=${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')}
+  export MLFLOW_FLASK_SERVER_SECRET_KEY
+  args+=(--app-name basic-auth)
+else
+  case $MLFLOW_HOST in
+    127.*|localhost|::1) ;;
+    *) [[ "${MLFLOW_NO_AUTH:-0}" == 1 ]] \
+         || die "MLFLOW_HOST=$MLFLOW_HOST is reachable from other machines but authentication" \
+                "is off: set MLFLOW_AUTH_CONFIG_PATH (basic auth), or MLFLOW_NO_AUTH=1 behind" \
+                "an authenticating proxy" ;;
+  esac
+fi
+exec "$MLFLOW" "${args[@]}"

@@ -1,205 +1,225 @@
-"""`ray job submit` end to end against a real Ray head with token authentication.
+"""Job submission as users type it: `ray job submit` and `tsesnet submit`, in subprocesses.
 
-The head is started with `ray start` on free ports with its own temp dir and HOME (its own token),
-so it never meets the session's Ray. Clients run in subprocesses because Ray reads
-`RAY_AUTH_MODE` when it is imported. The head's processes are stopped by PID at the end (never
-`ray stop`, which would stop every Ray on the machine).
+A head started by `platform/local_cluster.sh` (token authentication, free ports, its own HOME
+and temp dir) takes the README's commands, run by bash from a directory that is not the
+repository; the run a submitted job logs carries the submitted tree's commit, and no MLflow
+experiment keeps its artifacts in the job's temporary copy of the code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from local_head import BIN, ROOT, free_ports, head_pids, is_loopback, listeners, local_head
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-CLIENT = r"""
-import json, sys, time
-from ray.job_submission import JobSubmissionClient, JobStatus
-
-address, spec = sys.argv[1], json.loads(sys.argv[2])
-out = {}
-try:
-    client = JobSubmissionClient(address)
-    job = client.submit_job(entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"],
-                            submission_id=spec["submission_id"])
-    out["submitted"] = job
-    if spec.get("wait"):
-        deadline = time.time() + spec["wait"]
-        while time.time() < deadline:
-            status = client.get_job_status(job)
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            time.sleep(2)
-        out["status"] = str(client.get_job_status(job).value)
-        out["logs"] = client.get_job_logs(job)[-6000:]
-except Exception as err:  # refused submissions land here
-    out["error"] = f"{type(err).__name__}: {err}"
-print(json.dumps(out))
-"""
+from tsesnet.tracking import runs
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """The script's head, shared by this file's tests; yields the user's environment."""
+    with local_head(tmp_path_factory.mktemp("head") / "home") as env:
+        yield env
 
 
-def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(p.name))
-    return pids
-
-
-def _stop_head(temp_dir: str) -> None:
-    """SIGTERM, then SIGKILL, the processes of the head started with this temp dir."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_with(temp_dir)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + 10
-        while time.time() < deadline and _pids_with(temp_dir):
-            time.sleep(0.3)
-
-
-@pytest.fixture()
-def token_head(tmp_path):
-    """A Ray head on 127.0.0.1 with token authentication; yields (dashboard URL, env)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: unix socket paths
-    env = dict(
-        os.environ,
-        HOME=str(home),
-        RAY_AUTH_MODE="token",
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    env.pop("RAY_ADDRESS", None)
-    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(k, None)
-    subprocess.run(
-        [str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True
-    )
-    assert (home / ".ray" / "auth_token").is_file()
-    (gcs, dash, client, agent, agent_grpc, rt_agent, metrics, om, nm) = _free_ports(9)
-    start = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(gcs),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(dash),
-        "--ray-client-server-port",
-        str(client),
-        "--dashboard-agent-listen-port",
-        str(agent),
-        "--dashboard-agent-grpc-port",
-        str(agent_grpc),
-        "--runtime-env-agent-port",
-        str(rt_agent),
-        "--metrics-export-port",
-        str(metrics),
-        "--object-manager-port",
-        str(om),
-        "--node-manager-port",
-        str(nm),
-        "--num-cpus",
-        "2",
-        "--temp-dir",
-        temp_dir,
-        "--disable-usage-stats",
-    ]
-    try:
-        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _stop_head(temp_dir)
-
-
-def _client(address: str, spec: dict, env: dict, timeout: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", CLIENT, address, json.dumps(spec)],
+def _bash(commands: str, env: dict, cwd: Path, timeout: int = 480) -> subprocess.CompletedProcess:
+    """Run shell commands as a user types them (`set -euo pipefail`, the venv on PATH)."""
+    return subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + commands],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _tsesnet(args: list[str], env: dict, cwd: Path, timeout: int = 300):
+    return subprocess.run(
+        [str(BIN / "tsesnet"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+README_SUBMIT = """
+export RAY_AUTH_MODE=token
+env_file=$(mktemp --suffix .yaml)
+tsesnet submit --print-runtime-env > "$env_file"
+ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --runtime-env "$env_file" \\
+    -- tsesnet train --store "$STORE" --config platform/configs/tiny.yaml --name job-tiny \\
+       --set run.storage_path="$PWD/ray_results"
+"""
 
 
 @pytest.mark.slow
-def test_job_submit_with_token(token_head, tiny_store, tmp_path):
-    address, env = token_head
-    runtime_env = yaml.safe_load((ROOT / "platform" / "runtime_env.yaml").read_text())
-    runtime_env["working_dir"] = str(ROOT)
-    db = tmp_path / "mlflow.db"
-    runtime_env["env_vars"] = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    spec = {
-        "entrypoint": (
-            f"{sys.executable} -m tsesnet.cli train --store {tiny_store} "
-            "--config platform/configs/tiny.yaml --name job-tiny "
-            f"--set run.storage_path={tmp_path / 'ray_results'}"
-        ),
-        "runtime_env": runtime_env,
-        "submission_id": "tsesnet-job-tiny",
-    }
-
-    # Without the token (no RAY_AUTH_MODE, an empty HOME): refused.
-    anon_home = tmp_path / "anon"
-    anon_home.mkdir()
-    anon_env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
-    anon_env["HOME"] = str(anon_home)
-    refused = _client(address, dict(spec, submission_id="anon"), anon_env, timeout=120)
-    assert "error" in refused and "submitted" not in refused, refused
-    assert any(w in refused["error"].lower() for w in ("auth", "401", "403", "token")), refused
-    print(f"\nsubmission without the token: {refused['error'][:300]}")
-
-    # With the token: runs one tiny epoch, tracked and registered.
-    out = _client(address, dict(spec, wait=420), env, timeout=480)
-    assert out.get("status") == "SUCCEEDED", out
-    assert "registered tsesnet" in out["logs"]
+def test_ray_job_submit_as_typed_from_elsewhere(head, tiny_store, tmp_path):
+    elsewhere = tmp_path / "elsewhere"  # not the repository: working_dir must still be the repo
+    elsewhere.mkdir()
+    proc = _bash(README_SUBMIT, dict(head, STORE=str(tiny_store)), elsewhere)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr and "registered tsesnet" in proc.stdout
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("tsesnet")
-    (run,) = client.search_runs([exp.experiment_id], "tags.`tsesnet.run_name` = 'job-tiny'")
+    # Without MLFLOW_TRACKING_URI the job logs where `tsesnet train` typed here would.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{elsewhere / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tsesnet").experiment_id],
+        "tags.`tsesnet.run_name` = 'job-tiny'",
+    )
     assert run.info.status == "FINISHED" and "val_dice" in run.data.metrics
+    assert run.data.tags["code.git_commit"] == runs.git_commit(ROOT) != "unknown"
     (mv,) = client.search_model_versions("name = 'tsesnet'")
     assert mv.run_id == run.info.run_id
-    assert (tmp_path / "ray_results" / "job-tiny").is_dir()
+    assert (elsewhere / "ray_results" / "job-tiny").is_dir()
+    # Every experiment, MLflow's `Default` included, keeps its artifacts beside the database.
+    for exp in client.search_experiments():
+        assert exp.artifact_location.startswith((elsewhere / "mlartifacts").as_uri()), exp
+    # After a job (its workers and Train's actors started), still nothing beyond loopback.
+    bound = listeners(head_pids(head["RAY_TEMP_DIR"]))
+    assert bound and all(is_loopback(a) for a, _, _ in bound), bound
+
+
+@pytest.mark.slow
+def test_tsesnet_submit_follows_the_job_and_reports_its_outcome(head, tmp_path):
+    url = f"http://127.0.0.1:{head['DASHBOARD_PORT']}"
+    env = dict(head, RAY_AUTH_MODE="token")
+    probe = "from tsesnet.tracking.runs import git_commit; print('commit', git_commit())"
+    ok = _tsesnet(["submit", "--address", url, "--", "python", "-c", probe], env, tmp_path)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert f"commit {runs.git_commit(ROOT)}" in ok.stdout  # the job's copy has no .git
+    assert "SUCCEEDED" in ok.stdout
+
+    failed = _tsesnet(
+        ["submit", "--address", url, "--", "tsesnet", "store", "info", str(tmp_path / "no.zarr")],
+        env,
+        tmp_path,
+    )
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    assert "FAILED" in failed.stdout and "no.zarr" in failed.stdout
+
+
+@pytest.mark.slow
+def test_static_runtime_env_without_tracking_uri_fails_clearly(head, tiny_store):
+    # The file used as it is, from the repository root: the job refuses to log into its copy.
+    proc = _bash(
+        "export RAY_AUTH_MODE=token\n"
+        "ray job submit --address http://127.0.0.1:$DASHBOARD_PORT "
+        '--runtime-env platform/runtime_env.yaml -- tsesnet train --store "$STORE" '
+        "--config platform/configs/tiny.yaml --name job-static",
+        dict(head, STORE=str(tiny_store)),
+        ROOT,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "MLFLOW_TRACKING_URI is not set in this Ray job" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_submission_without_the_token_is_refused(head, tmp_path):
+    url = f"http://127.0.0.1:{head['DASHBOARD_PORT']}"
+    anon = dict(head, HOME=str(tmp_path))  # no token file, no RAY_AUTH_MODE
+    out = _tsesnet(["submit", "--address", url, "--", "echo", "hi"], anon, tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error:") and "token" in line.lower(), line
+
+    no_token = dict(anon, RAY_AUTH_MODE="token")
+    out = _tsesnet(["submit", "--address", url, "--", "echo", "hi"], no_token, tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+    plain = _bash(f"ray job submit --address {url} -- echo hi", anon, tmp_path, timeout=120)
+    assert plain.returncode != 0 and "hi\n" not in plain.stdout
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--", "tsesnet", "train"], "no cluster to submit to"),
+        (["--address", "ray://127.0.0.1:10001", "--", "echo"], "is not the job API"),
+        (["--address", "http://127.0.0.1:{port}", "--env", "NOEQUALS", "--", "echo"], "KEY=VALUE"),
+        (["--address", "http://127.0.0.1:{port}"], "nothing to run"),
+        (["--address", "http://127.0.0.1:{port}", "--", "echo"], "cannot use the Ray job API"),
+    ],
+)
+def test_submit_bad_input_is_one_line(args, problem, tmp_path):
+    (port,) = free_ports(1)  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    out = _tsesnet([a.format(port=port) for a in ["submit", *args]], env, tmp_path, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error:") and problem in line, line
+
+
+def test_printed_runtime_env_names_the_checkout_tracking_and_commit(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = "sqlite:///rel/mlflow.db"  # relative: made absolute
+    env["MLFLOW_ARTIFACTS_DESTINATION"] = "arts"
+    out = _tsesnet(["submit", "--print-runtime-env", "--env", "A=b=c"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    spec = yaml.safe_load(out.stdout)
+    base = yaml.safe_load((ROOT / "platform" / "runtime_env.yaml").read_text())
+    assert spec["working_dir"] == str(ROOT) and spec["excludes"] == base["excludes"]
+    assert spec["env_vars"] == {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}",
+        runs.COMMIT_ENV: runs.git_commit(ROOT),
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "arts"),
+        "A": "b=c",
+    }
+
+
+def test_git_commit_falls_back_to_the_submitted_commit(tmp_path, monkeypatch):
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert runs.git_commit(ROOT).split("-")[0] == sha.stdout.strip()
+    monkeypatch.delenv(runs.COMMIT_ENV, raising=False)
+    assert runs.git_commit(tmp_path) == "unknown"  # not a checkout, nothing submitted
+    monkeypatch.setenv(runs.COMMIT_ENV, "abc123-dirty")
+    assert runs.git_commit(tmp_path) == "abc123-dirty"
+    assert runs.git_commit(ROOT) != "abc123-dirty"  # a checkout says for itself
+
+
+def test_new_database_puts_default_experiment_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "db" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
+    runs.ensure_database("lineage-test")
+    import mlflow
+
+    located = {e.name: e.artifact_location for e in mlflow.MlflowClient().search_experiments()}
+    assert located["Default"] == (db.parent / "mlartifacts" / "0").as_uri(), located
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [None, "sqlite:///mlflow.db", "postgresql://mlflow@db:5432/mlflow"],
+)
+def test_a_job_never_tracks_into_its_temporary_copy(uri, tmp_path, monkeypatch):
+    from data_store.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(runs.RAY_JOB_ENV, "{}")
+    monkeypatch.delenv("MLFLOW_ARTIFACTS_DESTINATION", raising=False)
+    if uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(InputError, match="MLFLOW_TRACKING_URI|temporary working directory"):
+        runs.ensure_database("job-test")
+    assert not list(tmp_path.iterdir())  # nothing was created there
+
+
+def test_submit_help_lists_its_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "tsesnet.cli", "submit", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    for flag in ("--address", "--env", "--no-wait", "--print-runtime-env"):
+        assert flag in out.stdout

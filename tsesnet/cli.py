@@ -27,6 +27,7 @@ HANDLERS = {
     "evaluate": "tsesnet.serving.evaluate:cli",
     "demo": "tsesnet.programs.demo:cli",
     "science": "tsesnet.programs.science:cli",
+    "submit": "tsesnet.programs.submit:cli",
 }
 
 
@@ -198,6 +199,20 @@ def _programs(sub) -> None:
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     s.add_argument("--experiment", default="tsesnet-science", metavar="NAME")
     s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
+
+    s = sub.add_parser(
+        "submit", help="run a command on a Ray cluster as a job, with this checkout and its commit"
+    )
+    s.add_argument("--address", default=None, metavar="URL", help="job API, http://HEAD:8265")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--submission-id", default=None, metavar="ID")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    s.add_argument(
+        "--print-runtime-env",
+        action="store_true",
+        help="write the runtime env YAML for `ray job submit --runtime-env FILE` and exit",
+    )
+    s.add_argument("entrypoint", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
 
 
 def _handler_key(args: argparse.Namespace) -> str:

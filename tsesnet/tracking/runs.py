@@ -25,6 +25,10 @@ from pathlib import Path
 DEFAULT_EXPERIMENT = "tsesnet"
 # The tag that finds a run again by its deterministic name (resume, sweeps, registration).
 RUN_NAME_TAG = "tsesnet.run_name"
+# Carries the submitted tree's commit into a Ray job (whose copy of the code has no .git).
+COMMIT_ENV = "TSESNET_GIT_COMMIT"
+# Set by Ray in the driver of a submitted job (`ray job submit`, `tsesnet submit`).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def tracking_uri() -> str:
@@ -48,7 +52,7 @@ def artifact_location() -> str | None:
         return (Path.cwd() / "mlartifacts").as_uri()
     uri = os.environ["MLFLOW_TRACKING_URI"]
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 
@@ -85,31 +89,114 @@ def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Create the tracking database (schema migrated) and the experiment; return its id.
 
     Call it once in the driver before any worker or trial logs.
+
+    Raises:
+        InputError: in a Ray job, tracking would land in the job's temporary copy of the code.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    configure()
+    artifacts = artifact_location()
+    check_outlives_job(tracking_uri(), artifacts)
+    uri = configure()
+    _create_database(uri, artifacts)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment, artifact_location=artifact_location())
+        return client.create_experiment(experiment, artifact_location=artifacts)
     except MlflowException:
         # Another driver created it between the lookup and the create.
         return client.get_experiment_by_name(experiment).experiment_id
 
 
+def _is_database(uri: str) -> bool:
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    return uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES
+
+
+def _create_database(uri: str, artifacts: str | None) -> None:
+    """Open a database tracking store once with `artifacts` as its default artifact root.
+
+    A new database gets MLflow's experiment `Default` when it is first opened, with its
+    artifacts in `./mlruns` of whatever the working directory is; in a Ray job that is the
+    job's temporary copy of the code, deleted with the cluster. Opening it here first gives
+    `Default` the platform's artifact root instead.
+    """
+    if artifacts is None or not _is_database(uri):
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(uri, artifacts)
+
+
+def check_outlives_job(uri: str, artifacts: str | None) -> None:
+    """In a Ray job, refuse a tracking database or artifact folder inside its working directory.
+
+    A submitted job runs in a temporary copy of the uploaded code: an MLflow database or
+    artifacts there disappear with the cluster. Outside a job this checks nothing.
+
+    Raises:
+        InputError: naming the location and what to set instead.
+    """
+    if RAY_JOB_ENV not in os.environ:
+        return
+    from data_store.errors import InputError
+
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        raise InputError(
+            "MLFLOW_TRACKING_URI is not set in this Ray job, so its runs would go to the "
+            "job's temporary working directory; submit with `tsesnet submit` or a runtime env "
+            "from `tsesnet submit --print-runtime-env`, or set it in the runtime env's env_vars"
+        )
+    here = Path.cwd().resolve()
+    if _is_database(uri) and artifacts is None:
+        artifacts = (here / "mlruns").as_uri()  # MLflow's default artifact root
+    for place in (uri, artifacts):
+        local = _local_path(place)
+        if local is not None and local.is_relative_to(here):
+            raise InputError(
+                f"{place} is inside this Ray job's temporary working directory {here}: "
+                "give MLFLOW_TRACKING_URI (and MLFLOW_ARTIFACTS_DESTINATION) as absolute "
+                "paths or a server URL"
+            )
+
+
+def _local_path(uri: str | None) -> Path | None:
+    """The local file a `sqlite:///` or `file:` URI (or a bare path) names; None otherwise."""
+    if not uri:
+        return None
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).resolve()
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path)).resolve()
+    return None if "://" in uri else Path(uri).resolve()
+
+
 def git_commit(path: str | Path | None = None) -> str:
-    """The git commit of the code being run (with `-dirty` if modified), or "unknown"."""
+    """The git commit of the code being run, with `-dirty` if it had uncommitted changes.
+
+    Read from git where the code is a checkout. A Ray job runs in an uploaded copy of the
+    repository without `.git`, and the container image has none either: there the commit comes
+    from `$TSESNET_GIT_COMMIT`, which `tsesnet submit` (and the runtime env it writes) and the
+    image's build set. "unknown" when neither says.
+    """
     cwd = Path(path) if path else Path(__file__).resolve().parent
+    return _git_describe(cwd) or os.environ.get(COMMIT_ENV) or "unknown"
+
+
+def _git_describe(cwd: Path) -> str | None:
+    """`<sha>` or `<sha>-dirty` for the checkout holding `cwd`; None where git can't tell."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
-            return "unknown"
+            return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd,
@@ -119,7 +206,7 @@ def git_commit(path: str | Path | None = None) -> str:
         )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
 
 
 def system_info() -> dict[str, str]:
