@@ -113,15 +113,9 @@ def _connect_ray(workers: int | None):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
         return ray, True
-    ray.init(
-        address="local",  # a new local instance, never the last `ray start` cluster on this host
-        num_cpus=workers or None,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    return ray, True
+    from data_store.local_ray import init_local
+
+    return init_local(num_cpus=workers or None, log_to_driver=False), True
 
 
 def ingest(

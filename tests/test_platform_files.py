@@ -2,7 +2,7 @@
 
 - `local_cluster.sh`: a head beside another Ray listens on loopback only (`ss -ltnp`), refuses
   taken ports and a second start, makes a readable token private, and `stop` ends it alone.
-- The token file: private whoever creates it (`tsesnet.common.cluster`), and the platform's own
+- The token file: private whoever creates it (`data_store.local_ray`), and the platform's own
   local Ray starts without Ray's token notice.
 - `mlflow_server.sh`: authentication on, no secret on a command line, refusals in one line.
 - `cluster.yaml` against Ray's own cluster-launcher schema; `rayjob.yaml`'s image, token Secret,
@@ -35,7 +35,7 @@ from local_head import (
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tsesnet.common import cluster
+from data_store import local_ray
 
 PLATFORM = ROOT / "platform"
 IMAGE = "REGISTRY/tsesnet:0.1.0-gpu"
@@ -103,23 +103,23 @@ def test_token_file_made_private_with_one_line(tmp_path, capsys):
     path = tmp_path / "auth_token"
     path.write_text("t" * 64)
     path.chmod(0o644)
-    assert cluster.make_token_private(path) is True
+    assert local_ray.make_token_private(path) is True
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert str(path) in line and "0644" in line and "0600" in line
-    assert cluster.make_token_private(path) is False  # already private: silent
-    assert cluster.make_token_private(tmp_path / "missing") is False
+    assert local_ray.make_token_private(path) is False  # already private: silent
+    assert local_ray.make_token_private(tmp_path / "missing") is False
     assert capsys.readouterr().err == ""
 
 
 def test_new_token_is_private_and_never_overwritten(tmp_path):
     path = tmp_path / "new" / ".ray" / "auth_token"
-    assert cluster.write_private_token(path) is True
+    assert local_ray.write_private_token(path) is True
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert re.fullmatch(r"[0-9a-f]{64}", path.read_text())
     before = path.read_text()
-    assert cluster.write_private_token(path) is False and path.read_text() == before
+    assert local_ray.write_private_token(path) is False and path.read_text() == before
 
 
 @pytest.mark.slow

@@ -67,9 +67,11 @@ def configure() -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
+        # The first open creates and migrates the schema: one process at a time.
         with _exclusive(Path(uri[len("sqlite:///") :] + ".lock")):
-            # The first store access creates and migrates the schema: one process at a time.
-            mlflow.MlflowClient().search_experiments(max_results=1)
+            _create_database(uri, artifact_location())
+    else:
+        _create_database(uri, artifact_location())
     return uri
 
 
@@ -98,8 +100,7 @@ def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:
 
     artifacts = artifact_location()
     check_outlives_job(tracking_uri(), artifacts)
-    uri = configure()
-    _create_database(uri, artifacts)
+    configure()
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
