@@ -92,17 +92,19 @@ def _nan0(x: float) -> float:
 
 
 def finish_child_runs(client, rows: list[TrialRow], max_epochs: int) -> None:
-    """Trials stopped by ASHA never return from `train`: close their runs here (the epochs a
-    stopped trial trained are what its run's history shows, `collect_rows`)."""
+    """End every trial's run as Tune ended the trial: FINISHED when it completed or ASHA stopped
+    it (a stopped trial's training is killed mid-way, which leaves its run RUNNING or marked by the
+    dying driver), FAILED when it errored. The epochs a stopped trial trained are what its run's
+    history shows (`collect_rows`)."""
     for r in rows:
         if not r.run_id:
             continue
         client.set_tag(r.run_id, "tsesnet.epochs_run", str(r.epochs))
         if r.status == "TERMINATED" and r.epochs < max_epochs:
             client.set_tag(r.run_id, "tsesnet.stopped_early", "true")
-        run = client.get_run(r.run_id)
-        if run.info.status == "RUNNING":
-            client.set_terminated(r.run_id, "FAILED" if r.status == "ERROR" else "FINISHED")
+        status = "FAILED" if r.status == "ERROR" else "FINISHED"
+        if client.get_run(r.run_id).info.status != status:
+            client.set_terminated(r.run_id, status)
 
 
 def log_parent_start(client, run_id, cfg, base_cfg, store, st, n_parallel) -> None:

@@ -227,8 +227,9 @@ def run_sweep(
     grid = _tuner(plan, cfg, resume, stop).fit()
     client = mlflow.MlflowClient()
     rows = report.collect_rows(grid, cfg, client, plan.setup.experiment_id, plan.name)
-    if _unfinished(plan.experiment_path, plan.trials, stop):
-        _interrupted(client, plan, rows, store)
+    open_trials = _unfinished(plan.experiment_path, plan.trials, stop)
+    if open_trials is not None:
+        _interrupted(client, plan, rows, open_trials, store)
     report.finish_child_runs(client, rows, plan.base.schedule.epochs)
     best = rows[0] if rows and math.isfinite(rows[0].best_val_dice) else None
     version = alias = None
@@ -250,29 +251,31 @@ def run_sweep(
     )
 
 
-def _unfinished(exp_path: str, trials: int, stop) -> bool:
-    """Whether Tune returned before every trial finished: a Ctrl-C (Tune catches the first one,
-    writes its state and returns; it then stops the running trials, so only the state on disk
-    still shows them unfinished). Under a `stop` budget ending early is the plan."""
+def _unfinished(exp_path: str, trials: int, stop) -> set[str] | None:
+    """The trials Tune left unfinished, if it returned before every trial finished: a Ctrl-C
+    (Tune catches the first one, writes its state and returns; it then stops the running trials,
+    so only the state on disk still shows them unfinished). None when the sweep is complete, or
+    under a `stop` budget, where ending early is the plan."""
     from ray.tune.analysis import ExperimentAnalysis
 
     if stop is not None:
-        return False
+        return None
     saved = ExperimentAnalysis(exp_path).trials
-    open_trials = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
-    return bool(open_trials) or len(saved) < trials
+    open_trials = {t.custom_dirname for t in saved if t.status not in ("TERMINATED", "ERROR")}
+    return open_trials if open_trials or len(saved) < trials else None
 
 
-def _interrupted(client, plan: SweepPlan, rows: list[TrialRow], store: str) -> None:
-    """End the unfinished trials' runs and the parent as KILLED, register nothing, say how to
-    continue, and raise KeyboardInterrupt (the CLI exits 130)."""
+def _interrupted(client, plan: SweepPlan, rows: list[TrialRow], open_trials: set[str], store):
+    """End the unfinished trials' runs and the parent as KILLED (finished ones as Tune ended
+    them), register nothing, say how to continue, and raise KeyboardInterrupt (exit 130)."""
+    done = [r for r in rows if r.trial not in open_trials]
+    report.finish_child_runs(client, done, plan.base.schedule.epochs)
     for r in rows:
-        if r.run_id and client.get_run(r.run_id).info.status == "RUNNING":
+        if r.trial in open_trials and r.run_id:
             client.set_terminated(r.run_id, "KILLED")
     client.set_terminated(plan.setup.parent_run_id, "KILLED")
-    done = sum(1 for r in rows if r.run_id and client.get_run(r.run_id).info.status != "KILLED")
     print(
-        f"sweep {plan.name} interrupted: {done} of {plan.trials} trials finished, nothing "
+        f"sweep {plan.name} interrupted: {len(done)} of {plan.trials} trials finished, nothing "
         f"registered; Tune saved its state. Continue with: tsesnet sweep --store {store} "
         f"--name {plan.name} --resume",
         flush=True,

@@ -12,6 +12,7 @@ The `tsesnet` package must be importable where the pyfunc is loaded.
 from __future__ import annotations
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
@@ -23,8 +24,9 @@ class TSESNetPyfunc(PythonModel):
 
         self.loaded = load_model_files(context.artifacts["weights"], context.artifacts["config"])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    # np.ndarray is a hint MLflow infers no schema from: the model's explicit signature stays the
+    # contract (without a hint MLflow advises adding one, twice per registration).
+    def predict(self, context, model_input: np.ndarray, params=None):
         import torch
 
         from tsesnet.inference import sliding_window_inference

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,10 +255,7 @@ def _log_model(run_id: str, weights: dict, cfg: dict):
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1, -1))]),
     )
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        # The signature is given explicitly; MLflow's advice to add type hints instead
-        # (printed twice per model) is not for this model.
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+    with tempfile.TemporaryDirectory() as d:
         w, c = Path(d) / WEIGHTS_FILE, Path(d) / CONFIG_FILE
         torch.save(weights, w)
         c.write_text(json.dumps(cfg, indent=1))
