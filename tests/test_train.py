@@ -394,3 +394,24 @@ def test_training_refuses_a_damaged_store_before_it_starts(tiny_store, tmp_path,
     case = chunk.relative_to(damaged).parts[0]
     assert case in err and "image" in err and "missing" in err, err  # case, file, problem
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")],
+)
+def test_a_run_always_ends_with_a_status(error, status, mlflow_uri):
+    """Whatever ends the driver's block, the MLflow run is not left RUNNING."""
+    import mlflow
+
+    from tsesnet.training.driver import ended_as
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("ends"))
+    if error is None:
+        with ended_as(run.info.run_id):
+            pass
+    else:
+        with pytest.raises(error), ended_as(run.info.run_id):
+            raise error("worker died")
+    assert client.get_run(run.info.run_id).info.status == status
