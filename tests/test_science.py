@@ -6,9 +6,10 @@ import csv
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from tsesnet.cli import build_parser
-from tsesnet.programs.science import BEGIN, END, run
+from tsesnet.programs.science import BEGIN, END, paired_difference, run
 
 TINY = Path(__file__).resolve().parents[1] / "platform" / "configs" / "tiny.yaml"
 
@@ -41,3 +42,23 @@ def test_science_trains_scores_and_fills_the_readme(tmp_path, ray_session, mlflo
     assert peak["model.fusion"] == "early" and peak["model.phases"] not in ("[]", "()")
     ablated = runs["science-s3-tsc"].data.params
     assert ablated["model.tumor_aware"] == "False" and float(ablated["loss.beta"]) > 0
+    assert {"dice_filtered", "hd95_filtered", "config_hash"} <= set(rows[0])
+
+    # Runnable in parts and resumable: what was scored is reused, not trained or scored again.
+    before = (out / "science.csv").read_text()
+    assert run(args) == 0
+    assert (out / "science.csv").read_text() == before
+    assert "Table 3 +TSC (no TA)" in readme.read_text()
+
+
+def test_paired_difference_is_a_t_interval_over_seeds():
+    from scipy import stats
+
+    base = {0: 0.30, 1: 0.40, 2: 0.35, 3: 0.20, 4: 0.50}
+    row = {0: 0.40, 1: 0.45, 2: 0.30, 3: 0.35, 4: 0.55, 9: 0.99}  # seed 9 has no pair
+    mean, lo, hi, n = paired_difference(row, base)
+    d = [0.10, 0.05, -0.05, 0.15, 0.05]
+    half = stats.t.ppf(0.975, 4) * stats.tstd(d) / 5**0.5
+    assert n == 5 and mean == pytest.approx(0.06)
+    assert (lo, hi) == pytest.approx((0.06 - half, 0.06 + half))
+    assert paired_difference({0: 0.5}, {0: 0.4})[3] == 1

@@ -2,21 +2,24 @@
 
 On synthetic cohorts (one per seed; `data_store.synth`, where tumours and benign foci differ in
 their kinetic curves, not in any single phase), every row below is trained with the same config
-and the same budget (`platform/configs/science.yaml`: patches, epochs, validation schedule) on
-the cohort's training folds through the real `tsesnet train` path (Ray Train, MLflow), and its
-best checkpoint (by validation Dice) is scored on a separate labelled test cohort of the same
-seed by full-volume sliding window: DSC, HD95 (mm) and sensitivity per case, averaged per seed,
-then mean ± sd across seeds.
+and the same budget (`platform/configs/science.yaml`) on the cohort's training folds through the
+real `tsesnet train` path (Ray Train, MLflow), and its best checkpoint (by validation Dice) is
+scored on a separate labelled test cohort of the same seed by full-volume sliding window: DSC,
+HD95 (mm) and sensitivity per case, raw and after the connected-component filter the run chose on
+validation, averaged per seed.
 
-Rows: the `early` single-phase baseline (the peak post-contrast phase alone, the phase where the
-training tumours are brightest on average), `early` with every phase as input channels, TSESNet
-with each fusion strategy (TA and TSC on), and Table 3's ablation (backbone = plain encoder
-stages and no TSC, +TA, +TSC, both = the `tsff` row), and `tsff` with a learned phase embedding
-(`model.phase_embedding`): Eq. 9 sums over the post-contrast phases, so the paper's TSFF gives
-the same output for any order of them.
+Rows are paired: every row of a seed trains on the same cohort and is scored on the same test
+cases, so the table reports each row's mean paired difference in DSC against the single-phase
+baseline (the `early` network on the peak post-contrast phase alone) with a 95 % confidence
+interval across seeds (Student's t, n - 1 degrees of freedom: a seed is one cohort and one
+training, the unit that varies). Rows: the single-phase baseline, `early` on all phases, TSESNet
+with the paper's loss taken literally, TSESNet with the recommended recipe (`science.yaml`), and
+the other fusions of Table 4 with the same recipe; Table 3's ablations on request (`--rows`).
 
-Re-running continues: a finished run is reused (same run name), a cohort or store already
-written is kept. `--readme README.md` writes the table between the README's science markers.
+Resumable and runnable in parts: every scored (seed, row) is appended to `science.csv` with the
+hash of its training config and skipped when it is there already; `--seeds` and `--rows` pick a
+part, and the table is built from every scored part that matches the current config.
+`--readme README.md` writes the table between the README's science markers.
 """
 
 from __future__ import annotations
@@ -46,10 +49,27 @@ class Row:
 
 
 # "{peak}" is replaced by the cohort's peak phase index.
+PAPER_LOSS = (
+    "loss.alpha=0.7",
+    "loss.beta=0.5",
+    "loss.tau=1e-5",
+    "loss.bce=0",
+    "loss.tsc_scale=paper",
+    "loss.tsc_labels=max",
+)
 ROWS = (
-    Row("early_peak", "`early`, peak phase only", ("model.fusion=early", "model.phases=[{peak}]")),
+    Row(
+        "early_peak",
+        "`early`, peak phase only (baseline)",
+        ("model.fusion=early", "model.phases=[{peak}]"),
+    ),
     Row("early_all", "`early`, all phases as channels", ("model.fusion=early",)),
-    Row("tsff", "TSESNet `tsff` (TA + TSC) = Table 3 both", ("model.fusion=tsff",)),
+    Row(
+        "paper",
+        "TSESNet `tsff`, the paper's loss as written (τ = 1e-5, β = 0.5)",
+        ("model.fusion=tsff", "model.phase_embedding=false", *PAPER_LOSS),
+    ),
+    Row("tsff", "TSESNet `tsff`, recommended recipe", ("model.fusion=tsff",)),
     Row("tsff_bottleneck", "TSESNet `tsff_bottleneck`", ("model.fusion=tsff_bottleneck",)),
     Row("cnn", "TSESNet `cnn`", ("model.fusion=cnn",)),
     Row("stt", "TSESNet `stt`", ("model.fusion=stt",)),
@@ -61,11 +81,18 @@ ROWS = (
     ),
     Row("ta", "Table 3 +TA (no TSC)", ("model.fusion=tsff", "loss.beta=0")),
     Row("tsc", "Table 3 +TSC (no TA)", ("model.fusion=tsff", "model.tumor_aware=false")),
-    Row(
-        "tsff_ordered",
-        "TSESNet `tsff` + phase embedding (ours: Eq. 9 cannot see phase order)",
-        ("model.fusion=tsff", "model.phase_embedding=true"),
-    ),
+)
+BASELINE = "early_peak"
+# What `make science` runs (Table 3's ablations only with --rows).
+DEFAULT_ROWS = (
+    "early_peak",
+    "early_all",
+    "paper",
+    "tsff",
+    "tsff_bottleneck",
+    "cnn",
+    "stt",
+    "meanpool",
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 
@@ -122,19 +149,53 @@ def peak_phase(store: Path, fold: int) -> int:
     return 1 + int(np.argmax(mean[1:]))
 
 
+METRICS = ("dice", "hd95", "sensitivity", "dice_filtered", "hd95_filtered")
+
+
 def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float]:
-    """Mean DSC, HD95 and sensitivity of a run's best weights on the test cohort."""
+    """Mean test metrics of a run's best weights, raw and with the run's component filter.
+
+    Returns:
+        {"dice", "hd95", "sensitivity", "dice_filtered", "hd95_filtered"}: means over the test
+        cases (non-finite HD95 left out, as in validation).
+    """
     import torch
 
+    from data_store.normalize import normalize_intensity
     from data_store.store import open_store
+    from tsesnet.inference import sliding_window_inference
+    from tsesnet.metrics import dice, hd95, sensitivity
+    from tsesnet.postprocess import keep_components
     from tsesnet.training import checkpoint
-    from tsesnet.training.validation import mean_metrics, validate
 
     net = cfg.model.build()
     net.load_state_dict(checkpoint.load_best(result.checkpoint_path))
     net.eval()
-    rows, _ = validate(net, open_store(test_store), test_ids, cfg, torch.device("cpu"))
-    return mean_metrics(rows)
+    st = open_store(test_store)
+    per_case = {m: [] for m in METRICS}
+    for cid in test_ids:
+        case = st.read_case(cid)
+        vol = torch.from_numpy(normalize_intensity(case.image, *case.percentiles))  # (T, Z, Y, X)
+        with torch.no_grad():
+            logits = sliding_window_inference(
+                net, vol, patch=tuple(cfg.data.patch), overlap=cfg.data.val_overlap
+            )  # (1, 1, Z, Y, X)
+        pred, gt = (logits[0, 0] > 0).numpy(), case.mask.astype(bool)
+        kept = keep_components(pred, result.min_component_fraction)
+        for key, value in (
+            ("dice", dice(pred, gt)),
+            ("hd95", hd95(pred, gt, case.spacing)),
+            ("sensitivity", sensitivity(pred, gt)),
+            ("dice_filtered", dice(kept, gt)),
+            ("hd95_filtered", hd95(kept, gt, case.spacing)),
+        ):
+            per_case[key].append(float(value))
+    return {k: _finite_mean(v) for k, v in per_case.items()}
+
+
+def _finite_mean(values: list[float]) -> float:
+    vals = [v for v in values if math.isfinite(v)]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
 def _mean_sd(values: list[float], digits: int = 3) -> str:
@@ -146,21 +207,60 @@ def _mean_sd(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def paired_difference(
+    row: dict[int, float], base: dict[int, float]
+) -> tuple[float, float, float, int]:
+    """Mean of `row - base` over the seeds both have, with its 95 % t-interval.
+
+    Args:
+        row, base: seed -> the per-seed mean of a metric.
+
+    Returns:
+        (mean difference, CI low, CI high, number of paired seeds); NaN bounds below 2 seeds.
+    """
+    from scipy import stats
+
+    diffs = [row[s] - base[s] for s in sorted(set(row) & set(base))]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    n = len(diffs)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return mean, float("nan"), float("nan"), n
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
 def table(results: list[dict], seeds: list[int], keys: list[str]) -> str:
-    """Markdown: one line per row, mean ± sd across seeds of each metric."""
+    """Markdown: one line per row: DSC (mean ± sd across seeds), its paired difference against
+    the single-phase baseline with the 95 % CI, HD95 raw and filtered, sensitivity, seeds."""
     lines = [
-        "| configuration | DSC | HD95 (mm) | sensitivity | seeds |",
-        "|---|---:|---:|---:|---:|",
+        "| configuration | DSC | Δ DSC vs single phase [95 % CI] | DSC, filtered | HD95 (mm) "
+        "| HD95, filtered | sensitivity | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    by_row: dict[str, dict[int, dict]] = {}
+    for r in results:
+        if int(r["seed"]) in seeds:
+            by_row.setdefault(r["row"], {})[int(r["seed"])] = r
+    base = {s: float(r["dice"]) for s, r in by_row.get(BASELINE, {}).items()}
     for row in ROWS:
-        if row.key not in keys:
+        got = by_row.get(row.key)
+        if row.key not in keys or not got:
             continue
-        got = [r for r in results if r["row"] == row.key]
-        cells = [
-            _mean_sd([r[m] for r in got], 1 if m == "hd95" else 3)
-            for m in ("dice", "hd95", "sensitivity")
-        ]
-        lines.append(f"| {row.label} | {' | '.join(cells)} | {len(got)}/{len(seeds)} |")
+
+        def col(metric, digits=3, got=got):
+            return _mean_sd([float(r[metric]) for r in got.values()], digits)
+
+        if row.key == BASELINE:
+            delta = "(reference)"
+        else:
+            mean, lo, hi, n = paired_difference({s: float(r["dice"]) for s, r in got.items()}, base)
+            delta = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if n >= 2 else f"{mean:+.3f} (n={n})"
+        cells = [col("dice"), delta, col("dice_filtered"), col("hd95", 1), col("hd95_filtered", 1)]
+        cells += [col("sensitivity"), f"{len(got)}/{len(seeds)}"]
+        lines.append(f"| {row.label} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -178,18 +278,17 @@ def write_readme(readme: Path, block: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tsesnet.training import config as train_config
-    from tsesnet.training.driver import train
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    keys = list(args.rows or ROW_KEYS)
+    keys = list(args.rows or DEFAULT_ROWS)
     unknown = sorted(set(keys) - set(ROW_KEYS))
     if unknown:
         raise SystemExit(f"error: unknown --rows {unknown}; choose from {', '.join(ROW_KEYS)}")
     args.config = args.config or str(CONFIG)
     base = train_config.load_config(args.config, list(args.overrides))
     started = time.perf_counter()
-    results = []
+    results = _read_csv(out / "science.csv")
     for seed in args.seeds:
         _stage(f"seed {seed}: cohort of {args.cases} training/validation + {args.test_cases} test")
         seed_dir = out / f"seed{seed}"
@@ -198,49 +297,103 @@ def run(args: argparse.Namespace) -> int:
         )
         peak = peak_phase(store, base.data.fold)
         print(f"   peak post-contrast phase of the training tumours: {peak}", flush=True)
-        for row in ROWS:
-            if row.key not in keys:
+        for row in (r for r in ROWS if r.key in keys):
+            cfg = _row_config(args, row, seed, seed_dir, peak)
+            done = _find(results, seed, row.key, train_config.config_hash(cfg))
+            if done is not None:
+                print(f"   {row.key}: scored before (science.csv), DSC {float(done['dice']):.3f}")
                 continue
-            overrides = [o.format(peak=peak) for o in row.overrides]
-            overrides += [
-                "run.register=false",
-                f"run.experiment={args.experiment}",
-                f"run.storage_path={seed_dir / 'ray_results'}",
-                f"schedule.seed={seed}",
-            ]
-            cfg = train_config.load_config(args.config, [*args.overrides, *overrides])
-            _stage(f"seed {seed}, {row.label}")
-            t0 = time.perf_counter()
-            res = train(str(store), cfg, names.join("science", f"s{seed}", row.key))
-            m = score(res, cfg, test_store, test_ids)
-            results.append({"seed": seed, "row": row.key, "epochs": res.epochs_done, **m})
-            print(
-                f"   test DSC {m['dice']:.3f}, HD95 {m['hd95']:.2f} mm, sensitivity "
-                f"{m['sensitivity']:.3f} ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+            results.append(_train_and_score(row, cfg, seed, peak, store, test_store, test_ids))
             _write_csv(out / "science.csv", results)
+    current = [r for r in results if r["config_hash"] == _hash_of(args, r, out)]
     block = (
-        f"{table(results, args.seeds, keys)}\n\n"
+        f"{table(current, list(args.seeds), keys)}\n\n"
         f"Seeds {', '.join(map(str, args.seeds))}; per seed {args.cases} training/validation and "
         f"{args.test_cases} test cases; config `{Path(args.config).name}`"
         f"{' with ' + ', '.join(args.overrides) if args.overrides else ''}."
     )
     (out / "science.md").write_text(block + "\n")
-    print(f"\n{block}\n({time.perf_counter() - started:.0f} s; finished runs reused)", flush=True)
+    print(f"\n{block}\n({time.perf_counter() - started:.0f} s; scored parts reused)", flush=True)
     if args.readme:
         write_readme(Path(args.readme), block)
         print(f"table written into {args.readme}", flush=True)
     return 0
 
 
+def _row_config(args, row: Row, seed: int, seed_dir: Path, peak: int):
+    from tsesnet.training import config as train_config
+
+    overrides = [o.format(peak=peak) for o in row.overrides]
+    overrides += [
+        "run.register=false",
+        f"run.experiment={args.experiment}",
+        f"run.storage_path={seed_dir / 'ray_results'}",
+        f"schedule.seed={seed}",
+    ]
+    return train_config.load_config(args.config, [*args.overrides, *overrides])
+
+
+def _hash_of(args, result: dict, out: Path) -> str:
+    """The config hash the current arguments give for a scored result's row and seed."""
+    from tsesnet.training import config as train_config
+
+    row = next(r for r in ROWS if r.key == result["row"])
+    seed = int(result["seed"])
+    peak = int(result["peak"])
+    return train_config.config_hash(_row_config(args, row, seed, out / f"seed{seed}", peak))
+
+
+def _train_and_score(row: Row, cfg, seed: int, peak: int, store, test_store, test_ids) -> dict:
+    """Train (or reuse) the row's run of a seed and score it: one line of `science.csv`."""
+    from tsesnet.training import config as train_config
+    from tsesnet.training.driver import train
+
+    _stage(f"seed {seed}, {row.label}")
+    t0 = time.perf_counter()
+    res = train(str(store), cfg, names.join("science", f"s{seed}", row.key))
+    m = score(res, cfg, test_store, test_ids)
+    print(
+        f"   test DSC {m['dice']:.3f} ({m['dice_filtered']:.3f} filtered), HD95 {m['hd95']:.1f} "
+        f"mm ({m['hd95_filtered']:.1f}), sensitivity {m['sensitivity']:.3f} "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+    return {
+        "seed": seed,
+        "row": row.key,
+        "config_hash": train_config.config_hash(cfg),
+        "peak": peak,
+        "epochs": res.epochs_done,
+        **m,
+    }
+
+
+def _find(results: list[dict], seed: int, row: str, config_hash: str) -> dict | None:
+    return next(
+        (
+            r
+            for r in results
+            if int(r["seed"]) == seed and r["row"] == row and r["config_hash"] == config_hash
+        ),
+        None,
+    )
+
+
 def _write_csv(path: Path, results: list[dict]) -> None:
+    """All scored parts, written atomically (a run stopped mid-way keeps what it scored)."""
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(results[0]))
         w.writeheader()
         w.writerows(results)
     tmp.replace(path)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def cli(args: argparse.Namespace) -> int:
