@@ -175,7 +175,7 @@ def finish_case(
         case_id: the case.
         prepared: `prepare_case`'s result, or the exception it raised (an `Exception` becomes
             the case's error row; anything else, e.g. KeyboardInterrupt, is re-raised).
-        out_dir: output folder (exists).
+        out_dir: output folder (created if missing).
         config: thresholds and sliding-window settings.
         device: torch device for inference (None: CPU).
 
@@ -200,7 +200,6 @@ def finish_case(
         pred, prob = _segment(loaded, prepared.volume, config, device)
         write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
         if config.probabilities:
-            prob_path.parent.mkdir(exist_ok=True)  # checked by output_paths: inside OUT
             write_mask(prob_path, prob, prepared.case.geometry, np.float32)
         row.update(_scores(case_id, pred, prepared.case))
         row["warnings"] = "; ".join(_unlike(record, prepared.case))
