@@ -1,4 +1,5 @@
-"""`tsesnet evaluate`: metrics per case from NIfTI headers, matching by ID, missing/extra cases."""
+"""`tsesnet evaluate`: metrics per case from NIfTI headers, matching by ID, missing/extra cases,
+and files that are not what they claim (probability maps, duplicates, unreadable files)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def dirs(tmp_path):
     _save(labels / "c.nii.gz", _cube())
     _save(pred / "a.nii.gz", _cube())  # perfect
     _save(pred / "b.nii.gz", _cube(offset=1))  # shifted one 3 mm voxel along i
-    _save(pred / "b_prob.nii.gz", _cube().astype(np.float32))  # probability map: skipped
+    # `tsesnet predict`'s probability maps live in a sub-folder: not read
+    _save(pred / "probabilities" / "b.nii.gz", _cube().astype(np.float32) * 0.7)
     _save(pred / "d.nii.gz", _cube())  # no label
     return pred, labels
 
@@ -130,3 +132,101 @@ def test_summary_ignores_failed_rows_and_uses_sample_sd():
     assert s["n_failed"] == 1 and s["dice"]["mean"] == pytest.approx(0.75)
     assert s["dice"]["sd"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
     assert s["sensitivity"]["n"] == 1 and s["sensitivity"]["sd"] is None
+
+
+def _cli(pred, labels, capsys, *extra) -> tuple[int, str, list[str]]:
+    status = main(["evaluate", "--pred", str(pred), "--labels", str(labels), *extra])
+    captured = capsys.readouterr()
+    return status, captured.out, [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+
+
+def test_a_probability_map_saved_as_a_mask_fails_that_case(dirs, capsys):
+    pred, labels = dirs
+    rng = np.random.default_rng(0)
+    prob = (_cube() * rng.uniform(0.5, 1.0, SHAPE) + rng.uniform(0, 0.01, SHAPE)).astype(np.float32)
+    _save(pred / "a.nii.gz", prob)  # scored as if thresholded at 0 it would be DSC 1.0
+    report = evaluate_dirs(pred, labels)
+    a = report.cases[0]
+    assert a.case_id == "a" and a.status == "error" and a.dice is None
+    assert a.error.startswith(f"{pred / 'a.nii.gz'}: prediction is not a binary mask: values ")
+    assert f"({np.unique(prob).size} distinct values) (a probability map?)" in a.error
+    assert report.cases[1].status == "ok"  # b is still scored
+    assert report.summary["n_failed"] == 1 and report.summary["dice"]["n"] == 1
+    status, _, errors = _cli(pred, labels, capsys)
+    assert status == 1 and len(errors) == 1 and errors[0].startswith("error: case a: ")
+
+
+@pytest.mark.parametrize(
+    ("pred_values", "label_values", "problem"),
+    [
+        ((0, 255), (0, 1), "prediction is not a binary mask: values 0, 255"),
+        ((0, 1), (0, 1, 2), "label is not a binary mask: values 0, 1, 2"),
+        ((0.0, 1.0, np.nan), (0, 1), "prediction is not a binary mask: values 0, 1, nan"),
+        ((0.0, 1.0), (False, True), None),  # float or bool 0/1 masks are masks
+    ],
+)
+def test_mask_values_must_be_0_and_1(tmp_path, pred_values, label_values, problem):
+    def volume(values):
+        dtype = np.asarray(values).dtype
+        arr = np.full(SHAPE, values[0], dtype=np.int16 if dtype.kind == "i" else dtype)
+        for i, v in enumerate(values[1:]):
+            arr[i, :2, :2] = v  # the same voxels in prediction and label
+        return arr.astype(np.uint8) if arr.dtype == bool else arr
+
+    _save(tmp_path / "p" / "a.nii.gz", volume(pred_values))
+    _save(tmp_path / "l" / "a.nii.gz", volume(label_values))
+    (case,) = evaluate_dirs(tmp_path / "p", tmp_path / "l").cases
+    if problem is None:
+        assert case.status == "ok" and case.dice == pytest.approx(1.0)
+    else:
+        assert case.status == "error" and problem in case.error
+
+
+def test_suffixes_in_any_letter_case_and_ids_ending_in_prob(tmp_path, capsys):
+    pred, labels = tmp_path / "pred", tmp_path / "labels"
+    for name in ("X.NII.GZ", "y.Nii", "A.nii.gz", "A_prob.nii.gz"):
+        _save(pred / name, _cube())
+    for name in ("X.nii.gz", "y.nii", "A.nii.gz", "A_prob.nii.gz"):
+        _save(labels / name, _cube())
+    _save(pred / ".hidden.nii.gz", _cube())  # hidden files are not cases
+    report = evaluate_dirs(pred, labels)
+    assert [(c.case_id, c.status) for c in report.cases] == [
+        ("A", "ok"),
+        ("A_prob", "ok"),  # a case like any other: prediction keeps its maps in probabilities/
+        ("X", "ok"),
+        ("y", "ok"),
+    ]
+    assert report.missing == [] and report.extra == []
+    assert _cli(pred, labels, capsys)[0] == 0
+
+
+def test_two_files_for_one_case_fail_that_case_only(dirs):
+    pred, labels = dirs
+    _save(pred / "a.nii", _cube())
+    _save(labels / "b.NII.GZ", _cube())
+    report = evaluate_dirs(pred, labels)
+    failed = {c.case_id: c.error for c in report.cases if c.status == "error"}
+    assert failed == {
+        "a": f"{pred / 'a.nii'}: two prediction files for one case: a.nii and a.nii.gz",
+        "b": f"{labels / 'b.NII.GZ'}: two label files for one case: b.NII.GZ and b.nii.gz",
+    }
+
+
+def test_unreadable_and_4d_files_are_failed_cases_with_one_line(dirs, capsys):
+    pred, labels = dirs
+    raw = (pred / "a.nii.gz").read_bytes()
+    (pred / "a.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated
+    _save(pred / "b.nii.gz", np.stack([_cube(), _cube()], axis=-1))
+    report = evaluate_dirs(pred, labels)
+    a, b = report.cases
+    assert a.status == b.status == "error"
+    assert a.error.startswith(f"{pred / 'a.nii.gz'}: unreadable") and "\n" not in a.error
+    assert b.error == f"{pred / 'b.nii.gz'}: a mask must be 3D, this is 4D (12, 16, 16, 2)"
+    status, _, errors = _cli(pred, labels, capsys)
+    assert status == 1 and len(errors) == 2
+
+
+def test_pred_and_labels_must_differ(dirs, capsys):
+    _, labels = dirs
+    status, _, errors = _cli(labels, labels, capsys)
+    assert status == 2 and errors == [f"error: {labels}: --pred and --labels are the same folder"]

@@ -9,8 +9,15 @@ axis order, and every output must carry its phase-0 file's shape and affine exac
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import io
+import json
+import os
 import pickle
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -84,8 +91,9 @@ def write_cohort(root, *, broken: bool = True):
     return root
 
 
-def _register_tiny(workdir) -> str:
-    """An untrained tiny TSESNet registered in MLflow the way training registers its best model."""
+def _register_tiny(workdir, name: str = "tsesnet-predict-test", training_data=None) -> str:
+    """An untrained tiny TSESNet registered in MLflow the way training registers its best model
+    (with `training_data`, the record prediction compares scans with)."""
     import mlflow
     import torch
 
@@ -106,9 +114,10 @@ def _register_tiny(workdir) -> str:
         phases=T,
         val_dice=0.5,
         lineage={"store_fingerprint": "test", "fold": 0, "run_name": "predict-test"},
-        name="tsesnet-predict-test",
+        name=name,
+        training_data=training_data,
     )
-    return f"models:/tsesnet-predict-test/{reg.version}"
+    return f"models:/{name}/{reg.version}"
 
 
 @pytest.fixture(scope="module")
@@ -133,29 +142,25 @@ def raw_run(ray_session, model_uri, cohort, tmp_path_factory):
     from tsesnet.cli import main
 
     out = tmp_path_factory.mktemp("pred_raw")
-    argv = [
-        "predict",
-        "--model",
-        model_uri,
-        "--input",
-        str(cohort),
-        "--output",
-        str(out),
-        "--workers",
-        "2",
-        "--probabilities",
-    ]
-    return main(argv), out
+    argv = ["predict", "--model", model_uri, "--input", str(cohort), "--output", str(out)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # our lines go to sys.stderr; Ray's to the fd
+        status = main([*argv, "--workers", "2", "--probabilities"])
+    return status, out, err.getvalue()
+
+
+def _prob(out, case_id):
+    return out / "probabilities" / f"{case_id}.nii.gz"
 
 
 @pytest.mark.slow
 def test_outputs_land_on_each_input_grid(raw_run, cohort):
-    status, out = raw_run
+    status, out, _ = raw_run
     for name in [*ORIENTATIONS, "unlabelled"]:
         src = nib.load(str(cohort / "imagesTr" / f"{name}_0000.nii.gz"))
         for path, dtype in (
             (out / f"{name}.nii.gz", np.uint8),
-            (out / f"{name}_prob.nii.gz", np.float32),
+            (_prob(out, name), np.float32),
         ):
             pred = nib.load(str(path))
             assert pred.shape == src.shape, name
@@ -164,11 +169,11 @@ def test_outputs_land_on_each_input_grid(raw_run, cohort):
             assert int(pred.header["qform_code"]) == int(src.header["qform_code"])
             assert pred.get_data_dtype() == dtype
     # Same canonical voxels -> the same prediction, mapped back through each file's axes.
-    ras_prob = nib.load(str(out / "ras_prob.nii.gz")).get_fdata(dtype=np.float32)
+    ras_prob = nib.load(str(_prob(out, "ras"))).get_fdata(dtype=np.float32)
     ras_mask = np.asanyarray(nib.load(str(out / "ras.nii.gz")).dataobj)
     assert np.array_equal(ras_mask, (ras_prob > 0.5).astype(np.uint8))
     for name, (to_file, _) in ORIENTATIONS.items():
-        prob = nib.load(str(out / f"{name}_prob.nii.gz")).get_fdata(dtype=np.float32)
+        prob = nib.load(str(_prob(out, name))).get_fdata(dtype=np.float32)
         mask = np.asanyarray(nib.load(str(out / f"{name}.nii.gz")).dataobj)
         np.testing.assert_allclose(prob, to_file(ras_prob), atol=1e-6, err_msg=name)
         assert np.array_equal(mask, to_file(ras_mask)), name
@@ -176,7 +181,7 @@ def test_outputs_land_on_each_input_grid(raw_run, cohort):
 
 @pytest.mark.slow
 def test_summary_metrics_unlabelled_and_broken_case_isolated(raw_run):
-    status, out = raw_run
+    status, out, _ = raw_run
     assert status == 1  # one case failed
     rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
     assert set(rows) == {"ras", "lps", "oblique", "unlabelled", "broken"}
@@ -196,7 +201,7 @@ def test_summary_metrics_unlabelled_and_broken_case_isolated(raw_run):
 def test_evaluate_on_the_written_masks_agrees_with_predict(raw_run, cohort):
     from tsesnet.serving.evaluate import evaluate_dirs
 
-    _, out = raw_run
+    _, out, _ = raw_run
     rows = {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
     report = evaluate_dirs(out, cohort / "labelsTr")
     assert report.extra == ["unlabelled"] and report.missing == []
@@ -205,14 +210,20 @@ def test_evaluate_on_the_written_masks_agrees_with_predict(raw_run, cohort):
         assert c.hd95_mm == pytest.approx(float(rows[c.case_id]["hd95_mm"]), rel=1e-5)
 
 
-@pytest.mark.slow
-def test_store_and_raw_predictions_are_identical(raw_run, model_uri, cohort, tmp_path):
+@pytest.fixture(scope="module")
+def store(ray_session, cohort, tmp_path_factory):
+    """The cohort ingested (the broken case is rejected)."""
     from data_store.ingest import ingest
 
-    _, raw_out = raw_run
-    store = tmp_path / "store.zarr"
-    report = ingest(cohort, store, folds=2, progress=False)  # the broken case is rejected
+    path = tmp_path_factory.mktemp("store") / "store.zarr"
+    report = ingest(cohort, path, folds=2, progress=False)
     assert len(report.rejected) == 1 and "broken" in report.rejected[0]
+    return path
+
+
+@pytest.mark.slow
+def test_store_and_raw_predictions_are_identical(raw_run, model_uri, store, tmp_path):
+    _, raw_out, _ = raw_run
     out = tmp_path / "pred_store"
     config = PredictConfig(workers=2, probabilities=True)
     report = predict(model_uri, str(store), str(out), config, progress=False)
@@ -223,8 +234,8 @@ def test_store_and_raw_predictions_are_identical(raw_run, model_uri, cohort, tmp
         b = nib.load(str(raw_out / f"{case_id}.nii.gz"))
         assert np.array_equal(a.affine, b.affine)
         assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), case_id
-        pa = nib.load(str(out / f"{case_id}_prob.nii.gz")).get_fdata(dtype=np.float32)
-        pb = nib.load(str(raw_out / f"{case_id}_prob.nii.gz")).get_fdata(dtype=np.float32)
+        pa = nib.load(str(_prob(out, case_id))).get_fdata(dtype=np.float32)
+        pb = nib.load(str(_prob(raw_out, case_id))).get_fdata(dtype=np.float32)
         assert np.array_equal(pa, pb), case_id
     # Folds select labelled cases of that fold only (unlabelled ones have none).
     reader = CaseReader.for_input(str(store))
@@ -251,7 +262,7 @@ def test_the_component_filter_stored_with_the_model_is_applied(model_uri, cohort
         return np.asanyarray(nib.load(str(out / f"{case}.nii.gz")).dataobj) > 0
 
     predict_case(loaded, reader, case, tmp_path, PredictConfig(probabilities=True))
-    prob = nib.load(str(tmp_path / f"{case}_prob.nii.gz")).get_fdata(dtype=np.float32)
+    prob = nib.load(str(_prob(tmp_path, case))).get_fdata(dtype=np.float32)
     t = float(np.quantile(prob, 0.7))  # an untrained net: a threshold that leaves many islands
     raw = mask(PredictConfig(threshold=t), tmp_path / "raw")
     n_raw = ndimage.label(raw, structure=np.ones((3, 3, 3)))[1]
@@ -280,7 +291,7 @@ def test_actor_that_cannot_load_the_model_reports_it_per_case(cohort, tmp_path, 
         env={},
         threads=1,
     )
-    out = actor({"case_id": np.array(["ras", "lps"], dtype=object)})
+    out = _merged(actor({"case_id": np.array(["ras", "lps"], dtype=object)}))
     assert out["status"] == ["model_error", "model_error"]
     assert "not-a-model" in out["error"][0]
 
@@ -295,7 +306,7 @@ def test_gpu_actor_without_cuda_says_so(cohort, tmp_path):
         env={},
         threads=1,
     )
-    out = actor({"case_id": np.array(["ras"], dtype=object)})
+    out = _merged(actor({"case_id": np.array(["ras"], dtype=object)}))
     assert out["status"] == ["model_error"] and "no CUDA device" in out["error"][0]
 
 
@@ -358,3 +369,440 @@ def test_pool_size(config, n_cases, resources, expected):
 def test_bad_pool_flags(config, match):
     with pytest.raises(InputError, match=match):
         _plan_workers(config, 4, {"CPU": 2})
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input: case IDs that name paths, links out of OUT, outputs that would lose data
+# --------------------------------------------------------------------------------------------
+
+OLD_COLUMNS = [  # summary.csv's columns before `warnings` was added: kept, in this order
+    *("case_id", "status", "dice", "hd95_mm", "sensitivity", "pred_voxels", "gt_voxels"),
+    *("seconds", "error"),
+]
+RECORD = {  # what the cohort's RAS cases look like: 3 phases, (Z, Y, X) = (2, 0.7, 0.7) mm
+    "phases": [3, 3],
+    "spacing_mm_min": [2.0, 0.7, 0.7],
+    "spacing_mm_max": [2.0, 0.7, 0.7],
+    "orientations": ["RAS"],
+}
+
+
+def _tree(root, skip) -> dict:
+    """Every entry under `root` outside `skip`: kind and content (links: where they point)."""
+    out = {}
+    for folder, dirs, files in os.walk(root):  # does not follow links
+        for name in dirs + files:
+            p = Path(folder) / name
+            if p == skip or skip in p.parents:
+                continue
+            key = str(p.relative_to(root))
+            if p.is_symlink():
+                out[key] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[key] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[key] = ("dir",)
+    return out
+
+
+def _cli(argv, capsys) -> tuple[int, list[str], str]:
+    """(exit status, the `error:` lines, all of stderr) of `tsesnet ARGV`."""
+    from tsesnet.cli import main
+
+    status = main(argv)
+    err = capsys.readouterr().err
+    return status, [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+def _rows(out) -> dict:
+    return {r["case_id"]: r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
+
+
+def _merged(batches) -> dict[str, list]:
+    """The single-row batches a `CasePredictor` call yields, as one batch."""
+    out: dict[str, list] = {}
+    for batch in batches:
+        for k, v in batch.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_uri):
+    from tsesnet.registry import load_model
+
+    return load_model(model_uri)
+
+
+@pytest.fixture(scope="module")
+def record_uri(model_uri, tmp_path_factory):
+    """A second model in the same registry, registered with a record of its training data."""
+    return _register_tiny(None, name="tsesnet-predict-record", training_data=RECORD)
+
+
+def write_hostile_cohort(root):
+    """nnU-Net layout: `A` and `A_prob` (labelled), cases unlike RECORD (orientation, phases,
+    spacing) and two whose file names make unsafe case IDs (a name starting with `.` is a hidden
+    file, never a case)."""
+    image, mask = _canonical_case(0)
+    other, other_mask = _canonical_case(2)
+    coarse = RAS.copy()
+    coarse[2, 2] = 4.0  # Z spacing 4 mm: beyond 1.5 x the 2 mm trained on
+    lps_file, lps_affine = ORIENTATIONS["lps"]
+    cases = [
+        ("A", image, mask, RAS, lambda a: a, T),
+        ("A_prob", other, other_mask, RAS, lambda a: a, T),
+        ("lps", image, None, lps_affine, lps_file, T),
+        ("two_phase", image, None, RAS, lambda a: a, 2),
+        ("coarse", image, None, coarse, lambda a: a, T),
+        ("a\\..\\..\\victim\\y", image, None, RAS, lambda a: a, T),
+        ("__init__", image, None, RAS, lambda a: a, T),
+    ]
+    for name, img, msk, affine, to_file, phases in cases:
+        for t in range(phases):
+            _save(root / "imagesTr" / f"{name}_{t:04d}.nii.gz", to_file(_ras_file(img))[t], affine)
+        if msk is not None:
+            _save(root / "labelsTr" / f"{name}.nii.gz", to_file(_ras_file(msk)), affine)
+    return root
+
+
+@pytest.mark.slow
+def test_a_model_without_a_training_record_is_noted_once(raw_run):
+    _, out, err = raw_run
+    assert err.count("note: the model has no record of its training data") == 1
+    assert "warning:" not in err
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header == [*OLD_COLUMNS, "warnings"]
+    assert all(r["warnings"] == "" for r in _rows(out).values())
+
+
+@pytest.mark.slow
+def test_a_forged_store_index_touches_nothing_outside_out(model_uri, store, tmp_path, capsys):
+    """The index names cases `../../victim/x` and `/abs/.../victim/y`; real case groups and
+    precious files wait where those names lead (read from, written to, unlinked by a run that
+    followed them)."""
+    root = tmp_path / "a" / "b"
+    forged, victim, out = root / "store.zarr", tmp_path / "a" / "victim", root / "out"
+    shutil.copytree(store, forged)
+    meta = json.loads((forged / "zarr.json").read_text())
+    cases = meta["attributes"]["cases"]
+    cases["../../victim/x"] = cases.pop("lps")
+    cases[str(victim / "y")] = cases.pop("oblique")
+    (forged / "zarr.json").write_text(json.dumps(meta))
+    for name, group in (("x", "lps"), ("y", "oblique")):
+        shutil.copytree(store / group, victim / name)
+        (victim / f"{name}.nii.gz").write_bytes(b"precious")
+    before = _tree(tmp_path, out)
+
+    argv = ["predict", "--model", model_uri, "--input", str(forged), "--workers", "2"]
+    status, errors, err = _cli([*argv, "--output", str(out)], capsys)
+    assert _tree(tmp_path, out) == before
+    assert "Traceback" not in err
+    if status == 2:  # data_store's open_store refusing forged indexes itself is fine too
+        assert len(errors) == 1 and "victim" in errors[0]
+    else:
+        assert status == 1
+        rows = _rows(out)
+        assert set(rows) == {"ras", "unlabelled", "../../victim/x", str(victim / "y")}
+        assert rows["ras"]["status"] == rows["unlabelled"]["status"] == "ok"
+        for forged_id in ("../../victim/x", str(victim / "y")):
+            assert rows[forged_id]["status"] == "error"
+            assert rows[forged_id]["error"].startswith(f"unsafe case ID {forged_id!r}")
+        assert sorted(p.name for p in out.iterdir()) == [
+            "ras.nii.gz",
+            "summary.csv",
+            "unlabelled.nii.gz",
+        ]
+
+    # An output inside the input store is refused before anything starts.
+    status, errors, _ = _cli([*argv, "--output", str(forged / "preds")], capsys)
+    assert status == 2 and len(errors) == 1 and "inside the input store" in errors[0]
+    assert not (forged / "preds").exists()
+
+
+@pytest.fixture(scope="module")
+def hostile_run(ray_session, record_uri, tmp_path_factory):
+    """`tsesnet predict --probabilities` on the hostile cohort with the recorded model."""
+    from tsesnet.cli import main
+
+    root = tmp_path_factory.mktemp("hostile")
+    cohort = write_hostile_cohort(root / "cohort")
+    out = root / "out"
+    before = _tree(root, out)
+    argv = ["predict", "--model", record_uri, "--input", str(cohort), "--output", str(out)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main([*argv, "--workers", "2", "--probabilities"])
+    return status, cohort, out, err.getvalue(), before == _tree(root, out)
+
+
+@pytest.mark.slow
+def test_hostile_file_names_fail_alone_and_write_nothing_outside_out(hostile_run):
+    status, _, out, err, untouched = hostile_run
+    assert status == 1 and untouched
+    rows = _rows(out)
+    for bad in ("a\\..\\..\\victim\\y", "__init__"):
+        assert rows[bad]["status"] == "error"
+        assert rows[bad]["error"].startswith(f"unsafe case ID {bad!r}")
+        assert f"error: case {bad}: unsafe case ID" in err
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {
+        "A",
+        "A_prob",
+        "lps",
+        "two_phase",
+        "coarse",
+    }
+    assert not list(out.glob("*victim*")) and not list(out.glob("__init__*"))
+
+
+@pytest.mark.slow
+def test_probability_maps_never_collide_with_case_ids(hostile_run):
+    from tsesnet.serving.evaluate import evaluate_dirs
+
+    _, cohort, out, _, _ = hostile_run
+    a_mask, a_prob = nib.load(str(out / "A.nii.gz")), nib.load(str(_prob(out, "A")))
+    b_mask, b_prob = nib.load(str(out / "A_prob.nii.gz")), nib.load(str(_prob(out, "A_prob")))
+    assert a_mask.get_data_dtype() == b_mask.get_data_dtype() == np.uint8
+    assert a_prob.get_data_dtype() == b_prob.get_data_dtype() == np.float32
+    assert not np.array_equal(a_prob.get_fdata(), b_prob.get_fdata())  # two cases, two maps
+    # evaluate reads the same layout: both are cases, the probabilities/ folder is not read
+    report = evaluate_dirs(out, cohort / "labelsTr")
+    assert [(c.case_id, c.status) for c in report.cases] == [("A", "ok"), ("A_prob", "ok")]
+
+
+@pytest.mark.slow
+def test_cases_unlike_the_training_data_are_warned_about(hostile_run):
+    _, _, out, err, _ = hostile_run
+    rows = _rows(out)
+    expected = {
+        "A": "",
+        "A_prob": "",
+        "lps": "orientation LPS (trained on RAS)",
+        "two_phase": "2 phases (trained on 3)",
+        "coarse": "Z spacing 4 mm (trained on 2 mm)",
+    }
+    for case_id, text in expected.items():
+        assert rows[case_id]["warnings"] == text, case_id
+        if text:  # one line per case, not an error
+            assert f"warning: case {case_id}: unlike the training data: {text}\n" in err
+    assert err.count("warning:") == 3 and "note:" not in err
+
+
+def test_unsafe_ids_are_refused_before_anything_is_read_or_removed(loaded, cohort, tmp_path):
+    from tsesnet.serving.predict import predict_case
+
+    out, victim = tmp_path / "a" / "b" / "out", tmp_path / "a" / "victim"
+    out.mkdir(parents=True)
+    victim.mkdir()
+    for name in ("x", "y"):
+        (victim / f"{name}.nii.gz").write_bytes(b"precious")  # what an error clean-up unlinks
+    before = _tree(tmp_path, out)
+    reader = CaseReader.for_input(str(cohort))
+    for case_id in [
+        "../../victim/x",
+        "..\\..\\victim\\x",
+        str(victim / "y"),  # absolute: `OUT / ID` would discard OUT
+        "../victim",
+        ".hidden",
+        "__x",
+        "zarr.json",
+        "a\nb",
+        "",
+    ]:
+        row = predict_case(loaded, reader, case_id, out, PredictConfig(probabilities=True))
+        assert row["status"] == "error"
+        # "unsafe" and not "no such case": refused before the reader was asked
+        assert row["error"].startswith(f"unsafe case ID {case_id!r}"), row["error"]
+        assert "\n" not in row["error"]
+    assert _tree(tmp_path, out) == before and not list(out.iterdir())
+
+
+def test_links_out_of_the_output_folder_are_never_followed(loaded, cohort, tmp_path):
+    from tsesnet.serving.predict import predict_case
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (outside / "maps").mkdir(parents=True)
+    for name in ("ras", "broken"):
+        (outside / name).write_bytes(b"precious")
+        (out / f"{name}.nii.gz").parent.mkdir(exist_ok=True)
+        (out / f"{name}.nii.gz").symlink_to(outside / name)
+    reader = CaseReader.for_input(str(cohort))
+    before = _tree(tmp_path, out)
+    for case_id in ("ras", "broken"):  # an ok case and one whose clean-up would unlink
+        row = predict_case(loaded, reader, case_id, out, PredictConfig())
+        assert row["status"] == "error" and "outside the output folder" in row["error"]
+        assert (out / f"{case_id}.nii.gz").is_symlink()
+    (out / "probabilities").symlink_to(outside / "maps")
+    row = predict_case(loaded, reader, "lps", out, PredictConfig(probabilities=True))
+    assert row["status"] == "error" and "outside the output folder" in row["error"]
+    assert _tree(tmp_path, out) == before
+    assert not (out / "lps.nii.gz").exists()  # refused before anything was written
+
+
+def _four_d_cohort(folder):
+    image, _ = _canonical_case(0)
+    _save(folder / "dyn.nii.gz", np.moveaxis(_ras_file(image), 0, -1), RAS)  # (i, j, k, T)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["file", "labels", "4d_input", "summary_dir", "probabilities_link", "under_a_file"],
+)
+def test_outputs_that_would_lose_data_exit_2_with_one_line(
+    kind, model_uri, cohort, tmp_path, capsys
+):
+    src, extra = str(cohort), []
+    if kind == "file":
+        out = tmp_path / "out.txt"
+        out.write_text("mine")
+    elif kind == "labels":  # predictions would overwrite the ground truth
+        out = cohort / "labelsTr"
+    elif kind == "4d_input":  # CASE.nii.gz is both the scan and the mask's name
+        out = _four_d_cohort(tmp_path / "dyn")
+        src = str(out)
+    elif kind == "summary_dir":
+        out = tmp_path / "out"
+        (out / "summary.csv").mkdir(parents=True)
+    elif kind == "probabilities_link":
+        out, extra = tmp_path / "out", ["--probabilities"]
+        out.mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        (out / "probabilities").symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp_path / "f").write_text("mine")
+        out = tmp_path / "f" / "out"
+    before = _tree(tmp_path, tmp_path / "none") if kind != "labels" else _tree(cohort, cohort / "x")
+    argv = ["predict", "--model", model_uri, "--input", src, "--output", str(out), *extra]
+    status, errors, err = _cli(argv, capsys)
+    assert status == 2 and len(errors) == 1 and "Traceback" not in err, err
+    match = {
+        "file": "must be a folder, but this is a file",
+        "labels": "holds input files (lps.nii.gz and 2 more)",
+        "4d_input": "holds input files (dyn.nii.gz)",
+        "summary_dir": "summary.csv here is a folder",
+        "probabilities_link": "probabilities here is not a folder of its own",
+        "under_a_file": "cannot create the output folder",
+    }[kind]
+    assert match in errors[0]
+    after = _tree(tmp_path, tmp_path / "none") if kind != "labels" else _tree(cohort, cohort / "x")
+    assert after == before
+
+
+def test_model_must_name_exactly_one_model(model_uri, cohort, tmp_path, capsys):
+    import mlflow
+
+    from tsesnet.serving.predict import check_model_uri
+
+    models = tmp_path / "models"
+    for name in ("a", "b"):
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(models / name))
+    argv = ["predict", "--input", str(cohort), "--output", str(tmp_path / "out")]
+    status, errors, _ = _cli([*argv, "--model", str(models)], capsys)
+    assert status == 2 and len(errors) == 1
+    assert "exactly one model" in errors[0] and "a/artifacts, b/artifacts" in errors[0]
+    assert not (tmp_path / "out").exists()
+    check_model_uri(str(models / "a"))  # one model: accepted
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a TSESNet model"):
+        check_model_uri(str(tmp_path / "empty"))
+
+
+def test_input_folders_inside_a_cohort(tmp_path, model_uri, capsys):
+    from nifti_factory import write_mamamia, write_nnunet
+
+    write_nnunet(tmp_path / "c", 2, test_cases=1)
+    test = CaseReader.for_input(str(tmp_path / "c" / "imagesTs"))
+    assert (test.path, test.case_ids()) == (str(tmp_path / "c"), ["case_002"])
+    train = CaseReader.for_input(str(tmp_path / "c" / "imagesTr"))
+    assert train.case_ids() == ["case_000", "case_001"]
+    assert train.read("case_000").mask is not None  # labelsTr still pairs with it
+    write_mamamia(tmp_path / "m")
+    assert CaseReader.for_input(str(tmp_path / "m" / "images")).path == str(tmp_path / "m")
+
+    shutil.copytree(tmp_path / "c" / "imagesTr", tmp_path / "loose")  # not in a cohort any more
+    argv = ["predict", "--model", model_uri, "--output", str(tmp_path / "out")]
+    for folder, match in (
+        (
+            tmp_path / "c" / "labelsTr",
+            f"holds masks, not scans: pass the cohort folder above it ({tmp_path / 'c'})",
+        ),
+        (
+            tmp_path / "loose",
+            "one 3D file per phase, not one 4D file per case: pass the cohort folder above it",
+        ),
+    ):
+        status, errors, _ = _cli([*argv, "--input", str(folder)], capsys)
+        assert status == 2 and len(errors) == 1 and match in errors[0], errors
+
+
+def _comparable(row: dict) -> dict:
+    """A row without its timing, NaN as None (NaN != NaN)."""
+    return {
+        k: None if isinstance(v, float) and v != v else v for k, v in row.items() if k != "seconds"
+    }
+
+
+def test_prefetch_and_serial_give_the_same_rows_and_files(loaded, cohort, tmp_path):
+    from tsesnet.serving.predict import predict_cases
+
+    reader = CaseReader.for_input(str(cohort))
+    ids = reader.case_ids()  # "broken" among them: its error must not stop the next cases
+    rows = {}
+    for depth in (0, 1, 2):
+        config = PredictConfig(probabilities=True, prefetch=depth)
+        (tmp_path / str(depth)).mkdir()
+        rows[depth] = list(predict_cases(loaded, reader, ids, tmp_path / str(depth), config))
+    for depth in (1, 2):
+        assert [r["case_id"] for r in rows[depth]] == ids
+        for a, b in zip(rows[0], rows[depth], strict=True):
+            assert _comparable(a) == _comparable(b)
+        for case_id in ids:
+            for path in (Path(f"{case_id}.nii.gz"), Path("probabilities") / f"{case_id}.nii.gz"):
+                a, b = tmp_path / "0" / path, tmp_path / str(depth) / path
+                assert a.exists() == b.exists() == (case_id != "broken")
+                if a.exists():
+                    assert np.array_equal(nib.load(str(a)).dataobj, nib.load(str(b)).dataobj)
+    assert [r["status"] for r in rows[1]].count("error") == 1
+
+
+@pytest.mark.parametrize(
+    ("n_cases", "workers", "prefetch", "expected"),
+    [
+        (16, 2, 1, 4),  # each actor gets 2 calls or more
+        (100, 2, 1, 8),  # at most MAX_CASES_PER_CALL
+        (3, 2, 1, 1),
+        (5, 1, 1, 3),
+        (16, 2, 0, 1),  # no read-ahead: one case per call, as before
+    ],
+)
+def test_cases_per_call(n_cases, workers, prefetch, expected):
+    from tsesnet.serving.predict import cases_per_call
+
+    assert cases_per_call(n_cases, workers, prefetch) == expected
+
+
+def test_training_data_rules():
+    from tsesnet.serving.training_data import NO_RECORD, TrainingData
+
+    record, note = TrainingData.from_model_config({"training_data": RECORD})
+    assert note == ""
+    ok = (3, (2.0, 0.7, 0.7), "RAS")
+    assert record.unlike(*ok) == []
+    # 1.5x either way is still alike; beyond it is not (per axis, Z Y X)
+    assert record.unlike(3, (2.99, 0.47, 1.04), "RAS") == []
+    assert record.unlike(3, (3.01, 0.46, 0.7), "RAS") == [
+        "Z spacing 3.01 mm (trained on 2 mm)",
+        "Y spacing 0.46 mm (trained on 0.7 mm)",
+    ]
+    assert record.unlike(6, (2.0, 0.7, 0.7), "LPS") == [
+        "6 phases (trained on 3)",
+        "orientation LPS (trained on RAS)",
+    ]
+    wide, _ = TrainingData.from_model_config({"training_data": {"phases": [3, 6]}})
+    assert wide.unlike(2, (9.0, 9.0, 9.0), "LPI") == ["2 phases (trained on 3-6)"]
+    assert TrainingData.from_model_config({}) == (None, NO_RECORD)
+    assert TrainingData.from_model_config({"training_data": None}) == (None, NO_RECORD)
+    for bad in ({"phases": [3]}, {"spacing_mm_min": [1, 2]}, {"orientations": "RAS"}, []):
+        record, note = TrainingData.from_model_config({"training_data": bad})
+        assert record is None and "malformed" in note

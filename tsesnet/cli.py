@@ -161,12 +161,23 @@ def _training_commands(sub) -> None:
 
 def _serving_commands(sub) -> None:
     s = sub.add_parser("predict", help="batch prediction with Ray Data from an MLflow model")
-    s.add_argument("--model", required=True, metavar="URI")
-    s.add_argument("--input", required=True, metavar="STORE_OR_DIR")
-    s.add_argument("--output", required=True, metavar="DIR")
+    s.add_argument(
+        "--model", required=True, metavar="URI", help="models:/NAME@ALIAS, or one model's folder"
+    )
+    s.add_argument(
+        "--input",
+        required=True,
+        metavar="STORE_OR_DIR",
+        help="a store, a NIfTI cohort, or its imagesTr/ or imagesTs/",
+    )
+    s.add_argument(
+        "--output", required=True, metavar="DIR", help="CASE.nii.gz masks and summary.csv"
+    )
     s.add_argument("--workers", type=int, default=None, metavar="N")
     s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
-    s.add_argument("--probabilities", action="store_true")
+    s.add_argument(
+        "--probabilities", action="store_true", help="also write probabilities/CASE.nii.gz"
+    )
     s.add_argument("--fold", type=int, default=None, metavar="K")
     s.add_argument(
         "--min-component-fraction",
@@ -177,8 +188,8 @@ def _serving_commands(sub) -> None:
     )
 
     s = sub.add_parser("evaluate", help="DSC, HD95 and sensitivity of predicted masks")
-    s.add_argument("--pred", required=True, metavar="DIR")
-    s.add_argument("--labels", required=True, metavar="DIR")
+    s.add_argument("--pred", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
+    s.add_argument("--labels", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
     s.add_argument("--json", action="store_true")
 
 

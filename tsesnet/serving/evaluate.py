@@ -1,10 +1,13 @@
 """`tsesnet evaluate`: DSC, HD95 (mm) and sensitivity of predicted masks against ground truth.
 
-Predictions and labels are NIfTI files matched by case ID (the file name without `.nii.gz` or
-`.nii`; probability maps `CASE_prob.nii.gz` are skipped). Both are read on their own grid, in file
-axis order, and the voxel spacing in mm comes from the label's header (`header.get_zooms()`), so
-HD95 is in mm whatever the orientation. A case whose prediction and label grids differ (shape or
-affine) is reported as failed rather than silently compared voxel by voxel.
+Predictions and labels are the NIfTI files directly in their folders, matched by case ID (the
+file name without `.nii.gz` or `.nii`, suffixes in any letter case); sub-folders are not read, so
+`tsesnet predict`'s `probabilities/` maps never count as masks. Both are read on their own grid,
+in file axis order, and the voxel spacing in mm comes from the label's header
+(`header.get_zooms()`), so HD95 is in mm whatever the orientation. A case fails (one line naming
+the file and the problem) rather than being scored when its prediction and label grids differ
+(shape or affine), when either holds values other than 0 and 1 (a probability map saved as a
+mask would otherwise score as if thresholded at 0), or when two files give one ID.
 
 The summary (:func:`summarize`) is shared with `tsesnet predict`. Empty masks follow the rules
 of `tsesnet.metrics`: HD95 of a case where exactly one of prediction and ground truth is empty
@@ -30,7 +33,6 @@ import numpy as np
 from data_store.errors import InputError
 
 METRICS = ("dice", "hd95_mm", "sensitivity")
-_SUFFIXES = (".nii.gz", ".nii")
 # Affines are stored as float32 in NIfTI headers: compare grids to a tolerance well under a voxel.
 _AFFINE_ATOL_MM = 1e-3
 
@@ -161,50 +163,99 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def find_masks(folder: Path) -> dict[str, Path]:
-    """Case ID -> NIfTI file in `folder` (not recursive), skipping `*_prob` probability maps."""
+def find_masks(folder: Path) -> dict[str, list[Path]]:
+    """Case ID -> the NIfTI files for it directly in `folder` (`.nii`, `.nii.gz`, any letter case;
+    hidden files and sub-folders such as `probabilities/` are not read). Two files for one ID
+    (`A.nii` and `A.nii.gz`) fail that case, not the run."""
+    from data_store.layouts import nifti_stem
+
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError("not a directory", path=str(folder))
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        suffix = next((s for s in _SUFFIXES if path.name.endswith(s)), None)
-        if suffix is None or not path.is_file():
-            continue
-        case_id = path.name[: -len(suffix)]
-        if case_id.endswith("_prob"):
-            continue
-        if case_id in found:
-            raise InputError(f"two files for one case: {found[case_id].name}", path=str(path))
-        found[case_id] = path
+        case_id = nifti_stem(path)
+        if case_id is not None and path.is_file():
+            found.setdefault(case_id, []).append(path)
     return found
 
 
-def evaluate_files(case_id: str, pred_path: Path, label_path: Path) -> CaseMetrics:
-    """Metrics of one prediction file against one label file; errors become a failed row."""
+def _one_file(files: list[Path], what: str) -> Path:
+    if len(files) > 1:
+        names = " and ".join(p.name for p in files)
+        raise _CaseError(files[0], f"two {what} files for one case: {names}")
+    return files[0]
+
+
+class _CaseError(Exception):
+    """A problem of one case's file: `FILE: problem`."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+def _binary(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """`arr` as bool, or _CaseError naming the values found when there are others than 0, 1."""
+    values = np.unique(arr)  # sorted; NaN last
+    if np.isin(values, (0, 1)).all():
+        return arr == 1
+    if values.size <= 6:
+        shown = ", ".join(f"{v:.4g}" for v in values)
+    else:
+        head = ", ".join(f"{v:.4g}" for v in values[:3])
+        shown = f"{head}, ..., {values[-1]:.4g} ({values.size} distinct values)"
+    hint = " (a probability map?)" if what == "prediction" and values.size > 2 else ""
+    raise _CaseError(path, f"{what} is not a binary mask: values {shown}{hint}")
+
+
+def _load(path: Path):
+    """A NIfTI image and its voxels (trailing length-1 axes beyond the third dropped)."""
     import nibabel as nib
 
     try:
-        pred_img = nib.load(str(pred_path))
-        gt_img = nib.load(str(label_path))
-        if pred_img.shape[:3] != gt_img.shape[:3] or len(pred_img.shape) != 3:
-            raise ValueError(
-                f"prediction shape {pred_img.shape} does not match label shape {gt_img.shape}"
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise _CaseError(path, f"unreadable ({type(err).__name__}: {err})") from err
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise _CaseError(path, f"a mask must be 3D, this is {data.ndim}D {data.shape}")
+    return img, data
+
+
+def evaluate_files(case_id: str, pred_path, label_path) -> CaseMetrics:
+    """Metrics of one prediction file against one label file; errors become a failed row.
+
+    Args:
+        case_id: the case.
+        pred_path: the prediction file (or the list `find_masks` gives for the ID).
+        label_path: the label file (or the list `find_masks` gives for the ID).
+    """
+    try:
+        pred_path = _one_file(pred_path, "prediction") if isinstance(pred_path, list) else pred_path
+        label_path = _one_file(label_path, "label") if isinstance(label_path, list) else label_path
+        pred_img, pred = _load(Path(pred_path))
+        gt_img, gt = _load(Path(label_path))
+        if pred.shape != gt.shape:
+            raise _CaseError(
+                pred_path, f"prediction shape {pred.shape} does not match label shape {gt.shape}"
             )
         if not np.allclose(pred_img.affine, gt_img.affine, atol=_AFFINE_ATOL_MM):
-            raise ValueError("prediction and label affines differ: not on the same grid")
+            raise _CaseError(pred_path, "prediction and label affines differ: not on the same grid")
         spacing = gt_img.header.get_zooms()[:3]  # mm, file (i, j, k) order, as the arrays
-        pred = np.asanyarray(pred_img.dataobj)
-        gt = np.asanyarray(gt_img.dataobj)
-        if gt.ndim == 4 and gt.shape[3] == 1:
-            gt = gt[..., 0]
+        pred = _binary(pred, Path(pred_path), "prediction")
+        gt = _binary(gt, Path(label_path), "label")
         return case_metrics(case_id, pred, gt, spacing)
     except Exception as err:  # one bad file must not stop the others
-        return CaseMetrics(case_id=case_id, status="error", error=f"{type(err).__name__}: {err}")
+        text = str(err) if isinstance(err, _CaseError) else f"{type(err).__name__}: {err}"
+        return CaseMetrics(case_id=case_id, status="error", error=" ".join(text.split()))
 
 
 def evaluate_dirs(pred_dir, labels_dir) -> EvaluationReport:
     """Evaluate every prediction in `pred_dir` against the label with the same case ID."""
+    if Path(pred_dir).resolve() == Path(labels_dir).resolve():
+        raise InputError("--pred and --labels are the same folder", path=str(pred_dir))
     preds = find_masks(Path(pred_dir))
     labels = find_masks(Path(labels_dir))
     if not labels:

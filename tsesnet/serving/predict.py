@@ -4,56 +4,76 @@ Shape legend: T phases, Z Y X voxels in the store's canonical order (Z=S, Y=A, X
 
 The pipeline, read top to bottom:
 
-1. `CaseReader` says where cases come from: a Zarr store (all cases or one fold) or a raw NIfTI
-   cohort in any layout ingest understands, read directly (`discover` + `load_case`, no store
-   built). Only case IDs travel through Ray Data; each actor opens the input itself.
-2. `predict_case` runs one case: normalise with the intensity percentiles ingest uses (a store
-   keeps them; for raw input they are computed with the same function on the same array, so a
-   store and its source cohort give identical predictions), sliding-window inference, threshold,
-   the connected-component filter chosen on validation (`tsesnet.postprocess`), write
-   `CASE.nii.gz` (uint8) and optionally `CASE_prob.nii.gz` (float32) on the original grid of the
-   phase-0 file, and DSC / HD95 (mm) / sensitivity where a ground-truth mask exists.
-   Any error is caught and returned as the case's row: one bad case never stops the others.
-3. `CasePredictor` is the Ray Data callable class: it loads the model once per actor
-   (`tsesnet.tracking.registry.load_model`) and calls `predict_case` for each case it is given.
-4. `predict` builds the dataset (one block per case, batch size 1 so the actor pool balances
-   case by case), streams results with a progress bar, writes `summary.csv` and returns a
-   `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
+1. `tsesnet.serving.inputs.CaseReader` says where cases come from: a Zarr store (all cases or one
+   fold) or a raw NIfTI cohort in any layout ingest understands, read directly (no store built).
+   Only case IDs travel through Ray Data; each actor opens the input itself.
+2. One case in two steps. `prepare_case` checks the case ID (it names output files: see
+   `tsesnet.serving.outputs`), reads the case and normalises it with the intensity percentiles
+   ingest uses (a store keeps them; for raw input they are computed with the same function on
+   the same array, so a store and its source cohort give identical masks). `finish_case` runs
+   the sliding window, thresholds, applies the connected-component filter chosen on validation
+   (`tsesnet.postprocess`), writes `CASE.nii.gz` (uint8) and optionally
+   `probabilities/CASE.nii.gz` (float32) on the original grid of the phase-0 file, scores DSC /
+   HD95 (mm) / sensitivity where a ground-truth mask exists, and notes how the case differs from
+   the model's training data (`tsesnet.serving.training_data`). Any error is caught and returned
+   as the case's row: one bad case never stops the others.
+3. `predict_cases` runs a list of cases with `data_store.prefetch.prefetch`: the next case is
+   read and normalised in a background thread while the current one is predicted.
+4. `CasePredictor` is the Ray Data callable class: it loads the model once per actor and runs
+   `predict_cases` on each batch of case IDs it is given, yielding one row per case as it
+   finishes (so the progress bar and the error lines stay per case).
+5. `predict` builds the dataset, streams results with a progress bar, writes `summary.csv` and
+   returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import functools
 import logging
 import math
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data_store.errors import InputError
-
-if TYPE_CHECKING:
-    from data_store.geometry import Geometry
-
-SUMMARY_COLUMNS = (
-    "case_id",
-    "status",
-    "dice",
-    "hd95_mm",
-    "sensitivity",
-    "pred_voxels",
-    "gt_voxels",
-    "seconds",
-    "error",
+from tsesnet.serving.inputs import CaseReader, InputCase
+from tsesnet.serving.outputs import (
+    SUMMARY_COLUMNS,
+    SUMMARY_FILE,
+    check_safe_id,
+    output_paths,
+    prepare_output_dir,
+    remove_stale,
+    write_mask,
+    write_summary_csv,
 )
+
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "CasePredictor",
+    "CaseReader",
+    "PredictConfig",
+    "PredictReport",
+    "finish_case",
+    "predict",
+    "predict_case",
+    "predict_cases",
+    "prepare_case",
+]
+
+# What an actor returns per case: the summary columns and a note about the model, shown once.
+ROW_COLUMNS = (*SUMMARY_COLUMNS, "note")
+# Cases per Ray Data call: within a call the next case's read overlaps the current inference;
+# between calls the pool rebalances. Each actor gets at least two calls, at most this many cases.
+MAX_CASES_PER_CALL = 8
 # Environment the actors need to reach the same MLflow store as the driver. Ray workers inherit
 # the environment Ray was started with, not the driver's current one, so it is passed explicitly.
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_ARTIFACTS_DESTINATION")
@@ -69,7 +89,7 @@ class PredictConfig:
         gpus_per_worker: GPUs per actor (fractions allowed); 0 runs on CPU.
         cpus_per_worker: CPUs per actor, also its torch thread count (default: the cluster's CPUs
             divided among the workers on CPU, 1 with GPUs).
-        probabilities: also write `CASE_prob.nii.gz` (float32 sigmoid of the logits).
+        probabilities: also write `probabilities/CASE.nii.gz` (float32 sigmoid of the logits).
         fold: with a store input, predict only the cases of this fold.
         threshold: probability above which a voxel is tumour.
         overlap: sliding-window overlap.
@@ -77,6 +97,7 @@ class PredictConfig:
         min_component_fraction: keep connected components of at least this fraction of the
             largest one's size (0 keeps all); None: the fraction chosen on validation and stored
             with the model. The probability map is never filtered.
+        prefetch: cases each actor reads ahead while it predicts one (0: read, then predict).
     """
 
     workers: int | None = None
@@ -88,113 +109,37 @@ class PredictConfig:
     overlap: float = 0.5
     batch_size: int = 4
     min_component_fraction: float | None = None
+    prefetch: int = 1
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Where cases come from
+# 2. One case: prepare (read + normalise), then finish (infer, write, score)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class InputCase:
-    """One case ready for inference."""
+class PreparedCase:
+    """A case read and normalised, ready for the network."""
 
-    case_id: str
-    image: np.ndarray  # (T, Z, Y, X) as stored / as scanned
-    mask: np.ndarray | None  # (Z, Y, X) uint8, None when unlabelled
-    geometry: Geometry  # the phase-0 file's grid, to write outputs back on
-    percentiles: tuple[float, float]
+    case: InputCase
+    volume: np.ndarray  # (T, Z, Y, X) float32 in [0, 1]
+    seconds: float  # spent reading and normalising
 
 
-@dataclass
-class CaseReader:
-    """A picklable reference to the input; opens it lazily, once per process.
+def prepare_case(reader: CaseReader, case_id: str) -> PreparedCase:
+    """Reads and normalises one case (safe to run in a background thread).
 
-    Attributes:
-        kind: "store" or "nifti".
-        path: the store path/URL or the cohort folder.
-        layout: for "nifti", the layout passed to `discover` ("auto" detects it).
+    Raises:
+        InputError: an unsafe case ID (checked before anything is read: it could name a path
+            outside the input) or a bad case (naming the file).
     """
+    from data_store.normalize import normalize_intensity
 
-    kind: str
-    path: str
-    layout: str = "auto"
-    _index: object = field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def for_input(cls, path: str, layout: str = "auto") -> CaseReader:
-        """A store if `path` is a URL or holds a Zarr root (`zarr.json`), else a NIfTI cohort.
-
-        Local paths are made absolute: actors do not share the driver's working directory.
-        """
-        from data_store.layouts import nifti_stem
-
-        if "://" in str(path):
-            return cls("store", str(path))
-        p = Path(path).resolve()
-        if (p / "zarr.json").is_file():
-            return cls("store", str(p))
-        if not p.exists():
-            raise InputError("input not found (expected a store or a NIfTI folder)", path=path)
-        if not p.is_dir() and nifti_stem(p) is None:  # a single 4D NIfTI file is a cohort too
-            raise InputError("input must be a store, a NIfTI folder or a 4D NIfTI file", path=path)
-        return cls("nifti", str(p), layout)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_index"] = None  # reopened where it is used
-        return state
-
-    def _open(self):
-        if self._index is None:
-            if self.kind == "store":
-                from data_store.store import open_store
-
-                self._index = open_store(self.path)
-            else:
-                from data_store.layouts import discover
-
-                self._index = {s.case_id: s for s in discover(Path(self.path), self.layout)}
-        return self._index
-
-    def case_ids(self, fold: int | None = None) -> list[str]:
-        """The input's case IDs, sorted; with `fold`, only that fold's (stores only)."""
-        index = self._open()
-        if self.kind == "store":
-            ids = list(index.case_ids)
-            if fold is not None:
-                if not 0 <= fold < index.n_folds:
-                    raise InputError(
-                        f"--fold {fold} out of range: the store has {index.n_folds} folds "
-                        f"(0..{index.n_folds - 1})",
-                        path=self.path,
-                    )
-                ids = [c for c in ids if index.fold_of(c) == fold]
-            return sorted(ids)
-        if fold is not None:
-            raise InputError(
-                "--fold needs a store input (folds are assigned at ingest)", path=self.path
-            )
-        return sorted(index)
-
-    def read(self, case_id: str) -> InputCase:
-        """Reads one case; raises InputError (naming case and file) on a bad one."""
-        index = self._open()
-        if self.kind == "store":
-            case = index.read_case(case_id)
-            lo, hi = case.percentiles
-            return InputCase(case_id, case.image, case.mask, case.geometry, (lo, hi))
-        from data_store.loading import load_case
-        from data_store.normalize import intensity_percentiles
-
-        loaded = load_case(index[case_id])
-        lo, hi = intensity_percentiles(loaded.image)  # as ingest computes them
-        return InputCase(case_id, loaded.image, loaded.mask, loaded.geometry, (lo, hi))
-
-
-# --------------------------------------------------------------------------------------------
-# 2. One case
-# --------------------------------------------------------------------------------------------
+    check_safe_id(case_id)
+    start = time.perf_counter()
+    case = reader.read(case_id)
+    volume = normalize_intensity(case.image, *case.percentiles)  # (T, Z, Y, X) float32
+    return PreparedCase(case, volume, time.perf_counter() - start)
 
 
 def _nan_row(case_id: str) -> dict:
@@ -210,93 +155,119 @@ def _nan_row(case_id: str) -> dict:
         "gt_voxels": -1,
         "seconds": nan,
         "error": "",
+        "warnings": "",
+        "note": "",
     }
 
 
-def _atomic_write(path: Path, vol_zyx: np.ndarray, geometry, dtype) -> None:
-    """Write through a temporary name then rename, so a crash never leaves half a file."""
-    from data_store.geometry import write_nifti
-
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write_nifti(tmp, vol_zyx, geometry, dtype=dtype)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def output_paths(out_dir: Path, case_id: str) -> tuple[Path, Path]:
-    """`(OUT/CASE.nii.gz, OUT/CASE_prob.nii.gz)`."""
-    return out_dir / f"{case_id}.nii.gz", out_dir / f"{case_id}_prob.nii.gz"
-
-
-def predict_case(
-    loaded, reader: CaseReader, case_id: str, out_dir, config: PredictConfig, device=None
+def finish_case(
+    loaded,
+    case_id: str,
+    prepared: PreparedCase | BaseException,
+    out_dir,
+    config: PredictConfig,
+    device=None,
 ) -> dict:
-    """Predict, write and score one case; never raises.
+    """Predict, write and score one prepared case; returns its row, never raises an Exception.
 
     Args:
         loaded: a `LoadedModel` (`.model` in eval mode, `.patch` the training patch size).
-        reader: the input.
-        case_id: the case to run.
-        out_dir: output folder (exists).
+        case_id: the case.
+        prepared: `prepare_case`'s result, or the exception it raised (an `Exception` becomes
+            the case's error row; anything else, e.g. KeyboardInterrupt, is re-raised).
+        out_dir: output folder (created if missing).
         config: thresholds and sliding-window settings.
         device: torch device for inference (None: CPU).
 
     Returns:
-        A row with `SUMMARY_COLUMNS`; `status` is "error" and `error` says why if it failed.
+        A row with `ROW_COLUMNS`; `status` is "error" and `error` says why if it failed;
+        `seconds` is the case's own work (read, normalise, predict, write, score).
     """
-    import torch
-
-    from data_store.normalize import normalize_intensity
-    from tsesnet.inference import sliding_window_inference
-    from tsesnet.postprocess import keep_components
-    from tsesnet.serving.evaluate import case_metrics
+    from tsesnet.serving.training_data import TrainingData
 
     row = _nan_row(case_id)
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    mask_path, prob_path = output_paths(out_dir, case_id)
+    if isinstance(prepared, BaseException) and not isinstance(prepared, Exception):
+        raise prepared
+    record, row["note"] = TrainingData.from_model_config(loaded.config)
     try:
-        case = reader.read(case_id)
-        lo, hi = case.percentiles
-        volume = torch.from_numpy(normalize_intensity(case.image, lo, hi))  # (T, Z, Y, X)
-        with torch.inference_mode():
-            logits = sliding_window_inference(
-                loaded.model,
-                volume,
-                patch=tuple(loaded.patch),
-                overlap=config.overlap,
-                batch_size=config.batch_size,
-                device=device,
-            )  # (1, 1, Z, Y, X)
-            prob = torch.sigmoid(logits[0, 0]).numpy()  # (Z, Y, X) float32
-        fraction = config.min_component_fraction
-        if fraction is None:
-            fraction = float(loaded.config.get("min_component_fraction", 0.0))
-        pred = keep_components(prob > config.threshold, fraction).astype(np.uint8)  # (Z, Y, X)
-        _atomic_write(mask_path, pred, case.geometry, np.uint8)
+        mask_path, prob_path = output_paths(out_dir, case_id)
+    except Exception as err:  # an unsafe ID or path: nothing may be written or removed
+        return _failed(row, err, start)
+    try:
+        if isinstance(prepared, Exception):
+            raise prepared
+        pred, prob = _segment(loaded, prepared.volume, config, device)
+        write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
         if config.probabilities:
-            _atomic_write(prob_path, prob, case.geometry, np.float32)
-        row["pred_voxels"] = int(pred.sum())
-        if case.mask is not None:
-            m = case_metrics(case_id, pred, case.mask, case.geometry.spacing)
-            row.update(
-                dice=m.dice, hd95_mm=m.hd95_mm, sensitivity=m.sensitivity, gt_voxels=m.gt_voxels
-            )
+            write_mask(prob_path, prob, prepared.case.geometry, np.float32)
+        row.update(_scores(case_id, pred, prepared.case))
+        row["warnings"] = "; ".join(_unlike(record, prepared.case))
     except Exception as err:  # isolate the case; its error goes to the summary
-        row["status"] = "error"
-        row["error"] = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
         # A stale mask from an earlier run must not be mistaken for this run's output.
-        mask_path.unlink(missing_ok=True)
-        prob_path.unlink(missing_ok=True)
-    row["seconds"] = time.perf_counter() - start
+        remove_stale(mask_path, prob_path)
+        return _failed(row, err, start, prepared)
+    row["seconds"] = prepared.seconds + time.perf_counter() - start
+    return row
+
+
+def _segment(loaded, volume: np.ndarray, config: PredictConfig, device):
+    """(mask (Z, Y, X) uint8 after the component filter, probability (Z, Y, X) float32)."""
+    import torch
+
+    from tsesnet.inference import sliding_window_inference
+    from tsesnet.postprocess import keep_components
+
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            loaded.model,
+            torch.from_numpy(volume),
+            patch=tuple(loaded.patch),
+            overlap=config.overlap,
+            batch_size=config.batch_size,
+            device=device,
+        )  # (1, 1, Z, Y, X)
+        prob = torch.sigmoid(logits[0, 0]).numpy()  # (Z, Y, X) float32
+    fraction = config.min_component_fraction
+    if fraction is None:
+        fraction = float(loaded.config.get("min_component_fraction", 0.0))
+    return keep_components(prob > config.threshold, fraction).astype(np.uint8), prob
+
+
+def _scores(case_id: str, pred: np.ndarray, case: InputCase) -> dict:
+    """The row's prediction size and, where the case has a ground-truth mask, its metrics."""
+    from tsesnet.serving.evaluate import case_metrics
+
+    out = {"pred_voxels": int(pred.sum())}
+    if case.mask is not None:
+        m = case_metrics(case_id, pred, case.mask, case.geometry.spacing)
+        out.update(dice=m.dice, hd95_mm=m.hd95_mm, sensitivity=m.sensitivity, gt_voxels=m.gt_voxels)
+    return out
+
+
+def _unlike(record, case: InputCase) -> list[str]:
+    """How the case differs from the model's training data ([] without a record)."""
+    from tsesnet.serving.training_data import orientation_code
+
+    if record is None:
+        return []
+    return record.unlike(
+        case.image.shape[0], case.geometry.spacing, orientation_code(case.geometry)
+    )
+
+
+def _failed(row: dict, err: Exception, start: float, prepared=None) -> dict:
+    row["status"] = "error"
+    row["error"] = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
+    done = isinstance(prepared, PreparedCase)
+    row["seconds"] = (prepared.seconds if done else 0.0) + time.perf_counter() - start
     return row
 
 
 def _input_error_text(err: InputError) -> str:
-    """`FILE: problem` (the case ID is its own column)."""
-    return f"{err.path}: {err.problem}" if err.path else err.problem
+    """`FILE: problem` (the case ID is its own column), on one line."""
+    text = f"{err.path}: {err.problem}" if err.path else err.problem
+    return " ".join(text.split())
 
 
 def _one_line(err: BaseException) -> str:
@@ -305,13 +276,57 @@ def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split()) + at
 
 
+def predict_case(
+    loaded, reader: CaseReader, case_id: str, out_dir, config: PredictConfig, device=None
+) -> dict:
+    """Read, predict, write and score one case in this thread; never raises an Exception."""
+    try:
+        prepared = prepare_case(reader, case_id)
+    except Exception as err:
+        prepared = err
+    return finish_case(loaded, case_id, prepared, out_dir, config, device)
+
+
 # --------------------------------------------------------------------------------------------
-# 3. The Ray Data actor
+# 3. Several cases, the next one read while the current one is predicted
+# --------------------------------------------------------------------------------------------
+
+
+def predict_cases(
+    loaded, reader: CaseReader, case_ids, out_dir, config: PredictConfig, device=None
+) -> Iterator[dict]:
+    """The rows of `case_ids`, in order, each yielded as soon as its case is done.
+
+    With `config.prefetch` > 0, `data_store.prefetch.prefetch` reads and normalises up to that
+    many cases ahead in a background thread while the current case is predicted; with 0, one
+    case after another. Both give the same rows and the same files.
+    """
+    from data_store.prefetch import prefetch
+
+    load = functools.partial(prepare_case, reader)
+    if config.prefetch > 0:
+        pairs = prefetch(case_ids, load, depth=config.prefetch)
+    else:
+        pairs = ((c, _attempt(load, c)) for c in case_ids)
+    with contextlib.closing(pairs):  # stopped early: the background read is joined
+        for case_id, prepared in pairs:
+            yield finish_case(loaded, case_id, prepared, out_dir, config, device)
+
+
+def _attempt(load, case_id: str):
+    try:
+        return load(case_id)
+    except Exception as err:
+        return err
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The Ray Data actor
 # --------------------------------------------------------------------------------------------
 
 
 class CasePredictor:
-    """Ray Data callable class: loads the model once, then predicts one case per call."""
+    """Ray Data callable class: loads the model once, then predicts the cases of each batch."""
 
     def __init__(
         self,
@@ -349,43 +364,68 @@ class CasePredictor:
                 else f"cannot load model {model_uri}: {_one_line(err)}"
             )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
-        for case_id in batch["case_id"]:
-            case_id = str(case_id)
-            if self.loaded is None:
-                row = _nan_row(case_id)
-                row.update(status="model_error", error=self.load_error)
-            else:
-                row = predict_case(
-                    self.loaded, self.reader, case_id, self.out_dir, self.config, self.device
-                )
-            rows.append(row)
-        return {k: [r[k] for r in rows] for k in SUMMARY_COLUMNS}
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+        """Yields one single-row batch per case of `batch`, as each finishes."""
+        case_ids = [str(c) for c in batch["case_id"]]
+        if self.loaded is None:
+            rows = [
+                {**_nan_row(c), "status": "model_error", "error": self.load_error} for c in case_ids
+            ]
+            yield _columns(rows)
+            return
+        rows = predict_cases(
+            self.loaded, self.reader, case_ids, self.out_dir, self.config, self.device
+        )
+        for row in rows:
+            yield _columns([row])
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in ROW_COLUMNS}
 
 
 # --------------------------------------------------------------------------------------------
-# 4. The driver
+# 5. The driver
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class PredictReport:
-    """Rows sorted by case ID (NaN metrics as None), the summary, and where it was written."""
+    """Rows sorted by case ID (NaN metrics as None), the summary, and where it was written.
+
+    Attributes:
+        rows: one per case, `SUMMARY_COLUMNS`.
+        summary: `tsesnet.serving.evaluate.summarize` of the rows.
+        csv_path: OUT/summary.csv.
+        seconds: wall clock of the Ray Data pipeline.
+        notes: things said once about the model (e.g. it has no training-data record).
+    """
 
     rows: list[dict]
     summary: dict
     csv_path: Path
     seconds: float
+    notes: list[str]
 
     @property
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r["status"] != "ok"]
 
+    @property
+    def warned(self) -> list[dict]:
+        return [r for r in self.rows if r.get("warnings")]
+
 
 def check_model_uri(uri: str) -> None:
-    """Fail fast, before any actor starts, on a registry URI (`models:/NAME@ALIAS` or
-    `models:/NAME/VERSION`) that does not resolve; other URIs are checked by the actors."""
+    """Fail fast, before any actor starts, on a model that cannot be the one meant.
+
+    A local folder must hold exactly one model (one `model_config.json` beside one
+    `weights.pt`); a registry URI (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) must resolve.
+    Other URIs are checked by the actors.
+    """
+    if Path(uri).is_dir():
+        _check_one_model(Path(uri), uri)
+        return
     if not uri.startswith("models:/"):
         return
     import mlflow
@@ -406,6 +446,24 @@ def check_model_uri(uri: str) -> None:
     except MlflowException as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"cannot load model {uri}: {first}") from err
+
+
+def _check_one_model(folder: Path, uri: str) -> None:
+    """Raises InputError unless `folder` holds one model (`load_model` would take any one)."""
+    from tsesnet.tracking.registry import CONFIG_FILE, WEIGHTS_FILE
+
+    found = sorted({p.parent for name in (CONFIG_FILE, WEIGHTS_FILE) for p in folder.rglob(name)})
+    complete = [d for d in found if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
+    if not complete:
+        raise InputError(f"{uri} is not a TSESNet model (no {WEIGHTS_FILE}/{CONFIG_FILE})")
+    if len(found) > 1:
+        names = [str(d.relative_to(folder)) or "." for d in found]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(
+            f"--model must name exactly one model, but this folder holds {len(found)} "
+            f"(folders with {CONFIG_FILE} or {WEIGHTS_FILE}: {shown}); pass one of them",
+            path=uri,
+        )
 
 
 def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple[int, float]:
@@ -433,6 +491,15 @@ def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple
     return workers, per
 
 
+def cases_per_call(n_cases: int, workers: int, prefetch: int) -> int:
+    """Case IDs per `CasePredictor` call: enough for the read-ahead to pay (it overlaps all but
+    the first read of a call), few enough that each actor gets two calls or more and the pool
+    can still rebalance; 1 without read-ahead."""
+    if prefetch < 1:
+        return 1
+    return max(1, min(MAX_CASES_PER_CALL, math.ceil(n_cases / (2 * workers))))
+
+
 def _clean(v):
     if isinstance(v, np.generic):
         v = v.item()
@@ -441,15 +508,6 @@ def _clean(v):
     if isinstance(v, int) and v < 0:
         return None
     return v
-
-
-def write_summary_csv(path: Path, rows: list[dict]) -> None:
-    """One row per case, `SUMMARY_COLUMNS`; empty cells where a metric does not apply."""
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
 
 
 def predict(
@@ -465,7 +523,7 @@ def predict(
     Args:
         model_uri: `models:/NAME@ALIAS`, `models:/NAME/VERSION` or any MLflow model URI.
         input_path: a Zarr store (path or fsspec URL) or a folder with a NIfTI cohort.
-        output: folder for `CASE.nii.gz`, `CASE_prob.nii.gz` and `summary.csv`.
+        output: folder for `CASE.nii.gz`, `probabilities/CASE.nii.gz` and `summary.csv`.
         config: workers, GPUs, fold, threshold...
         progress: show a progress bar over finished cases.
 
@@ -473,19 +531,21 @@ def predict(
         The report; failed cases are in it, not raised.
 
     Raises:
-        InputError: bad input, bad flags, or a model that no actor could load.
+        InputError: bad input, bad flags, an output that would lose data, or a model that no
+            actor could load.
     """
     from tsesnet.common.cluster import connect
     from tsesnet.serving.evaluate import summarize
 
     config = config or PredictConfig()
+    if config.prefetch < 0:
+        raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
     reader = CaseReader.for_input(input_path)
     case_ids = reader.case_ids(config.fold)
     if not case_ids:
         raise InputError("no cases to predict", path=input_path)
-    out_dir = Path(output).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     check_model_uri(model_uri)
+    out_dir = prepare_output_dir(output, reader, config.probabilities)
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
     predictor = {
@@ -497,16 +557,17 @@ def predict(
         "threads": int(cpus_per_worker),
     }
     start = time.perf_counter()
-    with _quiet_ray_data():
+    with _data_context():
         ds = _dataset(case_ids, predictor, config, workers, cpus_per_worker)
-        rows = _collect(ds, len(case_ids), progress)
+        rows, notes = _collect(ds, len(case_ids), progress)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
         raise InputError(rows[0]["error"])  # no actor could load the model: one clear error
-    csv_path = out_dir / "summary.csv"
+    csv_path = out_dir / SUMMARY_FILE
     write_summary_csv(csv_path, rows)
-    return PredictReport(rows=rows, summary=summarize(rows), csv_path=csv_path, seconds=seconds)
+    summary = summarize(rows)
+    return PredictReport(rows, summary, csv_path, seconds, notes)
 
 
 def _actor_env() -> dict[str, str]:
@@ -520,57 +581,78 @@ def _actor_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet_ray_data():
-    """Our bar counts cases; Ray Data's own bars (or, off a terminal, its progress log lines)
-    would count blocks and interleave with it. Set before the dataset copies the context."""
+def _data_context():
+    """Ray Data settings for prediction, set before the dataset copies the context.
+
+    Our bar counts cases; Ray Data's own bars (or, off a terminal, its progress log lines)
+    would count blocks and interleave with it. A 1-byte target block size makes every row an
+    actor yields a block of its own, sent on at once: Ray Data otherwise gathers the rows of a
+    call into one block and the driver sees a call's cases only when its last one is done.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     data_logger = logging.getLogger("ray.data")
-    saved = ctx.enable_progress_bars, data_logger.level
+    saved = ctx.enable_progress_bars, ctx.target_max_block_size, data_logger.level
     ctx.enable_progress_bars = False
+    ctx.target_max_block_size = 1
     data_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        ctx.enable_progress_bars, level = saved
+        ctx.enable_progress_bars, ctx.target_max_block_size, level = saved
         data_logger.setLevel(level)
 
 
 def _dataset(case_ids, predictor: dict, config: PredictConfig, workers: int, cpus: float):
     """The Ray Data pipeline: case IDs in, one `CasePredictor` row per case out.
 
-    One block per case and batch_size=1: the pool hands out cases one by one, so a slow case
-    holds up only its own actor. Only IDs travel; actors read and write the volumes.
+    Calls carry `cases_per_call` IDs. With one case per call, up to 2 calls are queued per
+    actor (no idle gap between cases, at most one case of backlog when the others finish); with
+    several, 1 (the read-ahead already fills the gaps within a call, and a backlog of a whole
+    call would hold cases that another actor could take). Only IDs travel.
     """
     import ray.data
 
-    ds = ray.data.from_items([{"case_id": c} for c in case_ids], override_num_blocks=len(case_ids))
+    per_call = cases_per_call(len(case_ids), workers, config.prefetch)
+    ds = ray.data.from_items(
+        [{"case_id": c} for c in case_ids],
+        override_num_blocks=math.ceil(len(case_ids) / per_call),
+    )
     return ds.map_batches(
         CasePredictor,
         fn_constructor_kwargs=predictor,
-        batch_size=1,
-        # At most 2 cases queued per actor (Ray's default, pinned because it matters here):
-        # no idle gap between cases, and at most one case of backlog when the others finish.
-        compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2),
+        batch_size=per_call,
+        compute=ray.data.ActorPoolStrategy(
+            size=workers, max_tasks_in_flight_per_actor=2 if per_call == 1 else 1
+        ),
         num_cpus=cpus,
         num_gpus=config.gpus_per_worker or None,
     )
 
 
-def _collect(ds, n_cases: int, progress: bool) -> list[dict]:
-    """Stream the result rows with a progress bar over cases, printing errors as they come."""
+def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
+    """Stream the result rows with a progress bar over cases, printing errors and warnings as
+    they come and each note about the model once."""
     from tqdm import tqdm
 
-    rows = []
+    rows, notes = [], []
     bar = tqdm(total=n_cases, desc="predict", unit="case", disable=not progress, file=sys.stderr)
     for r in ds.iter_rows():
         rows.append({k: _clean(r[k]) for k in SUMMARY_COLUMNS})
         bar.update(1)
+        if r["note"] and r["note"] not in notes:
+            notes.append(r["note"])
+            bar.write(f"note: {r['note']}", file=sys.stderr)
         if r["status"] == "error":
             bar.write(f"error: case {r['case_id']}: {r['error']}", file=sys.stderr)
+        if r["warnings"]:
+            bar.write(
+                f"warning: case {r['case_id']}: unlike the training data: {r['warnings']}",
+                file=sys.stderr,
+            )
     bar.close()
-    return rows
+    return rows, notes
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -592,6 +674,8 @@ def cli(args: argparse.Namespace) -> int:
     )
     if report.summary["dice"]["n"]:
         print(format_summary(report.summary))
+    if report.warned:
+        print(f"{len(report.warned)} case(s) unlike the training data: see warnings in the CSV")
     print(f"summary: {report.csv_path}")
     if report.failed:  # each error was printed as it happened; the CSV has them all
         ids = ", ".join(r["case_id"] for r in report.failed)

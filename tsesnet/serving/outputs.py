@@ -1,0 +1,188 @@
+"""What prediction writes, and the rules that keep it inside the output folder.
+
+    OUT/CASE.nii.gz                  uint8 mask on the grid of the case's phase-0 file
+    OUT/probabilities/CASE.nii.gz    with --probabilities: float32 probability, same grid
+    OUT/summary.csv                  one row per case (`SUMMARY_COLUMNS`)
+
+Probability maps have a folder of their own, so no case ID can collide with another case's map
+(cases `A` and `A_prob` both exist in real cohorts), and `tsesnet evaluate`, which reads the
+NIfTI files directly in a folder, never mistakes one for a mask.
+
+Safety, whatever the input says: every output name is built from a case ID checked with the
+rule ingest applies to case IDs (`data_store.store.check_case_id`: no `/` or `\\`, not starting
+with `.` or `__`), plus no control characters; and every path is resolved (symbolic links
+followed) and refused unless it lies inside OUT, before anything is written or removed. Files are
+written under a fresh temporary name in their folder and renamed into place, so a crash never
+leaves half a file and a link planted at the final name is replaced, never written through.
+`prepare_output_dir` refuses, before any work starts, an output that is a file, lies inside the
+input store, or holds input scans or masks (they would be overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from data_store.errors import InputError
+
+if TYPE_CHECKING:
+    from tsesnet.serving.inputs import CaseReader
+
+PROBABILITIES_DIR = "probabilities"
+SUMMARY_FILE = "summary.csv"
+SUMMARY_COLUMNS = (
+    "case_id",
+    "status",
+    "dice",
+    "hd95_mm",
+    "sensitivity",
+    "pred_voxels",
+    "gt_voxels",
+    "seconds",
+    "error",
+    "warnings",
+)
+
+
+def check_safe_id(case_id: str) -> None:
+    """Raises InputError unless `case_id` can name a file in the output folder.
+
+    The rule is ingest's (`data_store.store.check_case_id`), plus no control characters (a
+    newline in an ID would break the one-line error and warning output).
+    """
+    from data_store.store import check_case_id
+
+    try:
+        check_case_id(case_id)
+        if any(ord(c) < 32 or ord(c) == 127 for c in case_id):
+            raise InputError("case ID has control characters")
+    except InputError as err:
+        raise InputError(
+            f"unsafe case ID {case_id!r}: {err.problem}; not read, nothing written"
+        ) from None
+
+
+def output_paths(out_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
+    """`(OUT/CASE.nii.gz, OUT/probabilities/CASE.nii.gz)`, checked to lie inside OUT.
+
+    Raises:
+        InputError: an unsafe case ID, or a path that resolves outside OUT (a symbolic link).
+    """
+    check_safe_id(case_id)
+    out = Path(out_dir).resolve()
+    name = f"{case_id}.nii.gz"
+    paths = (out / name, out / PROBABILITIES_DIR / name)
+    for path in paths:
+        target = path.resolve()  # follows links, of the file and of `probabilities/`
+        if not target.is_relative_to(out):
+            raise InputError(f"{path} links to {target}, outside the output folder: not written")
+    return paths
+
+
+def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilities: bool) -> Path:
+    """Creates OUT (and `probabilities/`) after refusing outputs that would lose data.
+
+    Returns:
+        OUT, resolved.
+
+    Raises:
+        InputError: OUT is a file or cannot be created, lies inside the input store, holds input
+            files, or its `summary.csv`/`probabilities` is not what prediction writes there.
+    """
+    given = Path(output)
+    if given.exists() and not given.is_dir():
+        raise InputError("--output must be a folder, but this is a file", path=str(output))
+    out = given.resolve()
+    _refuse_input_overlap(out, reader)
+    _mkdir(out, output)
+    summary = out / SUMMARY_FILE
+    if summary.is_dir():
+        raise InputError(f"{SUMMARY_FILE} here is a folder; choose another --output", path=str(out))
+    if probabilities:
+        folder = out / PROBABILITIES_DIR
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise InputError(
+                f"{PROBABILITIES_DIR} here is not a folder of its own (a file or a link); "
+                "choose another --output",
+                path=str(out),
+            )
+        _mkdir(folder, folder)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError("the output folder is not writable", path=str(out))
+    return out
+
+
+def _mkdir(folder: Path, shown) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(
+            f"cannot create the output folder ({err.strerror})", path=str(shown)
+        ) from None
+
+
+def _refuse_input_overlap(out: Path, reader: CaseReader) -> None:
+    """Refuses an OUT inside a local input store, or one holding the input's NIfTI files."""
+    if reader.kind == "store":
+        if "://" not in reader.path:
+            store = Path(reader.path).resolve()
+            if out == store or store in out.parents:
+                raise InputError(
+                    f"--output lies inside the input store {store}; choose a folder outside it",
+                    path=str(out),
+                )
+        return
+    inside = sorted(f.name for f in reader.source_files() if f.resolve().parent == out)
+    if inside:
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        raise InputError(
+            f"--output holds input files ({inside[0]}{more}) that prediction would overwrite; "
+            "choose another folder",
+            path=str(out),
+        )
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls `write(tmp)` on a new file beside `path`, then renames it to `path`.
+
+    The temporary file is created exclusively (never an existing file or link) with the usual
+    permissions (0666 minus the umask); it is removed if `write` fails.
+    """
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_mask(path: Path, vol_zyx, geometry, dtype) -> None:
+    """A (Z, Y, X) volume as NIfTI on `geometry`'s original grid, atomically (its folder is
+    created if missing: `path` comes from `output_paths`, checked to lie inside OUT)."""
+    from data_store.geometry import write_nifti
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype))
+
+
+def remove_stale(*paths: Path) -> None:
+    """Removes earlier runs' outputs of a case that failed now (paths from `output_paths`)."""
+    for path in paths:
+        with contextlib.suppress(OSError):  # a folder of that name: nothing of ours to remove
+            path.unlink(missing_ok=True)
+
+
+def write_summary_csv(path: Path, rows: list[dict]) -> None:
+    """One row per case, `SUMMARY_COLUMNS`; empty cells where a metric does not apply."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
