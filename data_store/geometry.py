@@ -173,6 +173,12 @@ class Geometry:
         )
 
     @property
+    def orientation(self) -> str:
+        """The phase-0 file's orientation as nibabel axis codes (``RAS``, ``LPS``...), the closest
+        axes for an oblique affine: what training records and prediction compares."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+    @property
     def canonical_shape(self) -> tuple[int, int, int]:
         """Shape in canonical (Z, Y, X) order."""
         return tuple(self.shape[a] for a in _canonical_source_axes(self.ornt))

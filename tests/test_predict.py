@@ -806,3 +806,27 @@ def test_training_data_rules():
     for bad in ({"phases": [3]}, {"spacing_mm_min": [1, 2]}, {"orientations": "RAS"}, []):
         record, note = TrainingData.from_model_config({"training_data": bad})
         assert record is None and "malformed" in note
+
+
+def test_predicting_a_stores_test_split(ray_session, model_uri, tmp_path, capsys):
+    """`tsesnet synth --test-cases` then `ingest`: the test cases are the store's test split, and
+    `predict --split test` predicts those only (`--split` on a raw folder is one line, exit 2)."""
+    from tsesnet.cli import main
+
+    raw, store = tmp_path / "raw", tmp_path / "s.zarr"
+    assert main(["synth", str(raw), "--cases", "3", "--test-cases", "1", "--shape", "16", "32",
+                 "32", "--phases", str(T)]) == 0  # fmt: skip
+    assert main(["ingest", str(raw), str(store), "--folds", "2"]) == 0
+    test_ids = sorted(
+        p.name.removesuffix("_0000.nii.gz") for p in (raw / "imagesTs").glob("*_0000*")
+    )
+    out = tmp_path / "out"
+    argv = ["predict", "--model", model_uri, "--input", str(store), "--output", str(out)]
+    assert main([*argv, "--split", "test", "--workers", "1"]) in (0, 1)
+    assert sorted(_rows(out)) == test_ids
+    capsys.readouterr()
+    assert (
+        main([*argv[:3], "--input", str(raw), "--output", str(tmp_path / "o2"), "--split", "test"])
+        == 2
+    )
+    assert "--split needs a store input" in capsys.readouterr().err

@@ -180,6 +180,9 @@ def _serving_commands(sub) -> None:
     )
     s.add_argument("--fold", type=int, default=None, metavar="K")
     s.add_argument(
+        "--split", choices=["train", "test"], default=None, help="a store's train or test cases"
+    )
+    s.add_argument(
         "--min-component-fraction",
         type=_fraction,
         default=None,

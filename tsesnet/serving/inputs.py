@@ -114,11 +114,18 @@ class CaseReader:
                 self._index = {s.case_id: s for s in sources if self.subset in (None, s.subset)}
         return self._index
 
-    def case_ids(self, fold: int | None = None) -> list[str]:
-        """The input's case IDs, sorted; with `fold`, only that fold's (stores only)."""
+    def case_ids(self, fold: int | None = None, split: str | None = None) -> list[str]:
+        """The input's case IDs, sorted; with `fold`, only that fold's; with `split` ("train" or
+        "test"), only that split's (stores only: folds and splits are assigned at ingest)."""
         index = self._open()
         if self.kind == "store":
             ids = list(index.case_ids)
+            if split is not None:
+                if split not in ("train", "test"):
+                    raise InputError(f"--split must be train or test, got {split!r}")
+                ids = index.case_ids_in(split)
+                if not ids:
+                    raise InputError(f"the store has no cases in split {split!r}", path=self.path)
             if fold is not None:
                 if not 0 <= fold < index.n_folds:
                     raise InputError(
@@ -128,9 +135,11 @@ class CaseReader:
                     )
                 ids = [c for c in ids if index.fold_of(c) == fold]
             return sorted(ids)
-        if fold is not None:
+        if fold is not None or split is not None:
+            flag = "--fold" if fold is not None else "--split"
             raise InputError(
-                "--fold needs a store input (folds are assigned at ingest)", path=self.path
+                f"{flag} needs a store input (folds and splits are assigned at ingest)",
+                path=self.path,
             )
         return sorted(index)
 

@@ -91,6 +91,8 @@ class PredictConfig:
             divided among the workers on CPU, 1 with GPUs).
         probabilities: also write `probabilities/CASE.nii.gz` (float32 sigmoid of the logits).
         fold: with a store input, predict only the cases of this fold.
+        split: with a store input, predict only the cases of this split ("test": the cases
+            ingested from a declared test split, e.g. `imagesTs/`).
         threshold: probability above which a voxel is tumour.
         overlap: sliding-window overlap.
         batch_size: windows per forward pass.
@@ -105,6 +107,7 @@ class PredictConfig:
     cpus_per_worker: float | None = None
     probabilities: bool = False
     fold: int | None = None
+    split: str | None = None
     threshold: float = 0.5
     overlap: float = 0.5
     batch_size: int = 4
@@ -247,13 +250,10 @@ def _scores(case_id: str, pred: np.ndarray, case: InputCase) -> dict:
 
 def _unlike(record, case: InputCase) -> list[str]:
     """How the case differs from the model's training data ([] without a record)."""
-    from tsesnet.serving.training_data import orientation_code
 
     if record is None:
         return []
-    return record.unlike(
-        case.image.shape[0], case.geometry.spacing, orientation_code(case.geometry)
-    )
+    return record.unlike(case.image.shape[0], case.geometry.spacing, case.geometry.orientation)
 
 
 def _failed(row: dict, err: Exception, start: float, prepared=None) -> dict:
@@ -424,7 +424,9 @@ def check_model_uri(uri: str) -> None:
     Other URIs are checked by the actors.
     """
     if Path(uri).is_dir():
-        _check_one_model(Path(uri), uri)
+        from tsesnet.tracking.registry import check_one_model
+
+        check_one_model(Path(uri), uri)
         return
     if not uri.startswith("models:/"):
         return
@@ -446,24 +448,6 @@ def check_model_uri(uri: str) -> None:
     except MlflowException as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"cannot load model {uri}: {first}") from err
-
-
-def _check_one_model(folder: Path, uri: str) -> None:
-    """Raises InputError unless `folder` holds one model (`load_model` would take any one)."""
-    from tsesnet.tracking.registry import CONFIG_FILE, WEIGHTS_FILE
-
-    found = sorted({p.parent for name in (CONFIG_FILE, WEIGHTS_FILE) for p in folder.rglob(name)})
-    complete = [d for d in found if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
-    if not complete:
-        raise InputError(f"{uri} is not a TSESNet model (no {WEIGHTS_FILE}/{CONFIG_FILE})")
-    if len(found) > 1:
-        names = [str(d.relative_to(folder)) or "." for d in found]
-        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        raise InputError(
-            f"--model must name exactly one model, but this folder holds {len(found)} "
-            f"(folders with {CONFIG_FILE} or {WEIGHTS_FILE}: {shown}); pass one of them",
-            path=uri,
-        )
 
 
 def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple[int, float]:
@@ -541,7 +525,7 @@ def predict(
     if config.prefetch < 0:
         raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
     reader = CaseReader.for_input(input_path)
-    case_ids = reader.case_ids(config.fold)
+    case_ids = reader.case_ids(config.fold, config.split)
     if not case_ids:
         raise InputError("no cases to predict", path=input_path)
     check_model_uri(model_uri)
@@ -664,6 +648,7 @@ def cli(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker or 0.0,
         probabilities=args.probabilities,
         fold=args.fold,
+        split=args.split,
         min_component_fraction=args.min_component_fraction,
     )
     report = predict(args.model, args.input, args.output, config)

@@ -12,7 +12,7 @@ A case is unlike the training data, and prediction warns (it still predicts), wh
 - its voxel spacing on an axis is below ``min / 1.5`` or above ``max * 1.5`` (mm, in the
   store's canonical axis order Z, Y, X, as `data_store.geometry.Geometry.spacing` gives it);
 - its phase-0 file's orientation (nibabel's axis codes of its affine, e.g. ``LPS``; see
-  `orientation_code`) is not among the training orientations.
+  `Geometry.orientation`) is not among the training orientations.
 
 A model registered before the record was kept has none: no warnings, and one note says so. A key
 missing from the record skips that check; a malformed record is reported like a missing one.
@@ -21,10 +21,6 @@ missing from the record skips that check; a malformed record is reported like a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from data_store.geometry import Geometry
 
 SPACING_FACTOR = 1.5
 AXES = ("Z", "Y", "X")
@@ -32,14 +28,6 @@ NO_RECORD = (
     "the model has no record of its training data (registered before it was kept): "
     "no warnings about scans unlike it"
 )
-
-
-def orientation_code(geometry: Geometry) -> str:
-    """The phase-0 file's orientation as nibabel axis codes (``RAS``, ``LPS``...), from the
-    affine the store keeps (`Geometry.affine`); the closest axes for an oblique affine."""
-    import nibabel as nib
-
-    return "".join(nib.aff2axcodes(geometry.affine))
 
 
 @dataclass(frozen=True)
@@ -98,7 +86,7 @@ class TrainingData:
         Args:
             phases: the case's phase count T.
             spacing: its voxel size in mm, (Z, Y, X).
-            orientation: its phase-0 file's axis codes (`orientation_code`).
+            orientation: its phase-0 file's axis codes (`Geometry.orientation`).
         """
         found = []
         if self.phases is not None and not self.phases[0] <= phases <= self.phases[1]:

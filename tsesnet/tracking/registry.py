@@ -317,11 +317,29 @@ def load_model(uri: str) -> LoadedModel:
         )
     except (MlflowException, OSError) as err:
         raise InputError(f"cannot load model {uri}: {str(err).splitlines()[0]}") from err
-    weights = next(local.rglob(WEIGHTS_FILE), None)
-    config = next(local.rglob(CONFIG_FILE), None)
-    if weights is None or config is None:
+    folder = check_one_model(local, uri)
+    return load_model_files(folder / WEIGHTS_FILE, folder / CONFIG_FILE, uri)
+
+
+def check_one_model(folder: Path, uri: str) -> Path:
+    """The one folder under `folder` holding a model (`weights.pt` + `model_config.json`).
+
+    Raises:
+        InputError: no model there, or more than one (never silently load one of several).
+    """
+    found = sorted({p.parent for name in (CONFIG_FILE, WEIGHTS_FILE) for p in folder.rglob(name)})
+    complete = [d for d in found if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()]
+    if not complete:
         raise InputError(f"{uri} is not a TSESNet model (no {WEIGHTS_FILE}/{CONFIG_FILE})")
-    return load_model_files(weights, config, uri)
+    if len(found) > 1:
+        names = [str(d.relative_to(folder)) or "." for d in found]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(
+            f"--model must name exactly one model, but this folder holds {len(found)} "
+            f"(folders with {CONFIG_FILE} or {WEIGHTS_FILE}: {shown}); pass one of them",
+            path=uri,
+        )
+    return complete[0]
 
 
 def model_config_dict(model) -> dict:

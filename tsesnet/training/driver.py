@@ -240,9 +240,9 @@ def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
 def training_data(store: str, case_ids) -> dict:
     """What the training cases look like, stored with the model so that prediction can warn
     about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations."""
-    import nibabel as nib
     import numpy as np
 
+    from data_store.geometry import Geometry
     from data_store.store import open_store
 
     st = open_store(store)
@@ -251,8 +251,7 @@ def training_data(store: str, case_ids) -> dict:
         entry = st.index[cid]
         phases.append(int(entry["phases"]))
         spacing.append([float(v) for v in entry["spacing"]])
-        affine = np.asarray(st.case_attrs(cid)["geometry"]["affine"], dtype=float)
-        orientations.add("".join(nib.aff2axcodes(affine)))
+        orientations.add(Geometry.from_attrs(st.case_attrs(cid)["geometry"]).orientation)
     sp = np.asarray(spacing)
     return {
         "phases": [min(phases), max(phases)],
