@@ -6,50 +6,62 @@ Batch b of epoch e on a rank holds patches ``b*B ... (b+1)*B - 1`` of
 `PatchSampler.patch(e, i)`, stacked: the same bits for any number of loader processes, since
 each patch draws from its own generator seeded by (seed, epoch, rank, i).
 
-``workers=0`` loads in the calling thread. ``workers=k`` runs a PyTorch ``DataLoader`` over a
-map-style dataset of whole batches keyed (epoch, b): each process assembles a batch straight
-into shared memory (``default_collate``), ``prefetch`` batches per process are in flight, and
-with ``pin_memory`` (CUDA only) the DataLoader's pin thread copies batches to pinned memory
-off the training thread. The processes are persistent: started at the first epoch and kept
-until `PatchLoader.close`, so each keeps its sampler's case cache (``cache_bytes`` per process)
-warm across epochs. They start from a fork server (``start_method="forkserver"``), never by
-forking the training process, whose Ray, MLflow, zarr and CUDA threads a fork would copy
-mid-flight; the fork server imports this module once. As with any fork server or spawn, the
-script that starts the training process must guard its entry point
-(``if __name__ == "__main__":``; console scripts, pytest and Ray's workers do).
+``workers=0`` loads in the calling thread. ``workers=k`` starts k loader processes once (at the
+first epoch) and keeps them until `PatchLoader.close`, so each keeps its sampler's case cache
+(``cache_bytes`` per process) warm across epochs. Batch b goes to process ``b % k``; each has
+``prefetch`` batches in flight. A process writes its batch into a slot of a shared-memory ring
+allocated once (``k * prefetch`` slots, each sized for the shard's largest phase count), and a
+feeder thread in the training process copies the slot out (into pinned memory with
+``pin_memory`` on CUDA), frees it, and queues the batch for the consumer, whose ``next`` then
+only takes it from the queue.
+
+Why not PyTorch's DataLoader (the first version used it, measured side by side by
+``tests/benchmarks/bench_loader.py --compare-dataloader``): its worker assembles every batch in
+newly allocated shared memory, and a 21 MB batch of 6-phase 48x96x96 patches cost ~21 ms there
+(page faults and zeroing of fresh pages), more than reading its two warm patches (~17 ms); a slot
+reused from the ring costs a copy (~3 ms). It also hands shared memory over by file
+descriptor through the sending process, so a frozen process blocks the receiver mid-batch, and
+it notices a dead process by polling every 5 s.
+
+The processes start from a fork server (``start_method="forkserver"``), never by forking the
+training process, whose Ray, MLflow, zarr and CUDA threads a fork would copy mid-flight; the
+fork server imports this module once. As with any fork server or spawn, the script that starts
+the training process must guard its entry point (``if __name__ == "__main__":``; console
+scripts, pytest and Ray's workers do).
 
 Failures never hang the training loop; each ends the epoch with one `LoaderError` naming the
-case. Each loader process writes, in shared memory, which patch it is about to read:
+case. Each process writes, in shared memory, which patch it is about to read:
 
-- a patch that raises (a corrupt chunk, a bad case) comes back as a failure, raised in the
-  consumer; the processes stay for the next epoch;
-- a process that dies (SIGKILL, the kernel's OOM killer) is found by the DataLoader's liveness
-  check, within its 5 s polling interval, and reported with the case it was reading;
-- with ``timeout_s``, a process that has moved on to no other patch for that long (a hung file
-  system, a frozen process) is reported the same way. Batches are handed over by shared-memory
-  file name (``file_system`` sharing, set in the loader processes only): a file descriptor is
-  handed over by the sending process itself, so a frozen one would block the receiver.
+- a patch that raises (a corrupt chunk, a bad case) comes back as a failure; the processes stay
+  for the next epoch;
+- a process that dies (SIGKILL, the kernel's OOM killer) is seen at once (its pipe and its
+  process sentinel) and reported with the case it was reading;
+- with ``timeout_s``, a process that has begun no other patch for that long (a hung file system,
+  a frozen process) is reported the same way.
 
 After a dead or stalled process the loader kills its processes; the next `PatchLoader.epoch`
 starts new ones. Loader processes exit within a second of the training process's death (a fork
-server's children would otherwise outlive it). In the main thread the DataLoader would install
-a SIGCHLD handler that raises wherever the main thread is; the loader puts the previous handler
-back, so that errors come from ``next`` only, as in Ray Train's training thread.
+server's children would otherwise outlive it) and ignore SIGINT (Ctrl-C is the training
+process's to handle).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import queue
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from data_store.errors import LoaderError
 from data_store.sampler import PatchSampler, SamplerConfig
@@ -57,12 +69,14 @@ from data_store.store import Store
 
 __all__ = ["EpochBatches", "PatchLoader", "capped_workers", "patch_batches"]
 
+_POLL_S = 0.2  # how often a wait for a batch looks at the stop flag and the progress slots
+
 
 def capped_workers(requested: int, cpus: float) -> tuple[int, str | None]:
     """Loader processes that fit the CPUs a training worker reserved, and why fewer, if fewer.
 
     One CPU stays with the training process itself (its Python loop, the CUDA launches, the
-    loss); each loader process keeps one more CPU busy.
+    loss, the feeder thread's copies); each loader process keeps one more CPU busy.
 
     Args:
         requested: loader processes asked for (e.g. ``data.loader_workers``).
@@ -107,7 +121,8 @@ class _Slot:
 class _Progress:
     """One `_Slot` per loader process in shared memory, written by that process only.
 
-    No lock: the main process reads a slot only after its writer died or stalled.
+    No lock: the training process only compares a slot with itself over time, and reads what
+    it says after its writer died or stalled.
     """
 
     _FIELDS = 4  # pid, epoch, patch, reading
@@ -129,13 +144,10 @@ class _Progress:
         if self._base is not None:
             self._array[self._base + 3] = 0
 
-    def slots(self) -> list[_Slot]:
-        """Every process's slot (pid 0: not started yet)."""
-        a, n = self._array, self._FIELDS
-        return [
-            _Slot(w, a[w * n], a[w * n + 1], a[w * n + 2], bool(a[w * n + 3]))
-            for w in range(len(a) // n)
-        ]
+    def slot(self, worker: int) -> _Slot:
+        """Process `worker`'s slot (pid 0: not started yet)."""
+        a, base = self._array, worker * self._FIELDS
+        return _Slot(worker, a[base], a[base + 1], a[base + 2], bool(a[base + 3]))
 
     def clear(self) -> None:
         self._array[:] = [0] * len(self._array)
@@ -143,7 +155,7 @@ class _Progress:
 
 @dataclass(frozen=True)
 class _Failed:
-    """A patch that raised in a loader process, sent back instead of a batch."""
+    """A patch that raised, sent back instead of a batch."""
 
     case: str | None
     epoch: int
@@ -152,42 +164,78 @@ class _Failed:
     pid: int
 
     def error(self) -> LoaderError:
-        where = f"loader process {self.pid}" if self.pid != os.getpid() else "the calling thread"
+        here = self.pid == os.getpid()
         return LoaderError(
-            f"reading it failed in {where}: {self.problem}",
+            f"reading it failed in {'the calling thread' if here else f'loader process {self.pid}'}"
+            f": {self.problem}",
             case=self.case,
             epoch=self.epoch,
             patch=self.patch,
-            pid=self.pid if self.pid != os.getpid() else None,
+            pid=None if here else self.pid,
         )
 
 
-class _Batches(Dataset):
-    """Map-style dataset: key (epoch, b) -> batch b, ``x (B, T, z, y, x)``, ``y (B, z, y, x)``."""
+class _Layout:
+    """Where a batch lies in a ring slot (flat float32): x (B, T, z, y, x) from the start,
+    y (B, z, y, x) after room for the shard's largest T."""
 
-    def __init__(self, sampler: PatchSampler, batch_size: int, progress: _Progress | None):
-        self.sampler, self.batch_size, self.progress = sampler, batch_size, progress
+    def __init__(self, batch_size: int, max_phases: int, patch: tuple[int, int, int]):
+        self.batch, self.patch = batch_size, tuple(patch)
+        self.voxels = math.prod(patch)
+        self.y_at = batch_size * max_phases * self.voxels
+        self.floats = self.y_at + batch_size * self.voxels
+
+    def x(self, slot, phases: int):
+        """x (B, T, z, y, x) as a view of a slot (numpy or torch)."""
+        return slot[: self.batch * phases * self.voxels].reshape(self.batch, phases, *self.patch)
+
+    def y(self, slot):
+        """y (B, z, y, x) as a view of a slot."""
+        return slot[self.y_at : self.floats].reshape(self.batch, *self.patch)
+
+
+class _Batches:
+    """Batch b of an epoch from a sampler, in the calling thread or into a ring slot."""
+
+    def __init__(self, sampler: PatchSampler, layout: _Layout, progress: _Progress | None):
+        self.sampler, self.layout, self.progress = sampler, layout, progress
         self.owner = os.getpid()  # the training process
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | _Failed:
-        epoch, b = key
-        first = b * self.batch_size
-        pairs = []
-        for i in range(first, first + self.batch_size):
+    def read(self, epoch: int, b: int) -> list[tuple[np.ndarray, np.ndarray]] | _Failed:
+        """The batch's (image (T, z, y, x), mask (z, y, x)) float32 pairs, or the failure."""
+        pairs, first = [], b * self.layout.batch
+        for i in range(first, first + self.layout.batch):
             if self.progress is not None:
                 self.progress.reading(epoch, i)
             try:
-                image, mask = self.sampler.patch(epoch, i)  # (T, z, y, x), (z, y, x) float32
+                pairs.append(self.sampler.patch(epoch, i))
             except Exception as err:  # every cause is reported, naming the case
                 return self._failed(epoch, i, err)
-            pairs.append((torch.from_numpy(image), torch.from_numpy(mask)))
         if self.progress is not None:
             self.progress.idle()
-        try:  # in a loader process, default_collate stacks straight into shared memory
-            x, y = default_collate(pairs)
-        except RuntimeError as err:  # cases of different phase counts in one batch
-            return self._failed(epoch, first, err)
-        return x, y
+        phases = sorted({image.shape[0] for image, _ in pairs})
+        if len(phases) > 1:
+            problem = ValueError(f"cases of {phases} phases in one batch: use batch_size 1")
+            return self._failed(epoch, first, problem)
+        return pairs
+
+    def stack(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor] | _Failed:
+        """The batch as new tensors x (B, T, z, y, x), y (B, z, y, x) (``workers=0``)."""
+        pairs = self.read(epoch, b)
+        if isinstance(pairs, _Failed):
+            return pairs
+        x = torch.from_numpy(np.stack([image for image, _ in pairs]))
+        return x, torch.from_numpy(np.stack([mask for _, mask in pairs]))
+
+    def fill(self, epoch: int, b: int, slot: np.ndarray) -> int | _Failed:
+        """Writes the batch into a ring slot; returns its phase count T, or the failure."""
+        pairs = self.read(epoch, b)
+        if isinstance(pairs, _Failed):
+            return pairs
+        x, y = self.layout.x(slot, pairs[0][0].shape[0]), self.layout.y(slot)
+        for j, (image, mask) in enumerate(pairs):
+            x[j], y[j] = image, mask
+        return int(x.shape[1])
 
     def case_of(self, epoch: int, i: int) -> str | None:
         """The case patch i of an epoch comes from (None when even that cannot be read)."""
@@ -201,45 +249,229 @@ class _Batches(Dataset):
         return _Failed(self.case_of(epoch, i), epoch, i, problem, os.getpid())
 
 
-def _start_worker(worker: int) -> None:
-    """DataLoader ``worker_init_fn``: take the progress slot, and exit when the training process
-    is gone (a fork server's children never see their parent change: they would linger)."""
-    batches = get_worker_info().dataset
+def _serve(conn, batches: _Batches, ring, worker: int) -> None:
+    """A loader process: fill the slot of each task ``(epoch, b, slot)`` until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    torch.set_num_threads(1)
     batches.progress.claim(worker)
-    # Hand batches over by shared-memory file name, not file descriptor: a descriptor is passed
-    # by this process itself on request (multiprocessing's resource sharer), so a stopped or
-    # busy process would stall the training process in the middle of receiving a batch.
-    torch.multiprocessing.set_sharing_strategy("file_system")
     threading.Thread(target=_exit_with, args=(batches.owner,), daemon=True).start()
+    slots = np.frombuffer(ring, dtype=np.float32).reshape(-1, batches.layout.floats)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the training process closed the pipe or died
+            return
+        if task is None:
+            return
+        epoch, b, slot = task
+        try:
+            result = batches.fill(epoch, b, slots[slot])
+        except Exception as err:  # writing the slot itself failed
+            result = batches._failed(epoch, b * batches.layout.batch, err)
+        conn.send((b, slot, result))
 
 
 def _exit_with(pid: int, interval_s: float = 1.0) -> None:
-    """Exit this process once process `pid` has died (polled every `interval_s`)."""
+    """Exit this process once process `pid` has died (polled every `interval_s`): a fork
+    server's children never see their parent change, so they would outlive it."""
     while _alive(pid):
         time.sleep(interval_s)
     os._exit(1)
 
 
-def _as_is(item):
-    """DataLoader ``collate_fn``: the dataset already returns whole batches (or a failure)."""
-    return item
-
-
-class _Keys(Sampler):
-    """The keys (epoch, b) of the current epoch's batches; set before each ``iter(loader)``."""
-
-    def __init__(self):
-        self.epoch, self.n = 0, 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, n = self.epoch, self.n
-        return ((epoch, b) for b in range(n))
-
-    def __len__(self) -> int:
-        return self.n
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (dead, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ------------------------------------------------------------------------------ main side
+
+
+class _Stopped(Exception):
+    """The epoch was abandoned (a later epoch or `close`): the feeder ends quietly."""
+
+
+class _Pool:
+    """The loader processes, one pipe each, filling the slots of one shared-memory ring."""
+
+    def __init__(self, ctx, batches: _Batches, workers: int, prefetch: int):
+        self.batches, self.k, self.prefetch = batches, workers, prefetch
+        self.ring = ctx.RawArray("f", workers * prefetch * batches.layout.floats)
+        self.slots = torch.frombuffer(self.ring, dtype=torch.float32)
+        self.slots = self.slots.view(-1, batches.layout.floats)  # (slots, floats)
+        self.free = list(range(workers * prefetch))
+        self.outstanding = [collections.deque() for _ in range(workers)]  # (epoch, b, slot)
+        self.broken = False
+        batches.progress.clear()
+        self.procs, self.conns = [], []
+        for w in range(workers):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(
+                target=_serve, args=(there, batches, self.ring, w), name=f"loader-{w}", daemon=True
+            )
+            proc.start()
+            there.close()
+            self.procs.append(proc)
+            self.conns.append(here)
+
+    def has_room(self, b: int) -> bool:
+        return len(self.outstanding[b % self.k]) < self.prefetch
+
+    def dispatch(self, epoch: int, b: int) -> None:
+        """Send batch b to process ``b % k`` with a free slot."""
+        w, slot = b % self.k, self.free.pop()
+        try:
+            self.conns[w].send((epoch, b, slot))
+        except OSError:  # BrokenPipeError: it died
+            self.free.append(slot)
+            raise self.lost(w, "died") from None
+        self.outstanding[w].append((epoch, b, slot))
+
+    def receive(self, w: int, timeout_s: float, stop: threading.Event | None):
+        """Process w's next reply ``(b, slot, T or _Failed)``, its slot still taken.
+
+        Raises:
+            LoaderError: the process died, or began no other patch for `timeout_s` (> 0).
+            _Stopped: `stop` was set.
+        """
+        conn, sentinel = self.conns[w], self.procs[w].sentinel
+        seen, quiet_since = self.batches.progress.slot(w), time.monotonic()
+        while True:
+            ready = multiprocessing.connection.wait([conn, sentinel], timeout=_POLL_S)
+            if conn in ready:
+                try:
+                    reply = conn.recv()
+                except (EOFError, OSError):  # died while sending
+                    raise self.lost(w, "died") from None
+                self.outstanding[w].popleft()
+                return reply
+            if sentinel in ready:
+                raise self.lost(w, "died")
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            now = self.batches.progress.slot(w)
+            if now != seen:
+                seen, quiet_since = now, time.monotonic()
+            elif timeout_s and time.monotonic() - quiet_since > timeout_s:
+                raise self.lost(w, "stalled", f"no new patch for {timeout_s:g} s")
+
+    def drain(self, timeout_s: float) -> None:
+        """Receive and drop the replies of an abandoned epoch, freeing their slots."""
+        for w in range(self.k):
+            while self.outstanding[w]:
+                self.free.append(self.receive(w, timeout_s, None)[1])
+
+    def lost(self, w: int, state: str, why: str = "") -> LoaderError:
+        """The `LoaderError` for process w, dead or stalled; kills every process first."""
+        proc, s = self.procs[w], self.batches.progress.slot(w)
+        if state == "died":
+            proc.join(1.0)
+            code = proc.exitcode
+            why = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+        self.kill()
+        pid = s.pid or proc.pid
+        if s.patch < 0:
+            return LoaderError(f"loader process {pid} {state} before reading a patch ({why})")
+        doing = "while reading it" if s.reading else "after reading it, idle"
+        return LoaderError(
+            f"loader process {pid} {state} {doing} ({why})",
+            case=self.batches.case_of(s.epoch, s.patch),
+            epoch=s.epoch,
+            patch=s.patch,
+            pid=pid,
+        )
+
+    def kill(self) -> None:
+        self.broken = True
+        for proc in self.procs:  # a `Process` never signals a reaped (reused) pid
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(5.0)
+
+    def close(self) -> None:
+        """Ask every process to stop after its batch in hand; kill what is left after 5 s."""
+        for conn in self.conns:
+            with contextlib.suppress(OSError):  # already dead
+                conn.send(None)
+        deadline = time.monotonic() + 5.0
+        for proc in self.procs:
+            proc.join(max(deadline - time.monotonic(), 0.0))
+        self.kill()
+        for conn in self.conns:
+            conn.close()
+
+
+class _Feeder(threading.Thread):
+    """Feeds one epoch: keeps the processes' windows full, takes replies in order, copies each
+    slot out (pinned with `pin`), frees it, and queues ``(x, y)`` or the error for the consumer."""
+
+    def __init__(self, pool: _Pool, epoch: int, n: int, *, pin: bool, timeout_s: float):
+        super().__init__(name=f"loader-feeder-epoch-{epoch}", daemon=True)
+        self.pool, self.epoch, self.n, self.pin, self.timeout_s = pool, epoch, n, pin, timeout_s
+        self.batches: queue.Queue = queue.Queue(maxsize=pool.prefetch)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        pool, sent = self.pool, 0
+        try:
+            for b in range(self.n):
+                while sent < self.n and pool.has_room(sent):
+                    pool.dispatch(self.epoch, sent)
+                    sent += 1
+                _, slot, result = pool.receive(b % pool.k, self.timeout_s, self.stop)
+                item = result.error() if isinstance(result, _Failed) else self._copy(slot, result)
+                pool.free.append(slot)
+                self._put(item)
+                if isinstance(item, LoaderError):
+                    return
+        except _Stopped:
+            return
+        except BaseException as err:  # every error reaches the consumer, none hangs it
+            self._put(err)
+
+    def _copy(self, slot: int, phases: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, z, y, x), y (B, z, y, x) copied out of a slot into tensors of their own."""
+        layout, view = self.pool.batches.layout, self.pool.slots[slot]
+        out = []
+        for src in (layout.x(view, phases), layout.y(view)):
+            dst = torch.empty(src.shape, dtype=torch.float32, pin_memory=self.pin)
+            # numpy's copy: one thread, the GIL released; torch's `copy_` runs on the intra-op
+            # threads, whose barriers were 2-4x slower here with every core busy
+            np.copyto(dst.numpy(), src.numpy())
+            out.append(dst)
+        return out[0], out[1]
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.batches.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def get(self):
+        """The next item, waiting as long as the feeder lives."""
+        while True:
+            try:
+                return self.batches.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.is_alive() and self.batches.empty():
+                    return LoaderError("background loading stopped without a batch or an error")
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.join()
 
 
 class EpochBatches:
@@ -257,7 +489,7 @@ class EpochBatches:
         self.epoch, self.n_batches = epoch, n_batches
         self.wait_s, self.delivered = 0.0, 0
         self._loader, self._generation = loader, generation
-        self._it: Iterator | None = None
+        self._next = None
 
     def __iter__(self) -> EpochBatches:
         return self
@@ -273,19 +505,19 @@ class EpochBatches:
         """
         if self._generation != self._loader._generation:
             raise RuntimeError(f"epoch {self.epoch}'s batches were superseded by a later epoch")
+        if self.delivered >= self.n_batches:
+            raise StopIteration
         t0 = time.perf_counter()
         try:
-            if self._it is None:
-                self._it = self._loader._start(self.epoch, self.n_batches)
-            item = self._loader._next(self._it)
-        except (StopIteration, LoaderError):
-            raise
-        except Exception as err:  # the DataLoader's own errors: a dead or stalled process
-            raise self._loader._diagnose(err) from err
+            if self._next is None:
+                self._next = self._loader._start(self.epoch, self.n_batches)
+            item = self._next(self.delivered)
         finally:
             self.wait_s += time.perf_counter() - t0
-        if isinstance(item, _Failed):  # the processes are fine: the next epoch reuses them
-            raise item.error()
+        if isinstance(item, _Failed):
+            item = item.error()
+        if isinstance(item, BaseException):
+            raise item
         self.delivered += 1
         return item
 
@@ -301,11 +533,11 @@ class PatchLoader:
         seed, rank, world_size: as `PatchSampler`'s.
         workers: loader processes; 0 loads in the calling thread (see `capped_workers`).
         pin_memory: return pinned CPU tensors (CUDA only; ignored without CUDA).
-        prefetch: batches in flight per loader process.
-        timeout_s: raise `LoaderError` when no batch has come for this long (0: never); a dead
-            process is reported without it.
-        start_method: how loader processes start: "forkserver" (default) or "spawn"; "fork"
-            is faster to start but copies the training process's threads.
+        prefetch: batches in flight per loader process (and batches queued for the consumer).
+        timeout_s: raise `LoaderError` when a process has begun no other patch for this long
+            while a batch is awaited (0: never); a dead process is reported at once without it.
+        start_method: "forkserver" (default) or "spawn"; "fork" starts faster but copies the
+            training process's threads.
 
     Use ``with PatchLoader(...) as loader:`` or call `close`; see `epoch`.
     """
@@ -330,24 +562,22 @@ class PatchLoader:
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value}")
         if prefetch < 1 or timeout_s < 0:
-            raise ValueError(
-                f"prefetch must be >= 1 and timeout_s >= 0, got {prefetch}, {timeout_s}"
-            )
-        self.sampler = PatchSampler(
-            store, case_ids, config, seed=seed, rank=rank, world_size=world_size
-        )
-        self.batch_size, self.workers = int(batch_size), int(workers)
-        self.steps_per_epoch = math.ceil(self.sampler.patches_per_rank() / self.batch_size)
+            raise ValueError(f"need prefetch >= 1 and timeout_s >= 0, got {prefetch}, {timeout_s}")
+        sampler = PatchSampler(store, case_ids, config, seed=seed, rank=rank, world_size=world_size)
+        self.sampler, self.batch_size, self.workers = sampler, int(batch_size), int(workers)
+        self.steps_per_epoch = math.ceil(sampler.patches_per_rank() / self.batch_size)
         self._pin = bool(pin_memory) and torch.cuda.is_available()
         self._prefetch, self._timeout_s = int(prefetch), float(timeout_s)
         self._ctx = multiprocessing.get_context(start_method) if self.workers else None
         if start_method == "forkserver" and self.workers:
             # The fork server imports this module (and torch) once; each process forks from it.
             self._ctx.set_forkserver_preload([__name__])
+        phases = max(sampler.store.shape(c)[0] for c in sampler.shard)
+        layout = _Layout(self.batch_size, phases, sampler.config.patch)
         progress = _Progress(self._ctx, self.workers) if self.workers else None
-        self._batches = _Batches(self.sampler, self.batch_size, progress)
-        self._keys = _Keys()
-        self._dl: DataLoader | None = None  # built at the first epoch, again after a failure
+        self._batches = _Batches(sampler, layout, progress)
+        self._pool: _Pool | None = None  # started at the first epoch, again after a failure
+        self._feeder: _Feeder | None = None
         self._generation = 0
         self._closed = False
 
@@ -375,148 +605,53 @@ class PatchLoader:
         return EpochBatches(self, int(epoch), n, self._generation)
 
     def worker_pids(self) -> list[int]:
-        """PIDs of the loader processes that have started (empty with ``workers=0``)."""
-        progress = self._batches.progress
-        return [s.pid for s in progress.slots() if s.pid] if progress is not None else []
+        """PIDs of the running loader processes (empty with ``workers=0``)."""
+        return [p.pid for p in self._pool.procs] if self._pool is not None else []
 
     def close(self) -> None:
-        """Stop the loader processes (they finish the batch in hand and exit)."""
+        """Stop the loader processes (each finishes the batch in hand and exits)."""
         self._closed = True
-        self._stop(kill=False)
+        self._generation += 1
+        self._halt()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     # -------------------------------------------------------------- internals
 
-    def _start(self, epoch: int, n: int) -> Iterator:
-        """An iterator over the epoch's batches (items may be `_Failed`)."""
+    def _halt(self) -> None:
+        if self._feeder is not None:
+            self._feeder.halt()
+            self._feeder = None
+
+    def _start(self, epoch: int, n: int):
+        """The function ``b -> batch b of the epoch`` (or the failure), processes started."""
+        self._halt()
         if not self.workers:
-            return self._inline(epoch, n)
-        if self._dl is None:
-            self._batches.progress.clear()
-            self._dl = DataLoader(
-                self._batches,
-                batch_size=None,  # the dataset's items are whole batches
-                sampler=self._keys,
-                collate_fn=_as_is,
-                num_workers=self.workers,
-                persistent_workers=True,
-                prefetch_factor=self._prefetch,
-                pin_memory=self._pin,
-                worker_init_fn=_start_worker,
-                multiprocessing_context=self._ctx,
-                timeout=self._timeout_s,
-                generator=torch.Generator().manual_seed(0),  # leave the caller's RNG alone
-            )
-        self._keys.epoch, self._keys.n = epoch, n
-        return _iter_keeping_sigchld(self._dl)  # persistent: the same processes, new keys
+            return lambda b: self._inline(epoch, b)
+        if self._pool is not None and self._pool.broken:
+            self._pool.close()
+            self._pool = None
+        try:
+            if self._pool is None:
+                self._pool = _Pool(self._ctx, self._batches, self.workers, self._prefetch)
+            else:
+                self._pool.drain(self._timeout_s)  # replies of an epoch left unfinished
+        except LoaderError:
+            raise
+        except Exception as err:
+            problem = f"could not start loader processes: {type(err).__name__}: {err}"
+            raise LoaderError(problem) from err
+        feeder = _Feeder(self._pool, epoch, n, pin=self._pin, timeout_s=self._timeout_s)
+        feeder.start()
+        self._feeder = feeder
+        return lambda b: feeder.get()
 
-    def _next(self, it: Iterator):
-        """``next(it)``; a DataLoader timeout counts only when no loader process has moved on
-        (started, or begun another patch) for the whole of it: starting is not stalling."""
-        progress = self._batches.progress
-        before = progress.slots() if progress is not None else None
-        while True:
-            try:
-                return next(it)
-            except RuntimeError as err:
-                if before is None or "timed out" not in str(err):  # DataLoader's wording
-                    raise
-                now = progress.slots()
-                if now == before:
-                    raise
-                before = now
-
-    def _inline(self, epoch: int, n: int) -> Iterator:
-        for b in range(n):
-            item = self._batches[(epoch, b)]
-            if self._pin and not isinstance(item, _Failed):
-                item = tuple(t.pin_memory() for t in item)
-            yield item
-
-    def _diagnose(self, err: BaseException) -> LoaderError:
-        """The `LoaderError` for a DataLoader failure: which process died or stalled, reading
-        which case. Stops the loader processes."""
-        slots = self._batches.progress.slots() if self._batches.progress is not None else []
-        dead = _dead(slots, grace_s=2.0)
-        cause = " ".join(str(err).split()) or type(err).__name__
-        self._stop(kill=True)
-        if dead:
-            s, state = dead[0], "died"
-        elif started := [s for s in slots if s.pid]:  # the one furthest behind held us up
-            s = min([s for s in started if s.reading] or started, key=lambda s: (s.epoch, s.patch))
-            state = "stalled"
-        else:
-            return LoaderError(f"background loading failed: {cause}")
-        if s.patch < 0:
-            return LoaderError(f"loader process {s.pid} {state} before reading a patch ({cause})")
-        doing = "while reading it" if s.reading else "after reading it, idle"
-        return LoaderError(
-            f"loader process {s.pid} {state} {doing} ({cause})",
-            case=self._batches.case_of(s.epoch, s.patch),
-            epoch=s.epoch,
-            patch=s.patch,
-            pid=s.pid,
-        )
-
-    def _stop(self, *, kill: bool) -> None:
-        """Shut the DataLoader's processes down (killed first after a failure, so that none
-        waits on a queue a dead process left locked); the next epoch starts new ones."""
-        dl, self._dl = self._dl, None
-        self._generation += 1
-        it = getattr(dl, "_iterator", None) if dl is not None else None
-        if it is None:
-            return
-        if kill:  # a `multiprocessing.Process` never signals a reaped (reused) pid
-            for process in getattr(it, "_workers", []):
-                if process.is_alive():
-                    process.kill()
-        shutdown = getattr(it, "_shutdown_workers", None)  # what its __del__ calls
-        if shutdown is not None:
-            shutdown()
-
-
-def _iter_keeping_sigchld(dl: DataLoader) -> Iterator:
-    """``iter(dl)``, with the process's SIGCHLD handler as it was before.
-
-    In the main thread, PyTorch's DataLoader installs a SIGCHLD handler that raises
-    ``RuntimeError`` wherever the main thread happens to be when a loader process dies: inside
-    the training step too, where no one expects it. Putting the old handler back leaves the
-    DataLoader's liveness poll, which raises inside ``next`` only (within 5 s): what it does in
-    any other thread anyway, such as Ray Train's training thread.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return iter(dl)
-    previous = signal.getsignal(signal.SIGCHLD)
-    it = iter(dl)
-    if previous is not None and signal.getsignal(signal.SIGCHLD) is not previous:
-        signal.signal(signal.SIGCHLD, previous)
-    return it
-
-
-def _dead(slots: list[_Slot], grace_s: float) -> list[_Slot]:
-    """The slots whose process has died, waiting up to `grace_s` for one to show as dead: the
-    pipe of a killed process closes (an ``EOFError`` in the main process) while the kernel is
-    still tearing the process down."""
-    end = time.monotonic() + grace_s
-    while True:
-        dead = [s for s in slots if s.pid and not _alive(s.pid)]
-        if dead or time.monotonic() > end:
-            return dead
-        time.sleep(0.02)
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (dead, not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    def _inline(self, epoch: int, b: int):
+        item = self._batches.stack(epoch, b)
+        if self._pin and not isinstance(item, _Failed):
+            item = tuple(t.pin_memory() for t in item)
+        return item
 
 
 def patch_batches(

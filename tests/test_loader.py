@@ -130,7 +130,7 @@ def _consume(batches, out: dict, start_killing: threading.Event) -> None:
 @pytest.mark.parametrize("in_thread", [True, False], ids=["training-thread", "main-thread"])
 def test_killed_worker_ends_the_epoch_naming_its_case(tiny_store, in_thread):
     """SIGKILL one of two loader processes mid-epoch: a LoaderError naming the case it was
-    reading, within the DataLoader's 5 s liveness poll plus shutdown, never a hang. Ray Train
+    reading, seen at once (its pipe and its process sentinel), never a hang. Ray Train
     runs the loop in a thread of its own; plain scripts in the main thread."""
     store = open_store(tiny_store)
     cfg = SamplerConfig(patch=PATCH, cache_bytes=0)  # every patch a Zarr read: workers stay busy
@@ -154,7 +154,7 @@ def test_killed_worker_ends_the_epoch_naming_its_case(tiny_store, in_thread):
         _consume(batches, out, threading.Event())
     err = out.get("error")
     assert err is not None, "the epoch ended without an error"
-    assert out["at"] - killed_at < 20, f"took {out['at'] - killed_at:.1f} s"
+    assert out["at"] - killed_at < 10, f"took {out['at'] - killed_at:.1f} s"
     assert err.pid == victim and f"loader process {victim} died" in str(err)
     assert err.case in store.case_ids and str(err).startswith(f"case {err.case}: epoch 0, patch ")
     assert err.case == PatchSampler(store, store.case_ids, cfg).where(0, err.patch)[0]

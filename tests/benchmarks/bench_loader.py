@@ -27,8 +27,10 @@ up first, measured in interleaved rounds (the order rotates each round; medians)
   time of one batch (a sleep, as a GPU step leaves the CPU free). "Steady" leaves the first
   batch out (an epoch starts with an empty pipeline); the whole epoch is in brackets.
 Target: <= 10 % steady wait with 2 workers at K = 1.5. The sizing table turns the per-process
-rate into loader processes per GPU: ceil(1.5 x GPU patches/s / per-process patches/s), the GPU's
-patches/s being its TFLOP/s over 0.6 TFLOP per paper-preset patch (forward + backward).
+rate into loader processes per GPU: ceil(h x GPU patches/s / per-process patches/s), the GPU's
+patches/s being its TFLOP/s over 0.6 TFLOP per paper-preset patch (forward + backward), and h
+the smallest supply ratio (processes x K) at and above which every measured cell kept the
+steady wait <= 10 %.
 
 The case is a phantom: half air, smooth tissue, per-phase enhancement, Gaussian noise, so it
 compresses like a scan (noise sets the ratio); written through the real ingest path
@@ -233,21 +235,92 @@ def feeding_modes():
     }
 
 
-def measure_feeding(store, case_id: str, args) -> dict:
-    """Rounds of every (mode, workers) cell, interleaved (the order rotates each round), on
-    persistent loaders warmed up first. Returns lists of measurements by key."""
-    from collections import defaultdict
+class _KeyList:
+    """DataLoader sampler: the keys (epoch, b) of the current epoch."""
 
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self):
+        return len(self.keys)
+
+
+class _SamplerBatches:
+    """Map-style dataset over `PatchSampler`: key (epoch, b) -> batch b, stacked by
+    ``default_collate`` (in a DataLoader worker: into newly allocated shared memory)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __getitem__(self, key):
+        import torch
+        from torch.utils.data import default_collate
+
+        epoch, b = key
+        pairs = [self.sampler.patch(epoch, i) for i in range(b * BATCH, (b + 1) * BATCH)]
+        return default_collate([tuple(torch.from_numpy(a) for a in p) for p in pairs])
+
+
+class DataLoaderBaseline:
+    """What `PatchLoader` replaced, for ``--compare-dataloader``: PyTorch's DataLoader over the
+    sampler, persistent workers from a fork server, 2 batches in flight per worker."""
+
+    def __init__(self, store, case_id: str, cfg, workers: int):
+        from torch.utils.data import DataLoader
+
+        from data_store.sampler import PatchSampler
+
+        self.workers, self.keys = workers, _KeyList()
+        self.dl = DataLoader(
+            _SamplerBatches(PatchSampler(store, [case_id], cfg)),
+            batch_size=None,
+            sampler=self.keys,
+            num_workers=workers,
+            persistent_workers=True,
+            prefetch_factor=2,
+            multiprocessing_context="forkserver",
+        )
+
+    def epoch(self, epoch: int, n: int):
+        self.keys.keys = [(epoch, b) for b in range(n)]
+        return iter(self.dl)
+
+    def close(self) -> None:
+        self.dl = None  # its iterator's __del__ stops the workers
+
+
+def feeding_cells(args) -> list[tuple[str, int]]:
+    """(implementation, loader processes) of every measured cell; ("loader", 0) first."""
+    cells = [("loader", w) for w in WORKERS]
+    return cells + ([("dataloader", w) for w in WORKERS if w] if args.compare_dataloader else [])
+
+
+def make_loaders(store, case_id: str, args) -> dict:
     from data_store.loader import PatchLoader
 
-    loaders = {
-        (mode, w): PatchLoader(store, [case_id], cfg, batch_size=BATCH, workers=w)
-        for mode, cfg in feeding_modes().items()
-        for w in WORKERS
-    }
+    loaders = {}
+    for mode, cfg in feeding_modes().items():
+        for impl, w in feeding_cells(args):
+            loaders[mode, (impl, w)] = (
+                PatchLoader(store, [case_id], cfg, batch_size=BATCH, workers=w)
+                if impl == "loader"
+                else DataLoaderBaseline(store, case_id, cfg, w)
+            )
     for loader in loaders.values():  # processes started, caches filled
         for _ in loader.epoch(0, 2 * max(loader.workers, 1) + 2):
             pass
+    return loaders
+
+
+def measure_feeding(store, case_id: str, args) -> dict:
+    """Rounds of every (mode, cell), interleaved (the order rotates each round), on persistent
+    loaders warmed up first. Returns lists of measurements by key."""
+    from collections import defaultdict
+
+    loaders, cells = make_loaders(store, case_id, args), feeding_cells(args)
     out, epochs = defaultdict(list), {key: 1 for key in loaders}
 
     def epoch_of(key):
@@ -255,23 +328,29 @@ def measure_feeding(store, case_id: str, args) -> dict:
         return loaders[key].epoch(epochs[key] - 1, args.batches)
 
     for r in range(args.rounds):
-        order = WORKERS[r % 3 :] + WORKERS[: r % 3]
+        order = cells[r % len(cells) :] + cells[: r % len(cells)]
         for mode in feeding_modes():
-            rates = {}
-            for w in order:
-                rates[w] = steady_rate(epoch_of((mode, w)), args.batches)
-            fg_s = BATCH / rates[0]  # foreground load time of one batch, this round
-            for w in WORKERS:
-                out[mode, w, "rate"].append(rates[w])
+            rates = {cell: steady_rate(epoch_of((mode, cell)), args.batches) for cell in order}
+            fg_s = BATCH / rates["loader", 0]  # foreground load time of one batch, this round
+            for cell in cells:
+                out[mode, cell, "rate"].append(rates[cell])
             for k in args.multiples:
-                for w in order:
-                    whole, steady = wait_fraction(epoch_of((mode, w)), args.batches, k * fg_s)
-                    out[mode, w, k, "whole"].append(whole)
-                    out[mode, w, k, "steady"].append(steady)
+                for cell in order:
+                    whole, steady = wait_fraction(epoch_of((mode, cell)), args.batches, k * fg_s)
+                    out[mode, cell, k, "whole"].append(whole)
+                    out[mode, cell, k, "steady"].append(steady)
         print(f"  round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
     for loader in loaders.values():
         loader.close()
     return out
+
+
+def cell_name(cell: tuple[str, int]) -> str:
+    impl, w = cell
+    if w == 0:
+        return "foreground (workers=0)"
+    name = "PatchLoader" if impl == "loader" else "DataLoader (baseline)"
+    return f"{name}, {w} process{'es' * (w > 1)}"
 
 
 def feeding_report(store, case_id: str, args) -> None:
@@ -279,67 +358,89 @@ def feeding_report(store, case_id: str, args) -> None:
     import statistics
 
     load0 = os.getloadavg()
-    print(f"\n## Feeding an accelerator: batches of {BATCH} paper patches, `PatchLoader`\n")
+    print(f"\n## Feeding an accelerator: batches of {BATCH} paper patches\n")
     print(
         f"load average before {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}; {args.rounds} "
         f"interleaved rounds, {args.batches} batches per epoch, medians\n",
         flush=True,
     )
-    m = measure_feeding(store, case_id, args)
-    med = {k: statistics.median(v) for k, v in m.items()}
-    print(
-        "\n| loading | warm patches/s | per process | x foreground | cold patches/s "
-        "| per process | x foreground |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for w in WORKERS:
-        cells = []
-        for mode in feeding_modes():
-            total = med[mode, w, "rate"]
-            cells += [
-                f"{total:.1f}",
-                f"{total / max(w, 1):.1f}",
-                f"{total / med[mode, 0, 'rate']:.2f}",
-            ]
-        name = "foreground (workers=0)" if w == 0 else f"{w} loader process{'es' * (w > 1)}"
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print(
-        "\nData-wait fraction (time waiting for a batch / epoch time; whole epoch, and after "
-        "the first batch = steady state), simulated step = K x the foreground batch time:\n"
-    )
-    print("| mode | K | " + " | ".join(f"workers={w}" for w in WORKERS) + " |")
-    print("|---|---:|" + "---:|" * len(WORKERS))
-    for mode in feeding_modes():
-        for k in args.multiples:
-            cells = [
-                f"{med[mode, w, k, 'steady']:.1%} ({med[mode, w, k, 'whole']:.1%})" for w in WORKERS
-            ]
-            print(f"| {mode} | {k:g} | " + " | ".join(cells) + " |")
-    for mode in feeding_modes():
-        if 1.5 in args.multiples:
-            got = med[mode, 2, 1.5, "steady"]
-            print(
-                f"\n{mode}: 2 workers, step 1.5x: steady wait {got:.1%} "
-                f"(target <= 10 %: {'met' if got <= 0.10 else 'NOT met'})",
-                end="",
-            )
+    med = {k: statistics.median(v) for k, v in measure_feeding(store, case_id, args).items()}
+    print_rates(med, args)
+    print_waits(med, args)
     load1 = os.getloadavg()
     print(f"\nload average after {load1[0]:.1f} {load1[1]:.1f} {load1[2]:.1f}")
     print_sizing(med, args)
 
 
-def print_sizing(med: dict, args) -> None:
-    """Loader processes per GPU: ceil(1.5 x GPU patches/s / one process's patches/s)."""
+def print_rates(med: dict, args) -> None:
     print(
-        "\nSizing (one GPU, paper patch; per-process rate measured here with 1 loader "
-        f"process; GPU patches/s = TFLOP/s / {args.step_tflop} TFLOP per patch; processes = "
-        "ceil(1.5 x GPU patches/s / per-process patches/s)):\n"
+        "\n| loading | warm patches/s | per process | x foreground | cold patches/s "
+        "| per process | x foreground |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for cell in feeding_cells(args):
+        cells = []
+        for mode in feeding_modes():
+            total = med[mode, cell, "rate"]
+            fg = med[mode, ("loader", 0), "rate"]
+            cells += [f"{total:.1f}", f"{total / max(cell[1], 1):.1f}", f"{total / fg:.2f}"]
+        print(f"| {cell_name(cell)} | " + " | ".join(cells) + " |")
+
+
+def print_waits(med: dict, args) -> None:
+    cells = feeding_cells(args)
+    print(
+        "\nData-wait fraction (time waiting for a batch / epoch time) after the first batch "
+        "(steady state; the whole epoch in brackets), simulated step = K x the foreground "
+        "load time of one batch:\n"
+    )
+    print("| mode | K | " + " | ".join(cell_name(c) for c in cells) + " |")
+    print("|---|---:|" + "---:|" * len(cells))
+    for mode in feeding_modes():
+        for k in args.multiples:
+            row = [
+                f"{med[mode, c, k, 'steady']:.1%} ({med[mode, c, k, 'whole']:.1%})" for c in cells
+            ]
+            print(f"| {mode} | {k:g} | " + " | ".join(row) + " |")
+    if 1.5 in args.multiples:
+        for mode in feeding_modes():
+            got = med[mode, ("loader", 2), 1.5, "steady"]
+            verdict = "met" if got <= 0.10 else "NOT met"
+            print(f"\n{mode}: PatchLoader, 2 processes, K = 1.5: {got:.1%} (<= 10 %: {verdict})")
+
+
+def headroom(med: dict, args) -> float | None:
+    """The smallest nominal supply ratio h = loader processes x K (the loader's capacity over
+    the consumer's demand, were each process as fast as the foreground) such that every
+    PatchLoader cell measured at h or above kept the steady wait <= 10 %, in both modes."""
+    cells = [(w, k) for w in WORKERS if w for k in args.multiples]
+    for h in sorted({w * k for w, k in cells}):
+        if all(
+            med[mode, ("loader", w), k, "steady"] <= 0.10
+            for mode in feeding_modes()
+            for w, k in cells
+            if w * k >= h
+        ):
+            return h
+    return None
+
+
+def print_sizing(med: dict, args) -> None:
+    """Loader processes per GPU: ceil(h x GPU patches/s / one process's patches/s)."""
+    h = headroom(med, args)
+    note = f"h = {h:g}, measured above" if h is not None else "h = 3: none measured was enough"
+    h = 3.0 if h is None else h
+    print(
+        f"\nSizing (one GPU, paper patch): processes = ceil(h x GPU patches/s / one loader "
+        f"process's patches/s), {note}; GPU patches/s = TFLOP/s / {args.step_tflop} TFLOP per "
+        "patch; per-process rates as measured here with 1 PatchLoader process:\n"
     )
     print("| GPU TFLOP/s | GPU patches/s | warm: processes | cold: processes |")
     print("|---:|---:|---:|---:|")
     for tflops in args.tflops:
         demand = tflops / args.step_tflop
-        need = [math.ceil(1.5 * demand / med[mode, 1, "rate"]) for mode in feeding_modes()]
+        rates = [med[mode, ("loader", 1), "rate"] for mode in feeding_modes()]
+        need = [math.ceil(h * demand / r) for r in rates]
         print(f"| {tflops:g} | {demand:.0f} | {need[0]} | {need[1]} |")
 
 
@@ -370,6 +471,11 @@ def main() -> int:
         help="TFLOP of one paper-preset patch, forward + backward",
     )
     p.add_argument("--feeding-only", action="store_true", help="skip the first table")
+    p.add_argument(
+        "--compare-dataloader",
+        action="store_true",
+        help="also measure PyTorch's DataLoader over the sampler (what PatchLoader replaced)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         store, case_id, ingest_s, files = build_store(Path(tmp))
