@@ -268,7 +268,10 @@ def _serve(conn, batches: _Batches, ring, worker: int) -> None:
             result = batches.fill(epoch, b, slots[slot])
         except Exception as err:  # writing the slot itself failed
             result = batches._failed(epoch, b * batches.layout.batch, err)
-        conn.send((b, slot, result))
+        try:
+            conn.send((b, slot, result))
+        except OSError:  # the training process is gone
+            return
 
 
 def _exit_with(pid: int, interval_s: float = 1.0) -> None:
