@@ -246,7 +246,9 @@ class _Batches:
 
     def _failed(self, epoch: int, i: int, err: BaseException) -> _Failed:
         problem = f"{type(err).__name__}: {' '.join(str(err).split())}"
-        return _Failed(self.case_of(epoch, i), epoch, i, problem, os.getpid())
+        # a damaged case is refused before its patch is drawn: the error names it
+        case = getattr(err, "case", None) or self.case_of(epoch, i)
+        return _Failed(case, epoch, i, problem, os.getpid())
 
 
 def _serve(conn, batches: _Batches, ring, worker: int) -> None:

@@ -4,6 +4,8 @@ one-epoch tiny training on Ray Train that is tracked in MLflow, registered, and 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -269,7 +271,7 @@ def _override(key: str, value, default) -> str:
     if isinstance(default, tuple | list):
         value = [value, *default[1:]] if default else [value]
         return f"{key}=[{', '.join(map(str, value))}]"
-    if isinstance(default, int) and float(value).is_integer():
+    if (default is None or isinstance(default, int)) and float(value).is_integer():
         value = int(value)
     return f"{key}={'.nan' if value != value else value}"
 
@@ -415,3 +417,73 @@ def test_a_run_always_ends_with_a_status(error, status, mlflow_uri):
         with pytest.raises(error), ended_as(run.info.run_id):
             raise error("worker died")
     assert client.get_run(run.info.run_id).info.status == status
+
+
+def _descendants(root: int) -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process under `root` (Linux /proc)."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            procs[int(d.name)] = (int(stat[1]), cmd)
+    out, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, cmd) in procs.items():
+            if ppid == parent and pid not in out:
+                out[pid] = (ppid, cmd)
+                todo.append(pid)
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_loader_process_restarts_the_run_from_its_checkpoint(tiny_store, tmp_path):
+    """kill -9 of a background loader process mid-run: the epoch ends with an error naming the
+    case it was reading, Ray Train restarts the worker from the last checkpoint
+    (`run.max_failures=1`), and the run finishes; never a hang."""
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", RAY_DEDUP_LOGS="0")
+    cmd = [sys.executable, "-m", "tsesnet.cli", "train", "--store", str(tiny_store),
+           "--config", str(TINY), "--name", "loader-kill",
+           "--set", "schedule.epochs=8", "--set", "data.patches_per_epoch=8",
+           "--set", "data.loader_workers=1", "--set", "run.cpus_per_worker=2",
+           "--set", "run.max_failures=1",
+           "--set", f"run.storage_path={tmp_path / 'ray'}"]  # fmt: skip
+    log = open(tmp_path / "train.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    snapshot = tmp_path / "ray" / "loader-kill" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint, or no loader process, in time"
+        tree = _descendants(proc.pid)
+        loaders = [p for p, (pp, cmd) in tree.items() if "forkserver" in cmd
+                   and "forkserver" in tree.get(pp, (0, ""))[1]]  # fmt: skip
+        if snapshot.exists() and loaders:
+            break
+        time.sleep(0.3)
+    os.kill(loaders[0], signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-4000:]
+    log.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "LoaderError" in text and re.search(r"case SYN_\d+: epoch \d+, patch \d+", text), text[
+        -3000:
+    ]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tsesnet").experiment_id],
+        filter_string="tags.`tsesnet.run_name` = 'loader-kill'",
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["tsesnet.restarts"] == "1"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_total")]
+    assert steps == list(range(8))

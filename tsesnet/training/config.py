@@ -80,6 +80,11 @@ class DataConfig(SamplerConfig):
         val_overlap: sliding-window overlap for validation, in [0, 1).
         val_batch_size: windows per forward pass during validation.
         max_val_cases: validate on at most this many cases (0 = the whole fold).
+        loader_workers: background processes loading this worker's patches
+            (`data_store.loader.PatchLoader`; the batches are the same for any count); None
+            derives it from `run.cpus_per_worker`: one CPU for training, the rest for loading,
+            at least 1 on a GPU worker, 0 on a single-core CPU worker. More than the reserved
+            CPUs allow is capped, with a note.
     """
 
     fold: int = 0
@@ -87,6 +92,16 @@ class DataConfig(SamplerConfig):
     val_overlap: float = 0.5
     val_batch_size: int = 2
     max_val_cases: int = 0
+    loader_workers: int | None = None
+
+    def resolved_loader_workers(self, cpus_per_worker: float, gpu: bool) -> tuple[int, str | None]:
+        """(loader processes for one training worker, a note when the request was capped)."""
+        from data_store.loader import capped_workers
+
+        if self.loader_workers is None:
+            free = max(0, int(cpus_per_worker) - 1)
+            return (max(1, free) if gpu else free), None
+        return capped_workers(self.loader_workers, cpus_per_worker)
 
 
 @dataclass(kw_only=True)
@@ -213,6 +228,7 @@ RANGES = {
     "data.val_overlap": "[0, 1)",
     "data.val_batch_size": "[1, inf)",
     "data.max_val_cases": "[0, inf)",
+    "data.loader_workers": "[0, inf)",
     "optim.lr": "(0, inf)",
     "optim.weight_decay": "[0, inf)",
     "optim.grad_clip": "[0, inf)",
@@ -239,15 +255,17 @@ def _in_range(value: float, spec: str) -> bool:
     return above and below
 
 
-def numeric_settings(cfg: TrainConfig) -> dict[str, float | int | tuple]:
-    """Every numeric setting (numbers and tuples of numbers), by dotted key."""
+def numeric_settings(cfg: TrainConfig) -> dict[str, float | int | tuple | None]:
+    """Every numeric setting (numbers, tuples of numbers, and optional numbers: None when
+    unset), by dotted key."""
     out = {}
     for section in dataclasses.fields(cfg):
         part = getattr(cfg, section.name)
         for f in dataclasses.fields(part):
             value = getattr(part, f.name)
             items = value if isinstance(value, tuple | list) else (value,)
-            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
+            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
+            if numeric or (value is None and "int" in str(f.type)):
                 out[f"{section.name}.{f.name}"] = value
     return out
 
@@ -260,7 +278,7 @@ def check_config(cfg: TrainConfig) -> None:
     """
     for key, value in numeric_settings(cfg).items():
         spec = RANGES[key]
-        items = value if isinstance(value, tuple | list) else (value,)
+        items = value if isinstance(value, tuple | list) else () if value is None else (value,)
         if not all(_in_range(float(v), spec) for v in items):
             raise InputError(
                 f"bad config: {key}={_show(value)} is out of range; it must be in {spec}"
@@ -274,6 +292,9 @@ def _show(value) -> str:
     return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple | list) else str(value)
 
 
+# Settings that change how a run goes but not the model it trains (the batches are the same for
+# any number of loader processes): never part of the hash, so changing them keeps the run name.
+_NOT_HASHED = (("model", "channels_last"), ("data", "loader_workers"))
 # Keys added after the first release: hashed only when set to something else than their default,
 # so that the default run name of a run started before they existed stays the same (it resumes).
 _HASHED_WHEN_SET = {
@@ -288,8 +309,8 @@ def config_hash(cfg: TrainConfig) -> str:
     d = yaml_config.to_dict(cfg)
     default = yaml_config.to_dict(TrainConfig())
     d.pop("run", None)
-    for key in ModelSpec._RUNTIME:  # how the network runs, not what it learns
-        del d["model"][key]
+    for section, key in _NOT_HASHED:  # how the run goes, not what it learns
+        del d[section][key]
     for section, keys in _HASHED_WHEN_SET.items():
         for key in keys:
             if d[section][key] == default[section][key]:

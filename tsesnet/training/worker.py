@@ -12,7 +12,6 @@ checkpoints and logs to MLflow. Checkpoints hold the unwrapped module's `state_d
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,36 +50,43 @@ def train_loop_per_worker(plan: RunPlan) -> None:
     torch.manual_seed(cfg.schedule.seed)
     model, optimizer, state, best, resumed = _build(cfg, me)
     module = model.module if hasattr(model, "module") else model
-    data = EpochData(plan, me)
+    data = EpochData(plan, me)  # starts this rank's loader processes, once for the run
     log = RunLog(plan, me, state, resumed)
     nodes = len(set(_gather(ray.get_runtime_context().get_node_id(), me.world)))
     model.train()
-    for epoch in range(state.epoch + 1, cfg.schedule.epochs):
-        if state.stopped_early:
-            break
-        t0 = time.perf_counter()
-        metrics, n_seen = run_epoch(model, optimizer, data, cfg, epoch, me)
-        state.phases = data.phases
-        improved, montage = False, None
-        if cfg.schedule.validates(epoch):
-            val, montage = validate_epoch(module, data, cfg, me)
-            metrics.update(val)
-            improved = _record_validation(state, epoch, val)
-            metrics["val_time_s"] = time.perf_counter() - t0 - metrics["train_time_s"]
-        if improved or best is None:
-            best = _cpu_state(module)
-        state.stopped_early = should_stop(state, epoch, cfg)
-        metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes)
-        metrics.update(best_val_dice=state.best_val_dice, resumed_from_epoch=resumed)
-        soft = [h["val_soft_dice"] for h in state.history if "val_soft_dice" in h]
-        soft += [metrics["val_soft_dice"]] if "val_soft_dice" in metrics else []
-        metrics["best_val_soft_dice"] = max(soft, default=0.0)
-        metrics["epoch_time_s"] = time.perf_counter() - t0
-        state.epoch = epoch
-        state.history.append({k: v for k, v in metrics.items() if isinstance(v, float | int)})
-        log.epoch(epoch, metrics, state, montage if improved else None)
-        _report(epoch, metrics, cfg, me, module, optimizer, best, state)
+    try:
+        for epoch in range(state.epoch + 1, cfg.schedule.epochs):
+            if state.stopped_early:
+                break
+            t0 = time.perf_counter()
+            metrics, n_seen = run_epoch(model, optimizer, data, cfg, epoch, me)
+            state.phases = data.phases
+            improved, montage = False, None
+            if cfg.schedule.validates(epoch):
+                val, montage = validate_epoch(module, data, cfg, me)
+                metrics.update(val, val_time_s=time.perf_counter() - t0 - metrics["train_time_s"])
+                improved = _record_validation(state, epoch, val)
+            if improved or best is None:
+                best = _cpu_state(module)
+            state.stopped_early = should_stop(state, epoch, cfg)
+            metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes, resumed_from_epoch=resumed)
+            _finish_epoch(state, epoch, metrics, t0)
+            log.epoch(epoch, metrics, state, montage if improved else None)
+            _report(epoch, metrics, cfg, me, module, optimizer, best, state)
+    finally:
+        data.close()
     log.close()
+
+
+def _finish_epoch(state: TrainState, epoch: int, metrics: dict, t0: float) -> None:
+    """The running bests and the epoch time into `metrics`; the epoch into the state's history."""
+    metrics["best_val_dice"] = state.best_val_dice
+    soft = [h["val_soft_dice"] for h in state.history if "val_soft_dice" in h]
+    soft += [metrics["val_soft_dice"]] if "val_soft_dice" in metrics else []
+    metrics["best_val_soft_dice"] = max(soft, default=0.0)
+    metrics["epoch_time_s"] = time.perf_counter() - t0
+    state.epoch = epoch
+    state.history.append({k: v for k, v in metrics.items() if isinstance(v, float | int)})
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -143,39 +149,51 @@ def _runtime_options(net, cfg: TrainConfig, me: Rank):
 
 
 class EpochData:
-    """This rank's training patches and validation cases."""
+    """This rank's training batches (loaded in background processes, `data.loader_workers`)
+    and validation cases."""
 
     def __init__(self, plan: RunPlan, me: Rank):
-        from data_store.sampler import PatchSampler
+        from data_store.loader import PatchLoader
         from data_store.store import open_store
 
         cfg = plan.config
         self.store = open_store(plan.store)
-        self.sampler = PatchSampler(
+        gpu = me.device.type == "cuda"
+        workers, note = cfg.data.resolved_loader_workers(cfg.run.cpus_per_worker, gpu)
+        if note and me.is_zero:
+            print(f"note: data.loader_workers: {note}", flush=True)
+        self.loader = PatchLoader(
             self.store,
             list(plan.train_ids),
-            cfg.data,
+            cfg.data,  # a DataConfig is the sampler's config
+            batch_size=cfg.data.batch_size,
             seed=cfg.schedule.seed,
             rank=me.rank,
             world_size=me.world,
+            workers=workers,
+            pin_memory=gpu,
         )
+        self.steps = self.loader.steps_per_epoch
         val_ids = list(plan.val_ids)
         if cfg.data.max_val_cases > 0:
             val_ids = val_ids[: cfg.data.max_val_cases]
         self.my_val_ids = val_ids[me.rank :: me.world]
         self.montage_case = val_ids[0] if me.is_zero else None
-        self.steps = math.ceil(self.sampler.patches_per_rank() / cfg.data.batch_size)
         self.phases: int | None = None  # T of the last batch
 
-    def batches(self, epoch: int, batch_size: int, device: torch.device):
-        """Yield `steps` batches `(x (B, T, Z, Y, X), y (B, Z, Y, X))` float32 on `device`."""
-        it = self.sampler.patches(epoch, self.steps * batch_size)
-        for _ in range(self.steps):
-            imgs, masks = zip(*(next(it) for _ in range(batch_size)), strict=True)
-            x = torch.from_numpy(np.stack(imgs)).to(device, non_blocking=True)
-            y = torch.from_numpy(np.stack(masks)).to(device, non_blocking=True)
+    def batches(self, epoch: int, device: torch.device):
+        """Yield `steps` batches `(x (B, T, Z, Y, X), y (B, Z, Y, X))` float32 on `device`
+        (copied from pinned memory without blocking on CUDA).
+
+        Raises:
+            LoaderError: a loader process died or stalled, naming the case it was reading.
+        """
+        for x, y in self.loader.epoch(epoch, self.steps):
             self.phases = int(x.shape[1])
-            yield x, y
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 # ------------------------------------------------------------------------------ one epoch
@@ -221,7 +239,7 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
     use_bf16 = me.device.type == "cuda" and cfg.optim.bf16
     sums = {"dice": 0.0, "tsc": 0.0, "bce": 0.0, "total": 0.0}
     n_seen, wait = 0, 0.0
-    batches = iter(data.batches(epoch, cfg.data.batch_size, me.device))
+    batches = iter(data.batches(epoch, me.device))
     while True:
         t_wait = time.perf_counter()
         batch = next(batches, None)  # the time the step waits for its data
