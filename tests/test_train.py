@@ -487,3 +487,18 @@ def test_a_killed_loader_process_restarts_the_run_from_its_checkpoint(tiny_store
     assert run.info.status == "FINISHED" and run.data.tags["tsesnet.restarts"] == "1"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_total")]
     assert steps == list(range(8))
+
+
+def test_a_failed_training_is_reported_in_one_line():
+    from ray.train import WorkerGroupError
+
+    from data_store.errors import LoaderError
+    from tsesnet.training.driver import _first_error_line
+
+    dead = LoaderError("reading it failed in loader process 12: killed", case="SYN_001", epoch=2,
+                       patch=3)  # fmt: skip
+    err = WorkerGroupError("Training failed due to worker errors:\n[Rank 0]...\n", {1: dead})
+    assert _first_error_line(err) == (
+        "rank 1: LoaderError: case SYN_001: epoch 2, patch 3: reading it failed in loader "
+        "process 12: killed"
+    )

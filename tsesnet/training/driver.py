@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,6 +324,17 @@ def _alias_of(client, name: str, version: str) -> str | None:
     return held[0] if held else None
 
 
+def _first_error_line(err: BaseException) -> str:
+    """What failed, on one line: the first worker's exception (a LoaderError names its case),
+    else the last line of the error that names one."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank, first = min(failures.items())
+        return f"rank {rank}: {type(first).__name__}: {' '.join(str(first).split())}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((x for x in reversed(lines) if "Error" in x), lines[-1] if lines else repr(err))
+
+
 @contextlib.contextmanager
 def ended_as(run_id: str):
     """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
@@ -349,9 +361,16 @@ def cli(args) -> int:
     if args.gpus_per_worker is not None:
         overrides.append(f"run.gpus_per_worker={args.gpus_per_worker}")
     cfg = load_config(args.config, overrides)
+    from ray.train import TrainingFailedError
+
     from tsesnet.tracking import runs
 
-    res = train(args.store, cfg, args.name)
+    try:
+        res = train(args.store, cfg, args.name)
+    except TrainingFailedError as err:
+        # The workers' traceback is in the log above; the run's MLflow status says FAILED.
+        print(f"error: training failed: {_first_error_line(err)}", file=sys.stderr)
+        return 1
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
         f"(epoch {res.best_epoch}); MLflow run {res.run_id}"
