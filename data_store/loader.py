@@ -237,12 +237,9 @@ class _Batches:
             x[j], y[j] = image, mask
         return int(x.shape[1])
 
-    def case_of(self, epoch: int, i: int) -> str | None:
-        """The case patch i of an epoch comes from (None when even that cannot be read)."""
-        try:
-            return self.sampler.where(epoch, i)[0]
-        except Exception:  # only naming: the caller reports the real error
-            return None
+    def case_of(self, epoch: int, i: int) -> str:
+        """The case patch i of an epoch comes from (drawn without reading the case)."""
+        return self.sampler.case_at(epoch, i)
 
     def _failed(self, epoch: int, i: int, err: BaseException) -> _Failed:
         problem = f"{type(err).__name__}: {' '.join(str(err).split())}"

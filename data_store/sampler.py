@@ -205,11 +205,18 @@ class PatchSampler(torch.utils.data.IterableDataset):
         _, case_id, start, fg = self._draw(epoch, i)
         return case_id, start, fg
 
+    def case_at(self, epoch: int, i: int) -> str:
+        """The case patch i is drawn from, without reading anything of it."""
+        return self._case(epoch, i)[1]
+
+    def _case(self, epoch: int, i: int) -> tuple[np.random.Generator, str]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank, i])
+        return rng, self.shard[int(rng.integers(len(self.shard)))]
+
     def _draw(self, epoch: int, i: int):
         """Patch i's generator (after drawing its case and origin), case, origin, fg flag."""
         f = self.config.fg_fraction
-        rng = np.random.default_rng([self.seed, epoch, self.rank, i])
-        case_id = self.shard[int(rng.integers(len(self.shard)))]
+        rng, case_id = self._case(epoch, i)
         fg = math.floor((i + 1) * f) > math.floor(i * f)  # exactly a fraction f, spread evenly
         return rng, case_id, self._start(self.meta(case_id), fg, rng), fg
 

@@ -515,9 +515,10 @@ def test_a_forged_store_index_touches_nothing_outside_out(model_uri, store, tmp_
         ]
 
     # An output inside the input store is refused before anything starts.
-    status, errors, _ = _cli([*argv, "--output", str(forged / "preds")], capsys)
+    argv = ["predict", "--model", model_uri, "--input", str(store), "--workers", "2"]
+    status, errors, _ = _cli([*argv, "--output", str(store / "preds")], capsys)
     assert status == 2 and len(errors) == 1 and "inside the input store" in errors[0]
-    assert not (forged / "preds").exists()
+    assert not (store / "preds").exists()
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def test_rows_take_the_whole_history_from_mlflow(tmp_path, mlflow_uri):
         metrics_dataframe=pd.DataFrame({"val_dice": [0.4], "val_hd95": [7.0], cfg.metric: [0.6]}),
     )
     never = Result(metrics=None, checkpoint=None, error=None, path=str(tmp_path / "t002"))
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     exp = client.create_experiment("collect")
     child = client.create_run(exp, tags={"tsesnet.sweep": "s", "tsesnet.trial": "t001"})
     for step, (dice, hd95) in enumerate([(0.6, 5.0), (0.4, 7.0)]):
@@ -238,7 +238,7 @@ def test_tiny_sweep_tracks_every_trial_and_registers_the_best(
     assert dices == sorted(dices, reverse=True) and all(0 <= d <= 1 for d in dices)
     assert all(1 <= r.epochs <= 2 for r in res.rows)
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_run(res.parent_run_id).info.experiment_id
     parents = client.search_runs([exp], filter_string="tags.`tsesnet.kind` = 'sweep'")
     assert [p.info.run_id for p in parents] == [res.parent_run_id]
@@ -348,7 +348,7 @@ def test_interrupted_sweep_registers_nothing_and_resumes_to_the_same_answer(
         and "--resume" in text
         and "registered" not in text.replace("nothing registered", "")
     )
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name("tsesnet").experiment_id
     (parent,) = client.search_runs([exp], filter_string="tags.`tsesnet.kind` = 'sweep'")
     assert parent.info.status == "KILLED"
@@ -451,7 +451,7 @@ def test_killed_sweep_resumes_without_rerunning_or_losing_trials(
     assert runner.cli(args) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri" in out and "best val DSC" in out
-    client = mlflow.MlflowClient()  # after the sweep pointed MLflow at this test's database
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
 
     table = [line.split()[0] for line in out.splitlines() if re.match(r"t\d{3} ", line)]
     assert sorted(table) == ["t001", "t002", "t003"]
