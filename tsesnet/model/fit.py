@@ -7,11 +7,12 @@ Two settings depend on the patch the network trains on:
 - the TA modules' atrous rates: a tap whose reach passes the level's map reads only padding
   (`ta.fit_taps`). `fit_to_patch` fits them (`ModelConfig.ta_patch`); a config that is not
   fitted and would have dead taps is an error naming `model.ta_dilations`.
-- which levels attend exactly (`ModelConfig.attn_exact_tokens`): on CPU only the
-  shared-softmax layout is affordable (level 2 of the paper's patch: 1.0 s, 0.56 GiB per
-  training step, see `fusion.py`); a bound that makes a larger level exact on CPU (the
-  phases-as-heads layout, quadratic in N without the shared softmax: 3.8 s and 2.7 GiB at the
-  same level) is an error naming the key and the largest value that fits.
+- which levels attend exactly (`ModelConfig.attn_exact_tokens`): exact attention costs N^2.
+  Up to 8,192 voxels it is cheap on CPU (level 2 of the paper's patch: about 1 s of a 105 s
+  one-thread step); the next level of that patch, 55,296 voxels, would be 489 GMACs per forward
+  pass, more than four times the rest of the network. So on CPU a bound that makes a level above
+  8,192 voxels exact is an error naming the key and the largest value that fits; on CUDA the
+  fused kernels make it a question of time, not memory, and any bound is accepted.
 
 The training driver calls `fit_to_patch` and `check_fits` while it plans the run, before Ray
 starts, so a bad value is one line naming the key.

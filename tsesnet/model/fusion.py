@@ -27,7 +27,8 @@ layouts, chosen by N alone (so outputs and MAC counts do not depend on the devic
   with Q and K repeated over the heads, so Q, K and V share a head size and SDPA can use its
   flash and memory-efficient kernels on CUDA (and its flash kernel on CPU): memory linear in N.
   A fused kernel cannot share one softmax across heads, so this costs 2(T-1) N^2 d, 1.67x the
-  shared form at T = 6.
+  shared form at T = 6. (At the paper's level 2, 6,912 voxels, forward + backward on one CPU
+  thread: 44 MiB against the shared form's 563 MiB, in about the same time.)
 
 Departure (linear memory) above the bound. At the first level of a 48x96x96 patch N = 442,368,
 the N x N matrix would need 780 GB in fp32 and even the fused kernels 31 T multiply-accumulates.
@@ -40,8 +41,9 @@ so memory and compute grow as N * M, linear in N. Queries stay at full resolutio
 still gets its own weights W_i. Where a level has no more voxels than the grid, P is the identity
 and this is Eq. 8 too (with `attn_exact_tokens = 0`, the first release's rule, the only exact
 levels). Pooling commutes with the bias-free projections, so we pool before projecting
-(cheaper). Pooled and exact attention agree while attention is near uniform (at initialisation)
-and part once it becomes selective, which is why exact levels are the default where affordable.
+(cheaper). Pooled and exact attention agree while attention is near uniform (at initialisation:
+within 2 %) and part once it becomes selective (37-90 % apart in W_i, as a review measured),
+which is why levels are exact by default wherever that is affordable.
 
 The T-1 post-contrast sums of Eq. 9 are taken literally (not averaged), so the magnitude of the
 fused map grows with T; the decoder's instance norms absorb that.
