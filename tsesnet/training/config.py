@@ -38,6 +38,8 @@ class ModelSpec:
         tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
         phases: the acquired phases the network reads, in order; [] = all.
         phase_embedding: a learned vector per phase before fusion; False is the paper's model.
+        attn_exact_tokens: levels with at most this many voxels attend exactly (Eq. 8); larger
+            ones pool keys and values. 8192 suits CPU; 65536 is the recommendation on CUDA.
         channels_last: train in the channels_last_3d memory format on CUDA (not part of the
             architecture; ignored on CPU with a note).
     """
@@ -47,27 +49,34 @@ class ModelSpec:
     tumor_aware: bool = True
     phases: tuple[int, ...] = ()
     phase_embedding: bool = False
+    attn_exact_tokens: int = 8192
     channels_last: bool = False
 
     # How the network is run, not what it is: not `ModelConfig` fields.
     _RUNTIME = ("channels_last",)
 
-    def config(self):
-        """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion)."""
-        from tsesnet.model import model_config
+    def config(self, patch: tuple[int, int, int] | None = None):
+        """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion).
+
+        Args:
+            patch: the training patch (`data.patch`): the TA modules are fitted to it
+                (`tsesnet.model.fit_to_patch`, no dead taps); None leaves them unfitted.
+        """
+        from tsesnet.model import fit_to_patch, model_config
 
         fields = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in self._RUNTIME
         }
-        return model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
+        config = model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
+        return config if patch is None else fit_to_patch(config, patch)
 
-    def build(self):
-        """The `TSESNet` this spec describes."""
+    def build(self, patch: tuple[int, int, int] | None = None):
+        """The `TSESNet` this spec describes (`patch` as in `config`)."""
         from tsesnet.model import TSESNet
 
-        return TSESNet(self.config())
+        return TSESNet(self.config(patch))
 
 
 @dataclass(kw_only=True)
