@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsesnet.model import ModelConfig, build_model
+from tsesnet.model import ModelConfig, build_model, fusion
+from tsesnet.model.blocks import live_taps
 from tsesnet.model.fusion import (
     FUSIONS,
     MeanPool,
@@ -15,7 +16,7 @@ from tsesnet.model.fusion import (
     TSFFBottleneck,
     TSFFLevel,
 )
-from tsesnet.model.ta import TumorAware
+from tsesnet.model.ta import TumorAware, fit_taps
 from tsesnet.programs.model_summary import _LiveBytes
 
 
@@ -77,6 +78,57 @@ def test_ta_kernels_and_rates():
         TumorAware(4, dilations=(0, 2))
 
 
+@pytest.mark.parametrize(
+    ("kernel", "rate", "size", "expected"),
+    [
+        (5, 2, (3, 6, 6), ((5, 5, 5), (1, 2, 2))),  # the paper preset's bottleneck
+        (3, 2, (3, 6, 6), ((3, 3, 3), (2, 2, 2))),
+        (5, 2, (1, 2, 2), ((1, 3, 3), (1, 1, 1))),  # the small preset at 16x32x32
+        (5, 2, (2, 4, 4), ((3, 5, 5), (1, 1, 1))),
+        (5, 3, (24, 48, 48), ((5, 5, 5), (3, 3, 3))),  # fits: as configured
+        (1, 1, (1, 1, 1), ((1, 1, 1), (1, 1, 1))),
+    ],
+)
+def test_fit_taps_leaves_no_tap_off_the_map(kernel, rate, size, expected):
+    ks, rs = fit_taps(kernel, rate, size)
+    assert (ks, rs) == expected
+    for k, r, n in zip(ks, rs, size, strict=True):
+        assert live_taps(k, n, dilation=r) == k  # every tap reads a voxel
+
+
+@pytest.mark.parametrize("size", [(1, 2, 2), (2, 4, 4), (3, 6, 6)])
+def test_fitted_ta_trains_every_weight(size):
+    """Unfitted, TA's dilated taps past the map get exactly zero gradient; fitted, none do."""
+    f = torch.randn(2, 4, *size)
+    for fitted, expect_dead in ((False, True), (True, False)):
+        ta = TumorAware(4, dilations=(2, 2), size=size if fitted else None)
+        ta(f).pow(2).sum().backward()
+        dead = sum(int((c[0].weight.grad == 0).sum()) for c in ta.convs)
+        assert (dead > 0) == expect_dead, (fitted, dead)
+        assert torch.allclose(ta(f), ta_literal(ta, f), atol=1e-10)  # still Eq. 1-5
+
+
+def test_cropped_ta_kernel_computes_what_the_full_kernels_live_taps_did():
+    """At 1x2x2 a rate-1 5x5x5 kernel only ever uses its central 1x3x3 taps: the fitted TA,
+    given those taps, gives the same output (cropping removes only weights that read padding)."""
+    size = (1, 2, 2)
+    full = TumorAware(4, dilations=(1, 1))
+    fitted = TumorAware(4, dilations=(1, 1), size=size)
+    _randomize(full)
+    state = full.state_dict()
+    for i in (0, 1):  # crop the 5x5x5 and 3x3x3 weights to the fitted kernels, centred
+        w = state[f"convs.{i}.0.weight"]
+        kz, ky, kx = fitted.convs[i][0].kernel_size
+        cz, cy, cx = (s // 2 for s in w.shape[2:])
+        state[f"convs.{i}.0.weight"] = w[
+            :, :, cz - kz // 2 : cz + kz // 2 + 1, cy - ky // 2 : cy + ky // 2 + 1, cx - kx // 2 :
+        ][:, :, :, :, :kx]
+    fitted.load_state_dict(state)
+    f = torch.randn(2, 4, *size)
+    assert fitted.convs[0][0].kernel_size == (1, 3, 3)
+    assert torch.allclose(fitted(f), full(f), atol=1e-12)
+
+
 # ---------------------------------------------------------------- TSFF, Eq. 8-9
 
 
@@ -109,6 +161,53 @@ def test_tsff_is_eq8_when_level_fits_the_token_grid(t):
     _randomize(level)
     f = torch.randn(2, t, 6, 3, 4, 5)  # N = 60 <= 256: exact N x N attention
     assert torch.allclose(level(f), tsff_literal(level, f), atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["shared", "heads"])
+@pytest.mark.parametrize("t", [2, 4])
+def test_tsff_exact_path_is_eq8_beyond_the_token_grid(layout, t, monkeypatch):
+    """N = 60 voxels, more than the 2x2x2 grid (the first release pooled here), but within
+    `exact_tokens`: Eq. 8 with its materialised N x N softmax, in either layout."""
+    if layout == "heads":  # the phases-as-heads layout from this size up, for a small test
+        monkeypatch.setattr(fusion, "SHARED_SOFTMAX_TOKENS", 16)
+    level = TSFFLevel(6, tokens=(2, 2, 2), exact_tokens=60)
+    _randomize(level)
+    f = torch.randn(2, t, 6, 3, 4, 5)
+    assert fusion.attention_form(60, (2, 2, 2), 60) == layout
+    assert torch.allclose(level(f), tsff_literal(level, f), atol=1e-10)
+    above = TSFFLevel(6, tokens=(2, 2, 2), exact_tokens=59)  # one voxel above: pooled
+    above.load_state_dict(level.state_dict())
+    assert fusion.attention_form(60, (2, 2, 2), 59) == "pooled"
+    assert not torch.allclose(above(f), level(f), atol=1e-3)
+
+
+def test_tsff_phases_as_heads_runs_a_fused_kernel_in_linear_memory(monkeypatch):
+    """Q, K and V share a head size, so SDPA takes its flash kernel (on CPU here; flash or
+    memory-efficient on CUDA) instead of materialising T-1 matrices of N x N."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.set_default_dtype(torch.float32)
+    monkeypatch.setattr(fusion, "SHARED_SOFTMAX_TOKENS", 256)
+    level = TSFFLevel(8, tokens=(2, 2, 2), exact_tokens=10**6)
+    peaks = []
+    for z in (8, 16):  # N = 2048, 4096: an N x N float32 matrix is 16 / 64 MiB
+        f = torch.randn(1, 3, 8, z, 16, 16)
+        with torch.no_grad(), Ops() as ops, _LiveBytes() as tracker:
+            level(f)
+        assert any("flash_attention" in n for n in ops.names), ops.names
+        assert not any("softmax" in n or "bmm" in n for n in ops.names)
+        peaks.append(tracker.peak)
+    assert peaks[1] < 4096**2 * 4 / 10, peaks  # a tenth of one N x N float32 matrix
+    assert peaks[1] / peaks[0] < 2.2, peaks  # twice the voxels, about twice the memory
 
 
 def pooling_matrix(shape, grid) -> torch.Tensor:
@@ -148,8 +247,13 @@ def test_tsff_memory_is_linear_in_voxels():
     assert peaks[1] / peaks[0] < 2.2, peaks  # twice the voxels, about twice the memory
 
 
-def test_tsff_bottleneck_reuses_bottleneck_weights_at_skips():
-    cfg = ModelConfig(channels=(3, 4, 6), attn_tokens=(8, 8, 8))
+@pytest.mark.parametrize(
+    "overrides", [{"attn_tokens": (8, 8, 8)}, {"attn_tokens": (1, 1, 1), "attn_exact_tokens": 8}]
+)
+def test_tsff_bottleneck_reuses_bottleneck_weights_at_skips(overrides):
+    """Exact at the 2x2x2 bottleneck through the grid (first release) or the bound (the same
+    `TSFFLevel` code as `tsff`)."""
+    cfg = ModelConfig(channels=(3, 4, 6), **overrides)
     fusion = TSFFBottleneck(cfg.channels, cfg)
     _randomize(fusion)
     feats = [
@@ -178,6 +282,20 @@ def test_cnn_weights_are_a_convex_combination():
     _randomize(level)
     one = torch.randn(2, 1, 3, 2, 3, 4)
     assert torch.allclose(level(one.expand(2, 5, 3, 2, 3, 4)), one[:, 0], atol=1e-10)
+
+
+def test_stt_attends_exactly_up_to_the_bound_and_pools_above():
+    """Under the bound STT's spatial attention is the one a grid as large as the level gives
+    (no pooling); one voxel above it, keys and values are pooled to the grid."""
+    f = torch.randn(2, 3, 8, 4, 8, 8)  # N = 256
+    exact = STTLevel(8, tokens=(2, 4, 4), head_dim=4, mlp_ratio=2, exact_tokens=256)
+    _randomize(exact)
+    whole = STTLevel(8, tokens=(4, 8, 8), head_dim=4, mlp_ratio=2)  # the grid holds the level
+    whole.load_state_dict(exact.state_dict())
+    pooled = STTLevel(8, tokens=(2, 4, 4), head_dim=4, mlp_ratio=2, exact_tokens=255)
+    pooled.load_state_dict(exact.state_dict())
+    assert torch.allclose(exact(f), whole(f), atol=1e-12)
+    assert not torch.allclose(pooled(f), exact(f), atol=1e-3)
 
 
 @pytest.mark.parametrize("spatial", [(2, 2, 2), (4, 8, 8)])

@@ -203,3 +203,140 @@ def test_phase_embedding_lets_tsff_see_the_order_of_the_phases(fusion):
         assert not torch.allclose(ordered(x), ordered(reordered), atol=1e-3)
         with pytest.raises(ValueError, match="phase_embedding takes at most max_phases=5"):
             ordered(torch.randn(1, 6, *PATCH))
+
+
+# ---------------------------------------------------------------- stored configs, fitting checks
+
+# A `ModelConfig` as the first release stored it (registered models, run folders): the tiny
+# preset's fields without `ta_patch` and `attn_exact_tokens`, after a JSON round trip.
+FIRST_RELEASE_FIELDS = {
+    "channels": [8, 16, 32, 48],
+    "tumor_aware": True,
+    "ta_start": 1,
+    "ta_dilations": [2, 2],
+    "ta_reduction": 4,
+    "attn_tokens": [4, 8, 8],
+    "stt_head_dim": 32,
+    "stt_mlp_ratio": 4,
+    "max_phases": 8,
+    "phases": [],
+    "phase_embedding": False,
+}
+# sha256 (first 16 hex digits) of the float64 logits the first release's code (commit fbb6a37)
+# gave for `_first_release_logits` on one thread; regenerate only from that commit's code.
+FIRST_RELEASE_LOGITS = {
+    "tsff": "780e42be9f82cd2e",
+    "stt": "fee49b3afd8bac27",
+    "tsff_bottleneck": "45586138125f876a",
+}
+
+
+def _first_release_logits(fusion: str, fields: dict) -> str:
+    import hashlib
+
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)  # the sum order, and so the last bits, depend on the threads
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)  # the same seed builds the same weights as the first release did
+        net = build_model("tiny", fusion, **fields).eval()
+        x = torch.randn(1, 3, *PATCH)
+        with torch.no_grad():
+            y = net(x)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    return hashlib.sha256(y.numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("fusion", sorted(FIRST_RELEASE_LOGITS))
+def test_a_stored_config_without_the_new_fields_rebuilds_the_first_release_network(fusion):
+    """`upgrade_config` fills `ta_patch` and `attn_exact_tokens` with `ADDED`'s values, which
+    rebuild the first release's network bit for bit; today's defaults give another one."""
+    from tsesnet.model import upgrade_config
+    from tsesnet.model.config import ADDED
+
+    upgraded = upgrade_config(dict(FIRST_RELEASE_FIELDS))
+    assert {k: upgraded[k] for k in ADDED} == {"ta_patch": [], "attn_exact_tokens": 0}
+    assert _first_release_logits(fusion, upgraded) == FIRST_RELEASE_LOGITS[fusion]
+    # today's defaults: level 1 exact (not tsff_bottleneck's), TA fitted to the patch
+    today = _first_release_logits(fusion, dict(FIRST_RELEASE_FIELDS, ta_patch=PATCH))
+    assert today != FIRST_RELEASE_LOGITS[fusion]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "patch", "cuda", "match"),
+    [
+        ("tiny", {}, (15, 32, 32), False, r"data.patch \(15, 32, 32\) .* multiples of 8"),
+        # not fitted: the paper's bottleneck 3x6x6 leaves 50 taps of the 5x5x5 kernel dead
+        ("paper", {}, (48, 96, 96), False, r"model.ta_dilations .* 50 taps .* is \(1, 2\)"),
+        ("small", {}, (16, 32, 32), False, r"model.ta_dilations .*1x2x2.*none fits"),
+        ("tiny", {"ta_patch": (32, 64, 64)}, (16, 32, 32), False, "model.ta_patch"),
+        # a CPU step cannot afford exact attention above 8192 voxels: level 1's 55,296
+        (
+            "paper",
+            {"ta_patch": (48, 96, 96), "attn_exact_tokens": 65536},
+            (48, 96, 96),
+            False,
+            r"model.attn_exact_tokens 65536 .* 55296 voxels .* fits .* is 55295",
+        ),
+        (
+            "small",
+            {"ta_patch": (32, 64, 64), "attn_exact_tokens": 10**6},
+            (32, 64, 64),
+            False,
+            r"model.attn_exact_tokens .* 16384 voxels .* is 16383",
+        ),
+    ],
+)
+def test_check_fits_names_the_key_and_the_largest_value_that_fits(
+    preset, overrides, patch, cuda, match
+):
+    from tsesnet.model import check_fits, model_config
+
+    with pytest.raises(ValueError, match=match):
+        check_fits(model_config(preset, "tsff", **overrides), patch, cuda=cuda)
+
+
+@pytest.mark.parametrize(
+    ("preset", "fusion", "patch", "overrides", "cuda"),
+    [
+        ("paper", "tsff", (48, 96, 96), {}, False),
+        ("paper", "stt", (48, 96, 96), {}, False),
+        ("small", "tsff", (16, 32, 32), {}, False),
+        ("tiny", "meanpool", (16, 32, 32), {"attn_exact_tokens": 10**6}, False),  # no attention
+        ("paper", "tsff", (48, 96, 96), {"attn_exact_tokens": 65536}, True),  # fused on CUDA
+    ],
+)
+def test_fitted_configs_fit(preset, fusion, patch, overrides, cuda):
+    from tsesnet.model import check_fits, fit_to_patch, model_config
+
+    config = fit_to_patch(model_config(preset, fusion, **overrides), patch)
+    assert config.ta_patch == patch
+    check_fits(config, patch, cuda=cuda)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"attn_exact_tokens": -1}, "model.attn_exact_tokens must be >= 0"),
+        ({"ta_patch": (15, 32, 32)}, r"model.ta_patch must be \(\) or a patch .* multiples of 8"),
+        ({"ta_patch": (16, 32)}, "model.ta_patch"),
+    ],
+)
+def test_bad_new_fields_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_model("tiny", **overrides)
+
+
+def test_model_spec_fits_the_network_to_the_training_patch():
+    from tsesnet.training.config import ModelSpec
+
+    spec = ModelSpec(preset="small", attn_exact_tokens=1024)
+    assert spec.config().ta_patch == () and spec.config().attn_exact_tokens == 1024
+    fitted = spec.build(patch=(16, 32, 32))
+    assert fitted.config.ta_patch == (16, 32, 32)
+    bottleneck_5 = fitted.encoder.stages[-1][1].convs[0][0]
+    assert bottleneck_5.kernel_size == (1, 3, 3) and bottleneck_5.dilation == (1, 1, 1)
+    with pytest.raises(ValueError, match="data.patch"):
+        spec.config(patch=(16, 30, 32))

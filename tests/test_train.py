@@ -27,22 +27,36 @@ def _forget_tracking_uri():
         sys.modules["mlflow"].set_tracking_uri(None)
 
 
-def test_defaults_are_the_paper_recipe():
+def test_the_default_is_the_recommended_recipe_and_paper_yaml_the_paper():
     cfg = TrainConfig()
-    assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 1
+    assert dataclasses.asdict(load_config(CONFIGS / "recommended.yaml")) == dataclasses.asdict(cfg)
+    # the paper's network, patch, optimiser and schedule ...
+    assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 1 and cfg.optim.bf16
     assert cfg.schedule.epochs == 300 and cfg.schedule.early_stop_patience == 30
-    assert (cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau) == (0.7, 0.5, 1e-5)
-    assert tuple(cfg.data.patch) == (48, 96, 96)
-    assert cfg.model.preset == "paper" and cfg.optim.bf16
-
-
-def test_paper_yaml_is_the_default():
-    assert dataclasses.asdict(load_config(CONFIGS / "paper.yaml")) == dataclasses.asdict(
-        TrainConfig()
+    assert tuple(cfg.data.patch) == (48, 96, 96) and cfg.model.preset == "paper"
+    # ... with a loss whose terms balance at any tau, and a phase embedding
+    assert (cfg.loss.tsc_scale, cfg.loss.bce, cfg.model.phase_embedding) == ("tau", 1.0, True)
+    paper = load_config(CONFIGS / "paper.yaml")
+    assert (paper.loss.alpha, paper.loss.beta, paper.loss.tau) == (0.7, 0.5, 1e-5)
+    assert (paper.loss.tsc_scale, paper.loss.bce, paper.model.phase_embedding) == (
+        "paper",
+        0.0,
+        False,
     )
+    diff = {
+        (s, k)
+        for s in ("model", "loss", "data", "optim", "schedule", "run")
+        for k, v in dataclasses.asdict(getattr(paper, s)).items()
+        if dataclasses.asdict(getattr(cfg, s))[k] != v
+    }
+    assert diff == {("loss", k) for k in ("beta", "tau", "bce", "tsc_scale")} | {
+        ("model", "phase_embedding")
+    }
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "small.yaml", "tiny.yaml", "science.yaml"])
+@pytest.mark.parametrize(
+    "name", ["paper.yaml", "recommended.yaml", "small.yaml", "tiny.yaml", "science.yaml"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.model.preset in {"paper", "small", "tiny"}
@@ -218,11 +232,18 @@ def test_default_run_names_of_earlier_runs_do_not_change(tmp_path):
     """A run started without --name resumes only if its default name is the same as before."""
     old = tmp_path / "old_tiny.yaml"
     old.write_text(OLD_TINY)
-    assert default_run_name("/x/demo.zarr", load_config(old)) == "demo-tiny-tsff-fold0-48dc59d8"
-    assert default_run_name("/x/demo.zarr", TrainConfig()) == "demo-paper-tsff-fold0-77769544"
-    # a new setting changes the name only when it is set
-    changed = load_config(old, ["data.admit_after=4"])
+    # set as the first release trained (unscaled TSC, max-pooled labels, pooled attention)
+    same = ["loss.tsc_scale=paper", "loss.tsc_labels=max", "model.attn_exact_tokens=0"]
+    assert (
+        default_run_name("/x/demo.zarr", load_config(old, same)) == "demo-tiny-tsff-fold0-48dc59d8"
+    )
+    # today's defaults train differently: a new name (and `claim_run_folder` refuses the old)
+    assert default_run_name("/x/demo.zarr", load_config(old)) != "demo-tiny-tsff-fold0-48dc59d8"
+    changed = load_config(old, [*same, "data.admit_after=4"])
     assert default_run_name("/x/demo.zarr", changed) != "demo-tiny-tsff-fold0-48dc59d8"
+    # how the run goes (loader processes, memory format) never changes it
+    runtime = load_config(old, [*same, "data.loader_workers=3", "model.channels_last=true"])
+    assert default_run_name("/x/demo.zarr", runtime) == "demo-tiny-tsff-fold0-48dc59d8"
 
 
 def test_checkpoint_state_and_run_file_of_earlier_runs_still_read(tmp_path):

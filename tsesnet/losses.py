@@ -7,17 +7,52 @@ The total loss is Eq. 10, ``L = α·L_Dice + β·L_TSC`` (plus ``γ·BCE`` when 
 set; 0 by default, as in the paper), where ``L_TSC`` (Eq. 7) already sums over
 the encoder levels. Eq. 10 writes a second sum over levels around ``L_TSC``; summing twice would
 only rescale β by the number of levels, so the levels are summed once, here in ``tsc_loss``.
+
+The scale of the TSC term (`LossConfig.tsc_scale`). Eq. 6 divides cosine similarities by τ, so
+the gradient of ``L_TSC`` with respect to the similarities grows as 1/τ: at the paper's
+τ = 1e-5 it is a zero-margin hinge, ``softplus((s⁻ - s⁺)/τ) ≈ max(0, s⁻ - s⁺)/τ``, multiplied
+by 1e5, and its gradient on the shared encoder is millions of times the Dice term's
+(`term_gradient_norms` measures it; the README's "The model" gives the numbers). "paper" uses
+Eq. 7 as written. "tau" multiplies the term by τ/τ_base with τ_base = 1, the
+supervised-contrastive convention (Khosla et al., 2020, scale their loss by τ/τ_base): then the
+gradient per similarity is O(1) at any τ, the term tends to the hinge ``max(0, s⁻ - s⁺)`` as
+τ → 0, and at τ = 1 the two rules agree. β then weighs a term of the same order as Dice at
+every τ, so a sweep over τ no longer sweeps the effective weight of the term by five decades.
+
+Labels at coarse levels (`LossConfig.tsc_labels`). The mask is reduced to each encoder level's
+grid, one cell per level voxel (2^l input voxels per axis at level l). "max" marks a cell as
+tumour when any of its voxels is (the first release's rule: at the deepest level of the paper
+preset a 16³ cell of 4,096 voxels is "tumour" because of one voxel). "majority" marks it
+tumour when at least half of its voxels are. "pure" keeps only cells that are all tumour or
+all background and leaves mixed cells out of the loss. At full resolution all three are the
+mask itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossConfig", "dice_loss", "tsc_loss", "total_loss"]
+__all__ = [
+    "LOSS_ADDED",
+    "LossConfig",
+    "dice_loss",
+    "level_labels",
+    "term_gradient_norms",
+    "total_loss",
+    "tsc_loss",
+]
+
+TSC_SCALES = ("paper", "tau")
+TSC_LABELS = ("max", "majority", "pure")
+# `LossConfig` fields added since the first release, with the value that reproduces the first
+# release's loss (what a resumed run that predates them trained with).
+LOSS_ADDED: dict[str, object] = {"tsc_scale": "paper", "tsc_labels": "max"}
 
 
 def dice_loss(
@@ -50,30 +85,44 @@ def dice_loss(
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
-def _resize_mask(mask: Tensor, size: tuple[int, int, int]) -> Tensor:
-    """Resize a binary (B, Z, Y, X) mask to (B, z, y, x) by max-pooling.
+def level_labels(mask: Tensor, size: tuple[int, int, int], rule: str = "majority") -> Tensor:
+    """The TSC class of every cell of an encoder level's grid (see the module docstring).
 
-    Max-pooling marks a level voxel as tumour if any input voxel it covers is tumour, so small
-    tumours survive at the deepest levels (nearest-neighbour resizing can drop a tumour of a few
-    voxels entirely, leaving that level without foreground anchors). At the input resolution it
-    is the identity.
+    Args:
+        mask: (B, Z, Y, X) in {0, 1} at input resolution.
+        size: (z, y, x) of the level.
+        rule: "max", "majority" or "pure".
+
+    Returns:
+        (B, z, y, x) int8: 1 tumour, 0 background, -1 left out (mixed cells under "pure").
     """
+    if rule not in TSC_LABELS:
+        raise ValueError(f"tsc labels rule must be one of {TSC_LABELS}, got {rule!r}")
     m = mask.float().unsqueeze(1)  # (B, 1, Z, Y, X)
-    if tuple(m.shape[2:]) != tuple(size):
-        m = F.adaptive_max_pool3d(m, size)
-    return m.squeeze(1) > 0.5  # (B, z, y, x) bool
+    if tuple(m.shape[2:]) == tuple(size):
+        return (m.squeeze(1) > 0.5).to(torch.int8)
+    if rule == "max":
+        return (F.adaptive_max_pool3d(m, size).squeeze(1) > 0.5).to(torch.int8)
+    frac = F.adaptive_avg_pool3d(m, size).squeeze(1)  # (B, z, y, x) tumour fraction per cell
+    if rule == "majority":
+        return (frac >= 0.5).to(torch.int8)
+    out = torch.full(frac.shape, -1, dtype=torch.int8, device=frac.device)
+    out[frac == 1.0] = 1  # a mean of 0/1 values is exactly 1 or 0 only for a pure cell
+    out[frac == 0.0] = 0
+    return out
 
 
 def _sample_positions(
     labels: Tensor, samples_per_class: int, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor] | None:
-    """Pick up to ``samples_per_class`` voxel indices per class from flat bool labels (N_all,).
+    """Pick up to ``samples_per_class`` voxel indices per class from flat labels (N_all,).
 
-    Returns (indices (N,), labels (N,) bool) or None when one class is absent. A class with no
-    more voxels than ``samples_per_class`` is taken whole, in index order (no randomness).
+    Labels are `level_labels`' 1 / 0 / -1; -1 is never picked. Returns (indices (N,), labels
+    (N,) bool) or None when one class is absent. A class with no more voxels than
+    ``samples_per_class`` is taken whole, in index order (no randomness).
     """
     picked = []
-    for cls in (True, False):
+    for cls in (1, 0):
         idx = (labels == cls).nonzero().squeeze(1)
         if idx.numel() == 0:
             return None
@@ -83,7 +132,7 @@ def _sample_positions(
             idx = idx[perm[:samples_per_class].to(idx.device)]
         picked.append(idx)
     indices = torch.cat(picked)
-    return indices, labels[indices]
+    return indices, labels[indices] == 1
 
 
 def _tsc_item(z: Tensor, y: Tensor, tau: float) -> tuple[Tensor, int]:
@@ -133,6 +182,7 @@ def tsc_loss(
     tau: float,
     samples_per_class: int = 256,
     generator: torch.Generator | None = None,
+    labels: str = "majority",
 ) -> Tensor:
     """Temporal-Spatial Contrastive loss, Eq. 6–7, summed over encoder levels.
 
@@ -155,10 +205,12 @@ def tsc_loss(
 
     Args:
         features: per encoder level, (B, T, C, z, y, x) features; T ≥ 2 for temporal positives.
-        mask: (B, Z, Y, X) in {0, 1} at input resolution; max-pooled to each level's size.
+        mask: (B, Z, Y, X) in {0, 1} at input resolution; reduced to each level's grid by
+            `level_labels` with the rule `labels`.
         tau: temperature τ > 0 (the paper uses 1e-5).
         samples_per_class: cap on sampled positions per class, per item and level.
         generator: optional torch.Generator (on the CPU) for reproducible sampling.
+        labels: "max", "majority" or "pure" (`LossConfig.tsc_labels`).
 
     Returns:
         Scalar float32 tensor.
@@ -179,11 +231,11 @@ def tsc_loss(
                 f"for a mask of batch {mask.shape[0]}"
             )
         b, t, c = f.shape[:3]
-        labels = _resize_mask(mask.to(f.device), tuple(f.shape[3:])).flatten(1)  # (B, z·y·x)
+        cells = level_labels(mask.to(f.device), tuple(f.shape[3:]), labels).flatten(1)  # (B, zyx)
         flat = f.flatten(3)  # (B, T, C, z·y·x)
         level_sum, level_count = None, 0
         for item in range(b):
-            picked = _sample_positions(labels[item], samples_per_class, generator)
+            picked = _sample_positions(cells[item], samples_per_class, generator)
             if picked is None:
                 continue
             idx, y = picked
@@ -208,11 +260,19 @@ class LossConfig:
     """Weights of Eq. 10 and the TSC settings (§3.5 defaults: α = 0.7, β = 0.5, τ = 1e-5).
 
     Attributes:
+        alpha: weight α of the Dice term.
+        beta: weight β of the TSC term (Eq. 7, summed over levels).
+        tau: TSC temperature τ > 0.
+        samples_per_class: positions sampled per class, batch item and level for the TSC loss.
         bce: weight γ of a voxel-wise binary cross-entropy term added to Eq. 10 (nnU-Net's
             Dice + cross-entropy). 0, the paper's loss, by default. On short CPU budgets soft
             Dice alone on patches with a small or no tumour settles on predicting foreground
             everywhere; the cross-entropy term gives every voxel a gradient from the first step
             (measured on the synthetic cohort, see `platform/configs/small.yaml`).
+        tsc_scale: "paper" (Eq. 7 as written, the default) or "tau" (the term times τ/τ_base,
+            τ_base = 1: the same order as Dice at any τ; see the module docstring).
+        tsc_labels: how the mask is reduced to coarse levels: "majority" (default), "pure"
+            (mixed cells left out) or "max" (the first release's rule).
     """
 
     alpha: float = 0.7
@@ -220,6 +280,64 @@ class LossConfig:
     tau: float = 1e-5
     samples_per_class: int = 256
     bce: float = 0.0
+    tsc_scale: Literal["paper", "tau"] = "paper"
+    tsc_labels: Literal["max", "majority", "pure"] = "majority"
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"loss.{k} must be >= 0, got {getattr(self, k)}"
+            for k in ("alpha", "beta", "bce")
+            if not getattr(self, k) >= 0
+        ]
+        if not self.tau > 0:
+            problems.append(f"loss.tau must be > 0 (the paper uses 1e-5), got {self.tau}")
+        if self.samples_per_class < 1:
+            problems.append(f"loss.samples_per_class must be >= 1, got {self.samples_per_class}")
+        if self.tsc_scale not in TSC_SCALES:
+            problems.append(f"loss.tsc_scale must be one of {TSC_SCALES}, got {self.tsc_scale!r}")
+        if self.tsc_labels not in TSC_LABELS:
+            problems.append(f"loss.tsc_labels must be one of {TSC_LABELS}, got {self.tsc_labels!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def tsc_weight(self) -> float:
+        """The factor on ``L_TSC`` in Eq. 10: β, times τ/τ_base (τ_base = 1) under "tau"."""
+        return self.beta * (self.tau if self.tsc_scale == "tau" else 1.0)
+
+
+def loss_terms(
+    logits: Tensor,
+    features: list[Tensor],
+    target: Tensor,
+    config: LossConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, tuple[Tensor, float]]:
+    """Each term of Eq. 10 (+ BCE) as (unweighted value, its weight in the total).
+
+    Args: as `total_loss`.
+
+    Returns:
+        {"dice": (Dice, α), "tsc": (L_TSC, `config.tsc_weight`), "bce": (BCE, γ)}; a term of
+        weight 0 is a plain zero, not computed.
+    """
+    mask = target[:, 0] if target.dim() == 5 else target  # (B, Z, Y, X)
+    zero = torch.zeros((), device=logits.device)
+    tsc = zero
+    if config.tsc_weight != 0:
+        tsc = tsc_loss(
+            features, mask, config.tau, config.samples_per_class, generator, config.tsc_labels
+        )
+    bce = zero
+    if config.bce != 0:
+        bce = F.binary_cross_entropy_with_logits(
+            logits.float(), mask.reshape(logits.shape).to(torch.float32)
+        )
+    return {
+        "dice": (dice_loss(logits, mask), config.alpha),
+        "tsc": (tsc, config.tsc_weight),
+        "bce": (bce, config.bce),
+    }
 
 
 def total_loss(
@@ -231,6 +349,8 @@ def total_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Eq. 10: ``L = α·Dice + β·L_TSC`` (``L_TSC`` summed over levels by ``tsc_loss``), + γ·BCE.
 
+    Under ``tsc_scale="tau"`` the TSC term's weight is β·τ (`LossConfig.tsc_weight`).
+
     Args:
         logits: (B, 1, Z, Y, X).
         features: per-level (B, T, C, z, y, x) encoder features (may be empty).
@@ -239,25 +359,66 @@ def total_loss(
         generator: optional generator for the TSC sampling.
 
     Returns:
-        (loss to backpropagate, {"dice", "tsc", "bce", "total"} as Python floats for logging).
+        (loss to backpropagate, {"dice", "tsc", "bce", "total"} as Python floats for logging;
+        "dice", "tsc" and "bce" unweighted, "tsc" the value of Eq. 7 under either scale).
     """
-    mask = target[:, 0] if target.dim() == 5 else target  # (B, Z, Y, X)
-    dice = dice_loss(logits, mask)
-    if config.beta != 0:
-        tsc = tsc_loss(features, mask, config.tau, config.samples_per_class, generator)
-    else:
-        tsc = torch.zeros((), device=logits.device)
-    loss = config.alpha * dice + config.beta * tsc
-    bce = torch.zeros((), device=logits.device)
+    terms = loss_terms(logits, features, target, config, generator)
+    loss = config.alpha * terms["dice"][0] + config.tsc_weight * terms["tsc"][0]
     if config.bce != 0:
-        bce = F.binary_cross_entropy_with_logits(
-            logits.float(), mask.reshape(logits.shape).to(torch.float32)
-        )
-        loss = loss + config.bce * bce
-    terms = {
-        "dice": float(dice.detach()),
-        "tsc": float(tsc.detach()),
-        "bce": float(bce.detach()),
-        "total": float(loss.detach()),
-    }
-    return loss, terms
+        loss = loss + config.bce * terms["bce"][0]
+    out = {k: float(v.detach()) for k, (v, _) in terms.items()}
+    out["total"] = float(loss.detach())
+    return loss, out
+
+
+def shared_encoder(name: str) -> bool:
+    """`term_gradient_norms`' default filter: the parameters of the weight-shared encoder."""
+    return name.startswith("encoder.")
+
+
+def term_gradient_norms(
+    model: torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: LossConfig,
+    module_filter: Callable[[str], bool] = shared_encoder,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """L2 norm of the gradient each loss term puts on the shared encoder, weight included.
+
+    Each norm is ``‖∂(w·L_term)/∂θ‖₂`` over the parameters θ that `module_filter` selects, with
+    w the term's weight in the total (α, β or β·τ under ``tsc_scale="tau"``, γ): what the
+    optimiser receives from that term. Where the norms differ by orders of magnitude one term
+    steers the encoder. One forward pass and one backward pass per term of non-zero weight on
+    this batch; ``.grad`` fields are left as they are (``torch.autograd.grad``), so call it
+    between steps, e.g. once per epoch on the epoch's first batch.
+
+    Args:
+        model: a `TSESNet` (a DDP wrapper is unwrapped: no all-reduce, these are this rank's
+            norms). Runs in float32 in the module's current mode.
+        x: (B, T, Z, Y, X) patches; y: (B, Z, Y, X) masks in {0, 1}.
+        config: the loss settings of the run.
+        module_filter: picks parameters by their `named_parameters` name.
+        generator: seeds the TSC sampling.
+
+    Returns:
+        {"grad_norm_dice", "grad_norm_tsc", "grad_norm_bce"} as floats; 0.0 for a term of
+        weight 0 or one that does not reach the selected parameters (TSC under `early`).
+    """
+    model = getattr(model, "module", model)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and module_filter(n)]
+    if not params:
+        raise ValueError("term_gradient_norms: module_filter selects no trainable parameter")
+    with torch.enable_grad():
+        logits, feats = model(x, return_features=True)
+        terms = loss_terms(logits, feats, y, config, generator)
+        norms = {}
+        for name, (value, weight) in terms.items():
+            norm = 0.0
+            if weight != 0 and value.requires_grad:
+                grads = torch.autograd.grad(
+                    weight * value, params, retain_graph=True, allow_unused=True
+                )
+                norm = sum(float(g.double().pow(2).sum()) for g in grads if g is not None) ** 0.5
+            norms[f"grad_norm_{name}"] = norm
+    return norms

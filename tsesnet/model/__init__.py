@@ -4,13 +4,16 @@
 explicit registries of sizes and fusion strategies.
 
 Presets (explicit registry; every one has a plain full-resolution stage and one TA module per
-coarser stage, `ta_start=1`, see encoder.py):
-    tiny:  tests and CI: 0.78 M parameters, 1.0 GMACs for a 4-phase 16x32x32 patch.
-    small: the CPU demo: 4.4 M parameters, 9.0 GMACs for a 4-phase 32x64x64 patch.
+coarser stage, `ta_start=1`, see encoder.py). Sizes as training builds them, TA fitted to the
+patch (`fit_to_patch`; unfitted, as `build_model` alone builds them, in brackets):
+    tiny:  tests and CI: 0.66 M parameters (0.78 M), 1.3 GMACs for a 4-phase 16x32x32 patch.
+    small: the CPU demo: 3.6 M parameters (4.4 M), 9.4 GMACs for a 4-phase 32x64x64 patch;
+           2.0 M at the demo's 16x32x32 patches, where 3.1 M of the unfitted 4.4 M are taps that
+           only read padding.
     paper: sized to Table 2 (103.58 M parameters, 98.66 G multiply-accumulates for one 6-phase
-           48x96x96 input): 99.9 M and 101.5 GMACs with TSFF (-3.6 %, +2.9 %).
-           `tsesnet model-summary --preset paper --fusion all` prints every fusion against
-           Tables 2 and 4.
+           48x96x96 input): 99.9 M and 110.6 GMACs with TSFF (-3.6 %, +12.1 %; exact attention
+           at levels 2-4 is 9.1 G of it). `tsesnet model-summary --preset paper --fusion all`
+           prints every fusion against Tables 2 and 4.
 
 Why the paper preset's widths are (8, 16, 32, 64, 768). Six phases share the encoder, so each
 full-resolution weight of a 3x3x3 convolution is applied 6 x 442,368 times per input, and a
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 
 from tsesnet.model.config import ModelConfig, upgrade_config
+from tsesnet.model.fit import check_fits, fit_to_patch, level_plan
 from tsesnet.model.fusion import FUSIONS
 from tsesnet.model.network import TSESNet
 
@@ -78,6 +82,9 @@ __all__ = [
     "ModelConfig",
     "TSESNet",
     "build_model",
+    "check_fits",
+    "fit_to_patch",
+    "level_plan",
     "model_config",
     "upgrade_config",
 ]

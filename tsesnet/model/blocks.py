@@ -48,15 +48,43 @@ class SeriesNorm(nn.InstanceNorm3d):
         return ((v - mean) * scale + self.bias.view(1, 1, c, 1)).reshape(x.shape)
 
 
+def live_taps(
+    kernel: int, size: int, *, dilation: int = 1, stride: int = 1, padding: int | None = None
+) -> int:
+    """How many of a convolution's taps along one axis ever read a voxel of the input.
+
+    Tap j reads input index ``o·stride + j·dilation - padding`` for output position o; it is
+    live when that index lies in [0, size) for some o. A dead tap only ever reads the zero
+    padding: its weight gets no gradient and has no effect on the output.
+
+    Args:
+        kernel: taps along the axis.
+        size: input voxels along the axis.
+        dilation: atrous rate.
+        stride: convolution stride.
+        padding: zero padding per side; None is 'same', ``dilation·(kernel-1)//2``.
+    """
+    pad = dilation * (kernel - 1) // 2 if padding is None else padding
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    last = (out - 1) * stride  # offset of the last output position
+    return sum(
+        1 for j in range(kernel) if j * dilation - pad + last >= 0 and j * dilation < size + pad
+    )
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return tuple(int(a) for a in v) if isinstance(v, tuple | list) else (int(v),) * 3
+
+
 class ConvNormAct(nn.Sequential):
     """Conv3d -> InstanceNorm3d (or `SeriesNorm`) -> LeakyReLU, 'same' padding for odd kernels.
 
     Args:
         cin: input channels.
         cout: output channels.
-        kernel: cubic kernel size (odd).
+        kernel: kernel size (odd), cubic or per axis (z, y, x).
         stride: convolution stride (2 halves every spatial size).
-        dilation: atrous rate (used by the TA module).
+        dilation: atrous rate, one or per axis (the TA module fits them to its feature map).
         series: normalise over all phases of a series (`SeriesNorm`, the shared encoder).
     """
 
@@ -64,12 +92,16 @@ class ConvNormAct(nn.Sequential):
         self,
         cin: int,
         cout: int,
-        kernel: int = 3,
+        kernel: int | tuple[int, int, int] = 3,
         stride: int = 1,
-        dilation: int = 1,
+        dilation: int | tuple[int, int, int] = 1,
         series: bool = False,
     ):
-        pad = dilation * (kernel - 1) // 2
+        if isinstance(kernel, int) and isinstance(dilation, int):
+            pad = dilation * (kernel - 1) // 2  # the first release's modules, unchanged
+        else:
+            kernel, dilation = _triple(kernel), _triple(dilation)
+            pad = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
         super().__init__(
             nn.Conv3d(cin, cout, kernel, stride=stride, padding=pad, dilation=dilation, bias=False),
             SeriesNorm(cout) if series else nn.InstanceNorm3d(cout, affine=True),

@@ -23,11 +23,24 @@ class ModelConfig:
         tumor_aware: put a TA module (Eq. 1-5) in each encoder stage from `ta_start` on;
             False gives plain double-convolution stages (the paper's "backbone" ablation, Table 3).
         ta_start: first encoder level with a TA module (levels before it are plain).
-        ta_dilations: atrous rates of TA's 5x5x5 and 3x3x3 convolutions.
+        ta_dilations: atrous rates of TA's 5x5x5 and 3x3x3 convolutions (capped per level to
+            what fits the feature map when `ta_patch` is set).
         ta_reduction: scale-attention bottleneck, hidden = 4C // ta_reduction (Eq. 4).
-        attn_tokens: (z, y, x) cap on the key/value grid of the linear-memory attention used by
-            `tsff`, `tsff_bottleneck` and `stt`: levels with more voxels pool keys and values to
-            this grid; levels within it attend exactly (Eq. 8 as written).
+        ta_patch: the training patch (Z, Y, X) the TA modules are fitted to: at each level the
+            atrous rates (and, where even rate 1 reaches past the map, the kernel) are cut per
+            axis so that every tap lands on the feature map (`ta.fit_taps`; no dead weights).
+            () applies `ta_dilations` everywhere, as the first release did. Set from the
+            training config's `data.patch` (`fit_to_patch`), not by hand.
+        attn_tokens: (z, y, x) grid that `tsff`, `tsff_bottleneck` and `stt` pool keys and
+            values to at levels with more than `attn_exact_tokens` voxels (linear memory).
+        attn_exact_tokens: levels with at most this many voxels attend exactly (Eq. 8 as
+            written, every voxel a key); larger levels pool keys and values to `attn_tokens`.
+            The default, 8192, is chosen on CPU: at the paper's 48x96x96 patch levels 2-4 are
+            exact (+9.1 GMACs, Table 2 +12 %; level 2 adds about 1 CPU second to a one-thread
+            step, `tests/benchmarks/bench_model.py`), while level 1 (55,296 voxels, 489 GMACs
+            exact) would cost more than the rest of the network. On CUDA 65536 is recommended
+            (level 1 exact too, in fused kernels; from the arithmetic, see the README). 0 is
+            the first release's rule: exact only where a level fits `attn_tokens`.
         stt_head_dim: channels per attention head in the `stt` fusion.
         stt_mlp_ratio: MLP expansion of the `stt` transformer block.
         max_phases: the longest series the network takes where it matters: `early` fusion
@@ -51,7 +64,9 @@ class ModelConfig:
     ta_start: int = 0
     ta_dilations: tuple[int, int] = (2, 2)
     ta_reduction: int = 4
+    ta_patch: tuple[int, ...] = ()
     attn_tokens: tuple[int, int, int] = (4, 8, 8)
+    attn_exact_tokens: int = 8192
     stt_head_dim: int = 32
     stt_mlp_ratio: int = 4
     max_phases: int = 8
@@ -62,6 +77,7 @@ class ModelConfig:
         self.channels = tuple(int(c) for c in self.channels)
         self.ta_dilations = tuple(int(d) for d in self.ta_dilations)
         self.attn_tokens = tuple(int(t) for t in self.attn_tokens)
+        self.ta_patch = tuple(int(p) for p in self.ta_patch)
         self.phases = tuple(int(p) for p in self.phases)
         if any(p < 0 for p in self.phases) or len(set(self.phases)) != len(self.phases):
             raise ValueError(f"phases must be distinct indices >= 0, got {self.phases}")
@@ -78,6 +94,18 @@ class ModelConfig:
             raise ValueError(f"ta_start must be in [0, {len(self.channels)}], got {self.ta_start}")
         if self.max_phases < 2:
             raise ValueError(f"max_phases must be >= 2, got {self.max_phases}")
+        if self.attn_exact_tokens < 0:
+            raise ValueError(
+                f"model.attn_exact_tokens must be >= 0 (0: exact only where a level fits "
+                f"attn_tokens), got {self.attn_exact_tokens}"
+            )
+        if self.ta_patch and (
+            len(self.ta_patch) != 3 or any(p < 1 or p % self.divisor for p in self.ta_patch)
+        ):
+            raise ValueError(
+                f"model.ta_patch must be () or a patch (Z, Y, X) of multiples of "
+                f"{self.divisor}, got {self.ta_patch}"
+            )
 
     @property
     def divisor(self) -> int:
@@ -88,7 +116,8 @@ class ModelConfig:
 # Fields renamed since the first release: old name -> new name.
 RENAMED = {"input_phases": "phases"}
 # Fields added since the first release, with the value that reproduces the earlier behaviour.
-ADDED: dict[str, object] = {}
+# JSON values (a list, not a tuple), as stored configs hold them after a JSON round trip.
+ADDED: dict[str, object] = {"ta_patch": [], "attn_exact_tokens": 0}
 
 
 def upgrade_config(fields: dict) -> dict:

@@ -14,6 +14,8 @@ So the TA module takes the place of the second convolution of the usual 3D U-Net
 convolution: one TA per stage, on every stage from `ta_start` on (the paper: "the entire encoder
 leverages the TA module"). `ta_start` > 0 skips the full-resolution stages where a 5x5x5
 convolution is most expensive; the paper preset uses it to stay inside Table 2's FLOP budget.
+With `config.ta_patch` set, each TA module is fitted to its level's map of that patch
+(`ta.fit_taps`: no tap of a dilated kernel reads only padding).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ class Encoder(nn.Module):
         for level, c in enumerate(config.channels):
             first = ConvNormAct(cin, c, 3, stride=1 if level == 0 else 2, series=True)
             if config.tumor_aware and level >= config.ta_start:
-                second = TumorAware(c, config.ta_dilations, config.ta_reduction, series=True)
+                size = tuple(p // 2**level for p in config.ta_patch) or None  # (z, y, x)
+                second = TumorAware(
+                    c, config.ta_dilations, config.ta_reduction, series=True, size=size
+                )
             else:
                 second = ConvNormAct(c, c, 3, series=True)
             stages.append(nn.Sequential(first, second))

@@ -15,18 +15,35 @@ TSFF (Eq. 8-9) as written, with Q = f_0 W_q, K = f_0 W_k, V_i = f_i W_v (each N 
 Note the paper scales by 1/d, not by the usual 1/sqrt(d); we keep 1/d everywhere TSFF attends.
 The attention matrix depends on f_0 only, so it is shared by all post-contrast phases.
 
-Departure (linear memory). At the first level of a 48x96x96 patch N = 442,368 and the N x N
-matrix would need 780 GB in fp32. Keys and values are average-pooled to a grid of at most
-`attn_tokens` (default 4x8x8, M <= 256 tokens) -- spatial-reduction attention as in PVT:
+Exact where it is affordable (`ModelConfig.attn_exact_tokens`). A level of N voxels attends
+exactly, Eq. 8 as written, when N <= attn_exact_tokens. The exact product runs in one of two
+layouts, chosen by N alone (so outputs and MAC counts do not depend on the device):
+
+- shared softmax (N <= SHARED_SOFTMAX_TOKENS): one Softmax(Q K^T / d) for all post-contrast
+  phases, their values stacked in V's width, (B, N, (T-1)d). It materialises the N x N matrix
+  (256 MiB per item in fp32 at N = 8192) and costs T N^2 d multiply-accumulates. SDPA's fused
+  kernels refuse a V wider than Q and K, so this runs on its math kernel.
+- phases as heads (N > SHARED_SOFTMAX_TOKENS): each post-contrast phase is a head of width d,
+  with Q and K repeated over the heads, so Q, K and V share a head size and SDPA can use its
+  flash and memory-efficient kernels on CUDA (and its flash kernel on CPU): memory linear in N.
+  A fused kernel cannot share one softmax across heads, so this costs 2(T-1) N^2 d, 1.67x the
+  shared form at T = 6. (At the paper's level 2, 6,912 voxels, forward + backward on one CPU
+  thread: 44 MiB against the shared form's 563 MiB, in about the same time.)
+
+Departure (linear memory) above the bound. At the first level of a 48x96x96 patch N = 442,368,
+the N x N matrix would need 780 GB in fp32 and even the fused kernels 31 T multiply-accumulates.
+There keys and values are average-pooled to a grid of at most `attn_tokens` (default 4x8x8,
+M <= 256 tokens) -- spatial-reduction attention as in PVT:
 
     W_i = Softmax(Q (P f_0 W_k)^T / d) (P f_i W_v)            (P: N -> M average pooling)
 
 so memory and compute grow as N * M, linear in N. Queries stay at full resolution, so every voxel
-still gets its own weights W_i. Where a level has no more voxels than the grid (the bottleneck of
-every preset) P is the identity and this *is* Eq. 8. Pooling commutes with the bias-free
-projections, so we pool before projecting (cheaper). The product runs through
-`scaled_dot_product_attention` (with scale = 1/d), whose fused GPU kernels need not materialise
-the N x M matrix either.
+still gets its own weights W_i. Where a level has no more voxels than the grid, P is the identity
+and this is Eq. 8 too (with `attn_exact_tokens = 0`, the first release's rule, the only exact
+levels). Pooling commutes with the bias-free projections, so we pool before projecting
+(cheaper). Pooled and exact attention agree while attention is near uniform (at initialisation:
+within 2 %) and part once it becomes selective (37-90 % apart in W_i, as a review measured),
+which is why levels are exact by default wherever that is affordable.
 
 The T-1 post-contrast sums of Eq. 9 are taken literally (not averaged), so the magnitude of the
 fused map grows with T; the decoder's instance norms absorb that.
@@ -41,6 +58,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tsesnet.model.config import ModelConfig
+
+# Exact levels with at most this many voxels use the shared-softmax layout (N x N matrix of
+# 256 MiB per item in fp32); larger exact levels put the phases in heads (fused SDPA kernels).
+SHARED_SOFTMAX_TOKENS = 8192
 
 
 def pool_tokens(x: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -59,20 +80,35 @@ def pool_tokens(x: Tensor, grid: tuple[int, int, int]) -> Tensor:
     return F.adaptive_avg_pool3d(x, size)
 
 
+def attention_form(n: int, tokens: tuple[int, int, int], exact_tokens: int, size=None) -> str:
+    """How a TSFF or STT level of `n` voxels attends: "shared", "heads" or "pooled".
+
+    "shared" and "heads" are exact (Eq. 8); "pooled" pools keys and values to `tokens`. A
+    level that fits `tokens` axis by axis (`size`, its (z, y, x)) is exact under any bound.
+    """
+    if n <= exact_tokens:
+        return "heads" if n > SHARED_SOFTMAX_TOKENS else "shared"
+    if size is not None and all(s <= g for s, g in zip(size, tokens, strict=True)):
+        return "shared"
+    return "pooled"
+
+
 class TSFFLevel(nn.Module):
-    """TSFF at one level: the weights W_i of Eq. 8 (linear-memory form) and the sum of Eq. 9.
+    """TSFF at one level: the weights W_i of Eq. 8 and the sum of Eq. 9.
 
     Args:
         channels: d = C at this level.
-        tokens: key/value grid cap (see module docstring).
+        tokens: key/value grid cap of levels attended in the pooled form (module docstring).
+        exact_tokens: levels with at most this many voxels attend exactly.
     """
 
-    def __init__(self, channels: int, tokens: tuple[int, int, int]):
+    def __init__(self, channels: int, tokens: tuple[int, int, int], exact_tokens: int = 0):
         super().__init__()
         self.q = nn.Conv3d(channels, channels, 1, bias=False)  # W_q
         self.k = nn.Conv3d(channels, channels, 1, bias=False)  # W_k
         self.v = nn.Conv3d(channels, channels, 1, bias=False)  # W_v
         self.tokens = tokens
+        self.exact_tokens = exact_tokens
 
     def weights(self, f: Tensor) -> Tensor:
         """Eq. 8 for every post-contrast phase.
@@ -84,18 +120,36 @@ class TSFFLevel(nn.Module):
             W: (B, T-1, C, Z, Y, X).
         """
         b, t, c, z, y, x = f.shape
+        n = z * y * x
+        if SHARED_SOFTMAX_TOKENS < n <= self.exact_tokens:
+            return self._weights_as_heads(f)
+        grid = self.tokens if n > self.exact_tokens else (z, y, x)  # (z, y, x): no pooling
         f0, fi = f[:, 0], f[:, 1:]  # (B, C, Z, Y, X), (B, T-1, C, Z, Y, X)
         q = self.q(f0).flatten(2).transpose(1, 2)  # (B, N, C)
-        k = self.k(pool_tokens(f0, self.tokens)).flatten(2).transpose(1, 2)  # (B, M, C)
-        vp = self.v(pool_tokens(fi.reshape(b * (t - 1), c, z, y, x), self.tokens))  # (B(T-1), C, m)
+        k = self.k(pool_tokens(f0, grid)).flatten(2).transpose(1, 2)  # (B, M, C)
+        vp = self.v(pool_tokens(fi.reshape(b * (t - 1), c, z, y, x), grid))  # (B(T-1), C, m)
         m = k.shape[1]
         v = (
             vp.reshape(b, t - 1, c, m).permute(0, 3, 1, 2).reshape(b, m, (t - 1) * c)
         )  # (B, M, (T-1)C)
         # One attention for all phases: Softmax(Q K^T / d) is shared, phases stacked in V's width.
         w = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0 / c)
-        w = w[:, 0].reshape(b, z * y * x, t - 1, c)  # (B, N, T-1, C)
+        w = w[:, 0].reshape(b, n, t - 1, c)  # (B, N, T-1, C)
         return w.permute(0, 2, 3, 1).reshape(b, t - 1, c, z, y, x)
+
+    def _weights_as_heads(self, f: Tensor) -> Tensor:
+        """Exact Eq. 8 with the phases as heads, Q, K, V of one head size (fused kernels)."""
+        b, t, c, z, y, x = f.shape
+        n = z * y * x
+        f0, fi = f[:, 0], f[:, 1:]  # (B, C, Z, Y, X), (B, T-1, C, Z, Y, X)
+        # Q and K repeated over the T-1 heads; Q, K, V contiguous with the head size last
+        # (stride 1), or SDPA falls back to its math kernel and materialises T-1 N x N matrices
+        q = self.q(f0).flatten(2).transpose(1, 2)[:, None].expand(b, t - 1, n, c).contiguous()
+        k = self.k(f0).flatten(2).transpose(1, 2)[:, None].expand(b, t - 1, n, c).contiguous()
+        v = self.v(fi.reshape(b * (t - 1), c, z, y, x))  # (B(T-1), C, Z, Y, X)
+        v = v.reshape(b, t - 1, c, n).transpose(2, 3).contiguous()  # (B, T-1, N, C)
+        w = F.scaled_dot_product_attention(q, k, v, scale=1.0 / c)  # (B, T-1, N, C)
+        return w.transpose(2, 3).reshape(b, t - 1, c, z, y, x)
 
     def forward(self, f: Tensor) -> Tensor:
         """f: (B, T, C, Z, Y, X) -> (B, C, Z, Y, X)."""
@@ -139,13 +193,21 @@ class STTLevel(nn.Module):
 
     After ST-Tumor-Seg (Zhang et al., 2023): every voxel of every phase is a token. Pre-norm
     residual block: temporal self-attention across the T phases of each voxel (T x T, cheap),
-    spatial self-attention across the voxels of each phase with keys/values pooled to
-    `attn_tokens` at high-resolution levels (exact where the level fits the grid), and an MLP.
+    spatial self-attention across the voxels of each phase, exact at levels of at most
+    `exact_tokens` voxels and with keys/values pooled to `tokens` above, and an MLP.
     Standard 1/sqrt(head_dim) scaling here: this is the peer's transformer, not TSFF.
     """
 
-    def __init__(self, channels: int, tokens: tuple[int, int, int], head_dim: int, mlp_ratio: int):
+    def __init__(
+        self,
+        channels: int,
+        tokens: tuple[int, int, int],
+        head_dim: int,
+        mlp_ratio: int,
+        exact_tokens: int = 0,
+    ):
         super().__init__()
+        self.exact_tokens = exact_tokens
         self.heads = max(1, channels // head_dim)
         if channels % self.heads:
             raise ValueError(f"stt: {channels} channels do not split into {self.heads} heads")
@@ -183,7 +245,8 @@ class STTLevel(nn.Module):
         tok = tok + self.proj_t(a)
         # spatial attention: each phase's voxels attend over pooled voxels of the same phase
         h = self.norm_s(tok).reshape(b * t, n, c)  # (BT, N, C)
-        hp = pool_tokens(h.transpose(1, 2).reshape(b * t, c, z, y, x), self.tokens)
+        grid = self.tokens if n > self.exact_tokens else (z, y, x)  # (z, y, x): exact
+        hp = pool_tokens(h.transpose(1, 2).reshape(b * t, c, z, y, x), grid)
         hp = hp.flatten(2).transpose(1, 2)  # (BT, M, C)
         k, v = self.kv_s(hp).chunk(2, dim=-1)
         a = F.scaled_dot_product_attention(
@@ -218,7 +281,9 @@ class TSFF(_PerLevel):
     """`tsff`: TSFF (Eq. 8-9) at every skip level and the bottleneck (the paper's model)."""
 
     def __init__(self, channels: tuple[int, ...], config: ModelConfig):
-        super().__init__([TSFFLevel(c, config.attn_tokens) for c in channels])
+        super().__init__(
+            [TSFFLevel(c, config.attn_tokens, config.attn_exact_tokens) for c in channels]
+        )
 
 
 class MeanPool(_PerLevel):
@@ -241,7 +306,13 @@ class STT(_PerLevel):
     def __init__(self, channels: tuple[int, ...], config: ModelConfig):
         super().__init__(
             [
-                STTLevel(c, config.attn_tokens, config.stt_head_dim, config.stt_mlp_ratio)
+                STTLevel(
+                    c,
+                    config.attn_tokens,
+                    config.stt_head_dim,
+                    config.stt_mlp_ratio,
+                    config.attn_exact_tokens,
+                )
                 for c in channels
             ]
         )
@@ -257,7 +328,7 @@ class TSFFBottleneck(nn.Module):
 
     def __init__(self, channels: tuple[int, ...], config: ModelConfig):
         super().__init__()
-        self.tsff = TSFFLevel(channels[-1], config.attn_tokens)
+        self.tsff = TSFFLevel(channels[-1], config.attn_tokens, config.attn_exact_tokens)
         self.to_skip = nn.ModuleList(
             nn.Conv3d(channels[-1], c, 1, bias=False) for c in channels[:-1]
         )

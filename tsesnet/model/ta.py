@@ -22,6 +22,19 @@ Choices the paper leaves open, made here:
 
 Where TA sits in the network is decided in `encoder.py` (one per encoder stage, after the
 stage's first convolution).
+
+Departure: kernels fitted to the feature map (`fit_taps`). A tap of a dilated kernel whose
+offset reaches past the feature map on every output voxel reads only zero padding: it never
+gets a gradient, keeps its random initial value, and would start reading voxels on a larger
+input. At the paper preset's 3x6x6 bottleneck, 50 of the 125 taps of the 5x5x5 convolution at
+rate 2 are such dead taps (29.5 M parameters); at the small preset's 1x2x2 bottleneck (16x32x32
+patches) 124 of 125 are. Given the size of the map it runs on (`size`), each TA convolution
+caps its rate per axis to the largest whose reach fits the map, and where even rate 1 does not
+fit, crops the kernel along that axis to the taps that can land on it (2·size - 1), which
+computes exactly what the full kernel's live taps did. At the paper's 48x96x96 patch only
+the bottleneck changes: its 5x5x5 convolution runs at rates (1, 2, 2) and keeps all its
+parameters. Without `size` (configs stored before this, `ModelConfig.ta_patch = ()`) the rates
+apply everywhere as configured.
 """
 
 from __future__ import annotations
@@ -34,6 +47,33 @@ from tsesnet.model.blocks import ConvNormAct
 TA_KERNELS = (5, 3, 1)
 
 
+def fit_taps(
+    kernel: int, rate: int, size: tuple[int, int, int]
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Per-axis (kernel, rate) of a cubic atrous kernel with every tap on a map of `size`.
+
+    Along an axis of S voxels a tap at offset o reads a voxel for some output when |o| <= S - 1,
+    so a kernel of half-width h = (kernel - 1) / 2 at rate r has no dead tap when r·h <= S - 1.
+    The rate is capped to (S - 1) // h; where even rate 1 does not fit (S - 1 < h), the kernel
+    is cropped to its 2(S - 1) + 1 central taps at rate 1.
+
+    Returns:
+        ((k_z, k_y, k_x), (r_z, r_y, r_x)).
+    """
+    half = (kernel - 1) // 2
+    ks, rs = [], []
+    for s in size:
+        if half == 0:
+            k, r = kernel, 1
+        elif s - 1 >= half:
+            k, r = kernel, min(rate, (s - 1) // half)
+        else:
+            k, r = 2 * (s - 1) + 1, 1
+        ks.append(k)
+        rs.append(r)
+    return tuple(ks), tuple(rs)
+
+
 class TumorAware(nn.Module):
     """Multi-scale atrous branches fused by scale attention (Eq. 1-5).
 
@@ -42,6 +82,8 @@ class TumorAware(nn.Module):
         dilations: atrous rates of the 5x5x5 and 3x3x3 convolutions.
         reduction: hidden size of the scale attention is 4C // reduction.
         series: normalise over all phases of a series (`blocks.SeriesNorm`; in the encoder).
+        size: (z, y, x) of the feature map it runs on: rates and kernels are fitted to it
+            (`fit_taps`, no dead taps); None applies `dilations` as they are.
     """
 
     def __init__(
@@ -50,14 +92,18 @@ class TumorAware(nn.Module):
         dilations: tuple[int, int] = (2, 2),
         reduction: int = 4,
         series: bool = False,
+        size: tuple[int, int, int] | None = None,
     ):
         super().__init__()
         if len(dilations) != 2 or min(dilations) < 1:
             raise ValueError(f"ta dilations must be two rates >= 1, got {dilations}")
         rates = (*dilations, 1)
-        self.convs = nn.ModuleList(
-            ConvNormAct(channels, channels, k, dilation=d, series=series)
+        geometry = [
+            (k, d) if size is None else fit_taps(k, d, size)
             for k, d in zip(TA_KERNELS, rates, strict=True)
+        ]
+        self.convs = nn.ModuleList(
+            ConvNormAct(channels, channels, k, dilation=d, series=series) for k, d in geometry
         )
         hidden = max(4 * channels // reduction, 4)
         self.fc1 = nn.Linear(4 * channels, hidden)  # W_f1

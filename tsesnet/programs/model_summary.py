@@ -6,6 +6,12 @@ What is counted:
   attention (2 FLOPs per multiply-accumulate) and ignores norms, activations and element-wise ops.
 - `macs` = flops / 2. The paper's Table 2 "FLOPs" are most likely MACs (the convention of thop
   and ptflops), so `macs` is what we compare with Tables 2 and 4.
+- `dead_params`: convolution weights of taps that only ever read zero padding at this patch
+  (`tsesnet.model.blocks.live_taps`): they never get a gradient. The network is built as
+  training builds it, its TA modules fitted to the patch (`tsesnet.model.fit_to_patch`), so
+  the TA modules have none; plain 3x3x3 convolutions on a map one voxel thick may still have some.
+- `levels`: per encoder level its size, how its fusion attends (exact, shared softmax or phases
+  as heads; or pooled keys and values) and its TA kernels and rates (`tsesnet.model.level_plan`).
 - `peak_memory_bytes`: the peak of live tensor bytes during one training step (forward with the
   TSC features returned, backward), plus the parameters and the input; optimizer state excluded
   (Adam adds 2 x params x 4 bytes). Live bytes are tracked by a dispatch mode that sees every
@@ -19,7 +25,9 @@ Counting at paper size never allocates real tensors: the model and input live on
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import weakref
 
@@ -28,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from tsesnet.model import FUSIONS, PRESETS, build_model
+from tsesnet.model import FUSIONS, PRESETS, build_model, level_plan
+from tsesnet.model.blocks import live_taps
 
 # Default patch (Z, Y, X) per preset; "paper" is the paper's 96x96x48 sub-volume (§4.1).
 DEFAULT_PATCH = {"tiny": (16, 32, 32), "small": (32, 64, 64), "paper": (48, 96, 96)}
@@ -98,6 +107,35 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def dead_parameters(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Convolution weights whose taps only read zero padding on input `x` (any device, meta too).
+
+    Every `nn.Conv3d` is hooked for the spatial size of its input during one forward pass; a
+    tap is dead when `live_taps` says so along any axis (its weights, all input and output
+    channels, never see a voxel).
+    """
+    sizes: dict[torch.nn.Conv3d, tuple[int, ...]] = {}
+
+    def record(mod, args) -> None:  # a pre-hook returning None leaves the input as it is
+        sizes[mod] = tuple(args[0].shape[2:])
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    dead = 0
+    for m, size in sizes.items():
+        axes = zip(m.kernel_size, size, m.dilation, m.stride, m.padding, strict=True)
+        live = math.prod(live_taps(k, n, dilation=d, stride=s, padding=p) for k, n, d, s, p in axes)
+        taps = math.prod(m.kernel_size)
+        dead += m.weight.numel() // taps * (taps - live)
+    return dead
+
+
 def model_summary(
     preset: str,
     fusion: str = "tsff",
@@ -105,29 +143,34 @@ def model_summary(
     patch: tuple[int, int, int] | None = None,
     *,
     memory: bool = True,
+    **overrides,
 ) -> dict:
-    """Size and cost of a preset with a fusion strategy.
+    """Size and cost of a preset with a fusion strategy, built as training builds it.
 
     Args:
         preset: a key of tsesnet.model.PRESETS.
         fusion: a key of tsesnet.model.FUSIONS.
         phases: T, phases per case.
         patch: (Z, Y, X); defaults to DEFAULT_PATCH[preset] (the paper's 48x96x96 for "paper").
+            The TA modules are fitted to it (`ModelConfig.ta_patch`).
         memory: also measure the training step's peak memory (else peak_memory_bytes is None).
+        **overrides: other `ModelConfig` fields, e.g. attn_exact_tokens=65536.
 
     Returns:
-        dict with preset, fusion, phases, patch, params, macs, flops, peak_memory_bytes,
-        memory_method, and paper_params / paper_macs where the paper reports them (paper preset).
+        dict with preset, fusion, phases, patch, params, dead_params, macs, flops,
+        peak_memory_bytes, memory_method, attn_exact_tokens, levels, and paper_params /
+        paper_macs where the paper reports them (paper preset).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(sorted(FUSIONS))}")
     patch = tuple(patch or DEFAULT_PATCH.get(preset, (48, 96, 96)))
+    x = torch.empty(1, phases, *patch, device="meta")
     with torch.device("meta"):
-        model = build_model(preset, fusion)
-        x = torch.empty(1, phases, *patch)
-    model.check_input(x)
+        build_model(preset, fusion, **overrides).check_input(x)  # a bad patch says what to do
+        overrides.setdefault("ta_patch", patch)
+        model = build_model(preset, fusion, **overrides)
     params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, x)
 
@@ -135,7 +178,7 @@ def model_summary(
         peak, method = None, "not measured"
     elif preset == "paper" and torch.cuda.is_available():
         torch.manual_seed(0)
-        model = build_model(preset, fusion).cuda()
+        model = build_model(preset, fusion, **overrides).cuda()
         xg = torch.randn(1, phases, *patch, device="cuda")
         torch.cuda.reset_peak_memory_stats()
         _train_step(model, xg)
@@ -145,7 +188,9 @@ def model_summary(
         peak, method = step_peak_bytes(model, x), "estimated on the meta device"
     else:
         torch.manual_seed(0)
-        peak = step_peak_bytes(build_model(preset, fusion), torch.randn(1, phases, *patch))
+        peak = step_peak_bytes(
+            build_model(preset, fusion, **overrides), torch.randn(1, phases, *patch)
+        )
         method = "measured on CPU (live tensor bytes)"
 
     out = {
@@ -154,10 +199,13 @@ def model_summary(
         "phases": phases,
         "patch": list(patch),
         "params": params,
+        "dead_params": dead_parameters(model, x),
         "macs": flops // 2,
         "flops": flops,
         "peak_memory_bytes": peak,
         "memory_method": method,
+        "attn_exact_tokens": model.config.attn_exact_tokens,
+        "levels": [dataclasses.asdict(p) for p in level_plan(model.config, patch)],
     }
     if preset == "paper" and fusion in PAPER_TABLES and phases == 6 and patch == (48, 96, 96):
         out["paper_params"], out["paper_macs"] = (int(v) for v in PAPER_TABLES[fusion])
@@ -176,16 +224,57 @@ def _row(s: dict) -> str:
             f" | {s['paper_macs'] / 1e9:.2f} G ({dm:+.1f} %)"
         )
     return (
-        f"| {s['fusion']} | {s['params'] / 1e6:.2f} M | {s['macs'] / 1e9:.2f} G "
-        f"| {s['flops'] / 1e9:.2f} G | {mem}{ref} |"
+        f"| {s['fusion']} | {s['params'] / 1e6:.2f} M | {s['dead_params'] / 1e6:.2f} M "
+        f"| {s['macs'] / 1e9:.2f} G | {s['flops'] / 1e9:.2f} G | {mem}{ref} |"
     )
 
 
+def _ta_text(ta: list) -> str:
+    """`5x5x5 @ (1, 2, 2), 3x3x3 @ 2` for a level's TA convolutions (the 1x1x1 left out)."""
+    parts = []
+    for kernel, rates in ta[:2]:
+        r = rates[0] if len(set(rates)) == 1 else tuple(rates)
+        parts.append(f"{'x'.join(map(str, kernel))} @ {r}")
+    return ", ".join(parts) or "-"
+
+
+def _print_levels(rows: list[dict]) -> None:
+    """Per level: size, voxels, channels, TA kernels, and how each attending fusion attends."""
+    attending = [s for s in rows if any(lv["attention"] != "-" for lv in s["levels"])]
+    print(
+        f"\nlevels (exact attention at <= {rows[0]['attn_exact_tokens']} voxels, "
+        f"model.attn_exact_tokens; TA kernel @ rates fitted to the patch):"
+    )
+    print(
+        "| level | z x y x x | voxels | channels | TA | "
+        + " | ".join(s["fusion"] for s in attending)
+        + " |"
+    )
+    print("|---" * (5 + len(attending)) + "|")
+    for i, lv in enumerate(rows[0]["levels"]):
+        size = lv["size"]
+        cells = [s["levels"][i]["attention"] for s in attending]
+        print(
+            f"| {i} | {'x'.join(map(str, size))} | {math.prod(size)} | {lv['channels']} "
+            f"| {_ta_text(lv['ta'])} | " + " | ".join(cells) + " |"
+        )
+
+
 def cli(args) -> int:
-    """`tsesnet model-summary [--preset P] [--fusion F|all] [--phases T] [--json]`."""
+    """`tsesnet model-summary [--preset P] [--fusion F|all] [--phases T] [--json]`.
+
+    Reads `args.patch` and `args.attn_exact_tokens` too when the parser has them.
+    """
     fusions = sorted(FUSIONS) if args.fusion == "all" else [args.fusion]
+    overrides = {}
+    if getattr(args, "attn_exact_tokens", None) is not None:
+        overrides["attn_exact_tokens"] = args.attn_exact_tokens
+    patch = getattr(args, "patch", None)
     try:
-        rows = [model_summary(args.preset, f, phases=args.phases) for f in fusions]
+        rows = [
+            model_summary(args.preset, f, phases=args.phases, patch=patch, **overrides)
+            for f in fusions
+        ]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -195,10 +284,11 @@ def cli(args) -> int:
     s0 = rows[0]
     print(
         f"preset {s0['preset']}, {s0['phases']} phases, patch {'x'.join(map(str, s0['patch']))}"
-        f" (Z x Y x X); MACs = FLOPs / 2; memory {s0['memory_method']}"
+        f" (Z x Y x X); MACs = FLOPs / 2; memory {s0['memory_method']}; dead params: "
+        "convolution taps that only read padding"
     )
-    head = "| fusion | params | MACs | FLOPs | step peak memory |"
-    sep = "|---|---|---|---|---|"
+    head = "| fusion | params | dead params | MACs | FLOPs | step peak memory |"
+    sep = "|---|---|---|---|---|---|"
     if any("paper_params" in s for s in rows):
         head += " paper params | paper MACs |"
         sep += "---|---|"
@@ -206,4 +296,5 @@ def cli(args) -> int:
     print(sep)
     for s in rows:
         print(_row(s))
+    _print_levels(rows)
     return 0

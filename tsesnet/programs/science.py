@@ -168,7 +168,7 @@ def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float
     from tsesnet.postprocess import keep_components
     from tsesnet.training import checkpoint
 
-    net = cfg.model.build()
+    net = cfg.model.build(patch=tuple(cfg.data.patch))
     net.load_state_dict(checkpoint.load_best(result.checkpoint_path))
     net.eval()
     st = open_store(test_store)

@@ -38,6 +38,8 @@ class ModelSpec:
         tumor_aware: TA modules in the encoder (False: the paper's plain backbone).
         phases: the acquired phases the network reads, in order; [] = all.
         phase_embedding: a learned vector per phase before fusion; False is the paper's model.
+        attn_exact_tokens: levels with at most this many voxels attend exactly (Eq. 8); larger
+            ones pool keys and values. 8192 suits CPU; 65536 is the recommendation on CUDA.
         channels_last: train in the channels_last_3d memory format on CUDA (not part of the
             architecture; ignored on CPU with a note).
     """
@@ -47,27 +49,34 @@ class ModelSpec:
     tumor_aware: bool = True
     phases: tuple[int, ...] = ()
     phase_embedding: bool = False
+    attn_exact_tokens: int = 8192
     channels_last: bool = False
 
     # How the network is run, not what it is: not `ModelConfig` fields.
     _RUNTIME = ("channels_last",)
 
-    def config(self):
-        """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion)."""
-        from tsesnet.model import model_config
+    def config(self, patch: tuple[int, int, int] | None = None):
+        """The `ModelConfig` this spec describes (ValueError on an unknown preset or fusion).
+
+        Args:
+            patch: the training patch (`data.patch`): the TA modules are fitted to it
+                (`tsesnet.model.fit_to_patch`, no dead taps); None leaves them unfitted.
+        """
+        from tsesnet.model import fit_to_patch, model_config
 
         fields = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
             if f.name not in self._RUNTIME
         }
-        return model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
+        config = model_config(fields.pop("preset"), fields.pop("fusion"), **fields)
+        return config if patch is None else fit_to_patch(config, patch)
 
-    def build(self):
-        """The `TSESNet` this spec describes."""
+    def build(self, patch: tuple[int, int, int] | None = None):
+        """The `TSESNet` this spec describes (`patch` as in `config`)."""
         from tsesnet.model import TSESNet
 
-        return TSESNet(self.config())
+        return TSESNet(self.config(patch))
 
 
 @dataclass(kw_only=True)
@@ -178,12 +187,27 @@ class RunSettings:
         return sp if "://" in sp else str(Path(sp).expanduser().resolve())
 
 
+def recommended_loss() -> LossConfig:
+    """The recommended recipe's loss: Eq. 10 with the TSC term scaled by τ/τ_base (its gradient no
+    longer grows as 1/τ: at the paper's τ = 1e-5 it was ~1e7 times the Dice term's at
+    initialisation), τ = 0.1, β = 0.1 (TSC ~1.7× the BCE term's gradient at initialisation), plus
+    BCE (soft Dice alone settled on all-foreground on short budgets) and majority labels at
+    coarse levels. `platform/configs/paper.yaml` is the paper's loss as written."""
+    return LossConfig(alpha=0.7, beta=0.1, tau=0.1, bce=1.0, tsc_scale="tau", tsc_labels="majority")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    """The root config: `platform/configs/*.yaml` is its serialisation (unknown keys fail)."""
+    """The root config: `platform/configs/*.yaml` is its serialisation (unknown keys fail).
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    loss: LossConfig = field(default_factory=LossConfig)
+    The defaults are the recommended recipe (`platform/configs/recommended.yaml`): the paper's
+    network, patch, optimiser and schedule, with the loss of `recommended_loss` and a phase
+    embedding before fusion (Eq. 9 cannot see the order of the post-contrast phases). The
+    paper's recipe as written is `platform/configs/paper.yaml`.
+    """
+
+    model: ModelSpec = field(default_factory=lambda: ModelSpec(phase_embedding=True))
+    loss: LossConfig = field(default_factory=recommended_loss)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -191,7 +215,7 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The paper's recipe, or a YAML file, with `key=value` overrides applied (type-checked)."""
+    """The recommended recipe, or a YAML file, with `key=value` overrides applied (type-checked)."""
     from tsesnet.common import yaml_config
 
     try:
@@ -211,6 +235,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # numeric key of `TrainConfig` and fails on one missing here.
 RANGES = {
     "model.phases": "[0, inf)",
+    "model.attn_exact_tokens": "[0, inf)",
     "loss.alpha": "[0, inf)",
     "loss.beta": "[0, inf)",
     "loss.tau": "(0, inf)",
@@ -295,10 +320,16 @@ def _show(value) -> str:
 # Settings that change how a run goes but not the model it trains (the batches are the same for
 # any number of loader processes): never part of the hash, so changing them keeps the run name.
 _NOT_HASHED = (("model", "channels_last"), ("data", "loader_workers"))
-# Keys added after the first release: hashed only when set to something else than their default,
-# so that the default run name of a run started before they existed stays the same (it resumes).
-_HASHED_WHEN_SET = {
-    "data": ("intensity_scale", "intensity_shift", "admit_after"),
+# Keys added after the first release, with the value that gives the first release's training:
+# hashed only when set to something else, so that a config training as a run started before they
+# existed keeps that run's default name (and a config training differently gets a new one).
+_FIRST_RELEASE = {
+    ("data", "intensity_scale"): [0.9, 1.1],
+    ("data", "intensity_shift"): [-0.1, 0.1],
+    ("data", "admit_after"): 16,
+    ("model", "attn_exact_tokens"): 0,
+    ("loss", "tsc_scale"): "paper",
+    ("loss", "tsc_labels"): "max",
 }
 
 
@@ -307,14 +338,12 @@ def config_hash(cfg: TrainConfig) -> str:
     from tsesnet.common import yaml_config
 
     d = yaml_config.to_dict(cfg)
-    default = yaml_config.to_dict(TrainConfig())
     d.pop("run", None)
     for section, key in _NOT_HASHED:  # how the run goes, not what it learns
         del d[section][key]
-    for section, keys in _HASHED_WHEN_SET.items():
-        for key in keys:
-            if d[section][key] == default[section][key]:
-                del d[section][key]
+    for (section, key), first in _FIRST_RELEASE.items():
+        if d[section][key] == first:
+            del d[section][key]
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

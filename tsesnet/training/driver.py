@@ -149,19 +149,22 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
 
 
 def _check_network(cfg: TrainConfig) -> dict:
-    """Build the network once (fail fast on a preset/fusion/patch it can't take); its config."""
+    """The network's config as training builds it (TA fitted to the patch), checked against the
+    patch before Ray starts: one line naming the key and the largest value that fits.
+
+    Returns:
+        The `ModelConfig` fields (what a resume must match and the registry stores).
+    """
+    from tsesnet.model import TSESNet, check_fits
+
+    patch = tuple(cfg.data.patch)
     try:
-        net = cfg.model.build()
+        config = cfg.model.config(patch=patch)
+        check_fits(config, patch, cuda=cfg.run.gpus_per_worker > 0)
+        TSESNet(config)  # everything else the network checks when it is built
     except (ValueError, KeyError) as err:
         raise InputError(f"bad model config: {err}") from err
-    div = net.config.divisor
-    if any(p % div for p in cfg.data.patch):
-        fixed = tuple(-(-p // div) * div for p in cfg.data.patch)
-        raise InputError(
-            f"data.patch={tuple(cfg.data.patch)} must be multiples of {div} for preset "
-            f"{cfg.model.preset!r}; pick e.g. {fixed}"
-        )
-    return dataclasses.asdict(net.config)
+    return dataclasses.asdict(config)
 
 
 def fit(plan: RunPlan, callbacks: list | None = None):
@@ -296,7 +299,7 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
     reg = log_and_register(
         run_id=run_id,
         weights=checkpoint.load_best(ckpt_dir),
-        model_config=dataclasses.asdict(cfg.model.config()),
+        model_config=dataclasses.asdict(cfg.model.config(patch=tuple(cfg.data.patch))),
         patch=tuple(cfg.data.patch),
         phases=state.phases,
         val_dice=state.best_val_dice,

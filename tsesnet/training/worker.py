@@ -101,7 +101,7 @@ def _build(cfg: TrainConfig, me: Rank):
     import ray.train
     import ray.train.torch
 
-    net = cfg.model.build()
+    net = cfg.model.build(patch=tuple(cfg.data.patch))  # as the driver checked it
     optimizer = torch.optim.Adam(
         net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -238,7 +238,7 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
     )
     use_bf16 = me.device.type == "cuda" and cfg.optim.bf16
     sums = {"dice": 0.0, "tsc": 0.0, "bce": 0.0, "total": 0.0}
-    n_seen, wait = 0, 0.0
+    n_seen, wait, norms = 0, 0.0, {}
     batches = iter(data.batches(epoch, me.device))
     while True:
         t_wait = time.perf_counter()
@@ -247,6 +247,8 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
         if batch is None:
             break
         x, y = batch
+        if me.is_zero and not norms:  # what each loss term puts on the shared encoder
+            norms = _gradient_norms(model, x, y, cfg, epoch)
         terms = train_step(model, optimizer, x, y, cfg, gen, use_bf16)
         for k in sums:
             sums[k] += terms[k]
@@ -258,7 +260,17 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
     # Every rank did the same number of steps; global throughput counts all of them.
     metrics.update(patches_per_s=n_seen * me.world / train_s, lr=lr, epoch=epoch)
     metrics.update(train_time_s=train_s, data_wait_s=wait, data_wait_fraction=wait / train_s)
+    metrics.update(norms)
     return metrics, n_seen
+
+
+def _gradient_norms(model, x, y, cfg: TrainConfig, epoch: int) -> dict[str, float]:
+    """`grad_norm_dice`, `grad_norm_tsc`, `grad_norm_bce` on the epoch's first batch (rank 0; one
+    forward and a backward per term, `.grad` untouched, outside DDP: no collective)."""
+    from tsesnet.losses import term_gradient_norms
+
+    gen = torch.Generator().manual_seed(cfg.schedule.seed * 7919 + epoch)
+    return term_gradient_norms(model, x, y, cfg.loss, generator=gen)
 
 
 def validate_epoch(module, data: EpochData, cfg: TrainConfig, me: Rank):
@@ -430,6 +442,11 @@ def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
         f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s, "
         f"data wait {100 * m['data_wait_fraction']:.0f}%"
     )
+    if "grad_norm_dice" in m:
+        line += (
+            f", encoder grad norms dice {m['grad_norm_dice']:.2e} tsc {m['grad_norm_tsc']:.2e} "
+            f"bce {m['grad_norm_bce']:.2e}"
+        )
     if "val_dice" in m:
         line += (
             f" | val DSC {m['val_dice']:.4f} HD95 {m['val_hd95']:.2f} mm "
