@@ -247,7 +247,9 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
         if batch is None:
             break
         x, y = batch
-        if me.is_zero and not norms:  # what each loss term puts on the shared encoder
+        # What each loss term puts on the shared encoder, on the first batch holding tumour
+        # (TSC contrasts tumour with background: it is 0 on a batch without).
+        if me.is_zero and not norms and bool(y.any()):
             norms = _gradient_norms(model, x, y, cfg, epoch)
         terms = train_step(model, optimizer, x, y, cfg, gen, use_bf16)
         for k in sums:
@@ -265,8 +267,8 @@ def run_epoch(model, optimizer, data: EpochData, cfg: TrainConfig, epoch: int, m
 
 
 def _gradient_norms(model, x, y, cfg: TrainConfig, epoch: int) -> dict[str, float]:
-    """`grad_norm_dice`, `grad_norm_tsc`, `grad_norm_bce` on the epoch's first batch (rank 0; one
-    forward and a backward per term, `.grad` untouched, outside DDP: no collective)."""
+    """`grad_norm_dice`, `grad_norm_tsc`, `grad_norm_bce` on one batch (rank 0; one forward and a
+    backward per term, `.grad` untouched, outside DDP: no collective)."""
     from tsesnet.losses import term_gradient_norms
 
     gen = torch.Generator().manual_seed(cfg.schedule.seed * 7919 + epoch)
