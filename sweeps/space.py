@@ -102,7 +102,7 @@ class SweepConfig:
     set: list[str] = field(default_factory=list)
     name: str = ""
     trials: int = 16
-    metric: str = "best_val_dice"
+    metric: str = "best_val_soft_dice"
     mode: str = "max"
     search: SearchSettings = field(default_factory=SearchSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
