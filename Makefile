@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,4 +37,4 @@ science: $(STAMP)
 	$(BIN)/tsesnet science --readme README.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output science_output
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output science_output ui_screenshots

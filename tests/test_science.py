@@ -18,12 +18,13 @@ def test_science_trains_scores_and_fills_the_readme(tmp_path, ray_session, mlflo
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\ntail\n")
     out = tmp_path / "sci"
-    args = build_parser().parse_args(
-        ["science", "--out", str(out), "--config", str(TINY), "--seeds", "3"]
+    argv = (
+        ["science", "--out", str(out), "--config", str(TINY)]
         + ["--rows", "early_peak", "tsc", "--cases", "4", "--test-cases", "1"]
         + ["--shape", "16", "32", "32", "--readme", str(readme)]
         + ["--set", "data.patches_per_epoch=2", "--set", "data.fold=0"]
     )
+    args = build_parser().parse_args([*argv, "--seeds", "3"])
     assert run(args) == 0
 
     text = readme.read_text()
@@ -48,7 +49,14 @@ def test_science_trains_scores_and_fills_the_readme(tmp_path, ray_session, mlflo
     before = (out / "science.csv").read_text()
     assert run(args) == 0
     assert (out / "science.csv").read_text() == before
-    assert "Table 3 +TSC (no TA)" in readme.read_text()
+    table = readme.read_text()
+    assert "Table 3 +TSC (no TA)" in table
+    # `--no-train` tabulates what is scored and trains nothing (seed 9 never ran).
+    assert run(build_parser().parse_args([*argv, "--seeds", "3", "9", "--no-train"])) == 0
+    assert (out / "science.csv").read_text() == before and not (out / "seed9").exists()
+    assert readme.read_text() == table.replace("| 1/1 |", "| 1/2 |").replace(
+        "Seeds 3;", "Seeds 3, 9;"
+    )
 
 
 def test_paired_difference_is_a_t_interval_over_seeds():

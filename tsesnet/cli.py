@@ -213,6 +213,11 @@ def _programs(sub) -> None:
     s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     s.add_argument("--experiment", default="tsesnet-science", metavar="NAME")
     s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
+    s.add_argument(
+        "--no-train",
+        action="store_true",
+        help="tabulate what science.csv holds for these seeds and rows; train nothing",
+    )
 
     s = sub.add_parser(
         "submit", help="run a command on a Ray cluster as a job, with this checkout and its commit"

@@ -290,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     results = _read_csv(out / "science.csv")
     for seed in args.seeds:
+        if args.no_train:
+            continue  # the table below reads science.csv only
         _stage(f"seed {seed}: cohort of {args.cases} training/validation + {args.test_cases} test")
         seed_dir = out / f"seed{seed}"
         store, test_ids, test_store = make_cohort(
