@@ -6,6 +6,7 @@
 - The pure-PyTorch core imports with ray, mlflow and zarr made unimportable.
 - No function is longer than 80 lines (declarative tables excepted, by name, below).
 - `platform/` stays a folder, not a package (it would shadow the standard library's module).
+- The benchmarks and `platform/` scripts import only names the code still has.
 """
 
 from __future__ import annotations
@@ -217,3 +218,44 @@ def test_every_command_dispatches_to_a_handler_and_has_help():
         with pytest.raises(SystemExit) as done:
             build_parser().parse_args([*command.split(), "--help"])
         assert done.value.code == 0, command
+
+
+def _project_imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """(module, name or None, line) of every import of the project's packages in one file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] in PACKAGES:
+                out += [(node.module, a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [
+                (a.name, None, node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES
+            ]
+    return out
+
+
+def test_benchmarks_and_platform_scripts_import_names_that_exist():
+    """The benchmarks and `platform/` scripts run rarely (some for an hour), so a name moved in
+    the code must not first fail there: every project import they make, lazy ones included,
+    resolves to a module or a name in it."""
+    import importlib
+
+    missing = []
+    files = sorted((ROOT / "tests" / "benchmarks").glob("*.py")) + sorted(
+        (ROOT / "platform").glob("*.py")
+    )
+    for path in files:
+        for module, name, line in _project_imports(path):
+            where = f"{path.relative_to(ROOT)}:{line}"
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as exc:
+                missing.append(f"{where}: import {module}: {exc}")
+                continue
+            if name is None or name == "*" or hasattr(mod, name):
+                continue
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{where}: {module} has no {name}")
+    assert not missing, "\n".join(missing)

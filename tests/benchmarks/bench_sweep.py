@@ -104,9 +104,9 @@ def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, 
 
 
 def write_trials(path: Path, seed: int, arm: str, trials) -> None:
-    """Every trial's parameters and result (`sweeps.runner.results_csv`), appended to one CSV
+    """Every trial's parameters and result (`sweeps.report.results_csv`), appended to one CSV
     with the seed and the arm in front, to see which regions of the space learn."""
-    from sweeps.runner import results_csv
+    from sweeps.report import results_csv
 
     header, *rows = results_csv(trials).splitlines()
     new = not path.exists()
