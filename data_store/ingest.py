@@ -108,14 +108,10 @@ def _connect_ray(workers: int | None):
     """Uses the current Ray session or RAY_ADDRESS; else starts a local one. Returns (ray, own)."""
     import ray
 
-    if ray.is_initialized():
-        return ray, False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return ray, True
-    from data_store.local_ray import init_local
+    from data_store.local_ray import connect
 
-    return init_local(num_cpus=workers or None, log_to_driver=False), True
+    own = not ray.is_initialized()
+    return connect(log_to_driver=False, num_cpus=workers or None), own
 
 
 def ingest(

@@ -22,6 +22,58 @@ import sys
 from pathlib import Path
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+#: What the workers of a driver need to reach object storage (the store, checkpoints, prediction
+#: output) and the tracking server. Ray's workers get the environment their raylet started with,
+#: not the driver's: these travel in the job's runtime env (`connect`, `tsesnet submit`). boto3,
+#: s3fs and pyarrow all read AWS_ENDPOINT_URL, so it reaches the store, Ray Train's
+#: `storage_path` and MLflow's S3 artifacts alike (FSSPEC_S3_ENDPOINT_URL reaches only fsspec).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    # Ray Train's wait for room for its workers (`tsesnet.training.driver.start_attempts`).
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+)
+#: Set by Ray in a submitted job's driver: its runtime env already reaches every worker.
+JOB_ENV_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def forwarded_env() -> dict[str, str]:
+    """The `FORWARDED_ENV` variables set here (empty ones left out)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def connect(*, log_to_driver: bool = True, **local_kwargs):
+    """The one way a driver reaches Ray; returns the `ray` module.
+
+    An initialised session is used as it is. With `$RAY_ADDRESS`, the cluster there is joined
+    and `forwarded_env` becomes the job's runtime env (unless this driver is a submitted job,
+    whose runtime env already carries it). Otherwise a new private local instance starts
+    (`init_local`, with `local_kwargs`).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        make_token_private(token_path())
+        env = forwarded_env()
+        extra = (
+            {"runtime_env": {"env_vars": env}} if env and JOB_ENV_MARKER not in os.environ else {}
+        )
+        ray.init(configure_logging=False, log_to_driver=log_to_driver, **extra)
+        return ray
+    return init_local(log_to_driver=log_to_driver, **local_kwargs)
 
 
 def init_local(**kwargs):

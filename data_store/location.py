@@ -217,10 +217,14 @@ class StoreLocation:
 
     @property
     def fs(self):
-        """The fsspec filesystem (remote stores only; local ones use `os`)."""
+        """The fsspec filesystem (remote stores only; local ones use `os`), with its listing
+        cache emptied: other processes (ingest's workers on other nodes) write to the store, and
+        s3fs would otherwise answer `ls`/`exists` from what it listed before."""
         import fsspec
 
-        return fsspec.core.url_to_fs(self.url)[0]
+        fs = fsspec.core.url_to_fs(self.url)[0]
+        fs.invalidate_cache()
+        return fs
 
     def path(self, key: str = "") -> str:
         """The full path (local) or URL (remote) of a key below the root, for messages."""
@@ -258,14 +262,33 @@ class StoreLocation:
         return self.local and os.path.islink(self.path(key))
 
     def rename(self, src: str, dst: str) -> None:
-        """Renames a child entry (atomic on a local store)."""
+        """Renames a child entry: atomic on a local store; on object storage a copy of every
+        object, the group's own ``zarr.json`` last, then the removal of the source.
+
+        Object stores have no folders and no rename (s3fs's recursive ``mv`` fails on the
+        folder keys it lists itself). A case group counts as a case only once its ``zarr.json``
+        says ``complete`` (`data_store.index.scan_cases`), so copying that key last and removing
+        it first (`remove`) means a copy cut short is never taken for a case.
+        """
         if self.local:
             os.rename(os.path.join(self.root, src), os.path.join(self.root, dst))
-        else:
-            self.fs.mv(self._fs_path(src), self._fs_path(dst), recursive=True)
+            return
+        fs = self.fs
+        files, _ = self.list_files(src)
+        if not files:
+            raise FileNotFoundError(f"{self.path(src)} holds no objects")
+        keys = sorted(files, key=lambda k: k == "zarr.json")  # the group's own metadata last
+        head = [k for k in keys if k != "zarr.json"]
+        if head:
+            fs.copy([self._fs_path(f"{src}/{k}") for k in head],
+                    [self._fs_path(f"{dst}/{k}") for k in head])  # fmt: skip
+        if "zarr.json" in files:
+            fs.copy(self._fs_path(f"{src}/zarr.json"), self._fs_path(f"{dst}/zarr.json"))
+        self.remove(src)
 
     def remove(self, name: str) -> None:
-        """Removes a child entry and everything under it; missing is fine."""
+        """Removes a child entry and everything under it; missing is fine. On object storage
+        the entry's own ``zarr.json`` goes first, so a removal cut short leaves no case."""
         if self.local:
             import shutil
 
@@ -274,10 +297,16 @@ class StoreLocation:
                 os.unlink(path)
             else:
                 shutil.rmtree(path, ignore_errors=True)
-        else:
-            fs = self.fs
-            if fs.exists(self._fs_path(name)):
-                fs.rm(self._fs_path(name), recursive=True)
+            return
+        fs = self.fs
+        files, _ = self.list_files(name)
+        if "zarr.json" in files:
+            fs.rm_file(self._fs_path(f"{name}/zarr.json"))
+        rest = [self._fs_path(f"{name}/{k}") for k in files if k != "zarr.json"]
+        if rest:
+            fs.rm(rest)
+        if fs.exists(self._fs_path(name)):  # a plain object of that name, or folder markers
+            fs.rm(self._fs_path(name), recursive=True)
 
     def read_bytes(self, key: str) -> bytes:
         """The bytes of one file below the root (FileNotFoundError if there is none)."""
@@ -297,6 +326,8 @@ class StoreLocation:
                 except OSError:
                     out[key] = None
             return out
+        if not keys:  # s3fs's cat([]) raises FileNotFoundError([])
+            return {}
         paths = {self._fs_path(k): k for k in keys}
         got = self.fs.cat(list(paths), on_error="return")
         return {k: got[p] if isinstance(got.get(p), bytes) else None for p, k in paths.items()}

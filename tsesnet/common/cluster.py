@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import os
 
-from data_store.local_ray import init_local, make_token_private, token_path
+from data_store import local_ray
 
 
 def connect():
     """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
     import ray
 
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        make_token_private(token_path())
-        ray.init(configure_logging=False, log_to_driver=True)
-        return ray
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    return init_local(log_to_driver=True)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    return local_ray.connect(log_to_driver=True)

@@ -26,12 +26,14 @@ import yaml
 
 import tsesnet
 from data_store.errors import InputError
+from data_store.local_ray import FORWARDED_ENV
 from tsesnet.tracking import runs
 
 BASE_ENV = Path("platform") / "runtime_env.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-# Runtime env keys that pass from the caller's environment to the job when set.
-PASSED_ENV = ("MLFLOW_ARTIFACTS_DESTINATION",)
+# Runtime env keys that pass from the caller's environment to the job when set: object storage
+# and MLflow settings (`data_store.local_ray.FORWARDED_ENV`), and the artifact folder.
+PASSED_ENV = ("MLFLOW_ARTIFACTS_DESTINATION", *FORWARDED_ENV)
 
 
 def repo_root() -> Path:
@@ -66,11 +68,12 @@ def job_env_vars(root: Path, extra: list[str]) -> dict[str, str]:
     Raises:
         InputError: an `--env` item that is not KEY=VALUE.
     """
-    env = {"MLFLOW_TRACKING_URI": _absolute_tracking_uri(), runs.COMMIT_ENV: runs.git_commit(root)}
-    for key in PASSED_ENV:
-        value = os.environ.get(key)
-        if value:
-            env[key] = value if "://" in value else str(Path(value).resolve())
+    env = {k: v for k in PASSED_ENV if (v := os.environ.get(k))}
+    env.update(MLFLOW_TRACKING_URI=_absolute_tracking_uri())
+    env[runs.COMMIT_ENV] = runs.git_commit(root)
+    folder = env.get("MLFLOW_ARTIFACTS_DESTINATION")
+    if folder and "://" not in folder:  # the job's cwd is a temporary copy
+        env["MLFLOW_ARTIFACTS_DESTINATION"] = str(Path(folder).resolve())
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not key:

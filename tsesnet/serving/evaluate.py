@@ -22,9 +22,12 @@ sensitivity 1.0 when the ground truth is empty (nothing to miss).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -252,6 +255,33 @@ def evaluate_files(case_id: str, pred_path, label_path) -> CaseMetrics:
         return CaseMetrics(case_id=case_id, status="error", error=" ".join(text.split()))
 
 
+@contextlib.contextmanager
+def local_copies(folder: str):
+    """`folder` itself, or for an object-store URL (``s3://...``) a temporary local copy of the
+    NIfTI files directly below it (what `find_masks` reads), removed afterwards."""
+    from tsesnet.serving.outputs import is_url, object_fs
+
+    if not is_url(folder):
+        yield folder
+        return
+    fs, root = object_fs(str(folder))
+    try:
+        names = [p for p in fs.ls(root.rstrip("/"), detail=False) if fs.isfile(p)]
+    except FileNotFoundError:
+        raise InputError("no such prefix (nothing stored below it)", path=str(folder)) from None
+    wanted = [p for p in names if _nifti_name(p.rsplit("/", 1)[-1])]
+    with tempfile.TemporaryDirectory(prefix="tsesnet-eval-") as tmp:
+        if wanted:
+            fs.get(wanted, [os.path.join(tmp, p.rsplit("/", 1)[-1]) for p in wanted])
+        yield tmp
+
+
+def _nifti_name(name: str) -> bool:
+    from data_store.layouts import nifti_stem
+
+    return not name.startswith(".") and nifti_stem(Path(name)) is not None
+
+
 def evaluate_dirs(pred_dir, labels_dir) -> EvaluationReport:
     """Evaluate every prediction in `pred_dir` against the label with the same case ID."""
     if Path(pred_dir).resolve() == Path(labels_dir).resolve():
@@ -302,7 +332,10 @@ def cli(args: argparse.Namespace) -> int:
         0 when every label has a prediction and every case was evaluated; 1 when predictions are
         missing or a case failed. Extra predictions (no label) are reported but do not fail.
     """
-    report = evaluate_dirs(args.pred, args.labels)
+    if str(args.pred).rstrip("/") == str(args.labels).rstrip("/"):
+        raise InputError("--pred and --labels are the same folder", path=str(args.pred))
+    with local_copies(args.pred) as pred, local_copies(args.labels) as labels:
+        report = evaluate_dirs(pred, labels)
     if args.json:
         out = {
             "cases": [c.to_json() for c in report.cases],

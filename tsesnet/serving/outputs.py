@@ -16,6 +16,11 @@ written under a fresh temporary name in their folder and renamed into place, so 
 leaves half a file and a link planted at the final name is replaced, never written through.
 `prepare_output_dir` refuses, before any work starts, an output that is a file, lies inside the
 input store, or holds input scans or masks (they would be overwritten).
+
+OUT may be an object-store URL (``s3://bucket/prefix``, any fsspec filesystem): the same names
+below it (`ObjectPath`), each file uploaded in one PUT after it was written whole on local disk,
+so a reader never sees half a file there either; links do not exist there. Actors on any node
+write there directly.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import csv
 import io
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +53,60 @@ SUMMARY_COLUMNS = (
     "error",
     "warnings",
 )
+
+
+@dataclass(frozen=True)
+class ObjectPath:
+    """A file or folder on an fsspec filesystem (``s3://bucket/key``): the few `Path`
+    operations prediction's outputs need."""
+
+    url: str
+
+    def __truediv__(self, name: str) -> ObjectPath:
+        return ObjectPath(f"{self.url.rstrip('/')}/{name}")
+
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.url.rstrip("/").rsplit("/", 1)[0])
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def fs(self):
+        """(filesystem, path) for this URL.
+
+        Raises:
+            InputError: no filesystem for its scheme is installed (s3:// needs s3fs).
+        """
+        return object_fs(self.url)
+
+
+def object_fs(url: str):
+    """`fsspec.core.url_to_fs(url)`, with a missing protocol package as one line.
+
+    Raises:
+        InputError: the URL's filesystem is not installed or not known.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        raise InputError(
+            f"{url.split('://')[0]}:// needs a package that is not installed ({err}); "
+            "install the object-storage extra: pip install 'tsesnet-platform[s3]'"
+        ) from None
+    except ValueError as err:
+        raise InputError(f"cannot open {url}: {err}") from None
+
+
+def is_url(path) -> bool:
+    return isinstance(path, ObjectPath) or "://" in str(path)
 
 
 def check_safe_id(case_id: str) -> None:
@@ -72,8 +132,11 @@ def output_paths(out_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
         InputError: an unsafe case ID, or a path that resolves outside OUT (a symbolic link).
     """
     check_safe_id(case_id)
-    out = Path(out_dir).resolve()
     name = f"{case_id}.nii.gz"
+    if is_url(out_dir):  # no links on object storage: the names are the rule
+        out = out_dir if isinstance(out_dir, ObjectPath) else ObjectPath(str(out_dir))
+        return out / name, out / PROBABILITIES_DIR / name
+    out = Path(out_dir).resolve()
     paths = (out / name, out / PROBABILITIES_DIR / name)
     for path in paths:
         target = path.resolve()  # follows links, of the file and of `probabilities/`
@@ -92,6 +155,8 @@ def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilit
         InputError: OUT is a file or cannot be created, lies inside the input store, holds input
             files, or its `summary.csv`/`probabilities` is not what prediction writes there.
     """
+    if is_url(output):
+        return _prepare_object_dir(ObjectPath(str(output).rstrip("/")), reader)
     given = Path(output)
     if given.exists() and not given.is_dir():
         raise InputError("--output must be a folder, but this is a file", path=str(output))
@@ -112,6 +177,39 @@ def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilit
         _mkdir(folder, folder)
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError("the output folder is not writable", path=str(out))
+    return out
+
+
+def _prepare_object_dir(out: ObjectPath, reader: CaseReader) -> ObjectPath:
+    """Checks an object-store output before any work: its filesystem installed, not inside the
+    input store, not an object of its own, and writable (a probe object is written and removed).
+
+    Raises:
+        InputError: one line saying which of these failed.
+    """
+    fs, root = out.fs
+    if reader.kind == "store" and is_url(reader.path):
+        store = reader.path.rstrip("/")
+        if out.url == store or out.url.startswith(store + "/"):
+            raise InputError(
+                f"--output lies inside the input store {store}; choose a prefix outside it",
+                path=out.url,
+            )
+    probe = f"{root}/.tsesnet-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        if fs.isfile(root):
+            raise InputError(
+                "--output must be a folder (prefix), but this is an object", path=out.url
+            )
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except InputError:
+        raise
+    except Exception as err:  # no bucket, no permission, no endpoint: botocore's many errors
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(
+            f"cannot write to the output ({type(err).__name__}: {text})", path=out.url
+        ) from None
     return out
 
 
@@ -165,15 +263,34 @@ def write_mask(path: Path, vol_zyx, geometry, dtype) -> None:
     created if missing: `path` comes from `output_paths`, checked to lie inside OUT)."""
     from data_store.geometry import write_nifti
 
+    if isinstance(path, ObjectPath):
+        _upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype))
+
+
+def _upload(path: ObjectPath, write, suffix: str) -> None:
+    """Calls `write(tmp)` on a local temporary file, then uploads it to `path` in one PUT."""
+    import tempfile
+
+    fs, key = path.fs
+    with tempfile.TemporaryDirectory(prefix="tsesnet-out-") as folder:
+        tmp = Path(folder) / f"out{suffix}"
+        write(tmp)
+        fs.put_file(str(tmp), key)
 
 
 def remove_stale(*paths: Path) -> None:
     """Removes earlier runs' outputs of a case that failed now (paths from `output_paths`)."""
     for path in paths:
         with contextlib.suppress(OSError):  # a folder of that name: nothing of ours to remove
-            path.unlink(missing_ok=True)
+            if isinstance(path, ObjectPath):
+                fs, key = path.fs
+                if fs.isfile(key):
+                    fs.rm_file(key)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def write_summary_csv(path: Path, rows: list[dict]) -> None:
@@ -183,4 +300,8 @@ def write_summary_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
+    if isinstance(path, ObjectPath):
+        fs, key = path.fs
+        fs.pipe_file(key, buf.getvalue().encode())
+        return
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))

@@ -396,7 +396,7 @@ class PredictReport:
     Attributes:
         rows: one per case, `SUMMARY_COLUMNS`.
         summary: `tsesnet.serving.evaluate.summarize` of the rows.
-        csv_path: OUT/summary.csv.
+        csv_path: OUT/summary.csv (an `ObjectPath` when OUT is on object storage).
         seconds: wall clock of the Ray Data pipeline.
         notes: things said once about the model (e.g. it has no training-data record).
     """
@@ -548,7 +548,7 @@ def predict(
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
         raise InputError(rows[0]["error"])  # no actor could load the model: one clear error
-    csv_path = out_dir / SUMMARY_FILE
+    csv_path = out_dir / SUMMARY_FILE  # a Path, or an ObjectPath on object storage
     write_summary_csv(csv_path, rows)
     summary = summarize(rows)
     return PredictReport(rows, summary, csv_path, seconds, notes)
@@ -557,9 +557,11 @@ def predict(
 def _actor_env() -> dict[str, str]:
     """The MLflow settings the actors need (Ray workers do not inherit the driver's current
     environment, only the one Ray started with)."""
+    from data_store.local_ray import forwarded_env
     from tsesnet.tracking.runs import tracking_uri
 
     env = {k: os.environ[k] for k in _MLFLOW_ENV if os.environ.get(k)}
+    env.update(forwarded_env())
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     return env
 
@@ -620,11 +622,15 @@ def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
     they come and each note about the model once."""
     from tqdm import tqdm
 
-    rows, notes = [], []
+    rows: dict[str, dict] = {}
+    notes: list[str] = []
     bar = tqdm(total=n_cases, desc="predict", unit="case", disable=not progress, file=sys.stderr)
     for r in ds.iter_rows():
-        rows.append({k: _clean(r[k]) for k in SUMMARY_COLUMNS})
-        bar.update(1)
+        # A call retried after its actor was lost (its node died) yields its cases again: one
+        # row per case, the last (the files are the same: each is written whole, then renamed).
+        if r["case_id"] not in rows:
+            bar.update(1)
+        rows[r["case_id"]] = {k: _clean(r[k]) for k in SUMMARY_COLUMNS}
         if r["note"] and r["note"] not in notes:
             notes.append(r["note"])
             bar.write(f"note: {r['note']}", file=sys.stderr)
@@ -636,7 +642,7 @@ def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
                 file=sys.stderr,
             )
     bar.close()
-    return rows, notes
+    return list(rows.values()), notes
 
 
 def cli(args: argparse.Namespace) -> int:

@@ -160,6 +160,11 @@ class RunSettings:
         gpus_per_worker: 0 trains on CPU over gloo; > 0 on GPU over NCCL.
         cpus_per_worker: CPUs reserved per worker (sets its torch threads).
         max_failures: worker failures to recover from (restart from the latest checkpoint).
+            A worker lost with its node counts as one; the restart needs a node with room.
+        resource_wait_s: how long the run waits for room for its workers (at the start and
+            after a failure) before it fails: Ray Train would otherwise wait forever for a node
+            that never comes. Rounded up to whole start-up attempts of Ray Train's
+            ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s by default).
         storage_path: checkpoints and Ray results; "" means `<cwd>/ray_results`. On a cluster,
             shared storage (an NFS path or an object-store URL).
         checkpoints_to_keep: latest checkpoints kept on storage.
@@ -173,6 +178,7 @@ class RunSettings:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    resource_wait_s: float = 600.0
     storage_path: str = ""
     checkpoints_to_keep: int = 2
     experiment: str = "tsesnet"
@@ -266,6 +272,7 @@ RANGES = {
     "run.gpus_per_worker": "[0, inf)",
     "run.cpus_per_worker": "(0, inf)",
     "run.max_failures": "[-1, inf)",
+    "run.resource_wait_s": "(0, inf)",
     "run.checkpoints_to_keep": "[1, inf)",
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from tsesnet.training.plan import RunPlan
 # aliases move, and a run tag would go stale).
 REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
 VERSION_TAG = "tsesnet.model_version"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @dataclass
@@ -193,7 +195,10 @@ def fit(plan: RunPlan, callbacks: list | None = None):
         run_config=RunConfig(
             name=plan.name,
             storage_path=plan.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures,
+                controller_failure_limit=start_attempts(cfg.run.resource_wait_s) - 1,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
         ),
@@ -202,6 +207,18 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
+
+
+def start_attempts(wait_s: float) -> int:
+    """Ray Train's start-ups of the worker group that fit in `wait_s` seconds (at least one).
+
+    Each start-up waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (Ray's default 60 s) for its
+    workers; a timed-out one counts as a controller failure, which Ray retries without end
+    unless ``controller_failure_limit`` is set. The variable travels to the Train controller in
+    the job's runtime env (`data_store.local_ray.FORWARDED_ENV`).
+    """
+    per_try = float(os.environ.get(START_TIMEOUT_ENV) or 60.0)
+    return max(1, math.ceil(wait_s / per_try))
 
 
 def _interruptible(fn):
