@@ -1,4 +1,4 @@
-"""`tsesnet store verify STORE [--deep] [--json] [--record]`: is every stored case intact?
+"""`tsesnet store verify STORE [--deep] [--json] [--record] [--repair]`: is every case intact?
 
 The cheap check (the default; what every reader runs once per case): the index against each
 case's attributes, then per case the arrays present with the recorded shape, dtype and chunks
@@ -10,6 +10,14 @@ Output: one line per damaged case (``case X: FILE: image chunk c/0/1/0/0 missing
 number of further problems), notes (temporary entries, cases on disk but not indexed, a writer
 holding the lock), and a summary. Exit status 0 when no case is damaged, 1 when any is, 2 when
 the store cannot be opened at all (not a store, an unknown schema, a forged case ID).
+
+Orphans: every entry below the store's root that its index does not list (the index is the
+commit point: on object storage, where a case is copied into place object by object, a case is
+read only once the index names it) is listed with what it is: a temporary entry of a writer
+(running, or gone), a complete case an interrupted ingest did not index, or something that is
+not a case at all (a copy cut short, a stray file). ``--repair`` removes them, under the
+store's writer lock: temporary entries only when their writer is gone (`clean_leftovers`), the
+rest whatever they are. A rerun of the interrupted ingest writes its cases again.
 
 Cases stored before integrity records existed are listed as such: their files cannot be
 checked against a record (a deleted chunk reads as zeros). ``--record`` adds a record to each
@@ -45,8 +53,9 @@ class VerifyReport:
         cases: number of cases in the index.
         damaged: case ID -> its problems (each one line: case, file, problem).
         unrecorded: cases stored without an integrity record.
-        notes: one line each: temporary entries, cases on disk but not indexed, a held lock.
+        notes: one line each: a held lock, orphans (entries the index does not list).
         recorded: cases given a record by ``--record``.
+        repaired: orphans removed by ``--repair``.
     """
 
     store: str
@@ -56,6 +65,7 @@ class VerifyReport:
     unrecorded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     recorded: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +80,8 @@ class VerifyReport:
         out += [f"note: {n}" for n in self.notes]
         if self.recorded:
             out.append(f"recorded {len(self.recorded)} case(s) that had no integrity record")
+        if self.repaired:
+            out.append(f"removed {len(self.repaired)} orphan(s): {', '.join(self.repaired)}")
         intact = self.cases - len(self.damaged)
         out.append(
             f"{self.store}: {self.cases} cases, {len(self.damaged)} damaged, {intact} intact "
@@ -100,6 +112,7 @@ class VerifyReport:
             "unrecorded": sorted(self.unrecorded),
             "notes": self.notes,
             "recorded": self.recorded,
+            "repaired": self.repaired,
         }
 
 
@@ -126,8 +139,7 @@ def verify_store(path: str, *, deep: bool = False) -> VerifyReport:
 
 
 def _notes(location: StoreLocation, indexed: set[str]) -> list[str]:
-    """Temporary entries, complete cases not in the index, and a held writer lock."""
-    from data_store.index import scan_cases
+    """A held writer lock, then one line per orphan (`orphans`)."""
     from data_store.lock import read_holder
 
     notes = []
@@ -136,17 +148,62 @@ def _notes(location: StoreLocation, indexed: set[str]) -> list[str]:
         who = holder.describe() if holder else "an unreadable lock file"
         state = " (no longer running)" if holder is not None and holder.gone() else ""
         notes.append(f"the store's writer lock is held by {who}{state}")
+    for name, what in orphans(location, indexed).items():
+        notes.append(f"orphan {location.path(name)}: {what} (--repair removes it)")
+    return notes
+
+
+def orphans(location: StoreLocation, indexed: set[str]) -> dict[str, str]:
+    """Every root entry the index does not list (but the root's own files) -> what it is."""
+    from data_store.index import NOT_CASES, scan_cases
+
+    found = {}
+    complete = None
     for name in location.entries():
+        if name == "zarr.json" or name in NOT_CASES or name.startswith(".lock.") or name in indexed:
+            continue
         entry = parse_entry(name)
         if entry is not None:
-            owner = f"made by {entry.owner}" if entry.owner else "made before owners were recorded"
-            notes.append(
-                f"temporary entry {name} ({owner}): an ingest in progress, or a leftover that "
-                "the next ingest removes"
-            )
-    for cid in sorted(set(scan_cases(location)) - indexed):
-        notes.append(f"case {cid} is stored but not in the index: the next ingest indexes it")
-    return notes
+            running = entry.owner.running() if entry.owner else False
+            who = f"made by {entry.owner}" if entry.owner else "made before owners were recorded"
+            state = {True: "still running", False: "gone", None: "on another host"}[running]
+            found[name] = f"temporary entry, {who} ({state})"
+            continue
+        if complete is None:
+            complete = set(scan_cases(location))
+        found[name] = (
+            "a complete case the index does not list (its ingest did not commit it)"
+            if name in complete
+            else "not a case of this store (an interrupted copy, or something else)"
+        )
+    return found
+
+
+def repair_orphans(path: str, *, wait: float = 60.0) -> list[str]:
+    """Removes the orphans of a store under its writer lock; returns what was removed.
+
+    Temporary entries go only when their writer is gone (an ``.old-`` copy of a missing case is
+    renamed back instead: `clean_leftovers`); every other orphan goes whatever it holds.
+
+    Raises:
+        InputError: the store cannot be opened, or another writer holds it longer than `wait`.
+    """
+    from data_store.index import load_index
+    from data_store.lock import StoreLock
+    from data_store.store import clean_leftovers
+
+    location = StoreLocation.parse(path)
+    with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --repair"):
+        index = load_index(location, strict=False)
+        # Every ID the index names, also those whose entry is damaged: those are cases to
+        # repair by re-ingesting, never orphans to remove.
+        indexed = set(index.entries) | {p.case_id for p in index.problems}
+        gone = clean_leftovers(location).cleaned
+        for name in orphans(location, indexed):
+            if parse_entry(name) is None:
+                location.remove(name)
+                gone.append(name)
+    return sorted(gone)
 
 
 def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
@@ -190,8 +247,10 @@ def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
     recorded = record_unrecorded(args.store, wait=args.wait) if args.record else []
+    repaired = repair_orphans(args.store, wait=args.wait) if args.repair else []
     report = verify_store(args.store, deep=args.deep)
     report.recorded = recorded
+    report.repaired = repaired
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -223,10 +223,6 @@ class Rehearsal:
             RAY_AUTH_TOKEN_PATH=str(self.path / "ray_token"),
             # Ray's workers run at niceness 15 by default; the drivers here run at 0.
             RAY_worker_niceness="0",
-            # Train's wait for workers (default 60 s), so that a run no node can take fails soon.
-            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=os.environ.get(
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"
-            ),
         )
         if "ray-dash-metrics" in self.ports:  # Ray's fixed defaults would clash with another Ray
             env["DASHBOARD_METRIC_PORT"] = str(self.ports["ray-dash-metrics"])
@@ -242,10 +238,11 @@ class Rehearsal:
             (self.path / sub).mkdir(exist_ok=True)
         try:
             self._start_s3()
-            self._start_mlflow()
+            wait_mlflow = self._start_mlflow()  # it starts slowly: Ray starts meanwhile
             self._start_head()
             for _ in range(nodes):
                 self.add_node(cpus_per_node)
+            wait_mlflow()
         except BaseException:
             self.down()
             raise
@@ -288,7 +285,8 @@ class Rehearsal:
                      region_name=REGION).create_bucket(Bucket=BUCKET)  # fmt: skip
         self.save()
 
-    def _start_mlflow(self) -> None:
+    def _start_mlflow(self):
+        """Starts the MLflow server; returns the function that waits for it (and its proxy)."""
         password = secrets.token_hex(12)
         ini = self.path / "mlflow-auth.ini"
         fd = os.open(ini, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
@@ -316,18 +314,22 @@ class Rehearsal:
         argv = ["bash", str(ROOT / "platform" / "mlflow_server.sh")]
         self.procs.append(spawn("mlflow", argv, env, self._log("mlflow"), cwd=self.path))
         self.save()
-        auth = ("admin", password)
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
-        wait_until(
-            lambda: http_status(url, auth) == 200, "the MLflow server", str(self._log("mlflow"))
-        )
-        self._proxy("mlflow", port)
-        self.client_env.update(
-            MLFLOW_TRACKING_URI=f"http://127.0.0.1:{self.ports['mlflow']}",
-            MLFLOW_TRACKING_USERNAME="admin",
-            MLFLOW_TRACKING_PASSWORD=password,
-        )
-        self.save()
+
+        def wait() -> None:
+            auth = ("admin", password)
+            url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+            wait_until(
+                lambda: http_status(url, auth) == 200, "the MLflow server", str(self._log("mlflow"))
+            )
+            self._proxy("mlflow", port)
+            self.client_env.update(
+                MLFLOW_TRACKING_URI=f"http://127.0.0.1:{self.ports['mlflow']}",
+                MLFLOW_TRACKING_USERNAME="admin",
+                MLFLOW_TRACKING_PASSWORD=password,
+            )
+            self.save()
+
+        return wait
 
     def _ray(self, name: str, args: list[str]) -> None:
         """`ray start ARGS` (it daemonises its processes); records them by their temp dir."""

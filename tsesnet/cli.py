@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> "module:function"; an explicit registry (STYLE.md §9).
@@ -119,7 +120,17 @@ def _data_commands(sub) -> None:
         help="first record cases stored without an integrity record (what is there now)",
     )
     s.add_argument(
-        "--wait", type=float, default=60.0, metavar="SECONDS", help="for --record: lock wait"
+        "--repair",
+        action="store_true",
+        help="remove what the index does not list (orphans: temporary entries of writers that "
+        "are gone, cases an interrupted ingest never committed, anything else)",
+    )
+    s.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="for --record and --repair: lock wait",
     )
 
 
@@ -256,6 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not _is_service_error(err) or os.environ.get("TSESNET_TRACEBACK"):
+            raise
+        # Object storage, the tracking server or the cluster unreachable or refusing: what is
+        # wrong is out there, and a traceback of the libraries between says no more than this.
+        text = " ".join(str(err).split())[:500] or "no message"
+        print(f"error: {type(err).__name__}: {text}", file=sys.stderr)
+        return 1
+
+
+#: Libraries whose exceptions say a service (S3, MLflow's server, Ray) failed or is unreachable.
+_SERVICE_MODULES = ("botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3", "requests", "mlflow")
+
+
+def _is_service_error(err: BaseException) -> bool:
+    """Whether `err` (or its cause) is an I/O or service error rather than a bug here."""
+    while err is not None:
+        if isinstance(err, OSError) or type(err).__module__.split(".")[0] in _SERVICE_MODULES:
+            return True
+        err = err.__cause__
+    return False
 
 
 if __name__ == "__main__":

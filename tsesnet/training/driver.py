@@ -217,8 +217,11 @@ def start_attempts(wait_s: float) -> int:
     unless ``controller_failure_limit`` is set. The variable travels to the Train controller in
     the job's runtime env (`data_store.local_ray.FORWARDED_ENV`).
     """
-    per_try = float(os.environ.get(START_TIMEOUT_ENV) or 60.0)
-    return max(1, math.ceil(wait_s / per_try))
+    return max(1, math.ceil(wait_s / _start_timeout_s()))
+
+
+def _start_timeout_s() -> float:
+    return float(os.environ.get(START_TIMEOUT_ENV) or 60.0)
 
 
 def _interruptible(fn):
@@ -344,15 +347,56 @@ def _alias_of(client, name: str, version: str) -> str | None:
     return held[0] if held else None
 
 
-def _first_error_line(err: BaseException) -> str:
+def _first_error_line(err: BaseException, wait_s: float = 600.0) -> str:
     """What failed, on one line: the first worker's exception (a LoaderError names its case),
     else the last line of the error that names one."""
     failures = getattr(err, "worker_failures", None) or {}
     if failures:
-        rank, first = min(failures.items())
-        return f"rank {rank}: {type(first).__name__}: {' '.join(str(first).split())}"
+        # A worker whose process or node died is the cause; the others' errors (gloo's
+        # "Connection closed by peer") are what its loss did to them.
+        lost = {r: e for r, e in failures.items() if _is_lost_worker(e)}
+        rank, first = min((lost or failures).items())
+        text = " ".join(str(first).split())
+        if lost:
+            return f"rank {rank}: {_lost_worker_text(first, text)}"
+        return f"rank {rank}: {type(first).__name__}: {text}"
+    failure = getattr(err, "controller_failure", None)
+    if type(failure).__name__ == "WorkerGroupStartupTimeoutError":
+        n = getattr(failure, "num_workers", "the")
+        return (
+            f"no room on the cluster for {n} worker(s) within run.resource_wait_s={wait_s:g} s "
+            f"({start_attempts(wait_s)} start-up(s) of {_start_timeout_s():g} s); free or add "
+            "resources, or ask for fewer workers"
+        )
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return next((x for x in reversed(lines) if "Error" in x), lines[-1] if lines else repr(err))
+
+
+def _is_lost_worker(err: BaseException) -> bool:
+    """Whether a worker failure is the worker's actor gone (its process or its node died):
+    Ray's actor errors, or Train's failed health check of an actor it cannot reach."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError) or type(err).__name__ == "WorkerHealthCheckFailedError"
+
+
+def _lost_worker_text(err: BaseException, text: str) -> str:
+    """ "its node N (IP) died" when the error names a node the cluster now lists as dead, else
+    the error's first words; with what `run.max_failures` would have done."""
+    import re
+
+    import ray
+
+    hint = "run.max_failures > 0 restarts from the last checkpoint on a node with room"
+    found = re.search(r"node_id='([0-9a-f]+)'|[Nn]ode [Ii][Dd]:? ([0-9a-f]{16,})", text)
+    node = (found.group(1) or found.group(2)) if found else None
+    dead = {}
+    with contextlib.suppress(Exception):  # the cluster itself may be gone too
+        dead = {n["NodeID"]: n for n in ray.nodes() if not n.get("Alive")}
+    if node in dead:
+        where = dead[node].get("NodeManagerAddress", "?")
+        return f"the worker's node {node[:12]} ({where}) died; {hint}"
+    return f"the worker was lost ({type(err).__name__}: {text[:300]}); {hint}"
 
 
 @contextlib.contextmanager
@@ -389,7 +433,8 @@ def cli(args) -> int:
         res = train(args.store, cfg, args.name)
     except TrainingFailedError as err:
         # The workers' traceback is in the log above; the run's MLflow status says FAILED.
-        print(f"error: training failed: {_first_error_line(err)}", file=sys.stderr)
+        line = _first_error_line(err, cfg.run.resource_wait_s)
+        print(f"error: training failed: {line}", file=sys.stderr)
         return 1
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
