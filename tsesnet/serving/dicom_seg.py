@@ -1,0 +1,182 @@
+"""Prediction as a DICOM SEG (``tsesnet predict --output-format dicom-seg``), written by highdicom.
+
+Shape legend: Z Y X voxels in the store's canonical order; i j k the DICOM grid's (column, row,
+slice along the normal); n slices.
+
+    OUT/CASE.dcm    a binary DICOM SEG (SOP class 1.2.840.10008.5.1.4.1.1.66.4), one segment
+                    "Tumour" (category SCT 49755003 Morphologically abnormal structure, type
+                    SCT 108369006 Neoplasm, algorithm AUTOMATIC, TSESNet), one frame per source
+                    slice that holds tumour, referencing phase 0's images (the pre-contrast
+                    series the prediction was computed on, with the other phases)
+
+The source images are described to highdicom from what the store keeps (`data_store.dicom`
+`DicomPhases.refs`: UIDs, the grid, each slice's position), never from patient attributes the
+store does not hold. When the source files the case was ingested from are still readable at
+their stored paths, the patient and study identification (name, ID, birth date, sex, study
+date/time/ID, accession number) is copied from them into the SEG, so that a PACS files it with
+the study; otherwise those attributes are empty (type 2) and the SEG is matched to its study by
+the Study Instance UID and its references.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_store.errors import InputError
+
+__all__ = ["SEG_SUFFIX", "seg_path", "write_seg"]
+
+SEG_SUFFIX = ".dcm"
+# Copied from the source files when they can be read at predict time (never stored).
+_IDENTIFICATION = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def seg_path(mask_path: Path) -> Path:
+    """``OUT/CASE.dcm`` beside where the NIfTI mask ``OUT/CASE.nii.gz`` would go (that path is
+    checked to lie inside OUT by `tsesnet.serving.outputs.output_paths`)."""
+    name = mask_path.name[: -len(".nii.gz")] + SEG_SUFFIX
+    path = mask_path.with_name(name)
+    out = mask_path.parent.resolve()
+    target = path.resolve()
+    if not target.is_relative_to(out):
+        raise InputError(f"{path} links to {target}, outside the output folder: not written")
+    return path
+
+
+def _stubs(refs: dict[str, Any], identification: dict[str, Any]) -> list:
+    """One header-only dataset per source slice of phase 0, k order: what highdicom needs to
+    reference them (UIDs, grid) and nothing identifying beyond `identification`."""
+    from pydicom.dataset import Dataset
+
+    stubs = []
+    step = 0.0
+    if len(refs["slices"]) > 1:
+        a, b = (np.array(refs["slices"][i]["position"]) for i in (0, 1))
+        step = float(np.linalg.norm(b - a))
+    for n, s in enumerate(refs["slices"]):
+        ds = Dataset()
+        ds.SOPClassUID = refs["sop_class_uid"]
+        ds.SOPInstanceUID = s["sop_instance_uid"]
+        ds.StudyInstanceUID = refs["study_instance_uid"]
+        ds.SeriesInstanceUID = refs["series_instance_uid"]
+        ds.FrameOfReferenceUID = refs["frame_of_reference_uid"]
+        ds.Modality = "MR"
+        ds.InstanceNumber = n + 1
+        ds.Rows, ds.Columns = refs["rows"], refs["columns"]
+        ds.PixelSpacing = [float(v) for v in refs["pixel_spacing"]]
+        ds.ImageOrientationPatient = [float(v) for v in refs["image_orientation"]]
+        ds.ImagePositionPatient = [float(v) for v in s["position"]]
+        ds.SliceThickness = step
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        for key in _IDENTIFICATION:
+            setattr(ds, key, identification.get(key, ""))
+        stubs.append(ds)
+    return stubs
+
+
+def _identification(refs: dict[str, Any], source_paths: list[str]) -> dict[str, Any]:
+    """Patient/study identification from the first readable source file of the same study."""
+    import pydicom
+
+    for path in source_paths[:3]:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # moved, replaced or unreadable: the SEG goes without it
+            continue
+        if str(ds.get("StudyInstanceUID", "")) == refs["study_instance_uid"]:
+            return {k: ds.get(k, "") for k in _IDENTIFICATION}
+    return {}
+
+
+def write_seg(
+    path: Path,
+    mask_zyx: np.ndarray,
+    geometry: Any,
+    refs: dict[str, Any] | None,
+    *,
+    model_uri: str,
+    source_paths: list[str] = (),
+) -> None:
+    """Writes a (Z, Y, X) binary prediction as a DICOM SEG on the source grid (atomically).
+
+    Args:
+        path: where (from `seg_path`).
+        mask_zyx: (Z, Y, X) uint8 in {0, 1}, canonical order.
+        geometry: the case's `Geometry` (the DICOM grid, from ingest).
+        refs: the case's stored ``dicom`` attribute; None for a case not ingested from DICOM.
+        model_uri: recorded as the algorithm's version.
+        source_paths: the case's source files, for the identification (module docstring).
+
+    Raises:
+        InputError: the case has no DICOM source, or its source is an enhanced multi-frame
+            image (not supported as a SEG reference here).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from tsesnet.serving.outputs import atomic_write
+
+    if not refs:
+        raise InputError(
+            "--output-format dicom-seg needs a DICOM source: this case was ingested from NIfTI"
+        )
+    if any(s.get("frame") is not None for s in refs["slices"]):
+        raise InputError(
+            "--output-format dicom-seg: the source is an enhanced multi-frame MR image, which "
+            "this SEG writer does not reference yet; use the NIfTI output"
+        )
+    ijk = geometry.to_original(np.asarray(mask_zyx, dtype=np.uint8))  # (i, j, k)
+    frames = np.ascontiguousarray(ijk.transpose(2, 1, 0)).astype(bool)  # (n, rows, cols)
+    study = refs["study_instance_uid"]
+    seg = hd.seg.Segmentation(
+        source_images=_stubs(refs, _identification(refs, list(source_paths))),
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="Tumour",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Neoplasm,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="TSESNet",
+                    family=codes.cid7162.ArtificialIntelligence,
+                    version=str(model_uri)[:64],
+                ),
+            )
+        ],
+        # Same study and model: the same UIDs, so a rerun replaces the SEG in a PACS.
+        series_instance_uid=generate_uid(entropy_srcs=[study, str(model_uri), "series"]),
+        series_number=9901,
+        sop_instance_uid=generate_uid(entropy_srcs=[study, str(model_uri), "instance"]),
+        instance_number=1,
+        manufacturer="TSESNet",
+        manufacturer_model_name="TSESNet",
+        software_versions="tsesnet",
+        device_serial_number="0",
+        series_description="TSESNet tumour segmentation",
+        content_label="TUMOUR",
+        omit_empty_frames=False,  # an empty prediction is still a SEG the viewer can show
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: seg.save_as(tmp))
