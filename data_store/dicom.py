@@ -255,8 +255,15 @@ def _frames_of(ds: Any, path: Path) -> list[_Frame]:
                 intercept=_num(ds.get("RescaleIntercept"), 0.0),
             )
         ]
+    n = int(_num(ds.get("NumberOfFrames"), 1) or 1)
+    per_frame = len(ds.get("PerFrameFunctionalGroupsSequence") or ())
+    if n != per_frame:  # a header whose frame count is not what it describes
+        raise InputError(
+            f"enhanced MR image declares {n} frames but has {per_frame} per-frame groups",
+            path=str(path),
+        )
     frames = []
-    for i in range(int(ds.get("NumberOfFrames", 1) or 1)):
+    for i in range(n):
         pos = _group(ds, i, "PlanePositionSequence")
         ori = _group(ds, i, "PlaneOrientationSequence")
         px = _group(ds, i, "PixelMeasuresSequence")
@@ -334,40 +341,45 @@ class _Study:
 
 
 def _add(studies: dict[str, _Study], path: Path, ds: Any) -> None:
-    """Files one parsed header under its study and series."""
+    """Files one parsed header under its study and series; everything is read from the header
+    before anything is filed, so a file refused half-way leaves no trace."""
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
     if not study_uid:
         raise InputError("DICOM file without a StudyInstanceUID", path=str(path))
-    study = studies.setdefault(study_uid, _Study(study_uid))
-    study.folders.add(path.parent)
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class == SEG_SOP_CLASS:
+        study = studies.setdefault(study_uid, _Study(study_uid))
+        study.folders.add(path.parent)
         study.segs.append(path)
         return
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
-    series = study.series.get(series_uid)
-    if series is None:
-        bits = int(_num(ds.get("BitsAllocated"), 16) or 16)
-        series = _Series(
-            uid=series_uid,
-            number=int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-            description=str(ds.get("SeriesDescription", "")),
-            modality=str(ds.get("Modality", "")),
-            sop_class=sop_class,
-            image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-            sequence=_sequence_key(ds),
-            rows=int(_num(ds.get("Rows"), 0) or 0),
-            columns=int(_num(ds.get("Columns"), 0) or 0),
-            bytes_per_frame=int(_num(ds.get("Rows"), 0) or 0)
-            * int(_num(ds.get("Columns"), 0) or 0)
-            * max(1, bits // 8)
-            * int(_num(ds.get("SamplesPerPixel"), 1) or 1),
-            diffusion=_diffusion(ds),
-            frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
-        )
-        study.series[series_uid] = series
+    frames = _frames_of(ds, path)
+    rows = int(_num(ds.get("Rows"), 0) or 0)
+    columns = int(_num(ds.get("Columns"), 0) or 0)
+    bits = int(_num(ds.get("BitsAllocated"), 16) or 16)
+    number = _num(ds.get("SeriesNumber"))
+    header = _Series(
+        uid=series_uid,
+        number=None if number is None else int(number),
+        description=str(ds.get("SeriesDescription", "")),
+        modality=str(ds.get("Modality", "")),
+        sop_class=sop_class,
+        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
+        sequence=_sequence_key(ds),
+        rows=rows,
+        columns=columns,
+        bytes_per_frame=rows
+        * columns
+        * max(1, bits // 8)
+        * int(_num(ds.get("SamplesPerPixel"), 1) or 1),
+        diffusion=_diffusion(ds),
+        frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
+    )
+    study = studies.setdefault(study_uid, _Study(study_uid))
+    series = study.series.setdefault(series_uid, header)
+    study.folders.add(path.parent)
     series.files.append(path)
-    series.frames.extend(_frames_of(ds, path))
+    series.frames.extend(frames)
 
 
 def _scan(files: list[Path], strict_names: bool = True) -> tuple[dict[str, _Study], list]:
@@ -660,7 +672,8 @@ def discover_dicom(src: Path) -> list[DicomCase]:
             notes = plan.notes
             dce = sorted({f.path for frames in plan.phases for f in frames})
         except InputError as err:
-            dce, problem = all_files, (err.problem, all_files[0] if all_files else None)
+            where = all_files[0] if all_files else (study.segs or [None])[0]
+            dce, problem = all_files, (err.problem, where)
             plan = None
         mask, mask_problem = _find_mask(study, niftis, plan)
         problem = problem or mask_problem

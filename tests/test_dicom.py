@@ -268,6 +268,16 @@ def test_hostile_files_are_one_line_each(tmp_path, content):
     assert "bad.dcm" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_enhanced_header_with_absurd_frame_count_is_one_line(tmp_path):
+    study = write_study(tmp_path / "src" / "e", make_image(seed=12), variant="enhanced")
+    write_study(tmp_path / "src" / "good", make_image(seed=13))
+    edit(study.files[0][0], NumberOfFrames=10**9)
+    cases = discover(tmp_path / "src", "dicom")
+    bad = [c for c in cases if c.problem]
+    assert len(cases) == 2 and len(bad) == 1
+    assert "declares 1000000000 frames but has 24 per-frame groups" in bad[0].problem
+
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -300,6 +310,16 @@ def test_masks_as_seg_and_as_nifti_beside(tmp_path):
     assert detect_layout(tmp_path / "src") == "dicom"
     case = _one(tmp_path / "src")
     np.testing.assert_array_equal(load_case(case).mask, truth)
+
+
+def test_seg_of_enhanced_source_refused_in_one_line(tmp_path):
+    write_study(tmp_path / "src", make_image(seed=14), variant="enhanced")
+    loaded = load_case(_one(tmp_path / "src"))
+    with pytest.raises(InputError, match="enhanced multi-frame"):
+        write_seg(
+            tmp_path / "x.dcm", loaded.image[0] > 0, loaded.geometry, loaded.dicom, model_uri="m"
+        )
+    assert not (tmp_path / "x.dcm").exists()
 
 
 def test_seg_of_nifti_case_says_it_needs_dicom(tmp_path):
@@ -344,6 +364,9 @@ def test_ingest_cli_bad_studies_one_line_each_good_ones_stored(tmp_path, ray_ses
     assert attrs["dicom"]["study_instance_uid"] == good_a.study_uid
     stored = _store_bytes(tmp_path / "store")
     assert not any(word in stored for word in IDENTIFYING)
+    # a rerun finds the good studies unchanged (by the checksums of their files)
+    assert main(["ingest", str(src), str(tmp_path / "store")]) == 1
+    assert "stored 0, unchanged 2, rejected 4" in capsys.readouterr().out
 
 
 @pytest.mark.slow

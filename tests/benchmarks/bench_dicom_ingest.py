@@ -41,9 +41,8 @@ def run(shape: tuple[int, int, int, int]) -> None:
     rows = []
     for name in ("nifti", "dicom"):
         read = _timed(lambda n=name: load_case(discover(root / n)[0]))
-        whole = _timed(
-            lambda n=name: main(["ingest", str(root / n), str(root / f"{n}.zarr"), "--workers", "1"])
-        )
+        argv = ["ingest", str(root / name), str(root / f"{name}.zarr"), "--workers", "1"]
+        whole = _timed(lambda argv=argv: main(argv))
         rows.append((name, read, whole))
     n_files = sum(len(f) for f in study.files.values())
     print(f"\n{shape[0]} phases x {shape[1]}x{shape[2]}x{shape[3]} int16; DICOM: {n_files} files\n")
