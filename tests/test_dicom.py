@@ -418,6 +418,11 @@ def test_round_trip_dicom_seg_equals_nifti_mask(tmp_path, ray_session, mlflow_ur
     back = read_seg_mask(seg_file, attrs["dicom"], tuple(attrs["geometry"]["shape"]))
     assert 0 < expected.sum() < expected.size  # the untrained model marks some voxels
     np.testing.assert_array_equal(back, expected)
+    # the DICOM folder predicted directly (no store) gives the same SEG
+    argv = [*base, "--input", str(tmp_path / "dicom"), "--output", str(tmp_path / "o-raw")]
+    assert main([*argv, "--output-format", "dicom-seg"]) == 0
+    raw = read_seg_mask(tmp_path / "o-raw" / f"{cid}.dcm", attrs["dicom"], expected.shape)
+    np.testing.assert_array_equal(raw, expected)
     with capsys.disabled():
         print(f"\nround trip: {int(expected.sum())} of {expected.size} voxels tumour, equal")
     # a NIfTI-sourced store: one line, nothing written
