@@ -24,7 +24,8 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
   the distance between those projections (``SliceThickness`` is not the spacing). The affine is
   LPS turned into NIfTI's RAS, as dcm2niix and nibabel do.
 - Values: ``RescaleSlope``/``RescaleIntercept`` applied (float32 when not the identity, else the
-  stored integers). Classic single-frame MR and enhanced multi-frame MR are both read; any
+  stored integers). Classic single-frame MR and enhanced (or legacy converted enhanced) multi-frame MR
+  are read; any
   transfer syntax pydicom (with pylibjpeg/pyjpegls where installed) decodes.
 - Mask: a DICOM SEG of the same study (its first segment, placed by its frames' positions), or
   one NIfTI file in the study's folder (the folder holding all its files), on the same grid.
@@ -65,7 +66,9 @@ __all__ = [
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
-MR_SOP_CLASSES = (MR_IMAGE, ENHANCED_MR)
+LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"  # classic images converted to multi-frame
+MULTI_FRAME_MR = (ENHANCED_MR, LEGACY_ENHANCED_MR)
+MR_SOP_CLASSES = (MR_IMAGE, *MULTI_FRAME_MR)
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Slice gaps may differ from the median gap by this fraction (DS strings round positions to
 #: ~1e-4 mm; a missing slice doubles a gap).
@@ -137,6 +140,8 @@ class _Frame:
         spacing: PixelSpacing (between rows, between columns) in mm, or None.
         temporal: TemporalPositionIdentifier / TemporalPositionIndex, or None.
         time: acquisition time of day in s (or TriggerTime in s), or None.
+        trigger: TriggerTime in s, or None (orders the phases of a series whose instances all
+            carry the series' start as their acquisition time).
         slope: RescaleSlope.
         intercept: RescaleIntercept.
     """
@@ -149,6 +154,7 @@ class _Frame:
     spacing: tuple[float, float] | None
     temporal: int | None
     time: float | None
+    trigger: float | None = None
     slope: float = 1.0
     intercept: float = 0.0
 
@@ -222,6 +228,11 @@ def _time_of(ds: Any, frame_content: Any = None) -> float | None:
     return None if trigger is None else trigger / 1000.0
 
 
+def _trigger(ds: Any) -> float | None:
+    trigger = _num(ds.get("TriggerTime"))
+    return None if trigger is None else trigger / 1000.0
+
+
 def _group(ds: Any, i: int, name: str) -> Any:
     """Item of functional group `name` for frame `i` (per-frame, else shared), or None."""
     for seq, index in (
@@ -239,7 +250,7 @@ def _group(ds: Any, i: int, name: str) -> Any:
 def _frames_of(ds: Any, path: Path) -> list[_Frame]:
     """The 2D images of one file: itself, or each frame of an enhanced multi-frame image."""
     sop = str(ds.get("SOPInstanceUID", ""))
-    if str(ds.get("SOPClassUID", "")) != ENHANCED_MR:
+    if str(ds.get("SOPClassUID", "")) not in MULTI_FRAME_MR:
         temporal = ds.get("TemporalPositionIdentifier")
         return [
             _Frame(
@@ -251,6 +262,7 @@ def _frames_of(ds: Any, path: Path) -> list[_Frame]:
                 spacing=_floats(ds.get("PixelSpacing"), 2),
                 temporal=None if temporal in (None, "") else int(temporal),
                 time=_time_of(ds),
+                trigger=_trigger(ds),
                 slope=_num(ds.get("RescaleSlope"), 1.0),
                 intercept=_num(ds.get("RescaleIntercept"), 0.0),
             )
@@ -453,19 +465,26 @@ def _temporal_groups(s: _Series) -> dict[Any, list[_Frame]]:
                 out[f.temporal].append(f)
             return dict(out)
     positions = {tuple(np.round(f.position, 3)) for f in s.frames}
-    if len(positions) < len(s.frames):
-        times = {f.time for f in s.frames}
-        if None not in times and len(times) > 1:
-            # Several acquisition times per slice position: group by time, but a phase's
-            # slices may carry slightly different times: cluster by position count.
-            order = sorted(s.frames, key=lambda f: f.time)
-            n = len(positions)
-            if len(order) % n == 0:
-                return {i: order[i * n : (i + 1) * n] for i in range(len(order) // n)}
+    n = len(positions)
+    if n < len(s.frames) and len(s.frames) % n == 0:
+        # Several times per slice position. A phase's slices may carry slightly different
+        # times (each slice's own), so the frames are cut, in time order, into groups of one
+        # per position. Some scanners give every instance the series' start as its
+        # AcquisitionTime and the phase in TriggerTime: then the trigger time orders them.
+        for key in (lambda f: f.time, lambda f: f.trigger):
+            times = {key(f) for f in s.frames}
+            if None not in times and len(times) > 1:
+                order = sorted(s.frames, key=key)
+                groups = {i: order[i * n : (i + 1) * n] for i in range(len(order) // n)}
+                if all(
+                    len({tuple(np.round(f.position, 3)) for f in g}) == n for g in groups.values()
+                ):
+                    return groups
     return {0: list(s.frames)}
 
 
 def _phase_time(frames: list[_Frame]) -> float | None:
+    """The phase's acquisition time: its first slice's."""
     times = [f.time for f in frames if f.time is not None]
     return min(times) if times else None
 
@@ -494,6 +513,12 @@ def plan_study(study: _Study) -> _Plan:
         )
         phases = [groups[k] for k in keys]
         times = [_phase_time(p) for p in phases]
+        if len(set(times)) == 1:  # one acquisition time for all: the trigger times tell them
+            triggers = [
+                min((f.trigger for f in p if f.trigger is not None), default=None) for p in phases
+            ]
+            if None not in triggers and len(set(triggers)) == len(phases):
+                times = triggers
         return _Plan([best], phases, _relative(times), notes)
     by_sequence: dict[tuple, list[_Series]] = defaultdict(list)
     for s in candidates:

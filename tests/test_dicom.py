@@ -93,6 +93,23 @@ def test_phases_ordered_by_acquisition_time_not_series_number(tmp_path):
     np.testing.assert_array_equal(back, image[[2, 0, 1]])
 
 
+def test_multiphase_series_told_apart_by_trigger_time(tmp_path):
+    """No TemporalPositionIdentifier, every instance with the series' start as AcquisitionTime:
+    the phases come from TriggerTime (ms), and so do the phase times."""
+    image = make_image(seed=15)
+    study = write_study(tmp_path / "src", image, variant="multiphase", shuffle=True)
+    for t in range(3):
+        for f in study.files[t]:
+            ds = pydicom.dcmread(f)
+            del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+            ds.AcquisitionTime = "090000"
+            ds.TriggerTime = [90000, 0, 45000][t]  # written out of order
+            ds.save_as(f)
+    loaded = load_case(_one(tmp_path / "src"))
+    assert loaded.source.times == pytest.approx((0.0, 45.0, 90.0))
+    np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image[[1, 2, 0]])
+
+
 def test_rescale_slope_and_intercept_applied(tmp_path):
     image = make_image(seed=3)
     write_study(tmp_path / "src", image, variant="multiphase", slope=0.5, intercept=-10.0)
