@@ -24,9 +24,9 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
   the distance between those projections (``SliceThickness`` is not the spacing). The affine is
   LPS turned into NIfTI's RAS, as dcm2niix and nibabel do.
 - Values: ``RescaleSlope``/``RescaleIntercept`` applied (float32 when not the identity, else the
-  stored integers). Classic single-frame MR and enhanced (or legacy converted enhanced) multi-frame MR
-  are read; any
-  transfer syntax pydicom (with pylibjpeg/pyjpegls where installed) decodes.
+  stored integers). Classic single-frame MR and enhanced (or legacy converted enhanced)
+  multi-frame MR are read; any transfer syntax pydicom decodes (natively, or with pyjpegls and
+  Pillow, which install with highdicom: RLE, JPEG-LS, JPEG 2000 lossless).
 - Mask: a DICOM SEG of the same study (its first segment, placed by its frames' positions), or
   one NIfTI file in the study's folder (the folder holding all its files), on the same grid.
 
