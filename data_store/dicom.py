@@ -845,8 +845,27 @@ def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
             for f in ref.frames
         ],
     }
+    if ref.frames[0].frame is not None:
+        refs["frame_slices"] = _frame_slices(plan.series[0], ref)
     files = sorted({f.path for frames in plan.phases for f in frames})
     return DicomPhases(image, geometry, plan.times, refs, files)
+
+
+def _frame_slices(series: _Series, ref: _Grid) -> list[int] | None:
+    """For a multi-frame source in one file: the grid slice (k) of each of its frames, in
+    frame order (-1: none), so that a SEG can describe the file's frames without it; None when
+    phase 0 spans several files."""
+    path = ref.frames[0].path
+    if any(f.path != path for f in ref.frames):
+        return None
+    o = np.array(ref.frames[0].orientation)
+    normal = np.cross(o[:3], o[3:])
+    slice_d = np.array([np.array(f.position) @ normal for f in ref.frames])
+    out = []
+    for f in sorted((f for f in series.frames if f.path == path), key=lambda f: f.frame):
+        k = int(np.argmin(np.abs(slice_d - np.array(f.position) @ normal)))
+        out.append(k if abs(slice_d[k] - np.array(f.position) @ normal) < SAME_SLICE_MM else -1)
+    return out
 
 
 class _PixelCache:

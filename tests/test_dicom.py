@@ -329,14 +329,28 @@ def test_masks_as_seg_and_as_nifti_beside(tmp_path):
     np.testing.assert_array_equal(load_case(case).mask, truth)
 
 
-def test_seg_of_enhanced_source_refused_in_one_line(tmp_path):
-    write_study(tmp_path / "src", make_image(seed=14), variant="enhanced")
+@pytest.mark.parametrize("variant", ["series", "multiphase", "enhanced"])
+def test_seg_of_every_variant_reads_back_on_its_grid(tmp_path, variant):
+    """A SEG written for each variant references phase 0's images (instances, or the frames of
+    the enhanced file at phase 0's slices) and reads back voxel for voxel."""
+    study = write_study(tmp_path / "src", make_image(seed=14), variant=variant, orientation=OBLIQUE)
     loaded = load_case(_one(tmp_path / "src"))
-    with pytest.raises(InputError, match="enhanced multi-frame"):
-        write_seg(
-            tmp_path / "x.dcm", loaded.image[0] > 0, loaded.geometry, loaded.dicom, model_uri="m"
-        )
-    assert not (tmp_path / "x.dcm").exists()
+    truth = (loaded.image[2] > 350).astype(np.uint8)
+    seg = tmp_path / "x.dcm"
+    write_seg(seg, truth, loaded.geometry, loaded.dicom, model_uri="m")
+    read = hd.seg.segread(seg)
+    refs = read.ReferencedSeriesSequence[0]
+    assert refs.SeriesInstanceUID == study.series_uids[0]
+    sources = {pydicom.dcmread(f).SOPInstanceUID for f in study.files[0]}
+    assert {i.ReferencedSOPInstanceUID for i in refs.ReferencedInstanceSequence} <= sources
+    if variant == "enhanced":  # phase 0 is frames 1..8 of the file, slice k = frame k + 1
+        used = [
+            int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+            for f in read.PerFrameFunctionalGroupsSequence
+        ]
+        assert sorted(used) == list(range(1, 9))
+    back = read_seg_mask(seg, loaded.dicom, loaded.geometry.shape)
+    np.testing.assert_array_equal(loaded.geometry.to_canonical(back), truth)
 
 
 def test_seg_of_nifti_case_says_it_needs_dicom(tmp_path):

@@ -63,10 +63,7 @@ def _stubs(refs: dict[str, Any], identification: dict[str, Any]) -> list:
     from pydicom.dataset import Dataset
 
     stubs = []
-    step = 0.0
-    if len(refs["slices"]) > 1:
-        a, b = (np.array(refs["slices"][i]["position"]) for i in (0, 1))
-        step = float(np.linalg.norm(b - a))
+    step = _step(refs)
     for n, s in enumerate(refs["slices"]):
         ds = Dataset()
         ds.SOPClassUID = refs["sop_class_uid"]
@@ -88,6 +85,45 @@ def _stubs(refs: dict[str, Any], identification: dict[str, Any]) -> list:
             setattr(ds, key, identification.get(key, ""))
         stubs.append(ds)
     return stubs
+
+
+def _multi_frame_stub(refs: dict[str, Any], identification: dict[str, Any]) -> list:
+    """The one multi-frame source image (enhanced MR) as a header-only dataset: every frame's
+    position from `refs["frame_slices"]`, so that highdicom references the frames at each
+    slice's position."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    (ds,) = _stubs({**refs, "slices": refs["slices"][:1]}, identification)
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness
+    ds.NumberOfFrames = len(refs["frame_slices"])
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [float(v) for v in refs["pixel_spacing"]]
+    measures.SliceThickness = _step(refs)
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [float(v) for v in refs["image_orientation"]]
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for k in refs["frame_slices"]:
+        item, position = Dataset(), Dataset()
+        # A frame on no slice of the grid (-1) cannot happen for a grid read from this file;
+        # it is given slice 0's position, which highdicom never matches before slice 0 itself.
+        position.ImagePositionPatient = [float(v) for v in refs["slices"][max(k, 0)]["position"]]
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    return [ds]
+
+
+def _step(refs: dict[str, Any]) -> float:
+    """The slice spacing (mm) from the first two slices' positions."""
+    if len(refs["slices"]) < 2:
+        return 0.0
+    a, b = (np.array(refs["slices"][i]["position"]) for i in (0, 1))
+    return float(np.linalg.norm(b - a))
 
 
 def _identification(refs: dict[str, Any], source_paths: list[str]) -> dict[str, Any]:
@@ -126,8 +162,8 @@ def write_seg(
         source_paths: the case's source files, for the identification (module docstring).
 
     Raises:
-        InputError: the case has no DICOM source, or its source is an enhanced multi-frame
-            image (not supported as a SEG reference here).
+        InputError: the case has no DICOM source, or its phase 0 spans several multi-frame
+            files (not referenced here).
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -139,17 +175,28 @@ def write_seg(
         raise InputError(
             "--output-format dicom-seg needs a DICOM source: this case was ingested from NIfTI"
         )
-    if any(s.get("frame") is not None for s in refs["slices"]):
+    multi_frame = any(s.get("frame") is not None for s in refs["slices"])
+    if multi_frame and not refs.get("frame_slices"):
         raise InputError(
-            "--output-format dicom-seg: the source is an enhanced multi-frame MR image, which "
-            "this SEG writer does not reference yet; use the NIfTI output"
+            "--output-format dicom-seg: the source's pre-contrast slices span several "
+            "multi-frame files, which this SEG writer does not reference; use the NIfTI output"
         )
+    identification = _identification(refs, list(source_paths))
+    if multi_frame:
+        sources = _multi_frame_stub(refs, identification)
+        positions = [
+            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s["position"])
+            for s in refs["slices"]
+        ]
+    else:
+        sources, positions = _stubs(refs, identification), None
     ijk = geometry.to_original(np.asarray(mask_zyx, dtype=np.uint8))  # (i, j, k)
     frames = np.ascontiguousarray(ijk.transpose(2, 1, 0)).astype(bool)  # (n, rows, cols)
     study = refs["study_instance_uid"]
     seg = hd.seg.Segmentation(
-        source_images=_stubs(refs, _identification(refs, list(source_paths))),
+        source_images=sources,
         pixel_array=frames,
+        plane_positions=positions,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
             hd.seg.SegmentDescription(
