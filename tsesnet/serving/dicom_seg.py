@@ -166,7 +166,6 @@ def write_seg(
             files (not referenced here).
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     from tsesnet.serving.outputs import atomic_write
@@ -181,15 +180,7 @@ def write_seg(
             "--output-format dicom-seg: the source's pre-contrast slices span several "
             "multi-frame files, which this SEG writer does not reference; use the NIfTI output"
         )
-    identification = _identification(refs, list(source_paths))
-    if multi_frame:
-        sources = _multi_frame_stub(refs, identification)
-        positions = [
-            hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s["position"])
-            for s in refs["slices"]
-        ]
-    else:
-        sources, positions = _stubs(refs, identification), None
+    sources, positions = _sources(refs, list(source_paths), multi_frame)
     ijk = geometry.to_original(np.asarray(mask_zyx, dtype=np.uint8))  # (i, j, k)
     frames = np.ascontiguousarray(ijk.transpose(2, 1, 0)).astype(bool)  # (n, rows, cols)
     study = refs["study_instance_uid"]
@@ -198,20 +189,7 @@ def write_seg(
         pixel_array=frames,
         plane_positions=positions,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[
-            hd.seg.SegmentDescription(
-                segment_number=1,
-                segment_label="Tumour",
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Neoplasm,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=hd.AlgorithmIdentificationSequence(
-                    name="TSESNet",
-                    family=codes.cid7162.ArtificialIntelligence,
-                    version=str(model_uri)[:64],
-                ),
-            )
-        ],
+        segment_descriptions=[_tumour_segment(model_uri)],
         # Same study and model: the same UIDs, so a rerun replaces the SEG in a PACS.
         series_instance_uid=generate_uid(entropy_srcs=[study, str(model_uri), "series"]),
         series_number=9901,
@@ -227,3 +205,37 @@ def write_seg(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: seg.save_as(tmp))
+
+
+def _sources(refs: dict[str, Any], source_paths: list[str], multi_frame: bool) -> tuple:
+    """(source image stubs, plane positions or None) for highdicom: one stub per slice, or the
+    multi-frame stub and each slice's position (highdicom then references the frame there)."""
+    import highdicom as hd
+
+    identification = _identification(refs, source_paths)
+    if not multi_frame:
+        return _stubs(refs, identification), None
+    positions = [
+        hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s["position"])
+        for s in refs["slices"]
+    ]
+    return _multi_frame_stub(refs, identification), positions
+
+
+def _tumour_segment(model_uri: str):
+    """Segment 1: the tumour, coded (SCT Morphologically abnormal structure / Neoplasm)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="Tumour",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="TSESNet",
+            family=codes.cid7162.ArtificialIntelligence,
+            version=str(model_uri)[:64],
+        ),
+    )
