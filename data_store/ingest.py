@@ -1,4 +1,4 @@
-"""The ingestion driver: NIfTI cohort -> Zarr store, one Ray task per case.
+"""The ingestion driver: NIfTI or DICOM cohort -> Zarr store, one Ray task per case.
 
 `tsesnet ingest SRC STORE [--layout L] [--workers N] [--folds K]`.
 
@@ -59,6 +59,8 @@ class IngestReport:
         took_over: the stale lock holder this run took over from (`LockHolder.describe`).
         n_cases: cases in the store after the run.
         fingerprint: the store's fingerprint after the run.
+        notes: what discovery left out on purpose, one line each (DICOM series that are not
+            DCE phases, and why).
     """
 
     store: str
@@ -71,6 +73,7 @@ class IngestReport:
     took_over: str | None = None
     n_cases: int = 0
     fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -159,6 +162,7 @@ def ingest(
         leftovers = clean_leftovers(location)
         report = IngestReport(store=location.url, cleaned=leftovers.cleaned, kept=leftovers.kept)
         report.took_over = lock.took_over.describe() if lock.took_over else None
+        report.notes = [f"case {s.case_id}: {note}" for s in sources for note in s.notes]
         existing, damaged = _stored_cases(location)
         ray, own = _connect_ray(workers)
         try:
@@ -334,6 +338,8 @@ def cli(args: argparse.Namespace) -> int:
         print(f"repaired {len(report.repaired)} damaged case(s): {', '.join(report.repaired)}")
     if report.cleaned:
         print(f"removed {len(report.cleaned)} leftover temporary entries of an interrupted run")
+    for line in report.notes:
+        print(line)
     for line in report.kept:
         print(f"left alone: {line}", file=sys.stderr)
     if report.rejected:

@@ -24,6 +24,8 @@ everywhere, and hidden files (``.*``) are ignored:
   (as dcm2niix writes a dynamic series), mask beside it as ``CASE_mask.nii.gz`` (or
   ``CASE_seg.nii.gz``). Any file whose name ends in ``_mask``/``_seg`` is a mask, never a case.
   SRC may also be a single 4D file.
+- ``dicom``: DICOM files of DCE-MRI studies in any folder structure with any file names, one
+  case per study; see `data_store.dicom` for what is read, skipped and refused.
 
 Missing phases (BTS ``P2..P5``, a gap in nnU-Net channels) are recorded in
 `CaseSource.phase_present`, indexed by nominal phase, and simply not loaded;
@@ -53,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_store.dicom import discover_dicom, has_dicom, is_dicom
 from data_store.errors import InputError
 
 __all__ = ["LAYOUTS", "CaseSource", "detect_layout", "discover", "nifti_stem"]
@@ -62,6 +65,7 @@ LAYOUTS: dict[str, str] = {
     "mamamia": "images/CASE/CASE_000t.nii.gz + segmentations/expert/CASE.nii.gz",
     "bts": "CENTER/CASE/P0..P5.nii.gz + CENTER_gt/CASE.nii.gz",
     "nifti4d": "CASE.nii.gz (4D, phases on axis 4) + CASE_mask.nii.gz beside it",
+    "dicom": "DICOM files of DCE-MRI studies, any folders and names (+ a DICOM SEG or NIfTI mask)",
 }
 MASK_SUFFIXES = ("_mask", "_seg")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<t>\d{4})$")
@@ -87,6 +91,8 @@ class CaseSource:
         subset: "train" / "test" when the layout says (nnU-Net imagesTr/imagesTs, BTS lists).
         problem: a problem found during discovery; `load_case` raises it.
         problem_path: the file or folder the problem is about.
+        notes: lines about what discovery left out on purpose (the DICOM layout's skipped
+            non-DCE series), shown by ingest.
     """
 
     case_id: str
@@ -99,6 +105,7 @@ class CaseSource:
     subset: str | None = None
     problem: str | None = None
     problem_path: Path | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def labelled(self) -> bool:
@@ -131,7 +138,8 @@ def detect_layout(src: Path) -> str:
     """Guesses the layout of a cohort folder (or a single 4D NIfTI file).
 
     Checked in order: nnunet (``imagesTr/`` or ``imagesTs/``), mamamia (``images/`` with case
-    folders), bts (``CENTER/CASE/P0.nii*``), nifti4d (NIfTI files directly in SRC).
+    folders), bts (``CENTER/CASE/P0.nii*``), dicom (a DICOM file anywhere in SRC), nifti4d
+    (NIfTI files directly in SRC).
 
     Raises:
         InputError: SRC missing, empty, or in none of the layouts (the message lists them).
@@ -142,6 +150,8 @@ def detect_layout(src: Path) -> str:
     if src.is_file():
         if nifti_stem(src) is not None:
             return "nifti4d"
+        if is_dicom(src):
+            return "dicom"
         raise InputError(
             f"not a NIfTI file or a cohort folder; understood layouts: {_understood()}",
             path=str(src),
@@ -160,8 +170,11 @@ def detect_layout(src: Path) -> str:
         for case_dir in _dirs(centre):
             if any(_bts_phase(p) is not None for p in case_dir.iterdir()):
                 return "bts"
-    if any(p.is_file() and nifti_stem(p) is not None for p in entries):
+    dicom_below = has_dicom(src)  # a study's NIfTI mask may lie in SRC above its folders
+    if not dicom_below and any(p.is_file() and nifti_stem(p) is not None for p in entries):
         return "nifti4d"
+    if dicom_below:
+        return "dicom"
     raise InputError(f"unknown layout; understood layouts: {_understood()}", path=str(src))
 
 
@@ -183,7 +196,13 @@ def discover(src: Path, layout: str = "auto") -> list[CaseSource]:
         raise InputError(f"unknown layout {layout!r}; understood layouts: {_understood()}")
     elif not src.exists():
         raise InputError("source not found", path=str(src))
-    finder = {"nnunet": _nnunet, "mamamia": _mamamia, "bts": _bts, "nifti4d": _nifti4d}[layout]
+    finder = {
+        "nnunet": _nnunet,
+        "mamamia": _mamamia,
+        "bts": _bts,
+        "nifti4d": _nifti4d,
+        "dicom": _dicom,
+    }[layout]
     cases = finder(src)
     if not cases:
         raise InputError(
@@ -608,3 +627,20 @@ def _nifti4d(src: Path) -> list[CaseSource]:
         )
     cases.extend(_orphan_masks(masks, "nifti4d", "{case}.nii.gz beside the mask"))
     return cases
+
+
+def _dicom(src: Path) -> list[CaseSource]:
+    """DICOM studies (`data_store.dicom.discover_dicom`) as cases."""
+    return [
+        CaseSource(
+            case_id=c.case_id,
+            phase_files=c.files,
+            mask_file=c.mask,
+            layout="dicom",
+            times=c.times,
+            problem=c.problem,
+            problem_path=c.problem_path,
+            notes=c.notes,
+        )
+        for c in discover_dicom(src)
+    ]

@@ -60,6 +60,8 @@ class LoadedCase:
         sha256: source file path (str) -> sha256 hex digest, for every file read.
         source_4d: every phase came from one 4D file.
         spacing_assumed: the spacing is `ReadOptions.assume_spacing`, not the files'.
+        dicom: for a DICOM study, the references a DICOM SEG of a result needs
+            (`data_store.dicom.DicomPhases.refs`); None otherwise.
     """
 
     source: CaseSource
@@ -69,6 +71,7 @@ class LoadedCase:
     sha256: dict[str, str]
     source_4d: bool = False
     spacing_assumed: bool = False
+    dicom: dict | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -111,6 +114,8 @@ def load_case(source: CaseSource, options: ReadOptions | None = None) -> LoadedC
     """
     _check_discovered(source)
     reader = _Reader(source.case_id, options or ReadOptions())
+    if source.layout == "dicom":
+        return _load_dicom(source, reader)
     read = _read_4d if source.layout == "nifti4d" else _read_phase_files
     phases = read(source, reader)
     image = phases.geometry.to_canonical(phases.image)  # (T, Z, Y, X)
@@ -126,6 +131,42 @@ def load_case(source: CaseSource, options: ReadOptions | None = None) -> LoadedC
         sha256=reader.sha,
         source_4d=phases.source_4d,
         spacing_assumed=reader.assumed,
+    )
+
+
+def _load_dicom(source: CaseSource, reader: _Reader) -> LoadedCase:
+    """A DICOM study (`data_store.dicom`): its phases, and its SEG or NIfTI mask."""
+    from data_store.dicom import read_dicom_phases, read_seg_mask
+
+    cid = source.case_id
+    phases = read_dicom_phases(list(source.phase_files), cid, reader.options)
+    for path in phases.files:
+        reader.sha[str(path)] = file_sha256(path)
+    _check_finite(phases.image, phases.files[0], cid)
+    geometry = phases.geometry
+    mask = None
+    if source.mask_file is not None and source.mask_file.suffix.lower() in (".nii", ".gz"):
+        mask = _load_mask(source.mask_file, geometry, reader)
+    elif source.mask_file is not None:
+        try:
+            data = read_seg_mask(source.mask_file, phases.refs, geometry.shape)
+        except InputError as err:
+            raise InputError(err.problem, case=cid, path=err.path) from None
+        reader.sha[str(source.mask_file)] = file_sha256(source.mask_file)
+        mask = geometry.to_canonical(data)
+    times = tuple(phases.times) if phases.times else None
+    return LoadedCase(
+        source=dataclasses.replace(
+            source,
+            phase_files=tuple(phases.files),
+            phase_present=(True,) * phases.image.shape[0],
+            times=times,
+        ),
+        image=geometry.to_canonical(phases.image),
+        mask=mask,
+        geometry=geometry,
+        sha256=reader.sha,
+        dicom=phases.refs,
     )
 
 

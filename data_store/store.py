@@ -25,7 +25,9 @@ P0..P5), ``phase_index`` (nominal index of each stored phase), ``times`` (s, or 
 ``split`` ("train" or "test"; absent in stores written before it: "train"), ``source_4d``
 (true when all phases came from one 4D file), ``spacing_assumed`` (true when the spacing came
 from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written,
-`data_store.integrity`; absent in stores written before it) and ``complete`` (written last).
+`data_store.integrity`; absent in stores written before it), ``dicom`` (studies ingested from
+DICOM only: the UIDs and grid a DICOM SEG of a result references, `data_store.dicom`) and
+``complete`` (written last).
 
 Writing a case is crash-safe: it is written under ``.tmp-CASE@HOST.PID.UUID``, read back and
 compared with what was meant (its integrity record is made from that read), and renamed to
@@ -170,6 +172,8 @@ def source_roles(src: Any, t: int | None = None) -> list[tuple[str, str]]:
     """(role, path) of a case's source files: phaseN (N nominal), image4d, mask."""
     if src.layout == "nifti4d":
         roles = [("image4d", str(src.phase_files[0]))]
+    elif src.layout == "dicom":  # many files per phase: numbered in path order
+        roles = [(f"dicom{n}", str(p)) for n, p in enumerate(src.phase_files)]
     else:
         if t is None:
             t = len(src.phase_files)
@@ -315,6 +319,7 @@ def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict
         "split": "test" if src.subset == "test" else "train",
         **({"source_4d": True} if getattr(loaded, "source_4d", False) else {}),
         **({"spacing_assumed": True} if getattr(loaded, "spacing_assumed", False) else {}),
+        **({"dicom": loaded.dicom} if getattr(loaded, "dicom", None) else {}),
     }
 
 

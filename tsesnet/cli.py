@@ -70,11 +70,11 @@ def _data_commands(sub) -> None:
         help="put the last K cases in imagesTs/ (labels in labelsTs/)",
     )
 
-    s = sub.add_parser("ingest", help="validate a NIfTI cohort and store it as Zarr")
+    s = sub.add_parser("ingest", help="validate a NIfTI or DICOM cohort and store it as Zarr")
     s.add_argument("src", metavar="SRC")
     s.add_argument("store", metavar="STORE")
     s.add_argument(
-        "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d"]
+        "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d", "dicom"]
     )
     s.add_argument("--workers", type=int, default=None, metavar="N")
     s.add_argument("--folds", type=int, default=5, metavar="K", help="patient-level folds (5)")
@@ -192,6 +192,12 @@ def _serving_commands(sub) -> None:
     s.add_argument("--fold", type=int, default=None, metavar="K")
     s.add_argument(
         "--split", choices=["train", "test"], default=None, help="a store's train or test cases"
+    )
+    s.add_argument(
+        "--output-format",
+        choices=["nifti", "dicom-seg"],
+        default="nifti",
+        help="CASE.nii.gz masks (default), or CASE.dcm DICOM SEGs for cases ingested from DICOM",
     )
     s.add_argument(
         "--min-component-fraction",

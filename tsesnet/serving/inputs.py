@@ -48,6 +48,8 @@ class InputCase:
     mask: np.ndarray | None  # (Z, Y, X) uint8, None when unlabelled
     geometry: Geometry  # the phase-0 file's grid, to write outputs back on
     percentiles: tuple[float, float]
+    dicom: dict | None = None  # a DICOM study's references (`data_store.dicom`), else None
+    source_paths: list[str] = field(default_factory=list)  # the files it was read from
 
 
 @dataclass
@@ -155,13 +157,18 @@ class CaseReader:
         if self.kind == "store":
             case = index.read_case(case_id)
             lo, hi = case.percentiles
-            return InputCase(case_id, case.image, case.mask, case.geometry, (lo, hi))
+            paths = [src["path"] for src in case.attrs.get("sources", ())]
+            dicom = case.attrs.get("dicom")
+            return InputCase(case_id, case.image, case.mask, case.geometry, (lo, hi), dicom, paths)
         from data_store.loading import load_case
         from data_store.normalize import intensity_percentiles
 
         loaded = load_case(index[case_id])
         lo, hi = intensity_percentiles(loaded.image)  # as ingest computes them
-        return InputCase(case_id, loaded.image, loaded.mask, loaded.geometry, (lo, hi))
+        paths = [str(p) for p in loaded.source.phase_files]
+        return InputCase(
+            case_id, loaded.image, loaded.mask, loaded.geometry, (lo, hi), loaded.dicom, paths
+        )
 
 
 def _cohort_reader(cls, folder: Path) -> CaseReader:

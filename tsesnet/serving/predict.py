@@ -100,6 +100,8 @@ class PredictConfig:
             largest one's size (0 keeps all); None: the fraction chosen on validation and stored
             with the model. The probability map is never filtered.
         prefetch: cases each actor reads ahead while it predicts one (0: read, then predict).
+        output_format: "nifti" (`CASE.nii.gz`) or "dicom-seg" (`CASE.dcm`, a DICOM SEG on the
+            source DICOM grid: `tsesnet.serving.dicom_seg`; cases ingested from DICOM only).
     """
 
     workers: int | None = None
@@ -113,6 +115,10 @@ class PredictConfig:
     batch_size: int = 4
     min_component_fraction: float | None = None
     prefetch: int = 1
+    output_format: str = "nifti"
+
+
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +207,10 @@ def finish_case(
         if isinstance(prepared, Exception):
             raise prepared
         pred, prob = _segment(loaded, prepared.volume, config, device)
-        write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
+        if config.output_format == "dicom-seg":
+            _write_seg(mask_path, pred, prepared.case, loaded)
+        else:
+            write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
         if config.probabilities:
             write_mask(prob_path, prob, prepared.case.geometry, np.float32)
         row.update(_scores(case_id, pred, prepared.case))
@@ -209,9 +218,32 @@ def finish_case(
     except Exception as err:  # isolate the case; its error goes to the summary
         # A stale mask from an earlier run must not be mistaken for this run's output.
         remove_stale(mask_path, prob_path)
+        if config.output_format == "dicom-seg":
+            with contextlib.suppress(InputError):
+                remove_stale(_seg_path(mask_path))
         return _failed(row, err, start, prepared)
     row["seconds"] = prepared.seconds + time.perf_counter() - start
     return row
+
+
+def _seg_path(mask_path: Path) -> Path:
+    from tsesnet.serving.dicom_seg import seg_path
+
+    return seg_path(mask_path)
+
+
+def _write_seg(mask_path: Path, pred: np.ndarray, case: InputCase, loaded) -> None:
+    """The prediction as `OUT/CASE.dcm`, a DICOM SEG referencing the case's source images."""
+    from tsesnet.serving.dicom_seg import write_seg
+
+    write_seg(
+        _seg_path(mask_path),
+        pred,
+        case.geometry,
+        case.dicom,
+        model_uri=getattr(loaded, "uri", None) or "tsesnet",
+        source_paths=case.source_paths,
+    )
 
 
 def _segment(loaded, volume: np.ndarray, config: PredictConfig, device):
@@ -524,10 +556,14 @@ def predict(
     config = config or PredictConfig()
     if config.prefetch < 0:
         raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
+    if config.output_format not in OUTPUT_FORMATS:
+        raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
     reader = CaseReader.for_input(input_path)
     case_ids = reader.case_ids(config.fold, config.split)
     if not case_ids:
         raise InputError("no cases to predict", path=input_path)
+    if config.output_format == "dicom-seg":
+        _check_dicom_source(reader, case_ids, input_path)
     check_model_uri(model_uri)
     out_dir = prepare_output_dir(output, reader, config.probabilities)
     ray = connect()
@@ -552,6 +588,25 @@ def predict(
     write_summary_csv(csv_path, rows)
     summary = summarize(rows)
     return PredictReport(rows, summary, csv_path, seconds, notes)
+
+
+def _check_dicom_source(reader: CaseReader, case_ids: list[str], input_path: str) -> None:
+    """Refuses DICOM SEG output, before any work, for an input with no case from DICOM."""
+    from data_store.layouts import detect_layout
+
+    if reader.kind == "store":
+        index = reader._open()
+        from_dicom = any("dicom" in index.case_attrs(c) for c in case_ids)
+    else:
+        from_dicom = reader.layout == "dicom" or (
+            reader.layout == "auto" and detect_layout(Path(reader.path)) == "dicom"
+        )
+    if not from_dicom:
+        raise InputError(
+            "--output-format dicom-seg needs a DICOM source (a store ingested with --layout "
+            "dicom, or a DICOM folder): these cases come from NIfTI; use the default NIfTI output",
+            path=input_path,
+        )
 
 
 def _actor_env() -> dict[str, str]:
@@ -656,6 +711,7 @@ def cli(args: argparse.Namespace) -> int:
         fold=args.fold,
         split=args.split,
         min_component_fraction=args.min_component_fraction,
+        output_format=getattr(args, "output_format", "nifti"),
     )
     report = predict(args.model, args.input, args.output, config)
     n = len(report.rows)
