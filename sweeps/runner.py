@@ -451,10 +451,13 @@ def register_best(best: TrialRow, plan: SweepPlan):
 
 
 def cli(args) -> int:
-    """`tsesnet sweep --store STORE [--config FILE] [--trials N] [--name NAME] [--resume]`."""
+    """`tsesnet sweep --store STORE [--config FILE] [--trials N] [--name NAME] [--resume]
+    [--set KEY=VALUE ...]`."""
     from tsesnet.tracking import runs
 
     cfg = spacemod.load(args.config or DEFAULT_CONFIG)
+    if getattr(args, "overrides", None):
+        cfg.set = [*cfg.set, *args.overrides]
     if args.trials is not None:
         if args.trials < 1:
             raise InputError(f"--trials must be >= 1, got {args.trials}")

@@ -38,7 +38,7 @@ TSESNET = str(Path(sys.executable).parent / "tsesnet")
 BUCKET = "s3://tsesnet"
 STORE = f"{BUCKET}/rehearsal/store.zarr"
 RESULTS = f"{BUCKET}/rehearsal/ray_results"
-EPOCHS = 4
+EPOCHS = 6  # long enough (~5 s each here) that a fault lands mid-training
 
 
 def train(config: str = str(ROOT / "platform" / "configs" / "tiny.yaml")) -> list[str]:
@@ -46,7 +46,8 @@ def train(config: str = str(ROOT / "platform" / "configs" / "tiny.yaml")) -> lis
     (`config` relative to the repository for a job, whose cwd is its copy of it)."""
     return [
         "train", "--store", STORE, "--config", config, "--workers", "2",
-        "--set", f"schedule.epochs={EPOCHS}", "--set", f"run.storage_path={RESULTS}",
+        "--set", f"schedule.epochs={EPOCHS}", "--set", "data.patches_per_epoch=4",
+        "--set", f"run.storage_path={RESULTS}",
     ]  # fmt: skip
 
 

@@ -155,6 +155,15 @@ def _training_commands(sub) -> None:
     s.add_argument("--trials", type=int, default=None, metavar="N")
     s.add_argument("--name", default=None)
     s.add_argument("--resume", action="store_true")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="a training setting for every trial, after the sweep config's own `set` "
+        "(e.g. run.storage_path=s3://bucket/ray_results)",
+    )
 
     models = sub.add_parser("models", help="browse and promote registered models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

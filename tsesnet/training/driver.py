@@ -203,10 +203,30 @@ def fit(plan: RunPlan, callbacks: list | None = None):
             callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
         ),
     )
-    result = _interruptible(trainer.fit)
+    import ray
+
+    alive = {node for node, _ in _alive_nodes(ray)}
+    try:
+        result = _interruptible(trainer.fit)
+    except Exception as err:
+        # The loss of a node is often seen first by the workers that are left (gloo's
+        # "Connection closed by peer"), so say which nodes died while the run went on.
+        err.tsesnet_lost_nodes = [n for n in _alive_nodes(ray, dead=True) if n[0] in alive]
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
+
+
+def _alive_nodes(ray, dead: bool = False) -> list[tuple[str, str]]:
+    """(node ID, address) of the cluster's live nodes (or its dead ones); [] if unknown."""
+    with contextlib.suppress(Exception):  # the cluster itself may be gone
+        return [
+            (n["NodeID"], n.get("NodeManagerAddress", "?"))
+            for n in ray.nodes()
+            if bool(n.get("Alive")) != dead
+        ]
+    return []
 
 
 def start_attempts(wait_s: float) -> int:
@@ -351,6 +371,15 @@ def _first_error_line(err: BaseException, wait_s: float = 600.0) -> str:
     """What failed, on one line: the first worker's exception (a LoaderError names its case),
     else the last line of the error that names one."""
     failures = getattr(err, "worker_failures", None) or {}
+    lost_nodes = getattr(err, "tsesnet_lost_nodes", None) or []
+    if failures and lost_nodes:
+        rank, first = min(failures.items())
+        text = " ".join(str(first).split())[:200]
+        nodes = ", ".join(f"{nid[:12]} ({addr})" for nid, addr in lost_nodes)
+        return (
+            f"node {nodes} died during the run (rank {rank}: {type(first).__name__}: {text}); "
+            "run.max_failures > 0 restarts from the last checkpoint on a node with room"
+        )
     if failures:
         # A worker whose process or node died is the cause; the others' errors (gloo's
         # "Connection closed by peer") are what its loss did to them.
