@@ -48,8 +48,12 @@ _IDENTIFICATION = (
 def seg_path(mask_path: Path) -> Path:
     """``OUT/CASE.dcm`` beside where the NIfTI mask ``OUT/CASE.nii.gz`` would go (that path is
     checked to lie inside OUT by `tsesnet.serving.outputs.output_paths`)."""
+    from tsesnet.serving.outputs import ObjectPath
+
     name = mask_path.name[: -len(".nii.gz")] + SEG_SUFFIX
     path = mask_path.with_name(name)
+    if isinstance(mask_path, ObjectPath):  # no links on object storage: the name is the rule
+        return path
     out = mask_path.parent.resolve()
     target = path.resolve()
     if not target.is_relative_to(out):

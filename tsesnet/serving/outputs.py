@@ -73,6 +73,9 @@ class ObjectPath:
     def name(self) -> str:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
     def __str__(self) -> str:
         return self.url
 
@@ -264,13 +267,13 @@ def write_mask(path: Path, vol_zyx, geometry, dtype) -> None:
     from data_store.geometry import write_nifti
 
     if isinstance(path, ObjectPath):
-        _upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
+        upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype))
 
 
-def _upload(path: ObjectPath, write, suffix: str) -> None:
+def upload(path: ObjectPath, write, suffix: str) -> None:
     """Calls `write(tmp)` on a local temporary file, then uploads it to `path` in one PUT."""
     import tempfile
 

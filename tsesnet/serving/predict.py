@@ -235,15 +235,23 @@ def _seg_path(mask_path: Path) -> Path:
 def _write_seg(mask_path: Path, pred: np.ndarray, case: InputCase, loaded) -> None:
     """The prediction as `OUT/CASE.dcm`, a DICOM SEG referencing the case's source images."""
     from tsesnet.serving.dicom_seg import write_seg
+    from tsesnet.serving.outputs import ObjectPath, upload
 
-    write_seg(
-        _seg_path(mask_path),
-        pred,
-        case.geometry,
-        case.dicom,
-        model_uri=getattr(loaded, "uri", None) or "tsesnet",
-        source_paths=case.source_paths,
-    )
+    def write(path) -> None:
+        write_seg(
+            path,
+            pred,
+            case.geometry,
+            case.dicom,
+            model_uri=getattr(loaded, "uri", None) or "tsesnet",
+            source_paths=case.source_paths,
+        )
+
+    path = _seg_path(mask_path)
+    if isinstance(path, ObjectPath):  # written whole on local disk, then one PUT
+        upload(path, write, ".dcm")
+    else:
+        write(path)
 
 
 def _segment(loaded, volume: np.ndarray, config: PredictConfig, device):
