@@ -152,9 +152,14 @@ def wait_for(check, what: str, timeout: float, proc: subprocess.Popen | None = N
 
 
 def checkpoints(cluster, name: str) -> list[str]:
-    return sorted(
-        {k.split("/")[-2] for k in keys(cluster, f"{RESULTS}/{name}") if "/checkpoint_" in k}
-    )
+    """The checkpoints of run `name` that Ray Train's controller has registered (its snapshot
+    on S3): what a restart resumes from. A checkpoint folder alone may not be registered yet."""
+    fs = s3(cluster)
+    try:
+        snap = json.loads(fs.cat_file(f"{RESULTS}/{name}/checkpoint_manager_snapshot.json"))
+    except (FileNotFoundError, ValueError):
+        return []
+    return [r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])]
 
 
 @contextlib.contextmanager

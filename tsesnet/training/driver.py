@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from tsesnet.training.plan import RunPlan
 REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
 VERSION_TAG = "tsesnet.model_version"
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How long a failed run waits for Ray to declare a lost worker's node dead, to name it.
+NODE_DEATH_WAIT_S = 45.0
 
 
 @dataclass
@@ -210,12 +213,34 @@ def fit(plan: RunPlan, callbacks: list | None = None):
         result = _interruptible(trainer.fit)
     except Exception as err:
         # The loss of a node is often seen first by the workers that are left (gloo's
-        # "Connection closed by peer"), so say which nodes died while the run went on.
-        err.tsesnet_lost_nodes = [n for n in _alive_nodes(ray, dead=True) if n[0] in alive]
+        # "Connection closed by peer", a failed health check) before Ray declares the node
+        # dead: wait a little for that, so that the error can name the node.
+        err.tsesnet_lost_nodes = _nodes_lost(
+            ray, alive, NODE_DEATH_WAIT_S if _peer_lost(err) else 0
+        )
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether a failed run's errors look like a worker gone (not a bug in the loop)."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return any(
+        _is_lost_worker(e) or "Connection closed by peer" in str(e) for e in failures.values()
+    )
+
+
+def _nodes_lost(ray, alive: set[str], wait_s: float) -> list[tuple[str, str]]:
+    """(ID, address) of the nodes in `alive` that are dead now, waiting up to `wait_s` seconds
+    for Ray to declare one dead (its health checks take ~15-30 s)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = [n for n in _alive_nodes(ray, dead=True) if n[0] in alive]
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(1.0)
 
 
 def _alive_nodes(ray, dead: bool = False) -> list[tuple[str, str]]:
@@ -373,11 +398,14 @@ def _first_error_line(err: BaseException, wait_s: float = 600.0) -> str:
     failures = getattr(err, "worker_failures", None) or {}
     lost_nodes = getattr(err, "tsesnet_lost_nodes", None) or []
     if failures and lost_nodes:
-        rank, first = min(failures.items())
-        text = " ".join(str(first).split())[:200]
+        lost = {r: e for r, e in failures.items() if _is_lost_worker(e)}
+        rank, first = min((lost or failures).items())
+        what = type(first).__name__
+        if not lost:  # a survivor's error: a few words of it say how the loss showed
+            what += ": " + " ".join(str(first).split())[:120]
         nodes = ", ".join(f"{nid[:12]} ({addr})" for nid, addr in lost_nodes)
         return (
-            f"node {nodes} died during the run (rank {rank}: {type(first).__name__}: {text}); "
+            f"node {nodes} died during the run (rank {rank}: {what}); "
             "run.max_failures > 0 restarts from the last checkpoint on a node with room"
         )
     if failures:
