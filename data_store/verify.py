@@ -149,7 +149,7 @@ def _notes(location: StoreLocation, indexed: set[str]) -> list[str]:
     return notes
 
 
-def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
+def record_unrecorded(path: str, *, wait: float = 60.0, break_lock: bool = False) -> list[str]:
     """Adds an integrity record to every complete case without one, then rebuilds the index.
 
     Runs under the store's writer lock. A case is recorded only if its arrays decode and have
@@ -168,7 +168,8 @@ def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
 
     location = StoreLocation.parse(path)
     done = []
-    with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --record"):
+    command = f"tsesnet store verify {path} --record"
+    with StoreLock(location, wait=wait, command=command, break_lock=break_lock):
         n_folds = int(read_root(location).get("n_folds", 0))
         for cid, attrs in sorted(scan_cases(location).items()):
             if "integrity" in attrs:
@@ -189,7 +190,11 @@ def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
-    recorded = record_unrecorded(args.store, wait=args.wait) if args.record else []
+    recorded = (
+        record_unrecorded(args.store, wait=args.wait, break_lock=args.break_lock)
+        if args.record
+        else []
+    )
     report = verify_store(args.store, deep=args.deep)
     report.recorded = recorded
     if args.json:

@@ -11,6 +11,11 @@ import importlib
 import sys
 
 # subcommand -> "module:function"; an explicit registry (STYLE.md §9).
+BREAK_LOCK_HELP = (
+    "remove STORE's lock when no writer runs but the lock file is unreadable, a link or "
+    "another host's"
+)
+
 HANDLERS = {
     "synth": "data_store.synth:cli",
     "ingest": "data_store.ingest:cli",
@@ -84,6 +89,7 @@ def _data_commands(sub) -> None:
         metavar="SECONDS",
         help="wait this long for another writer's lock on STORE (60)",
     )
+    s.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     s.add_argument(
         "--assume-spacing",
         type=float,
@@ -121,6 +127,7 @@ def _data_commands(sub) -> None:
     s.add_argument(
         "--wait", type=float, default=60.0, metavar="SECONDS", help="for --record: lock wait"
     )
+    s.add_argument("--break-lock", action="store_true", help="for --record: " + BREAK_LOCK_HELP)
 
 
 def _training_commands(sub) -> None:
