@@ -163,8 +163,14 @@ def log_and_register(
             [z, y, x], "orientations": ["RAS", ...]} (`TRAINING_DATA_KEYS`); None when unknown.
         val_hd95: mean validation HD95 (mm) at the same epoch, for the description.
     """
+    import math
+
     import mlflow
 
+    bad = [k for k, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if not math.isfinite(float(val_dice)) or bad:
+        what = f"weight {bad[0]}" if bad else f"val Dice {val_dice}"
+        raise InputError(f"not registered: {what} is not finite (the run diverged)")
     mlc = client()
     cfg = {
         "format": FORMAT,

@@ -33,6 +33,11 @@ REGISTERED_AT_TAG = "tsesnet.registered_at_epoch"
 VERSION_TAG = "tsesnet.model_version"
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term, validation score or weight became non-finite: the run stopped, FAILED, and
+    registered nothing. `str(err)` is one line."""
+
+
 @dataclass
 class TrainResult:
     """What a finished run produced (epochs counted from 1, as every printed line counts them)."""
@@ -198,10 +203,45 @@ def fit(plan: RunPlan, callbacks: list | None = None):
             callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
         ),
     )
+    _forget_divergence(plan)
     result = _interruptible(trainer.fit)
+    _check_finite(plan)
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
+
+
+def _forget_divergence(plan: RunPlan) -> None:
+    """Remove the divergence record of an earlier attempt of this run (a rerun resumes from
+    its last finite checkpoint and is judged on its own)."""
+    import mlflow
+
+    from tsesnet.training.worker import DIVERGED_TAG
+
+    client = mlflow.MlflowClient()
+    if DIVERGED_TAG in client.get_run(plan.run_id).data.tags:
+        client.delete_tag(plan.run_id, DIVERGED_TAG)
+
+
+def _check_finite(plan: RunPlan) -> None:
+    """Raise `TrainingDiverged` when the workers stopped on a non-finite value (rank 0 set
+    `worker.DIVERGED_TAG`), naming the epoch, the values and the learning rate."""
+    import json
+
+    import mlflow
+
+    from tsesnet.training.worker import DIVERGED_TAG
+
+    tag = mlflow.MlflowClient().get_run(plan.run_id).data.tags.get(DIVERGED_TAG)
+    if tag is None:
+        return
+    record = json.loads(tag)
+    bad = ", ".join(f"{k} {v}" for k, v in record["values"].items())
+    raise TrainingDiverged(
+        f"run {plan.name} diverged at epoch {int(record['epoch']) + 1} ({bad}); stopped, "
+        f"nothing registered; lower optim.lr (now {plan.config.optim.lr:g}) or set "
+        "optim.grad_clip"
+    )
 
 
 def _interruptible(fn):
@@ -370,6 +410,9 @@ def cli(args) -> int:
 
     try:
         res = train(args.store, cfg, args.name)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except TrainingFailedError as err:
         # The workers' traceback is in the log above; the run's MLflow status says FAILED.
         print(f"error: training failed: {_first_error_line(err)}", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""Runs that end honestly: a diverged run registers nothing; bad names, resources, tracking
+URIs and flags are refused before Ray starts, in one line; a signal at any moment ends the run
+KILLED; one run name is never trained twice at once.
+
+Trainings use the tiny preset on the session's Ray (through ``RAY_ADDRESS``, as on a cluster)
+and an SQLite MLflow under tmp_path, driven through the `tsesnet` CLI as a user types it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "platform" / "configs" / "tiny.yaml"
+TSESNET = str(Path(sys.executable).parent / "tsesnet")
+
+
+def _env(tmp_path: Path, ray_session=None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "mlartifacts"),
+        PYTHONPATH=str(ROOT),
+    )
+    if ray_session is not None:
+        env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    return env
+
+
+def _train_cmd(store, tmp_path: Path, name: str, *sets: str) -> list[str]:
+    cmd = [TSESNET, "train", "--store", str(store), "--config", str(TINY), "--name", name,
+           "--set", f"run.storage_path={tmp_path / 'ray'}"]  # fmt: skip
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd
+
+
+def _client(tmp_path: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _run_of(client, name: str):
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tsesnet").experiment_id],
+        filter_string=f"tags.`tsesnet.run_name` = '{name}'",
+    )
+    return run
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_in_one_line_and_registers_nothing(tiny_store, ray_session, tmp_path):
+    """optim.lr=1e9: the loss becomes NaN. Before: the run went on and registered an all-NaN
+    @champion, exit 0."""
+    cmd = _train_cmd(tiny_store, tmp_path, "diverged", "optim.lr=1e9", "schedule.epochs=3")
+    out = subprocess.run(
+        cmd, env=_env(tmp_path, ray_session), cwd=tmp_path, capture_output=True, text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run diverged diverged at epoch "), last
+    assert "nothing registered; lower optim.lr (now 1e+09)" in last and "nan" in last, last
+    assert "registered tsesnet" not in out.stdout
+    client = _client(tmp_path)
+    assert client.search_model_versions("name = 'tsesnet'") == []
+    run = _run_of(client, "diverged")
+    assert run.info.status == "FAILED" and "tsesnet.diverged" in run.data.tags
