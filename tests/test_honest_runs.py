@@ -73,3 +73,70 @@ def test_a_diverged_run_stops_in_one_line_and_registers_nothing(tiny_store, ray_
     assert client.search_model_versions("name = 'tsesnet'") == []
     run = _run_of(client, "diverged")
     assert run.info.status == "FAILED" and "tsesnet.diverged" in run.data.tags
+
+
+def _tsesnet(tmp_path: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TSESNET, *argv], env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _one_error_line(out: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert out.returncode == code, out.stdout[-2000:] + out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    return line
+
+
+@pytest.mark.parametrize("alias", ["V1", "v2", "Latest", "LATEST", "a.b"])
+def test_promote_refuses_reserved_and_invalid_aliases_in_one_line(tmp_path, alias):
+    """Before: `--alias V1` passed the case-sensitive check and MLflow's refusal came out as a
+    traceback."""
+    client = _client(tmp_path)
+    client.create_registered_model("m")
+    (tmp_path / "weights").mkdir()
+    client.create_model_version("m", str(tmp_path / "weights"))
+    line = _one_error_line(_tsesnet(tmp_path, "models", "promote", "m", "1", "--alias", alias))
+    assert f"--alias {alias!r}" in line
+    assert client.get_registered_model("m").aliases == {}  # nothing changed
+
+
+def test_an_invalid_registered_model_name_is_refused_before_ray_starts(tmp_path):
+    """Before: the whole training ran, then registering failed. The store is not even read."""
+    for name in ("a/b", "x:y", " "):
+        line = _one_error_line(
+            _tsesnet(
+                tmp_path,
+                "train",
+                "--store",
+                str(tmp_path / "missing.zarr"),
+                "--config",
+                str(TINY),
+                "--set",
+                f"run.registered_model_name={name}",
+            )  # fmt: skip
+        )
+        assert "run.registered_model_name" in line and "not a valid name" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_workers_that_cannot_be_placed_are_refused_in_one_line(
+    tiny_store, ray_session, tmp_path, where
+):
+    """run.cpus_per_worker=100 on a 2-CPU machine: before, Ray waited for the CPUs forever.
+    Local: checked against os.cpu_count before Ray starts; on a cluster (RAY_ADDRESS), against
+    its nodes once connected. Nothing is created (no MLflow database, no run folder)."""
+    env = _env(tmp_path, ray_session if where == "cluster" else None)
+    start = time.monotonic()
+    out = subprocess.run(
+        _train_cmd(tiny_store, tmp_path, "greedy", "run.cpus_per_worker=100"),
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert time.monotonic() - start < 60
+    line = _one_error_line(out)
+    assert "run.workers=1 x (run.cpus_per_worker=100) cannot be placed" in line, line
+    assert ("this machine" if where == "local" else "the Ray cluster's nodes") in line, line
+    assert "Ray would wait forever" in line
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()

@@ -127,6 +127,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         )
     st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
+    check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
     experiment_id = runs.ensure_database(cfg.run.experiment)
@@ -150,6 +151,48 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         resumed=resumed,
         tracking_uri=runs.tracking_uri(),
         git_commit=runs.git_commit(),
+    )
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Refuse, in one line, workers that the Ray cluster could never place (Ray would wait for
+    them forever): before Ray starts against this machine (`os.cpu_count`, CUDA devices) when a
+    local instance is to start; against the cluster's nodes once connected to `$RAY_ADDRESS` or
+    an existing session. Each worker needs its CPUs and GPUs on one node.
+
+    Raises:
+        InputError: fewer places than `run.workers`, naming the settings and what there is.
+    """
+    run = cfg.run
+    ray = sys.modules.get("ray")
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        from tsesnet.common.cluster import connect
+
+        ray = connect()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        where = "the Ray cluster's nodes"
+    else:
+        gpus = 0
+        if run.gpus_per_worker > 0:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
+        where = "this machine (a local Ray starts here)"
+    need = {"CPU": run.cpus_per_worker, "GPU": run.gpus_per_worker}
+    places = sum(
+        min(int(node.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0) for node in nodes
+    )
+    if places >= run.workers:
+        return
+    have = ", ".join(
+        f"{k} {max((n.get(k, 0.0) for n in nodes), default=0):g}" for k, v in need.items() if v > 0
+    )
+    raise InputError(
+        f"bad config: run.workers={run.workers} x (run.cpus_per_worker={run.cpus_per_worker:g}"
+        + (f", run.gpus_per_worker={run.gpus_per_worker:g}" if run.gpus_per_worker else "")
+        + f") cannot be placed: {where} have at most {have} on one node, room for {places} "
+        "worker(s); Ray would wait forever. Lower them, or use a larger cluster (RAY_ADDRESS)"
     )
 
 
