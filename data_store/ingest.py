@@ -28,6 +28,7 @@ storage every node can reach (shared filesystem or an fsspec URL).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -318,6 +319,8 @@ def cli(args: argparse.Namespace) -> int:
     from data_store.geometry import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
     max_gib = getattr(args, "max_image_gib", None)
+    if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):
+        raise InputError(f"--max-image-gib must be a positive number of GiB, got {max_gib:g}")
     options = ReadOptions(
         max_image_bytes=int(max_gib * 2**30) if max_gib else DEFAULT_MAX_IMAGE_BYTES,
         assume_spacing=getattr(args, "assume_spacing", None),

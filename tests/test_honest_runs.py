@@ -140,3 +140,16 @@ def test_workers_that_cannot_be_placed_are_refused_in_one_line(
     assert ("this machine" if where == "local" else "the Ray cluster's nodes") in line, line
     assert "Ray would wait forever" in line
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_max_image_gib_must_be_a_positive_number(tmp_path, value):
+    """Before: `nan` gave a traceback (int(nan)); 0 silently meant the default."""
+    from nifti_factory import write_cohort
+
+    write_cohort("nnunet", tmp_path / "src", n_cases=1)
+    out = _tsesnet(tmp_path, "ingest", str(tmp_path / "src"), str(tmp_path / "store"),
+                   "--max-image-gib", value)  # fmt: skip
+    line = _one_error_line(out)
+    assert line == f"error: --max-image-gib must be a positive number of GiB, got {float(value):g}"
+    assert not (tmp_path / "store").exists()
