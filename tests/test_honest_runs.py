@@ -153,3 +153,48 @@ def test_max_image_gib_must_be_a_positive_number(tmp_path, value):
     line = _one_error_line(out)
     assert line == f"error: --max-image-gib must be a positive number of GiB, got {float(value):g}"
     assert not (tmp_path / "store").exists()
+
+
+def _newer_schema_db(path: Path) -> None:
+    """An MLflow database whose schema revision this MLflow does not know (a newer MLflow's)."""
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(f"sqlite:///{path}", path.parent.as_uri()).engine.dispose()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = 'f0f0f0f0f0f0'")
+
+
+@pytest.mark.parametrize("case", ["not a database", "unwritable", "newer schema", "no server"])
+def test_an_unusable_tracking_uri_is_refused_before_ray_starts(tiny_store, tmp_path, case):
+    """Before: tracebacks, and 274 s of silence for a server with nothing listening."""
+    from local_head import free_ports
+
+    db = tmp_path / "db" / "mlflow.db"
+    db.parent.mkdir()
+    if case == "not a database":
+        db.write_text("these are my notes\n")
+        uri, words = f"sqlite:///{db}", f"{db} is not an SQLite database"
+    elif case == "unwritable":
+        uri, words = "sqlite:////proc/tsesnet/mlflow.db", "cannot write in /proc"
+    elif case == "newer schema":
+        _newer_schema_db(db)
+        uri, words = f"sqlite:///{db}", "(revision f0f0f0f0f0f0) was written by a newer MLflow"
+    else:
+        (port,) = free_ports(1)
+        uri = f"http://user:s3cret@127.0.0.1:{port}"
+        words = f"no tracking server answers at 127.0.0.1:{port} (Connection refused within 3 s)"
+    before = db.read_bytes() if db.exists() else None
+    env = dict(_env(tmp_path), MLFLOW_TRACKING_URI=uri)
+    start = time.monotonic()
+    out = subprocess.run(
+        _train_cmd(tiny_store, tmp_path, "tracked"), env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert time.monotonic() - start < 45
+    line = _one_error_line(out)
+    assert line.startswith("error: MLFLOW_TRACKING_URI=") and words in line, line
+    assert "s3cret" not in out.stderr
+    assert not (tmp_path / "ray").exists()  # nothing claimed
+    assert (db.read_bytes() if db.exists() else None) == before  # nothing changed

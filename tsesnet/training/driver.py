@@ -127,6 +127,7 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         )
     st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
+    runs.check_tracking()  # before any Ray: bounded time, one line
     check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
