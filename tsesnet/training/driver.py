@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -75,18 +76,30 @@ def train(
         The run's MLflow id, best validation Dice, registered version and alias.
     """
     cfg = config or TrainConfig()
-    plan = plan_run(store, cfg, name)
-    with ended_as(plan.run_id):
-        result = fit(plan, callbacks)
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = checkpoint.read_state(ckpt_dir)
-            reg = register(
-                ckpt_dir,
-                cfg,
-                run_id=plan.run_id,
-                lineage=_lineage(plan, cfg),
-                train_ids=plan.train_ids,
-            )
+    _catch_signals()
+    created: list[str] = []
+    try:
+        plan = plan_run(store, cfg, name, created=created)
+        with ended_as(plan.run_id):
+            check_stop()
+            result = fit(plan, callbacks)
+            check_stop()
+            with result.checkpoint.as_directory() as ckpt_dir:
+                state = checkpoint.read_state(ckpt_dir)
+                with _signals_deferred():  # all of a registration or none of it
+                    check_stop()
+                    reg = register(
+                        ckpt_dir,
+                        cfg,
+                        run_id=plan.run_id,
+                        lineage=_lineage(plan, cfg),
+                        train_ids=plan.train_ids,
+                    )
+            check_stop()
+    except KeyboardInterrupt:
+        if created:  # a signal between the run's creation and `ended_as`
+            _end_killed(created[0])
+        raise
     return TrainResult(
         name=plan.name,
         experiment_id=plan.experiment_id,
@@ -103,8 +116,13 @@ def train(
     )
 
 
-def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
+def plan_run(
+    store: str, cfg: TrainConfig, name: str | None = None, *, created: list | None = None
+) -> RunPlan:
     """Check the config, store, fold and network, claim the run folder, find the MLflow run.
+
+    `created`, if given, gets the MLflow run's id as soon as it exists (so that a signal before
+    this returns can still end it KILLED).
 
     Raises:
         InputError: anything that would fail once workers start, as one line.
@@ -133,6 +151,8 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
     experiment_id = runs.ensure_database(cfg.run.experiment)
     run_id, _ = runs.find_or_create_run(experiment_id, name)
+    if created is not None:
+        created.append(run_id)
     print(
         f"run {name}: MLflow run {run_id}, checkpoints in {storage_path}/{name}"
         f"{' (resuming from the latest)' if resumed else ''}",
@@ -170,6 +190,7 @@ def check_resources(cfg: TrainConfig) -> None:
         from tsesnet.common.cluster import connect
 
         ray = connect()
+        _catch_signals()  # ray.init replaced the SIGTERM handler
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         where = "the Ray cluster's nodes"
     else:
@@ -231,6 +252,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     if use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
     connect()
+    _catch_signals()  # ray.init replaced the SIGTERM handler
     # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
     # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -310,6 +332,7 @@ def _interruptible(fn):
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)  # a short wait, so a signal is acted on at once
+        check_stop()  # also when its KeyboardInterrupt was swallowed somewhere
     if "error" in out:
         raise out["error"]
     return out["result"]
@@ -422,6 +445,59 @@ def _first_error_line(err: BaseException) -> str:
     return next((x for x in reversed(lines) if "Error" in x), lines[-1] if lines else repr(err))
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached `tsesnet train`. Attributes: signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# SIGINT/SIGTERM to a training driver: remembered here for good, so that a KeyboardInterrupt that
+# some library swallows (Ray's SIGTERM handler raised SystemExit wherever the main thread was)
+# still stops the run at the next check; raised at once unless deferred.
+_STOP: list[int] = []
+_DEFERRED = [0]
+
+
+def _on_signal(signum, frame) -> None:
+    first = not _STOP
+    _STOP.append(signum)
+    if first and not _DEFERRED[0]:
+        raise Stopped(signum)
+
+
+def _catch_signals() -> None:
+    """SIGINT and SIGTERM stop the run (main thread only: Tune trials run in other threads)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+
+
+def check_stop() -> None:
+    """Raise `Stopped` if SIGINT or SIGTERM arrived."""
+    if _STOP:
+        raise Stopped(_STOP[0])
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """A signal in the block is acted on (by `check_stop`) after it."""
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
+
+
+def _end_killed(run_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+
+
 @contextlib.contextmanager
 def ended_as(run_id: str):
     """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
@@ -430,9 +506,12 @@ def ended_as(run_id: str):
 
     client = mlflow.MlflowClient()
     try:
+        with _signals_deferred():
+            check_stop()  # a signal before the block
         yield
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        with _signals_deferred():  # a second signal must not stop the marking
+            client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -442,6 +521,7 @@ def ended_as(run_id: str):
 
 def cli(args) -> int:
     """`tsesnet train --store STORE [--config FILE] [--set k=v ...] [--workers N] ...`."""
+    _catch_signals()
     overrides = list(args.overrides or [])
     if args.workers is not None:
         overrides.append(f"run.workers={args.workers}")
