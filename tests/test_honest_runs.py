@@ -256,3 +256,43 @@ def test_a_signal_at_any_moment_ends_the_run_killed_and_registers_nothing(
         n for n, _, a in tries if a is not None
     }
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.data.tags, r.info.status) for r in runs]
+
+
+@pytest.mark.slow
+def test_one_run_name_is_never_trained_twice_at_once(tiny_store, ray_session, tmp_path):
+    """Before: two `tsesnet train --name twin` started together shared one MLflow run and one
+    checkpoint folder. Now the second refuses at once, naming the first's host and pid."""
+    import signal
+
+    from data_store.location import this_host
+
+    first = subprocess.Popen(
+        _train_cmd(tiny_store, tmp_path, "twin", "schedule.epochs=20"),
+        env=_env(tmp_path, ray_session), cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in first.stdout:
+            if "run twin: MLflow run" in line:
+                break
+        start = time.monotonic()
+        second = subprocess.run(
+            _train_cmd(tiny_store, tmp_path, "twin", "schedule.epochs=20"),
+            env=_env(tmp_path, ray_session), cwd=tmp_path, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert time.monotonic() - start < 60
+        line = _one_error_line(second)
+        assert line.startswith(
+            f"error: run twin is already being trained by pid {first.pid} on {this_host()} "
+        ), line
+        assert "choose another --name" in line
+        assert first.poll() is None  # the first goes on
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        first.kill()
+    client = _client(tmp_path)
+    run = _run_of(client, "twin")  # one run of that name
+    assert run.info.status == "KILLED"
+    assert not (tmp_path / "ray" / "twin" / ".lock").exists()  # released

@@ -79,23 +79,9 @@ def train(
     _catch_signals()
     created: list[str] = []
     try:
-        plan = plan_run(store, cfg, name, created=created)
-        with ended_as(plan.run_id):
-            check_stop()
-            result = fit(plan, callbacks)
-            check_stop()
-            with result.checkpoint.as_directory() as ckpt_dir:
-                state = checkpoint.read_state(ckpt_dir)
-                with _signals_deferred():  # all of a registration or none of it
-                    check_stop()
-                    reg = register(
-                        ckpt_dir,
-                        cfg,
-                        run_id=plan.run_id,
-                        lineage=_lineage(plan, cfg),
-                        train_ids=plan.train_ids,
-                    )
-            check_stop()
+        with contextlib.ExitStack() as claims:
+            plan = plan_run(store, cfg, name, created=created, claims=claims)
+            result, reg, state = _train_planned(plan, cfg, callbacks)
     except KeyboardInterrupt:
         if created:  # a signal between the run's creation and `ended_as`
             _end_killed(created[0])
@@ -116,13 +102,41 @@ def train(
     )
 
 
+def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
+    """Fit a planned run and register its best checkpoint; (Ray's result, registration, the
+    checkpoint's state). The MLflow run ends FINISHED, KILLED or FAILED (`ended_as`)."""
+    with ended_as(plan.run_id):
+        check_stop()
+        result = fit(plan, callbacks)
+        check_stop()
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = checkpoint.read_state(ckpt_dir)
+            with _signals_deferred():  # all of a registration or none of it
+                check_stop()
+                reg = register(
+                    ckpt_dir,
+                    cfg,
+                    run_id=plan.run_id,
+                    lineage=_lineage(plan, cfg),
+                    train_ids=plan.train_ids,
+                )
+        check_stop()
+    return result, reg, state
+
+
 def plan_run(
-    store: str, cfg: TrainConfig, name: str | None = None, *, created: list | None = None
+    store: str,
+    cfg: TrainConfig,
+    name: str | None = None,
+    *,
+    created: list | None = None,
+    claims: contextlib.ExitStack | None = None,
 ) -> RunPlan:
     """Check the config, store, fold and network, claim the run folder, find the MLflow run.
 
     `created`, if given, gets the MLflow run's id as soon as it exists (so that a signal before
-    this returns can still end it KILLED).
+    this returns can still end it KILLED). `claims`, if given, holds the run name's lock
+    (`claim_name`) until it closes: a second training of the same name and storage refuses.
 
     Raises:
         InputError: anything that would fail once workers start, as one line.
@@ -148,6 +162,8 @@ def plan_run(
     runs.check_tracking()  # before any Ray: bounded time, one line
     check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
+    if claims is not None:
+        claims.enter_context(claim_name(storage_path, name))
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
     experiment_id = runs.ensure_database(cfg.run.experiment)
     run_id, _ = runs.find_or_create_run(experiment_id, name)
@@ -173,6 +189,39 @@ def plan_run(
         tracking_uri=runs.tracking_uri(),
         git_commit=runs.git_commit(),
     )
+
+
+@contextlib.contextmanager
+def claim_name(storage_path: str, name: str):
+    """Hold run `name`'s lock (``storage_path/name/.lock``, `data_store.lock.StoreLock`: atomic,
+    naming its holder, taken over when the holder is gone) for the block.
+
+    Raises:
+        InputError: another live training holds it, naming its host and pid.
+    """
+    from data_store.location import StoreLocation
+    from data_store.lock import LOCK_NAME, StoreLock, read_holder
+
+    folder = f"{storage_path}/{name}"
+    location = StoreLocation.parse(folder)
+    if location.local:
+        os.makedirs(location.root, exist_ok=True)
+    else:
+        location.fs.makedirs(location.root, exist_ok=True)
+    lock = StoreLock(location, wait=0, command=" ".join(sys.argv) or f"train {name}")
+    try:
+        lock.acquire()
+    except InputError:
+        _, holder = read_holder(location)
+        who = holder.describe() if holder else "an unknown process (its lock is unreadable)"
+        raise InputError(
+            f"run {name} is already being trained by {who}; wait for it to end or choose "
+            f"another --name (its lock: {location.path(LOCK_NAME)})"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_resources(cfg: TrainConfig) -> None:
