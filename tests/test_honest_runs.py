@@ -296,3 +296,59 @@ def test_one_run_name_is_never_trained_twice_at_once(tiny_store, ray_session, tm
     run = _run_of(client, "twin")  # one run of that name
     assert run.info.status == "KILLED"
     assert not (tmp_path / "ray" / "twin" / ".lock").exists()  # released
+
+
+REGISTER = """
+import sys, time
+from pathlib import Path
+from tsesnet.training.config import load_config
+from tsesnet.model import TSESNet
+from tsesnet.tracking import runs
+from tsesnet.tracking.registry import log_and_register
+
+tiny, dice, go = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+cfg = load_config(tiny)
+config = cfg.model.config(patch=(16, 32, 32))
+weights = TSESNet(config).state_dict()
+import dataclasses, mlflow
+experiment = runs.ensure_database("tsesnet")
+run = mlflow.MlflowClient().create_run(experiment)
+while not go.exists():
+    time.sleep(0.01)
+time.sleep(float(sys.argv[4]))
+reg = log_and_register(
+    run_id=run.info.run_id, weights=weights, model_config=dataclasses.asdict(config),
+    patch=(16, 32, 32), phases=3, val_dice=dice,
+    lineage={"store_fingerprint": "f" * 16, "fold": 0, "store": "/s", "run_name": "r",
+             "git_commit": "c"},
+)
+print(reg.version, reg.alias, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_alias_gate_is_atomic(tmp_path):
+    """Three registrations on the same store and fold at once (Dice 0.7 first, then 0.5 and
+    0.6): @champion ends on the best. Before: each read the champion, then set the alias a
+    moment later, so a worse version registered last took @champion from a better one."""
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", REGISTER, str(TINY), dice, str(go), delay],
+            env=_env(tmp_path),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for dice, delay in (("0.7", "0"), ("0.5", "0.3"), ("0.6", "0.6"))
+    ]
+    time.sleep(8)  # all three imported and waiting
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    client = _client(tmp_path)
+    champion = client.get_model_version_by_alias("tsesnet", "champion")
+    assert float(champion.tags["val_dice"]) == 0.7, [o[0] for o in outs]
+    said = sorted(o[0].split()[1] for o in outs)
+    assert said == ["challenger", "challenger", "champion"], said
