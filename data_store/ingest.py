@@ -28,6 +28,7 @@ storage every node can reach (shared filesystem or an fsspec URL).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ def ingest(
     progress: bool = True,
     wait: float = 60.0,
     options: ReadOptions | None = None,
+    break_lock: bool = False,
 ) -> IngestReport:
     """Validates a NIfTI cohort and stores its good cases as Zarr (see the module docstring).
 
@@ -139,6 +141,7 @@ def ingest(
         progress: show a tqdm progress bar on stderr.
         wait: seconds to wait for another writer's lock on the store.
         options: what source files may be (size limit, assumed spacing).
+        break_lock: remove a lock held by someone unknown (`data_store.lock.StoreLock`).
 
     Returns:
         An `IngestReport`; `report.rejected` lists the bad cases.
@@ -157,7 +160,7 @@ def ingest(
         raise InputError(f"--workers must be at least 1, got {workers}")
     sources = _discover(src, layout)
     location = _target(store)
-    with StoreLock(location, wait=wait) as lock:
+    with StoreLock(location, wait=wait, break_lock=break_lock) as lock:
         init_store(location)
         leftovers = clean_leftovers(location)
         report = IngestReport(store=location.url, cleaned=leftovers.cleaned, kept=leftovers.kept)
@@ -316,6 +319,8 @@ def cli(args: argparse.Namespace) -> int:
     from data_store.geometry import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
     max_gib = getattr(args, "max_image_gib", None)
+    if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):
+        raise InputError(f"--max-image-gib must be a positive number of GiB, got {max_gib:g}")
     options = ReadOptions(
         max_image_bytes=int(max_gib * 2**30) if max_gib else DEFAULT_MAX_IMAGE_BYTES,
         assume_spacing=getattr(args, "assume_spacing", None),
@@ -328,6 +333,7 @@ def cli(args: argparse.Namespace) -> int:
         folds=getattr(args, "folds", 5),
         wait=getattr(args, "wait", 60.0),
         options=options,
+        break_lock=getattr(args, "break_lock", False),
     )
     print(
         f"{report.store}: stored {len(report.stored)}, unchanged {len(report.skipped)}, "

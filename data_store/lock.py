@@ -18,6 +18,14 @@ is never taken over (its pid cannot be checked from here): the message says how 
 A writer that finds the store locked waits up to ``wait`` seconds (polling), then fails with one
 line naming the holder.
 
+Fail closed: a lock file this code did not write (empty, unparsable, foreign JSON, unreadable,
+a symbolic link or not a regular file) is held by someone unknown, never treated as free: the
+writer waits, then fails naming the file and ``--break-lock``. ``break_lock=True`` (the CLI's
+``--break-lock``) removes such a lock, or one held from another host, once; the lock of a live
+process of this host is never broken. Nothing in the store is opened through a symbolic link:
+the lock file is read with ``O_NOFOLLOW`` and the guard is opened with ``O_NOFOLLOW``, so a
+planted link can neither pose as a holder nor make the lock create a file outside the store.
+
 Object stores (fsspec URLs): the lock is created with ``fs.open(path, "xb")``, which s3fs,
 gcsfs and adlfs implement as a conditional (if-none-match) write, so it is atomic there; other
 fsspec backends may implement it as check-then-write, which two writers starting within the same
@@ -30,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
 import uuid
@@ -39,7 +48,14 @@ from dataclasses import asdict, dataclass
 from data_store.errors import InputError
 from data_store.location import Owner, StoreLocation, pid_running
 
-__all__ = ["GUARD_NAME", "LOCK_NAME", "LockHolder", "StoreLock", "read_holder"]
+__all__ = [
+    "GUARD_NAME",
+    "LOCK_NAME",
+    "LockHolder",
+    "StoreLock",
+    "UnknownHolder",
+    "read_holder",
+]
 
 LOCK_NAME = ".lock"
 GUARD_NAME = ".lock.guard"
@@ -122,15 +138,51 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class UnknownHolder:
+    """A lock file this code did not write: held by someone unknown.
+
+    Attributes:
+        path: the lock file (for messages).
+        why: what it is, e.g. "empty", "a symbolic link".
+    """
+
+    path: str
+    why: str
+
+
 def read_holder(location: StoreLocation) -> tuple[bool, LockHolder | None]:
-    """(a lock file exists, the holder it names or None when it is unreadable)."""
+    """(a lock file exists, the holder it names or None when it is not a lock file we wrote)."""
+    found = _read_lock(location)
+    return found is not None, found if isinstance(found, LockHolder) else None
+
+
+def _read_lock(location: StoreLocation) -> LockHolder | UnknownHolder | None:
+    """The lock file's holder, an `UnknownHolder` when it is not one we wrote, None if absent.
+
+    A local lock file is never read through a symbolic link (``O_NOFOLLOW``), nor opened when it
+    is not a regular file (a FIFO would block).
+    """
+    path = location.path(LOCK_NAME)
     try:
-        data = location.read_bytes(LOCK_NAME)
+        if location.local:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                return UnknownHolder(path, "a symbolic link")
+            if not stat.S_ISREG(st.st_mode):
+                return UnknownHolder(path, "not a regular file")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(1 << 20)
+        else:
+            data = location.read_bytes(LOCK_NAME)
     except FileNotFoundError:
-        return False, None
-    except OSError:
-        return True, None
-    return True, LockHolder.parse(data)
+        return None
+    except OSError as err:
+        return UnknownHolder(path, f"unreadable: {err.strerror or err}")
+    if not data.strip():
+        return UnknownHolder(path, "empty")
+    return LockHolder.parse(data) or UnknownHolder(path, "not a lock file tsesnet wrote")
 
 
 class StoreLock:
@@ -141,6 +193,9 @@ class StoreLock:
         wait: seconds to wait for another holder to finish before failing.
         command: what to record as the holder's command (default: this process's argv).
         notify: called with one line when this lock starts waiting or takes over a stale lock.
+        break_lock: remove, once, a lock held by someone unknown (see the module docstring) or
+            from another host, and a guard that is not a regular file (the CLI's
+            ``--break-lock``); a live holder of this host is never broken.
 
     Attributes:
         took_over: the stale holder whose lock was taken over, or None.
@@ -154,6 +209,7 @@ class StoreLock:
         wait: float = 60.0,
         command: str | None = None,
         notify: Callable[[str], None] | None = None,
+        break_lock: bool = False,
     ):
         if wait < 0:
             raise InputError(f"--wait must be >= 0 seconds, got {wait:g}")
@@ -161,6 +217,7 @@ class StoreLock:
         self.wait = float(wait)
         self.holder = LockHolder.me(command)
         self.notify = notify or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.break_lock = break_lock
         self.took_over: LockHolder | None = None
         self.waited_s = 0.0
         self.held = False
@@ -189,7 +246,10 @@ class StoreLock:
             if waited >= self.wait:
                 raise InputError(self._busy(other, waited), path=self.location.url)
             if not announced:
-                who = other.describe() if other else "an unreadable lock file"
+                if isinstance(other, UnknownHolder):
+                    who = f"an unknown writer ({other.path})"
+                else:
+                    who = other.describe()
                 self.notify(f"{self.location.url}: waiting up to {self.wait:g} s for {who}")
                 announced = True
             time.sleep(min(POLL_S, self.wait - waited))
@@ -199,35 +259,55 @@ class StoreLock:
         if not self.held:
             return
         with self._guard():
-            _, holder = read_holder(self.location)
-            if holder is not None and holder.token == self.holder.token:
+            holder = _read_lock(self.location)
+            if isinstance(holder, LockHolder) and holder.token == self.holder.token:
                 self.location.remove(LOCK_NAME)
         self.held = False
 
-    def _busy(self, other: LockHolder | None, waited: float) -> str:
+    def _busy(self, other: LockHolder | UnknownHolder, waited: float) -> str:
+        if isinstance(other, UnknownHolder):
+            return (
+                f"locked by an unknown writer ({other.path} is {other.why}); waited "
+                f"{waited:.0f} s (pass --wait SECONDS to wait longer; if no writer runs on this "
+                "store, pass --break-lock to remove the lock)"
+            )
         lock = self.location.path(LOCK_NAME)
-        who = f"locked by another writer, {other.describe()}" if other else "locked"
         return (
-            f"{who}; waited {waited:.0f} s (pass --wait SECONDS to wait longer; if no such "
-            f"writer runs any more, delete {lock})"
+            f"locked by another writer, {other.describe()}; waited {waited:.0f} s (pass --wait "
+            f"SECONDS to wait longer; if no such writer runs any more, delete {lock})"
         )
 
-    def _try(self) -> LockHolder | None:
-        """One attempt: None when the lock is now ours, else its current holder (None inside
-        means an unreadable lock file)."""
+    def _try(self) -> LockHolder | UnknownHolder | None:
+        """One attempt: None when the lock is now ours, else who holds it."""
         with self._guard():
-            exists, holder = read_holder(self.location)
-            if exists and holder is not None and holder.gone():
+            holder = _read_lock(self.location)
+            if isinstance(holder, LockHolder) and holder.gone():
                 self.location.remove(LOCK_NAME)
                 self.took_over = holder
                 self.notify(
                     f"{self.location.url}: took over the lock of {holder.describe()}, which is "
                     "no longer running"
                 )
-                exists = False
-            if not exists and self._create():
+                holder = None
+            elif holder is not None and self.break_lock and self._breakable(holder):
+                self.location.remove(LOCK_NAME)  # a symbolic link itself, never its target
+                self.break_lock = False  # once: a lock taken after this one is respected
+                self.notify(
+                    f"{self.location.url}: broke the lock {self.location.path(LOCK_NAME)} "
+                    "(--break-lock)"
+                )
+                holder = None
+            if holder is None and self._create():
                 return None
-            return read_holder(self.location)[1]
+            return _read_lock(self.location) or UnknownHolder(
+                self.location.path(LOCK_NAME), "gone and back (retrying)"
+            )
+
+    @staticmethod
+    def _breakable(holder: LockHolder | UnknownHolder) -> bool:
+        """Whether --break-lock may remove this lock: never a holder of this host (one that
+        runs is waited for, one that is gone is taken over anyway)."""
+        return isinstance(holder, UnknownHolder) or not Owner(holder.host, holder.pid).here
 
     def _create(self) -> bool:
         """Creates the lock file with our content, atomically; False if it exists."""
@@ -241,7 +321,8 @@ class StoreLock:
                 return False
         path = self.location.path(LOCK_NAME)
         private = f"{path}.{self.holder.token}"
-        with open(private, "wb") as f:
+        fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -277,12 +358,40 @@ class StoreLock:
         if not self.location.local or fcntl is None:
             yield
             return
-        fd = os.open(self.location.path(GUARD_NAME), os.O_CREAT | os.O_RDWR, 0o644)
+        fd = self._open_guard()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+    def _open_guard(self) -> int:
+        path = self.location.path(GUARD_NAME)
+        fd = _open_guard_at(path)
+        if fd is None and self.break_lock:
+            self.location.remove(GUARD_NAME)  # a link itself, never its target
+            self.notify(f"{self.location.url}: removed {path} (--break-lock)")
+            fd = _open_guard_at(path)
+        if fd is None:
+            raise InputError(
+                f"{path} is not a regular file (a symbolic link?): refusing to lock through "
+                "it; remove it if no writer runs (or pass --break-lock)",
+                path=self.location.url,
+            )
+        return fd
+
+
+def _open_guard_at(path: str) -> int | None:
+    """The guard file's descriptor, never through a symbolic link; None if it is not a
+    regular file."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError:  # ELOOP: a symbolic link; EISDIR, ENXIO: a folder, a socket
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _one_line(text: str, limit: int = 300) -> str:

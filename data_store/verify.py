@@ -179,7 +179,7 @@ def orphans(location: StoreLocation, indexed: set[str]) -> dict[str, str]:
     return found
 
 
-def repair_orphans(path: str, *, wait: float = 60.0) -> list[str]:
+def repair_orphans(path: str, *, wait: float = 60.0, break_lock: bool = False) -> list[str]:
     """Removes the orphans of a store under its writer lock; returns what was removed.
 
     Temporary entries go only when their writer is gone (an ``.old-`` copy of a missing case is
@@ -193,7 +193,8 @@ def repair_orphans(path: str, *, wait: float = 60.0) -> list[str]:
     from data_store.store import clean_leftovers
 
     location = StoreLocation.parse(path)
-    with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --repair"):
+    command = f"tsesnet store verify {path} --repair"
+    with StoreLock(location, wait=wait, command=command, break_lock=break_lock):
         index = load_index(location, strict=False)
         # Every ID the index names, also those whose entry is damaged: those are cases to
         # repair by re-ingesting, never orphans to remove.
@@ -206,7 +207,7 @@ def repair_orphans(path: str, *, wait: float = 60.0) -> list[str]:
     return sorted(gone)
 
 
-def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
+def record_unrecorded(path: str, *, wait: float = 60.0, break_lock: bool = False) -> list[str]:
     """Adds an integrity record to every complete case without one, then rebuilds the index.
 
     Runs under the store's writer lock. A case is recorded only if its arrays decode and have
@@ -225,7 +226,8 @@ def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
 
     location = StoreLocation.parse(path)
     done = []
-    with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --record"):
+    command = f"tsesnet store verify {path} --record"
+    with StoreLock(location, wait=wait, command=command, break_lock=break_lock):
         n_folds = int(read_root(location).get("n_folds", 0))
         for cid, attrs in sorted(scan_cases(location).items()):
             if "integrity" in attrs:
@@ -246,8 +248,16 @@ def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
-    recorded = record_unrecorded(args.store, wait=args.wait) if args.record else []
-    repaired = repair_orphans(args.store, wait=args.wait) if args.repair else []
+    recorded = (
+        record_unrecorded(args.store, wait=args.wait, break_lock=args.break_lock)
+        if args.record
+        else []
+    )
+    repaired = (
+        repair_orphans(args.store, wait=args.wait, break_lock=args.break_lock)
+        if args.repair
+        else []
+    )
     report = verify_store(args.store, deep=args.deep)
     report.recorded = recorded
     report.repaired = repaired

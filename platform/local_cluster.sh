@@ -5,7 +5,7 @@
 #
 #   platform/local_cluster.sh start      # prints the token file, the ports and the submit command
 #   platform/local_cluster.sh status     # `ray status`, and the head's listening sockets
-#   platform/local_cluster.sh stop       # ends this head only (found by its own temp dir)
+#   platform/local_cluster.sh stop       # ends this head only (the processes `start` started)
 #
 # Environment (set the ports to run beside another Ray on the same machine; every one of Ray's
 # other ports is picked free at start):
@@ -17,10 +17,12 @@
 #   DASHBOARD_METRIC_PORT   the dashboard's Prometheus metrics, 44227 (Ray's own variable)
 #   AUTOSCALER_METRIC_PORT  the autoscaler's Prometheus metrics, 44217 (Ray's own variable)
 #   NUM_CPUS / NUM_GPUS     resources of the head (default: all)
-#   RAY_TEMP_DIR            this head's own temp dir, default /tmp/tsesnet-ray-$UID-$RAY_PORT;
-#                           `stop` ends exactly the processes using it
-#   RAY_AUTH_TOKEN_PATH     the token file (default ~/.ray/auth_token; generated if missing, and
-#                           made mode 0600 if others can read it)
+#   RAY_TEMP_DIR            this head's temp dir, default /tmp/tsesnet-ray-$UID-$RAY_PORT (may be
+#                           shared with other Ray instances, e.g. Ray's own /tmp/ray)
+#   RAY_AUTH_TOKEN_PATH     the token file (default ~/.ray/auth_token; generated, 0600 in a 0700
+#                           folder, if missing; made mode 0600 if others can read it)
+#   TSESNET_STATE_DIR       where `start` records what it started, default
+#                           ${XDG_STATE_HOME:-~/.local/state}/tsesnet
 #   STOP_GRACE              seconds `stop` waits after SIGTERM before SIGKILL, 10
 #
 # Why these choices:
@@ -29,8 +31,12 @@
 #   its single-machine mode (the one it uses on macOS), where the node address stays 127.0.0.1 and
 #   every listener is on loopback; such a head accepts no other nodes, which is the point here.
 # - `ray stop` stops every Ray process of this user on the machine, other people's and other
-#   sessions' included. `stop` here signals only the processes whose command line or open files
-#   are inside this head's RAY_TEMP_DIR.
+#   sessions' included, and a temp dir says nothing about ownership (/tmp/ray is every Ray's
+#   default; a driver has files open there). So `start` runs `ray start` with a random marker in
+#   its environment (inherited by every process Ray starts; /proc/PID/environ is readable by its
+#   owner only) and records the PIDs and start times (field 22 of /proc/PID/stat) of the marked
+#   processes. `stop` signals only those still alive with the same start time, marked processes,
+#   and their descendants (workers, job drivers started later).
 # - Without a token Ray 2.60 starts the head with authentication *disabled* and accepts any job
 #   (a warning only), so this script always has a token and sets RAY_AUTH_MODE=token. Clients need
 #   the same: `export RAY_AUTH_MODE=token` (before Python imports ray) and the token in
@@ -54,15 +60,59 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
-# PIDs of the processes that belong to this head: their command line or an open file is inside
-# RAY_TEMP_DIR (Ray renames some processes, e.g. `ray::DashboardAgent`, so the command line alone
-# misses them). grep reads the path from a pipe, so that it does not find itself.
+STATE_DIR=${TSESNET_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/tsesnet}
+STATE="$STATE_DIR/ray-head-$RAY_PORT.pids"
+
+# A process's start time in clock ticks since boot (field 22 of /proc/PID/stat; the fields after
+# the command name, which may hold spaces and parentheses, start at field 3).
+start_time() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo "${20}"
+}
+
+# The processes this head's `start` started: the recorded PIDs still alive with their recorded
+# start time, the processes of this user carrying the start's marker, and their descendants.
 head_pids() {
+  [[ -r $STATE ]] || return 0
+  local marker pid started
+  marker=$(sed -n 's/^marker //p' "$STATE")
   {
-    grep -l -a -F -f <(printf '%s/\n' "$RAY_TEMP_DIR") /proc/[0-9]*/cmdline 2>/dev/null \
-      | cut -d/ -f3 || true
-    find /proc/[0-9]*/fd -maxdepth 1 -lname "$RAY_TEMP_DIR/*" 2>/dev/null | cut -d/ -f3 || true
-  } | sort -un || true
+    while read -r pid started; do
+      [[ $pid =~ ^[0-9]+$ ]] && [[ $(start_time "$pid") == "$started" ]] && echo "$pid"
+    done <"$STATE"
+    # grep reads the marker from a pipe, so that it does not find itself.
+    [[ -n $marker ]] && { grep -l -a -F -f <(printf 'TSESNET_LOCAL_HEAD=%s\n' "$marker") \
+      /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true; }
+  } | with_descendants
+}
+
+# The PIDs read (one a line) and every descendant of theirs that this user owns; zombies (dead,
+# not yet reaped) left out.
+with_descendants() {
+  { sed 's/^/W /'; ps -e -o pid=,ppid=,uid=,stat= | sed 's/^ */P /'; } | awk -v me="$(id -u)" '
+    $1 == "W" { want[$2] = 1; next }
+    $1 == "P" && $4 == me && $5 !~ /^Z/ { parent[$2] = $3; seen[$2] = 1 }
+    END {
+      do {
+        grew = 0
+        for (p in seen) if (!(p in want) && (parent[p] in want)) { want[p] = 1; grew = 1 }
+      } while (grew)
+      for (p in want) if (p in seen) print p
+    }' | sort -n
+}
+
+# Record what `start` started (PIDs and start times), readable by this user only.
+record_pids() {
+  local pid tmp="$STATE.tmp.$$"
+  {
+    echo "marker $1"
+    for pid in $(head_pids); do echo "$pid $(start_time "$pid")"; done
+  } >"$tmp"
+  mv -f "$tmp" "$STATE"
 }
 
 # The head's listening TCP sockets (address:port process), from `ss -ltnp`.
@@ -87,18 +137,21 @@ check_ports_free() {
   done
 }
 
-# A token file that exists, readable by its owner only.
+# A token file that exists, readable by its owner only. A new one is written here (256 random
+# bits, hex, as `ray get-auth-token --generate` writes): Ray refuses a RAY_AUTH_TOKEN_PATH that
+# is set but missing, even to generate it. noclobber: never over a file that appears meanwhile.
 ensure_token() {
   [[ -n "${RAY_AUTH_TOKEN:-}" ]] && return 0
-  if [[ ! -s "$TOKEN_PATH" ]]; then
-    mkdir -p -m 700 "$(dirname "$TOKEN_PATH")"
-    (umask 077 && "$RAY" get-auth-token --generate >/dev/null 2>&1) \
-      || die "could not generate a token with $RAY get-auth-token --generate"
-    if [[ "$TOKEN_PATH" != "$HOME/.ray/auth_token" ]]; then
-      # `ray get-auth-token --generate` writes ~/.ray/auth_token; copy it where asked.
-      install -m 600 "$HOME/.ray/auth_token" "$TOKEN_PATH"
-    fi
+  if [[ ! -e "$TOKEN_PATH" && ! -L "$TOKEN_PATH" ]]; then
+    mkdir -p -m 700 "$(dirname "$TOKEN_PATH")" \
+      || die "cannot create the folder of the token file $TOKEN_PATH"
+    (umask 077 && set -o noclobber && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$TOKEN_PATH") \
+      2>/dev/null || die "cannot write a new token to $TOKEN_PATH"
+    echo "local_cluster.sh: wrote a new Ray token to $TOKEN_PATH (mode 0600)"
   fi
+  [[ -f "$TOKEN_PATH" && -r "$TOKEN_PATH" ]] || die "the token file $TOKEN_PATH is not a readable file"
+  [[ -s "$TOKEN_PATH" ]] || die "the token file $TOKEN_PATH is empty; remove it (a new one is" \
+    "generated) or write the cluster's token into it"
   local mode
   mode=$(stat -c %a "$TOKEN_PATH")
   if (( 8#$mode & 8#077 )); then
@@ -108,10 +161,14 @@ ensure_token() {
 }
 
 start() {
-  [[ -z $(head_pids) ]] || die "a head is already running in $RAY_TEMP_DIR; stop it first: $0 stop"
+  [[ -z $(head_pids) ]] || die "a head started by this script is already running on port" \
+    "$RAY_PORT ($(head_pids | wc -l) processes recorded in $STATE); stop it first: $0 stop"
   check_ports_free
   ensure_token
-  mkdir -p -m 700 "$RAY_TEMP_DIR"
+  mkdir -p -m 700 "$RAY_TEMP_DIR" "$STATE_DIR"
+  local marker
+  marker=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+  (umask 077 && echo "marker $marker" >"$STATE")
   # Jobs run `tsesnet ...`: put the executables beside this ray on their PATH.
   PATH="$(dirname "$(command -v "$RAY")"):$PATH"
   local args=(--head --node-ip-address 127.0.0.1 --port "$RAY_PORT"
@@ -121,9 +178,10 @@ start() {
   [[ -n "${NUM_CPUS:-}" ]] && args+=(--num-cpus "$NUM_CPUS")
   [[ -n "${NUM_GPUS:-}" ]] && args+=(--num-gpus "$NUM_GPUS")
   local log="$RAY_TEMP_DIR/ray-start.log"
-  if ! "$RAY" start "${args[@]}" >"$log" 2>&1; then
+  if ! TSESNET_LOCAL_HEAD=$marker "$RAY" start "${args[@]}" >"$log" 2>&1; then
     tail -n 20 "$log" >&2
-    die "ray start failed (full output in $log)"
+    record_pids "$marker"
+    die "ray start failed (full output in $log); end what it left with: $0 stop"
   fi
   # `ray start` returns before the job API and the Ray Client server listen; wait for them.
   local waited=0
@@ -131,10 +189,11 @@ start() {
     (( waited++ < 60 )) || die "the dashboard ($DASHBOARD_PORT) or Ray Client ($CLIENT_PORT) did not come up; logs in $RAY_TEMP_DIR/session_latest/logs"
     sleep 1
   done
+  record_pids "$marker"
   cat <<MSG
 Ray head on 127.0.0.1:$RAY_PORT, dashboard and job API on http://127.0.0.1:$DASHBOARD_PORT
 Token authentication on; token in ${RAY_AUTH_TOKEN:+\$RAY_AUTH_TOKEN}${RAY_AUTH_TOKEN:-$TOKEN_PATH}.
-Temp dir (logs) $RAY_TEMP_DIR. Listening:
+Temp dir (logs) $RAY_TEMP_DIR. PIDs recorded in $STATE. Listening:
 $(head_listeners | sed 's/^/  /')
 Submit a job (the virtual environment active, from any directory):
 
@@ -150,7 +209,7 @@ MSG
 stop() {
   local pids left="" waited=0
   pids=$(head_pids | tr '\n' ' ')
-  [[ -n ${pids// } ]] || { echo "no head running in $RAY_TEMP_DIR"; return 0; }
+  [[ -n ${pids// } ]] || { echo "no head started by this script runs on port $RAY_PORT"; rm -f "$STATE"; return 0; }
   # shellcheck disable=SC2086
   kill -TERM $pids 2>/dev/null || true
   while (( waited < STOP_GRACE * 2 )); do
@@ -161,6 +220,7 @@ stop() {
   done
   # shellcheck disable=SC2086
   [[ -n ${left// } ]] && { kill -KILL $left 2>/dev/null || true; }
+  rm -f "$STATE"
   echo "stopped the head in $RAY_TEMP_DIR ($(wc -w <<<"$pids") processes, $(wc -w <<<"$left")" \
     "of them by SIGKILL after ${STOP_GRACE} s); no other Ray was signalled"
 }

@@ -36,10 +36,21 @@ export MLFLOW_HOST=${MLFLOW_HOST:-127.0.0.1}
 export MLFLOW_PORT=${MLFLOW_PORT:-5000}
 export MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
 
-# A password inside the URI would reach MLflow's logs and error messages.
-if [[ $MLFLOW_BACKEND_STORE_URI =~ ^[a-z0-9+]+://[^/@:]+:[^/@]+@ ]]; then
-  die "MLFLOW_BACKEND_STORE_URI holds a password; put it in a PGPASSFILE (or ~/.pgpass) instead"
-fi
+# A password inside a URI would reach MLflow's logs and error messages. Look in every part of it
+# (user:password@, ?password=, ;Pwd= of ODBC strings), in any case, percent-escapes decoded.
+holds_secret() {
+  local uri=${1//\\/} decoded
+  decoded=$(printf '%b' "${uri//%/\\x}") || decoded=$uri
+  decoded=${decoded,,}
+  [[ $decoded =~ ^[a-z0-9+.-]+://[^/?#@]*:[^/?#@]*@ ]] && return 0
+  [[ $decoded =~ [?\&\;#]([a-z_]*(pass|pwd|secret|token|credential)[a-z_]*|[a-z_]*(api|access|account|sas)_?key)= ]]
+}
+for name in MLFLOW_BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION; do
+  if holds_secret "${!name}"; then
+    die "$name holds a password or other secret; put it in a PGPASSFILE (or ~/.pgpass) or the" \
+        "storage client's own credentials instead"
+  fi
+done
 args=(server --serve-artifacts)
 if [[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
   [[ -r $MLFLOW_AUTH_CONFIG_PATH ]] || die "MLFLOW_AUTH_CONFIG_PATH=$MLFLOW_AUTH_CONFIG_PATH is not readable"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,7 @@ def test_a_reader_during_a_write_is_told_who_writes(tmp_path):
 
 RACE = """
 import sys, time
+from collections.abc import Callable
 from pathlib import Path
 from data_store.errors import InputError
 from data_store.location import StoreLocation
@@ -305,3 +307,122 @@ def test_lock_on_an_object_store(tmp_path):
             StoreLock(location, wait=0).acquire()
         assert location.exists(LOCK_NAME) and lock.held
     assert not location.exists(LOCK_NAME)
+
+
+# ------------------------------------------------------------- locks that fail closed
+
+
+def _unknown_locks(store: Path, outside: Path) -> dict[str, Callable[[], None]]:
+    """Lock files this code did not write, each planted by a function: all held by someone
+    unknown."""
+    real = LockHolder(this_host(), os.getppid(), None, time.time(), "x", "cd" * 16)
+    (outside / "elsewhere.lock").write_bytes(real.to_bytes())
+    return {
+        "empty": lambda: (store / LOCK_NAME).write_bytes(b""),
+        "garbage": lambda: (store / LOCK_NAME).write_bytes(b"\x00\xffnot json"),
+        "foreign": lambda: (store / LOCK_NAME).write_text('{"owner": "someone"}'),
+        "dangling symlink": lambda: (store / LOCK_NAME).symlink_to(outside / "missing"),
+        "symlink": lambda: (store / LOCK_NAME).symlink_to(outside / "elsewhere.lock"),
+    }
+
+
+def test_an_unknown_lock_holds_the_store_until_broken(tmp_path, empty_store):
+    """An empty, garbage, foreign or symlinked ``.lock`` is held by someone unknown: writers
+    wait, then fail with one line naming the file and --break-lock; nothing is taken."""
+    location = StoreLocation.parse(empty_store)
+    lock = empty_store / LOCK_NAME
+    for case, plant in _unknown_locks(empty_store, tmp_path).items():
+        plant()
+        said: list[str] = []
+        start = time.monotonic()
+        with pytest.raises(InputError) as info:
+            StoreLock(location, wait=0.5, notify=said.append).acquire()
+        assert time.monotonic() - start >= 0.5, case
+        msg = str(info.value)
+        assert msg.startswith(f"{empty_store}: locked by an unknown writer ({lock} is "), case
+        assert "--break-lock" in msg and "\n" not in msg, case
+        assert said == [f"{empty_store}: waiting up to 0.5 s for an unknown writer ({lock})"]
+        assert os.path.lexists(lock), case  # left as found
+        # --break-lock takes it (never following a symlink: its target stays)
+        broke: list[str] = []
+        with StoreLock(location, wait=0, break_lock=True, notify=broke.append) as held:
+            assert not lock.is_symlink() and json.loads(lock.read_text())["pid"] == os.getpid()
+            assert held.held
+        assert broke == [f"{empty_store}: broke the lock {lock} (--break-lock)"], case
+        assert not os.path.lexists(lock)
+    assert json.loads((tmp_path / "elsewhere.lock").read_text())["token"] == "cd" * 16
+
+
+def test_break_lock_never_breaks_a_live_holder_here(empty_store):
+    holder = _write_lock(empty_store, this_host(), os.getppid(), process_start(os.getppid()))
+    with pytest.raises(InputError, match=r"locked by another writer, pid \d+ on"):
+        StoreLock(StoreLocation.parse(empty_store), wait=0, break_lock=True).acquire()
+    assert LockHolder.parse((empty_store / LOCK_NAME).read_bytes()) == holder
+
+
+def test_two_writers_never_pass_an_unknown_lock_together(tmp_path, empty_store):
+    """Before: an empty lock let both racers in at once."""
+    (empty_store / LOCK_NAME).write_bytes(b"")
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(empty_store), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=30)[0] for p in procs]
+    assert all(o.startswith("lost ") and "--break-lock" in o for o in outs), outs
+    assert (empty_store / LOCK_NAME).read_bytes() == b""
+
+
+def test_a_symlinked_guard_is_never_followed(tmp_path, empty_store):
+    """``.lock.guard`` planted as a symlink: before, the flock opened (and created) its target
+    outside the store."""
+    target = tmp_path / "outside" / "created-by-the-lock"
+    target.parent.mkdir()
+    guard = empty_store / ".lock.guard"
+    guard.symlink_to(target)
+    with pytest.raises(InputError) as info:
+        StoreLock(StoreLocation.parse(empty_store), wait=0).acquire()
+    assert str(info.value) == (
+        f"{empty_store}: {guard} is not a regular file (a symbolic link?): refusing to lock "
+        "through it; remove it if no writer runs (or pass --break-lock)"
+    )
+    assert not target.exists() and not (empty_store / LOCK_NAME).exists()
+    with StoreLock(StoreLocation.parse(empty_store), wait=0, break_lock=True, notify=print):
+        assert not guard.is_symlink() and guard.is_file()
+    assert not target.exists()
+
+
+def test_unknown_lock_on_an_object_store(tmp_path):
+    location = StoreLocation.parse(f"memory://tsesnet-lock-{tmp_path.name}-u/store")
+    location.fs.pipe_file(f"{location.root}/{LOCK_NAME}", b"")
+    with pytest.raises(InputError, match="locked by an unknown writer .*--break-lock"):
+        StoreLock(location, wait=0).acquire()
+    with StoreLock(location, wait=0, break_lock=True, notify=lambda line: None):
+        assert LockHolder.parse(location.read_bytes(LOCK_NAME)).pid == os.getpid()
+    assert not location.exists(LOCK_NAME)
+
+
+def test_ingest_cli_names_break_lock(tmp_path, empty_store):
+    write_cohort("nnunet", tmp_path / "src", n_cases=1)
+    (empty_store / LOCK_NAME).write_bytes(b"")
+    argv = [TSESNET, "ingest", str(tmp_path / "src"), str(empty_store), "--wait", "0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    lock = empty_store / LOCK_NAME
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {empty_store}: locked by an unknown writer ({lock} is empty)")
+    assert sorted(p.name for p in empty_store.iterdir()) == [".lock", ".lock.guard", "zarr.json"]
+    argv = [TSESNET, "store", "verify", str(empty_store), "--record", "--wait", "0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "--break-lock" in proc.stderr
+    proc = subprocess.run(argv + ["--break-lock"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert not (empty_store / LOCK_NAME).exists()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -177,3 +182,88 @@ def test_yaml_round_trip_and_flatten(tmp_path):
     assert flat["model.tumor_aware"] is True and flat["extra"] == "{}"
     assert flatten(d) == flat
     assert all(isinstance(v, (str, int, float)) for v in flat.values())
+
+
+# ------------------------------------------------------------------ configs read safely
+
+TSESNET = str(Path(sys.executable).parent / "tsesnet")
+
+# 9 levels of 9 references each, inside a valid key: 9**9 (387 million) strings once expanded,
+# from < 500 bytes.
+BOMB = (
+    "loss:\n  alpha: ["
+    + ", ".join(
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]"
+        for i in range(9)
+    )
+    + "]\n"
+)
+
+
+def _run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return subprocess.run(
+        [TSESNET, *argv], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BOMB, r"invalid YAML at line 2, column \d+: aliases \(\*l0\) are not allowed in configs"),
+        ("name: &x a\nmodel:\n  fusion: *x\n", r"invalid YAML at line 3, column 11: aliases"),
+        ("loss: " + "[" * 5000 + "]" * 5000 + "\n", r"invalid YAML at line 1, column 38: nested"),
+        (
+            "loss: " + "{a: " * 200 + "1" + "}" * 200 + "\n",
+            r"invalid YAML .*: nested deeper than 32",
+        ),
+        (
+            "loss:\n  alpha: 0.5\nname: x\nloss:\n  beta: 0.5\n",
+            r"invalid YAML at line 4, column 1: duplicate key 'loss' \(first at line 1\)",
+        ),
+        (
+            "loss:\n  alpha: 0.5\n  beta: 1\n  alpha: 0.7\n",
+            r"invalid YAML at line 4, column 3: duplicate key 'alpha' \(first at line 2",
+        ),
+    ],
+    ids=["alias bomb", "alias", "deep lists", "deep mappings", "duplicate", "nested duplicate"],
+)
+def test_unsafe_yaml_is_refused_in_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    start = time.monotonic()
+    with pytest.raises(InputError) as info:
+        load_yaml(Root, path)
+    assert time.monotonic() - start < 5
+    assert re.match(rf"^{path}: {message}", str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unsafe_override_values_are_refused():
+    with pytest.raises(InputError, match=r"^override 'extra={a: 1, a: 2}': duplicate key 'a'"):
+        apply_overrides(Root(), ["extra={a: 1, a: 2}"])
+    assert apply_overrides(Root(), ["name=*x"]).name == "*x"  # a str field takes the text
+    with pytest.raises(InputError, match=r"aliases \(\*x\) are not allowed"):
+        apply_overrides(Root(), ["data.cases=[&x a, *x]"])
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_cli_refuses_unsafe_config_before_ray_starts(tmp_path, command):
+    """`tsesnet train|sweep --config FILE`: one line, exit 2, seconds, no Ray started (the
+    store does not even exist: the config is read first)."""
+    cases = {
+        "bomb.yaml": (BOMB, "aliases (*l0) are not allowed in configs"),
+        "deep.yaml": ("run: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than 32"),
+        "dup.yaml": ("optim:\n  lr: 0.001\noptim:\n  lr: 0.1\n", "duplicate key 'optim'"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        start = time.monotonic()
+        proc = _run(
+            command, "--store", str(tmp_path / "none.zarr"), "--config", str(tmp_path / name)
+        )
+        assert time.monotonic() - start < 30, name
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: {tmp_path / name}: invalid YAML at line ") and words in line
+        assert "Ray" not in proc.stdout + proc.stderr

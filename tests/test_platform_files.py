@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,6 +97,72 @@ def test_local_cluster_stays_local_and_stops_only_itself(ray_session, tmp_path):
         kill_leftovers(env["RAY_TEMP_DIR"])
 
 
+BYSTANDER = """
+import sys, time
+f = open(sys.argv[1], "w")  # a file open in the shared temp dir, as a Ray driver's log is
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (this machine's init reaps late)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_local_cluster_in_a_shared_temp_dir_acts_only_on_what_it_started(tmp_path):
+    """RAY_TEMP_DIR shared with another Ray (Ray's own default, /tmp/ray): a process of that
+    other Ray (a driver with a log open there and the folder on its command line) neither makes
+    `start` refuse nor is signalled by `stop`. A new RAY_AUTH_TOKEN_PATH is generated, 0600."""
+    home = tmp_path / "home"
+    env = head_env(home)
+    shared = env["RAY_TEMP_DIR"]
+    os.makedirs(f"{shared}/session_other/logs")
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", BYSTANDER, f"{shared}/session_other/logs/driver.log"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert bystander.stdout.readline() == "ready\n"
+    token = home / "tokens" / "new" / "ray_token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
+    try:
+        started = script("start", env)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        assert re.fullmatch(r"[0-9a-f]{64}", token.read_text())
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+        (record,) = re.findall(r"PIDs recorded in (\S+)\.", started.stdout)
+        recorded = {int(line.split()[0]) for line in Path(record).read_text().splitlines()[1:]}
+        assert recorded and bystander.pid not in recorded
+        _assert_refused(script("start", env), "already running")
+        # a recorded pid whose process is now another one (another start time) is left alone
+        with open(record, "a") as f:
+            f.write(f"{bystander.pid} 1\n")
+        stopped = script("stop", env, timeout=60)
+        assert stopped.returncode == 0 and "stopped the head" in stopped.stdout, stopped.stderr
+        assert bystander.poll() is None, "stop signalled a process it did not start"
+        alive = {pid for pid in recorded if _running(pid)}
+        assert not alive, alive
+        assert script("stop", env).stdout.startswith("no head started by this script")
+    finally:
+        bystander.kill()
+        script("stop", env, timeout=60)
+        kill_leftovers(shared)
+
+
+def test_local_cluster_refuses_an_empty_token_file(tmp_path):
+    env = head_env(tmp_path / "home")
+    (tmp_path / "empty").write_text("")
+    env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "empty")
+    _assert_refused(script("start", env), f"{tmp_path / 'empty'} is empty")
+
+
 # ---------------------------------------------------------------- the token file
 
 
@@ -158,6 +225,22 @@ def _mlflow_script(env: dict, timeout: int = 60) -> subprocess.CompletedProcess:
     [
         ({"MLFLOW_HOST": "0.0.0.0"}, "authentication is off"),
         ({"MLFLOW_BACKEND_STORE_URI": "postgresql://u:pw@db:5432/mlflow"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://u@db/mlflow?password=pw"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "POSTGRESQL://u:pw@db/mlflow"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:pw@db/m"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "mysql://db/m?ssl=1&PassWord=pw"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "mssql://db/m;Pwd=pw"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://db/m?pass%77ord=pw"}, "holds a password"),
+        ({"MLFLOW_ARTIFACTS_DESTINATION": "s3://AKIA:secret@bucket/x"}, "holds a password"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://db/m?sslmode=require&token=t"}, "holds a"),
+        # no secret: the next check speaks
+        (
+            {
+                "MLFLOW_BACKEND_STORE_URI": "postgresql://u@db:5432/m?sslmode=require",
+                "MLFLOW_AUTH_CONFIG_PATH": "/nonexistent/auth.ini",
+            },
+            "is not readable",
+        ),
         ({"MLFLOW_AUTH_CONFIG_PATH": "/nonexistent/auth.ini"}, "is not readable"),
     ],
 )

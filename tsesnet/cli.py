@@ -9,9 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # subcommand -> "module:function"; an explicit registry (STYLE.md §9).
+BREAK_LOCK_HELP = (
+    "remove STORE's lock when no writer runs but the lock file is unreadable, a link or "
+    "another host's"
+)
+
 HANDLERS = {
     "synth": "data_store.synth:cli",
     "ingest": "data_store.ingest:cli",
@@ -85,6 +91,7 @@ def _data_commands(sub) -> None:
         metavar="SECONDS",
         help="wait this long for another writer's lock on STORE (60)",
     )
+    s.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     s.add_argument(
         "--assume-spacing",
         type=float,
@@ -132,6 +139,7 @@ def _data_commands(sub) -> None:
         metavar="SECONDS",
         help="for --record and --repair: lock wait",
     )
+    s.add_argument("--break-lock", action="store_true", help="for --record: " + BREAK_LOCK_HELP)
 
 
 def _training_commands(sub) -> None:
@@ -279,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", 2)  # `training.driver.Stopped` names SIGTERM
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as err:
         if not _is_service_error(err) or os.environ.get("TSESNET_TRACEBACK"):
             raise

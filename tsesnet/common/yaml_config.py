@@ -11,7 +11,8 @@ checked against its field's annotation:
   (from a mapping), ``Any``.
 
 YAML is read with PyYAML's safe loader, corrected to YAML 1.2 floats: plain PyYAML reads the
-paper's ``tau: 1e-5`` as the string "1e-5".
+paper's ``tau: 1e-5`` as the string "1e-5". It refuses aliases, nesting deeper than `MAX_DEPTH`
+and a key given twice in one mapping, each as one line with the line and column.
 
 Errors are ``data_store.errors.InputError`` (a ValueError), one line, so the CLI prints them as
 they are: ``FILE: loss.alpha: expected float, got str 'high'``.
@@ -44,8 +45,63 @@ __all__ = [
 T = TypeVar("T")
 
 
+MAX_DEPTH = 32
+
+
+class UnsafeYAMLError(yaml.MarkedYAMLError):
+    """YAML that `_Loader` refuses to read (an alias, too deep, a duplicate key)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader whose floats follow YAML 1.2 (``1e-5`` is a float, not a string)."""
+    """SafeLoader whose floats follow YAML 1.2 (``1e-5`` is a float, not a string), and which
+    reads only what a config needs: no aliases (a "billion laughs" of a few hundred bytes expands
+    to hundreds of millions of items), at most `MAX_DEPTH` levels of nesting (deeper ones would
+    end in a RecursionError), and no key twice in one mapping (PyYAML keeps the last silently).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UnsafeYAMLError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed in configs; write the value out",
+                event.start_mark,
+            )
+        if self._depth >= MAX_DEPTH:
+            raise UnsafeYAMLError(
+                None,
+                None,
+                f"nested deeper than {MAX_DEPTH} levels",
+                self.peek_event().start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if seen is not key_node.start_mark:
+                    raise UnsafeYAMLError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {seen.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 # Fresh resolver lists, so that adding one does not change yaml.SafeLoader itself.
@@ -279,6 +335,10 @@ def _text_value(tp: Any, text: str, key: str, item: str) -> Any:
     """An override's text parsed as YAML and checked against `tp` (str fields take it raw)."""
     try:
         value = _parse_yaml(text) if text else None
+    except UnsafeYAMLError as err:
+        if not _admits_str(tp):
+            raise InputError(f"{item}: {err.problem}") from None
+        value = text  # a str field takes the text as it is
     except yaml.YAMLError:
         value = text
     try:

@@ -78,6 +78,21 @@ def show_model(name: str) -> dict:
     }
 
 
+def check_alias(alias: str, what: str = "--alias") -> str:
+    """`alias` if MLflow takes it as an alias, else a one-line `InputError`: a name
+    (`names.check`) without '.', and not one MLflow reserves ("latest" and "v<N>", in any case,
+    as MLflow compares them)."""
+    names.check(alias, what)
+    if "." in alias:
+        raise InputError(f"{what} {alias!r}: an alias may hold letters, digits, '_' and '-' only")
+    if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
+        raise InputError(
+            f"{what} {alias!r} is reserved by MLflow ('latest' and v<N>, in any case); "
+            "choose another name"
+        )
+    return alias
+
+
 def promote(name: str, version: str, alias: str, reason: str = "") -> str | None:
     """Point `alias` of model `name` at `version`, recording who, when and why.
 
@@ -92,9 +107,7 @@ def promote(name: str, version: str, alias: str, reason: str = "") -> str | None
     """
     from mlflow.exceptions import MlflowException
 
-    names.check(alias, "--alias")
-    if alias == "latest" or (alias[:1] == "v" and alias[1:].isdigit()):
-        raise InputError(f"--alias {alias!r} is reserved by MLflow; choose another name")
+    check_alias(alias)
     mlc = client()
     try:
         target = mlc.get_model_version(name, str(version))

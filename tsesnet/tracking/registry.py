@@ -163,8 +163,12 @@ def log_and_register(
             [z, y, x], "orientations": ["RAS", ...]} (`TRAINING_DATA_KEYS`); None when unknown.
         val_hd95: mean validation HD95 (mm) at the same epoch, for the description.
     """
-    import mlflow
+    import math
 
+    bad = [k for k, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if not math.isfinite(float(val_dice)) or bad:
+        what = f"weight {bad[0]}" if bad else f"val Dice {val_dice}"
+        raise InputError(f"not registered: {what} is not finite (the run diverged)")
     mlc = client()
     cfg = {
         "format": FORMAT,
@@ -177,6 +181,32 @@ def log_and_register(
         "training_data": training_data,
     }
     info = _log_model(run_id, weights, cfg)
+    with _alias_gate():
+        return _register_and_gate(mlc, info, name, run_id, float(val_dice), val_hd95, lineage,
+                                  model_config, min_component_fraction)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _alias_gate():
+    """One registration at a time decides and sets its alias: an `flock` of a file beside an
+    SQLite tracking database (``mlflow.db.alias-gate.lock``), held from reading the champion to
+    moving the alias, so that two registrations at once cannot both read the old champion and
+    the worse one set @champion last. A tracking server offers no such lock (see README)."""
+    from tsesnet.tracking import runs
+
+    uri = runs.tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with runs._exclusive(Path(uri[len("sqlite:///") :] + ".alias-gate.lock")):
+        yield
+
+
+def _register_and_gate(
+    mlc, info, name, run_id, val_dice, val_hd95, lineage, model_config, min_component_fraction
+) -> Registration:
+    import mlflow
+
     alias, reason = decide_alias(float(val_dice), lineage, _champion(mlc, name))
     _describe_model(mlc, name)
     mv = mlflow.register_model(info.model_uri, name)

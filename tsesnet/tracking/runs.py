@@ -112,6 +112,131 @@ def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:
         return client.get_experiment_by_name(experiment).experiment_id
 
 
+def check_tracking(uri: str | None = None, *, connect_timeout: float = 3.0) -> None:
+    """Check that the tracking store can be used, in bounded time, before Ray starts.
+
+    An SQLite database must be an SQLite file (or absent, in a folder that can be written), be
+    writable, and hold a schema this MLflow knows; a tracking server must accept a connection
+    within `connect_timeout` seconds (MLflow's own client retries for minutes, silently).
+
+    Raises:
+        InputError: one line naming the URI (without a password) and the problem.
+    """
+    uri = uri or tracking_uri()
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "sqlite" and uri.lower().startswith("sqlite:///"):
+        problem = _sqlite_problem(Path(uri[len("sqlite:///") :]), uri)
+    elif scheme in ("http", "https"):
+        problem = _server_problem(uri, connect_timeout)
+    else:
+        return
+    if problem:
+        from data_store.errors import InputError
+
+        raise InputError(f"MLFLOW_TRACKING_URI={_without_password(uri)}: {problem}")
+
+
+def _without_password(uri: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return uri.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _sqlite_problem(path: Path, uri: str) -> str | None:
+    """Why the SQLite tracking database at `path` cannot be used, or None."""
+    import sqlite3
+
+    if not path.exists():
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
+        return _unwritable(folder)
+    if not path.is_file():
+        return f"{path} is not a file"
+    try:
+        with open(path, "r+b") as f:  # opened for writing, nothing written
+            head = f.read(16)
+    except OSError as err:
+        return f"cannot write {path}: {err.strerror or err}"
+    if head and head != b"SQLite format 3\x00":
+        return f"{path} is not an SQLite database"
+    problem = _unwritable(path.parent)  # SQLite writes its journal beside the database
+    if problem or not head:
+        return problem
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            rev = None
+            if "alembic_version" in tables:
+                rev = (db.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[
+                    0
+                ]
+    except sqlite3.Error as err:
+        return f"{path} is not a readable SQLite database ({err})"
+    if "alembic_version" not in tables:
+        return None if not tables else f"{path} is an SQLite database but not MLflow's"
+    return _schema_problem(rev, uri)
+
+
+def _schema_problem(rev: str | None, uri: str) -> str | None:
+    """Why an MLflow database at schema revision `rev` cannot be opened by this MLflow."""
+    import mlflow
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
+    head = script.get_current_head()
+    if rev is None or rev == head:
+        return None
+    try:
+        script.get_revision(rev)
+    except Exception:  # noqa: BLE001 - alembic's "no such revision" has several types
+        return (
+            f"its schema (revision {rev}) was written by a newer MLflow than this one "
+            f"({mlflow.__version__}); use that MLflow, or another database"
+        )
+    return (
+        f"its schema (revision {rev}) is older than this MLflow's ({head}); back it up, then "
+        f"`mlflow db upgrade {_without_password(uri)}`"
+    )
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be created in `folder` (tried: a temporary file, removed), or None."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tsesnet-write-check-", dir=folder)
+    except OSError as err:
+        return f"cannot write in {folder}: {err.strerror or err}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _server_problem(uri: str, timeout: float) -> str | None:
+    """Why nothing answers at the tracking server `uri` within `timeout` seconds, or None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as err:
+        why = "timed out" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        return (
+            f"no tracking server answers at {parts.hostname}:{port} ({why} within "
+            f"{timeout:g} s); start it (platform/mlflow_server.sh) or unset MLFLOW_TRACKING_URI"
+        )
+
+
 def _is_database(uri: str) -> bool:
     from mlflow.store.db.db_types import DATABASE_ENGINES
 

@@ -318,6 +318,18 @@ def check_config(cfg: TrainConfig) -> None:
     g = cfg.run.gpus_per_worker
     if g > 1 and g != int(g):
         raise InputError(f"bad config: run.gpus_per_worker={g:g}: above 1 it must be whole")
+    check_model_name(cfg.run.registered_model_name)
+
+
+def check_model_name(name: str) -> str:
+    """`run.registered_model_name` as MLflow and `models:/NAME@ALIAS` URIs take it (a name:
+    letters, digits, '-', '_', '.'), checked before Ray starts instead of after training."""
+    from tsesnet.common import names
+
+    try:
+        return names.check(name, "run.registered_model_name")
+    except InputError as err:
+        raise InputError(f"bad config: {err}") from None
 
 
 def _show(value) -> str:

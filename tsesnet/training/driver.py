@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -36,6 +37,11 @@ VERSION_TAG = "tsesnet.model_version"
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # How long a failed run waits for Ray to declare a lost worker's node dead, to name it.
 NODE_DEATH_WAIT_S = 45.0
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term, validation score or weight became non-finite: the run stopped, FAILED, and
+    registered nothing. `str(err)` is one line."""
 
 
 @dataclass
@@ -75,18 +81,16 @@ def train(
         The run's MLflow id, best validation Dice, registered version and alias.
     """
     cfg = config or TrainConfig()
-    plan = plan_run(store, cfg, name)
-    with ended_as(plan.run_id):
-        result = fit(plan, callbacks)
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = checkpoint.read_state(ckpt_dir)
-            reg = register(
-                ckpt_dir,
-                cfg,
-                run_id=plan.run_id,
-                lineage=_lineage(plan, cfg),
-                train_ids=plan.train_ids,
-            )
+    _catch_signals()
+    created: list[str] = []
+    try:
+        with contextlib.ExitStack() as claims:
+            plan = plan_run(store, cfg, name, created=created, claims=claims)
+            result, reg, state = _train_planned(plan, cfg, callbacks)
+    except KeyboardInterrupt:
+        if created:  # a signal between the run's creation and `ended_as`
+            _end_killed(created[0])
+        raise
     return TrainResult(
         name=plan.name,
         experiment_id=plan.experiment_id,
@@ -103,8 +107,41 @@ def train(
     )
 
 
-def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
+def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
+    """Fit a planned run and register its best checkpoint; (Ray's result, registration, the
+    checkpoint's state). The MLflow run ends FINISHED, KILLED or FAILED (`ended_as`)."""
+    with ended_as(plan.run_id):
+        check_stop()
+        result = fit(plan, callbacks)
+        check_stop()
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = checkpoint.read_state(ckpt_dir)
+            with _signals_deferred():  # all of a registration or none of it
+                check_stop()
+                reg = register(
+                    ckpt_dir,
+                    cfg,
+                    run_id=plan.run_id,
+                    lineage=_lineage(plan, cfg),
+                    train_ids=plan.train_ids,
+                )
+        check_stop()
+    return result, reg, state
+
+
+def plan_run(
+    store: str,
+    cfg: TrainConfig,
+    name: str | None = None,
+    *,
+    created: list | None = None,
+    claims: contextlib.ExitStack | None = None,
+) -> RunPlan:
     """Check the config, store, fold and network, claim the run folder, find the MLflow run.
+
+    `created`, if given, gets the MLflow run's id as soon as it exists (so that a signal before
+    this returns can still end it KILLED). `claims`, if given, holds the run name's lock
+    (`claim_name`) until it closes: a second training of the same name and storage refuses.
 
     Raises:
         InputError: anything that would fail once workers start, as one line.
@@ -127,10 +164,16 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         )
     st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
+    runs.check_tracking()  # before any Ray: bounded time, one line
+    check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
+    if claims is not None:
+        claims.enter_context(claim_name(storage_path, name))
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
     experiment_id = runs.ensure_database(cfg.run.experiment)
     run_id, _ = runs.find_or_create_run(experiment_id, name)
+    if created is not None:
+        created.append(run_id)
     print(
         f"run {name}: MLflow run {run_id}, checkpoints in {storage_path}/{name}"
         f"{' (resuming from the latest)' if resumed else ''}",
@@ -150,6 +193,82 @@ def plan_run(store: str, cfg: TrainConfig, name: str | None = None) -> RunPlan:
         resumed=resumed,
         tracking_uri=runs.tracking_uri(),
         git_commit=runs.git_commit(),
+    )
+
+
+@contextlib.contextmanager
+def claim_name(storage_path: str, name: str):
+    """Hold run `name`'s lock (``storage_path/name/.lock``, `data_store.lock.StoreLock`: atomic,
+    naming its holder, taken over when the holder is gone) for the block.
+
+    Raises:
+        InputError: another live training holds it, naming its host and pid.
+    """
+    from data_store.location import StoreLocation
+    from data_store.lock import LOCK_NAME, StoreLock, read_holder
+
+    folder = f"{storage_path}/{name}"
+    location = StoreLocation.parse(folder)
+    if location.local:
+        os.makedirs(location.root, exist_ok=True)
+    else:
+        location.fs.makedirs(location.root, exist_ok=True)
+    lock = StoreLock(location, wait=0, command=" ".join(sys.argv) or f"train {name}")
+    try:
+        lock.acquire()
+    except InputError:
+        _, holder = read_holder(location)
+        who = holder.describe() if holder else "an unknown process (its lock is unreadable)"
+        raise InputError(
+            f"run {name} is already being trained by {who}; wait for it to end or choose "
+            f"another --name (its lock: {location.path(LOCK_NAME)})"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Refuse, in one line, workers that the Ray cluster could never place (Ray would wait for
+    them forever): before Ray starts against this machine (`os.cpu_count`, CUDA devices) when a
+    local instance is to start; against the cluster's nodes once connected to `$RAY_ADDRESS` or
+    an existing session. Each worker needs its CPUs and GPUs on one node.
+
+    Raises:
+        InputError: fewer places than `run.workers`, naming the settings and what there is.
+    """
+    run = cfg.run
+    ray = sys.modules.get("ray")
+    if os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        from tsesnet.common.cluster import connect
+
+        ray = connect()
+        _catch_signals()  # ray.init replaced the SIGTERM handler
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        where = "the Ray cluster's nodes"
+    else:
+        gpus = 0
+        if run.gpus_per_worker > 0:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
+        where = "this machine (a local Ray starts here)"
+    need = {"CPU": run.cpus_per_worker, "GPU": run.gpus_per_worker}
+    places = sum(
+        min(int(node.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0) for node in nodes
+    )
+    if places >= run.workers:
+        return
+    have = ", ".join(
+        f"{k} {max((n.get(k, 0.0) for n in nodes), default=0):g}" for k, v in need.items() if v > 0
+    )
+    raise InputError(
+        f"bad config: run.workers={run.workers} x (run.cpus_per_worker={run.cpus_per_worker:g}"
+        + (f", run.gpus_per_worker={run.gpus_per_worker:g}" if run.gpus_per_worker else "")
+        + f") cannot be placed: {where} have at most {have} on one node, room for {places} "
+        "worker(s); Ray would wait forever. Lower them, or use a larger cluster (RAY_ADDRESS)"
     )
 
 
@@ -187,6 +306,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     if use_gpu:
         resources["GPU"] = cfg.run.gpus_per_worker
     connect()
+    _catch_signals()  # ray.init replaced the SIGTERM handler
     # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
     # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -208,6 +328,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
     )
     import ray
 
+    _forget_divergence(plan)
     alive = {node for node, _ in _alive_nodes(ray)}
     try:
         result = _interruptible(trainer.fit)
@@ -219,6 +340,7 @@ def fit(plan: RunPlan, callbacks: list | None = None):
             ray, alive, NODE_DEATH_WAIT_S if _peer_lost(err) else 0
         )
         raise
+    _check_finite(plan)
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.name} finished without a checkpoint")
     return result
@@ -269,6 +391,39 @@ def _start_timeout_s() -> float:
     return float(os.environ.get(START_TIMEOUT_ENV) or 60.0)
 
 
+def _forget_divergence(plan: RunPlan) -> None:
+    """Remove the divergence record of an earlier attempt of this run (a rerun resumes from
+    its last finite checkpoint and is judged on its own)."""
+    import mlflow
+
+    from tsesnet.training.worker import DIVERGED_TAG
+
+    client = mlflow.MlflowClient()
+    if DIVERGED_TAG in client.get_run(plan.run_id).data.tags:
+        client.delete_tag(plan.run_id, DIVERGED_TAG)
+
+
+def _check_finite(plan: RunPlan) -> None:
+    """Raise `TrainingDiverged` when the workers stopped on a non-finite value (rank 0 set
+    `worker.DIVERGED_TAG`), naming the epoch, the values and the learning rate."""
+    import json
+
+    import mlflow
+
+    from tsesnet.training.worker import DIVERGED_TAG
+
+    tag = mlflow.MlflowClient().get_run(plan.run_id).data.tags.get(DIVERGED_TAG)
+    if tag is None:
+        return
+    record = json.loads(tag)
+    bad = ", ".join(f"{k} {v}" for k, v in record["values"].items())
+    raise TrainingDiverged(
+        f"run {plan.name} diverged at epoch {int(record['epoch']) + 1} ({bad}); stopped, "
+        f"nothing registered; lower optim.lr (now {plan.config.optim.lr:g}) or set "
+        "optim.grad_clip"
+    )
+
+
 def _interruptible(fn):
     """Run `fn()` in a daemon thread and return what it returns (or raise what it raised),
     leaving Ctrl-C to this thread as a KeyboardInterrupt.
@@ -291,6 +446,7 @@ def _interruptible(fn):
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.5)  # a short wait, so a signal is acted on at once
+        check_stop()  # also when its KeyboardInterrupt was swallowed somewhere
     if "error" in out:
         raise out["error"]
     return out["result"]
@@ -456,6 +612,59 @@ def _lost_worker_text(err: BaseException, text: str) -> str:
     return f"the worker was lost ({type(err).__name__}: {text[:300]}); {hint}"
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached `tsesnet train`. Attributes: signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# SIGINT/SIGTERM to a training driver: remembered here for good, so that a KeyboardInterrupt that
+# some library swallows (Ray's SIGTERM handler raised SystemExit wherever the main thread was)
+# still stops the run at the next check; raised at once unless deferred.
+_STOP: list[int] = []
+_DEFERRED = [0]
+
+
+def _on_signal(signum, frame) -> None:
+    first = not _STOP
+    _STOP.append(signum)
+    if first and not _DEFERRED[0]:
+        raise Stopped(signum)
+
+
+def _catch_signals() -> None:
+    """SIGINT and SIGTERM stop the run (main thread only: Tune trials run in other threads)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+
+
+def check_stop() -> None:
+    """Raise `Stopped` if SIGINT or SIGTERM arrived."""
+    if _STOP:
+        raise Stopped(_STOP[0])
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """A signal in the block is acted on (by `check_stop`) after it."""
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
+
+
+def _end_killed(run_id: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+
+
 @contextlib.contextmanager
 def ended_as(run_id: str):
     """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
@@ -464,9 +673,12 @@ def ended_as(run_id: str):
 
     client = mlflow.MlflowClient()
     try:
+        with _signals_deferred():
+            check_stop()  # a signal before the block
         yield
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        with _signals_deferred():  # a second signal must not stop the marking
+            client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -476,6 +688,7 @@ def ended_as(run_id: str):
 
 def cli(args) -> int:
     """`tsesnet train --store STORE [--config FILE] [--set k=v ...] [--workers N] ...`."""
+    _catch_signals()
     overrides = list(args.overrides or [])
     if args.workers is not None:
         overrides.append(f"run.workers={args.workers}")
@@ -488,6 +701,9 @@ def cli(args) -> int:
 
     try:
         res = train(args.store, cfg, args.name)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except TrainingFailedError as err:
         # The workers' traceback is in the log above; the run's MLflow status says FAILED.
         line = _first_error_line(err, cfg.run.resource_wait_s)

@@ -12,6 +12,7 @@ checkpoints and logs to MLflow. Checkpoints hold the unwrapped module's `state_d
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,12 +71,42 @@ def train_loop_per_worker(plan: RunPlan) -> None:
                 best = _cpu_state(module)
             state.stopped_early = should_stop(state, epoch, cfg)
             metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes, resumed_from_epoch=resumed)
+            diverged = _diverged(metrics, module, me)
             _finish_epoch(state, epoch, metrics, t0)
-            log.epoch(epoch, metrics, state, montage if improved else None)
+            log.epoch(epoch, metrics, state, None if diverged else montage if improved else None)
+            if diverged:
+                # Every rank agrees (gathered): rank 0 records why in the MLflow run, all report
+                # once more without a checkpoint (the weights are not finite) and stop; the
+                # driver then registers nothing.
+                log.diverged(epoch, metrics, diverged)
+                ray.train.report(metrics, checkpoint=None)
+                break
             _report(epoch, metrics, cfg, me, module, optimizer, best, state)
     finally:
         data.close()
     log.close()
+
+
+# The MLflow run tag a diverged run gets (set by rank 0, read by the driver).
+DIVERGED_TAG = "tsesnet.diverged"
+# Values that must stay finite; one that does not means the run diverged (e.g. optim.lr too high).
+FINITE_METRICS = (
+    "train_total",
+    "train_dice",
+    "train_tsc",
+    "train_bce",
+    "val_dice",
+    "val_soft_dice",
+)
+
+
+def _diverged(metrics: dict, module, me: Rank) -> list[str]:
+    """The loss terms, validation scores and "weights" that are not finite on any rank (the
+    same list on every rank, so that all stop together); empty when all are."""
+    checks = {k: metrics[k] for k in FINITE_METRICS if k in metrics}
+    checks["weights"] = _weights_checksum(module)
+    bad = [k for k, v in checks.items() if not math.isfinite(float(v))]
+    return sorted({k for part in _gather(bad, me.world) for k in part})
 
 
 def _finish_epoch(state: TrainState, epoch: int, metrics: dict, t0: float) -> None:
@@ -388,6 +419,7 @@ class RunLog:
     def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
         self.on = me.is_zero
         self.epochs = plan.config.schedule.epochs
+        self.run_id = plan.run_id
         if not self.on:
             return
         import mlflow
@@ -430,6 +462,21 @@ class RunLog:
                 flush=True,
             )
         print(_epoch_line(epoch, self.epochs, metrics), flush=True)
+
+    def diverged(self, epoch: int, metrics: dict, bad: list[str]) -> None:
+        """Record on the run that it diverged (`DIVERGED_TAG`: the epoch and what is not finite,
+        as JSON), with that epoch's metrics."""
+        if not self.on:
+            return
+        import json
+
+        import mlflow
+
+        from tsesnet.training.epoch_log import log_epoch
+
+        what = {k: (str(metrics[k]) if k in metrics else "not finite") for k in bad}
+        mlflow.set_tag(DIVERGED_TAG, json.dumps({"epoch": epoch, "values": what}))
+        log_epoch(mlflow.MlflowClient(), self.run_id, epoch, metrics)
 
     def close(self) -> None:
         if self.on:
