@@ -56,6 +56,7 @@ class VerifyReport:
     unrecorded: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     recorded: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -68,8 +69,10 @@ class VerifyReport:
             first, *rest = self.damaged[cid]
             out.append(str(first) + (f" (+{len(rest)} more)" if rest else ""))
         out += [f"note: {n}" for n in self.notes]
+        out += self.accepted
         if self.recorded:
-            out.append(f"recorded {len(self.recorded)} case(s) that had no integrity record")
+            n = len(self.recorded)
+            out.append(f"recorded {n} case(s) that had no current integrity record")
         intact = self.cases - len(self.damaged)
         out.append(
             f"{self.store}: {self.cases} cases, {len(self.damaged)} damaged, {intact} intact "
@@ -100,6 +103,7 @@ class VerifyReport:
             "unrecorded": sorted(self.unrecorded),
             "notes": self.notes,
             "recorded": self.recorded,
+            "accepted": self.accepted,
         }
 
 
@@ -149,14 +153,21 @@ def _notes(location: StoreLocation, indexed: set[str]) -> list[str]:
     return notes
 
 
-def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
-    """Adds an integrity record to every complete case without one, then rebuilds the index.
+def record_unrecorded(
+    path: str, *, wait: float = 60.0, accept_current: bool = False
+) -> tuple[list[str], list[str]]:
+    """Records every complete case without a current integrity record, then rebuilds the index.
 
-    Runs under the store's writer lock. A case is recorded only if its arrays decode and have
-    the shapes and dtype its attributes say.
+    Runs under the store's writer lock, and decides for every case before it writes anything:
+    a case without a record (a store from before records) is recorded if its arrays decode with
+    the shapes its attributes say; a version-1 record is upgraded (attributes covered) if the
+    case's files still match it. A case whose data disagrees with its record, whose record was
+    removed or edited (it is not the one the index lists), is refused unless
+    ``accept_current``: re-ingesting from its sources repairs it. Attribute values readers
+    cannot use (NaN percentiles, an affine off the stored grid) are refused always.
 
     Returns:
-        The case IDs recorded.
+        (case IDs recorded, one line per case accepted as it is now, saying what disagreed).
 
     Raises:
         InputError: the store is locked, or a case cannot be recorded (naming it and why).
@@ -167,31 +178,108 @@ def record_unrecorded(path: str, *, wait: float = 60.0) -> list[str]:
     from data_store.lock import StoreLock
 
     location = StoreLocation.parse(path)
-    done = []
+    done, accepted = [], []
     with StoreLock(location, wait=wait, command=f"tsesnet store verify {path} --record"):
-        n_folds = int(read_root(location).get("n_folds", 0))
+        root = read_root(location)
+        n_folds = int(root.get("n_folds", 0))
+        index_edited = _index_edited(root)
+        indexed = root.get("cases") if isinstance(root.get("cases"), dict) else {}
+        plan = []
         for cid, attrs in sorted(scan_cases(location).items()):
-            if "integrity" in attrs:
+            entry = indexed.get(cid) if isinstance(indexed.get(cid), dict) else {}
+            action, why = _record_plan(location, cid, attrs, entry.get("integrity"), index_edited)
+            if action == "keep":
                 continue
+            where = location.path(f"{cid}/zarr.json")
+            if why is not None and not accept_current:
+                raise InputError(
+                    f"cannot record: {why}; its data disagrees with its integrity record: "
+                    "re-ingest it from its sources to repair it, or pass --accept-current to "
+                    "record what is there now",
+                    case=cid,
+                    path=where,
+                )
+            if why is not None:
+                accepted.append(f"case {cid}: accepted as it is now, although {why}")
+            plan.append((cid, attrs))
+        for cid, attrs in plan:  # every case decided: now write
             group = zarr.open_group(location.zarr_target(cid), mode="r+")
-            arrays = {name: group.get(name, None) for name in ("image", "mask", "foreground")}
-            problems = check_unrecorded(location, cid, attrs, arrays, decode=True)
-            if problems:
-                first = problems[0]
-                raise InputError(f"cannot record: {first.problem}", case=cid, path=first.path)
-            record = record_case(location, cid, cid, None)
+            record = record_case(location, cid, cid, None, attrs)
             group.update_attributes({"integrity": record.to_attrs()})
             done.append(cid)
         write_index(location, n_folds)
-    return done
+    return done, accepted
+
+
+def _index_edited(root: dict) -> bool:
+    """Whether the root's stated fingerprint is not the one of the entries it lists."""
+    from data_store.index import store_fingerprint
+
+    try:
+        n_folds, version = root.get("n_folds", 0), root.get("fingerprint_version", 1)
+        computed = store_fingerprint(root.get("cases") or {}, n_folds, version)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        return True
+    return root.get("fingerprint") not in (None, computed)
+
+
+def _record_plan(
+    location: StoreLocation, cid: str, attrs: dict, indexed: str | None, index_edited: bool
+) -> tuple[str, str | None]:
+    """("keep" | "record", None) or ("record", why the case disagrees with its record).
+
+    Raises:
+        InputError: a case that cannot be recorded at all (values readers cannot use, arrays
+            that do not decode with the shapes its attributes say).
+    """
+    import zarr
+
+    from data_store.integrity import CaseRecord, check_values
+    from data_store.store import _check_recorded
+
+    why = None
+    if "integrity" not in attrs:
+        if indexed is not None:
+            why = "its integrity record was removed (the index lists one)"
+        record = None
+    else:
+        try:
+            record = CaseRecord.from_attrs(attrs["integrity"])
+        except ValueError as err:
+            record, why = None, f"integrity record malformed ({err})"
+    if record is not None:
+        problems = _check_recorded(location, cid, record, attrs)
+        if problems:
+            why = problems[0].problem
+        elif indexed is not None and (index_edited or indexed != record.digest()):
+            why = "its integrity record is not the one the index lists (edited after ingest)"
+        elif record.attributes is not None:
+            return "keep", None
+    refuse = check_values(location, cid, attrs)
+    if why is not None or record is None:  # what is recorded must at least decode
+        group = zarr.open_group(location.zarr_target(cid), mode="r")
+        arrays = {name: group.get(name, None) for name in ("image", "mask", "foreground")}
+        refuse += check_unrecorded(location, cid, attrs, arrays, decode=True)
+    if refuse:
+        raise InputError(
+            f"cannot record: {refuse[0].problem}; re-ingest it from its sources",
+            case=cid,
+            path=refuse[0].path,
+        )
+    return "record", why
 
 
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
-    recorded = record_unrecorded(args.store, wait=args.wait) if args.record else []
+    recorded, accepted = [], []
+    if args.record:
+        accept = getattr(args, "accept_current", False)
+        recorded, accepted = record_unrecorded(args.store, wait=args.wait, accept_current=accept)
+    elif getattr(args, "accept_current", False):
+        raise InputError("--accept-current goes with --record")
     report = verify_store(args.store, deep=args.deep)
-    report.recorded = recorded
+    report.recorded, report.accepted = recorded, accepted
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
