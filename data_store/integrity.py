@@ -414,7 +414,8 @@ def _bad_values(attrs: dict[str, Any]) -> str | None:
             f"geometry's affine and shape give a {got} volume (or another orientation), the "
             f"stored one is {'x'.join(map(str, shape))}"
         )
-    if not np.allclose(derived.spacing, spacing, rtol=1e-6) or tuple(geometry.spacing) != spacing:
+    said = (derived.spacing, geometry.spacing)
+    if not all(np.allclose(s, spacing, rtol=1e-6, atol=0) for s in said):
         shown = "x".join(f"{v:.4g}" for v in derived.spacing)
         return f"geometry's affine gives spacing {shown} mm, the attributes say {spacing}"
     bbox = attrs.get("foreground_bbox")

@@ -161,7 +161,8 @@ def record_unrecorded(
     Runs under the store's writer lock, and decides for every case before it writes anything:
     a case without a record (a store from before records) is recorded if its arrays decode with
     the shapes its attributes say; a version-1 record is upgraded (attributes covered) if the
-    case's files still match it. A case whose data disagrees with its record, whose record was
+    case's files still match it (the deep check); a current record that is the one the index
+    lists is kept as it is. A case whose data disagrees with its record, or whose record was
     removed or edited (it is not the one the index lists), is refused unless
     ``accept_current``: re-ingesting from its sources repairs it. Attribute values readers
     cannot use (NaN percentiles, an affine off the stored grid) are refused always.
@@ -193,9 +194,9 @@ def record_unrecorded(
             where = location.path(f"{cid}/zarr.json")
             if why is not None and not accept_current:
                 raise InputError(
-                    f"cannot record: {why}; its data disagrees with its integrity record: "
-                    "re-ingest it from its sources to repair it, or pass --accept-current to "
-                    "record what is there now",
+                    f"cannot record: {why}, so nothing vouches for its data: re-ingest it from "
+                    "its sources to repair it (or rerun an ingest that stopped before its index "
+                    "update), or pass --accept-current to record what is there now",
                     case=cid,
                     path=where,
                 )
@@ -248,13 +249,15 @@ def _record_plan(
         except ValueError as err:
             record, why = None, f"integrity record malformed ({err})"
     if record is not None:
-        problems = _check_recorded(location, cid, record, attrs)
-        if problems:
-            why = problems[0].problem
-        elif indexed is not None and (index_edited or indexed != record.digest()):
+        if indexed is not None and index_edited:
+            why = "the index was edited (its fingerprint is not the one of its cases)"
+        elif indexed is not None and indexed != record.digest():
             why = "its integrity record is not the one the index lists (edited after ingest)"
         elif record.attributes is not None:
-            return "keep", None
+            return "keep", None  # current and the index's: nothing to write, nothing blessed
+        else:  # a version-1 record is upgraded only over files that still match it
+            problems = _check_recorded(location, cid, record, attrs)
+            why = problems[0].problem if problems else None
     refuse = check_values(location, cid, attrs)
     if why is not None or record is None:  # what is recorded must at least decode
         group = zarr.open_group(location.zarr_target(cid), mode="r")

@@ -291,3 +291,18 @@ def test_reingest_upgrades_a_store_of_the_previous_release(tmp_path, ray_session
     assert "rewrote 2 case(s)" in out and "predates attribute coverage" in out
     assert f"the fingerprint was {old} (version 1" in out
     assert open_store(store).fingerprint == current
+
+
+def test_record_does_not_upgrade_a_previous_release_case_whose_files_disagree(store_path, capsys):
+    _as_previous_release(store_path)
+    chunk = sorted(p for p in (store_path / "case_001" / "image" / "c").rglob("*") if p.is_file())
+    raw = bytearray(chunk[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a flipped bit: same size, found by the deep check only
+    chunk[0].write_bytes(bytes(raw))
+    before = _snapshot(store_path)
+    assert main(["store", "verify", str(store_path), "--record"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: case case_001: ")
+    assert "checksum differs from the record" in err[0] and _snapshot(store_path) == before
+    assert main(["store", "verify", str(store_path), "--accept-current"]) == 2
+    assert "--accept-current goes with --record" in capsys.readouterr().err
