@@ -11,8 +11,8 @@ rejects (``../../victim`` never becomes a path), two IDs that differ only in let
 fingerprint that is not the one of the cases listed. Per case (one line naming the case and its
 ``zarr.json``): a malformed entry, a case group that is missing, a symbolic link, incomplete or
 of another case, entry values (phases, shape, spacing, dtype, labelled, site, split, source
-checksums, integrity record) that differ from the case's own attributes, and a fold that the
-fold rule does not give.
+checksums, integrity record and attribute digests) that differ from the case's own attributes,
+and a fold that the fold rule does not give.
 
 Folds: patient-level, patient = case ID (each supported layout has one case per patient;
 MAMA-MIA IDs are patient IDs). The labelled cases of the ``train`` split are ordered by

@@ -24,8 +24,9 @@ P0..P5), ``phase_index`` (nominal index of each stored phase), ``times`` (s, or 
 ``labelled``, ``foreground_voxels``, ``foreground_bbox`` ([start, stop) per axis, or null),
 ``split`` ("train" or "test"; absent in stores written before it: "train"), ``source_4d``
 (true when all phases came from one 4D file), ``spacing_assumed`` (true when the spacing came
-from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written,
-`data_store.integrity`; absent in stores written before it) and ``complete`` (written last).
+from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written and
+the digest of the other attributes, `data_store.integrity`; absent in stores written before
+it, without the digest in stores of the previous release) and ``complete`` (written last).
 
 Writing a case is crash-safe: it is written under ``.tmp-CASE@HOST.PID.UUID``, read back and
 compared with what was meant (its integrity record is made from that read), and renamed to
@@ -37,8 +38,9 @@ a process on this host that is gone, and renames an ``.old-`` entry back when it
 missing: a stored case is never lost.
 
 Reading: `open_store` checks the index (`data_store.index.load_index`), and the first read of a
-case in a process runs `Store.check_case` (the cheap integrity check), so a damaged case is one
-line naming the case and file, never zeros where a chunk was deleted or a codec traceback.
+case in a process (its data or its attributes) runs `Store.check_case` (the cheap integrity
+check), so a damaged or edited case is one line naming the case and file, never zeros where a
+chunk was deleted, a codec traceback, or a mask written on a grid someone moved.
 
 Chunks and codec, measured (``python tests/benchmarks/measure_chunks.py``: the phantom of
 ``tests/benchmarks/bench_loader.py``, 6x100x320x320 int16, half air, tissue, per-phase
@@ -565,8 +567,10 @@ class Store:
 
     def check_case(self, case_id: str) -> None:
         """The cheap integrity check of a case, run once per case per process before its data
-        is read: arrays present, shapes/dtypes/chunks as recorded, every recorded chunk file
-        present with its recorded size, nothing unrecorded, no symbolic links.
+        or attributes are read: arrays present, shapes/dtypes/chunks as recorded, each array's
+        metadata by sha256, every recorded chunk file present with its recorded size, nothing
+        unrecorded, no symbolic links, the attributes by their recorded digest and their values
+        sound (`data_store.integrity.check_values`).
 
         Cost, measured on a 6x100x320x320 int16 case (250 chunk files): see the README's
         Reliability section.

@@ -14,8 +14,12 @@ the store cannot be opened at all (not a store, an unknown schema, a forged case
 Cases stored before integrity records existed are listed as such: their files cannot be
 checked against a record (a deleted chunk reads as zeros). ``--record`` adds a record to each
 of them from what is there now (their arrays must decode, with the shapes their attributes
-say), under the store's writer lock, and rebuilds the index; the store's fingerprint changes
-with it. Re-ingesting from the sources records them too, and checks them against the sources.
+say), upgrades version-1 records (no attribute digest) whose files still match them, under the
+store's writer lock, and rebuilds the index; the store's fingerprint changes with it. It never
+blesses an edit: a case whose record was removed, or is not the one the index lists, or whose
+files disagree with the record it would upgrade, is refused (one line, nothing written) unless
+``--accept-current``, which records it as it is and says per case what it accepted.
+Re-ingesting from the sources records them too, and checks them against the sources.
 """
 
 from __future__ import annotations
