@@ -76,18 +76,8 @@ def _data_commands(sub) -> None:
         "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d"]
     )
     s.add_argument("--workers", type=int, default=None, metavar="N")
-    s.add_argument(
-        "--folds",
-        type=int,
-        default=None,
-        metavar="K",
-        help="patient-level folds (a new store: 5; an existing one keeps its own)",
-    )
-    s.add_argument(
-        "--refold",
-        action="store_true",
-        help="let --folds differ from the store's: re-deals its cases (the fingerprint changes)",
-    )
+    s.add_argument("--folds", type=int, default=None, metavar="K", help="folds (new store: 5)")
+    s.add_argument("--refold", action="store_true", help="let --folds re-deal a store's cases")
     s.add_argument(
         "--wait",
         type=float,
