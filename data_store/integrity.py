@@ -61,6 +61,7 @@ __all__ = [
     "check_arrays",
     "check_deep",
     "check_files",
+    "check_recorded",
     "check_stored",
     "check_unrecorded",
     "check_values",
@@ -468,6 +469,26 @@ def check_deep(location: StoreLocation, case_id: str, record: CaseRecord) -> lis
             text = f"{name} decodes to other values than recorded"
             problems.append(Problem(case_id, where, text))
     return problems
+
+
+def check_recorded(
+    location: StoreLocation, case_id: str, record: CaseRecord, attrs: dict[str, Any]
+) -> list[Problem]:
+    """Everything a recorded case can be checked for against its record, reading every file:
+    `check_files`, `check_arrays` (attributes included), then `check_deep`."""
+    import zarr
+
+    problems = check_files(location, case_id, record)
+    if problems:
+        return problems
+    try:
+        group = zarr.open_group(location.zarr_target(case_id), mode="r")
+        arrays = {name: group.get(name, None) for name in ARRAYS}
+    except Exception as err:  # a damaged zarr.json: one line, never a traceback
+        where = location.path(f"{case_id}/zarr.json")
+        return [Problem(case_id, where, f"case group unreadable ({type(err).__name__})")]
+    problems = check_arrays(location, case_id, record, attrs, arrays)
+    return problems or check_deep(location, case_id, record)
 
 
 def check_unrecorded(

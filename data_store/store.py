@@ -114,6 +114,7 @@ from data_store.integrity import (
     check_arrays,
     check_deep,
     check_files,
+    check_recorded,
     check_unrecorded,
     check_values,
     record_case,
@@ -334,7 +335,7 @@ def stored_differs(location: StoreLocation | str, loaded: Any) -> str | None:
         sha = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
         if (rec.shape, rec.dtype, rec.sha256) != (array.shape, str(array.dtype), sha):
             return f"its {name} values differ from what its sources give"
-    problems = _check_recorded(location, case_id, record, attrs)
+    problems = check_recorded(location, case_id, record, attrs)
     return f"its stored data differs from its record ({problems[0].problem})" if problems else None
 
 
@@ -348,25 +349,6 @@ def _differ(a: dict, b: dict, key: str) -> bool:
         ]
         return strip[0] != strip[1]
     return a.get(key) != b.get(key)
-
-
-def _check_recorded(
-    location: StoreLocation, case_id: str, record: CaseRecord, attrs: dict
-) -> list[Problem]:
-    """A recorded case's files, arrays and checksums against its record (the deep check)."""
-    import zarr
-
-    problems = check_files(location, case_id, record)
-    if problems:
-        return problems
-    try:
-        group = zarr.open_group(location.zarr_target(case_id), mode="r")
-        arrays = {name: group.get(name, None) for name in ARRAYS}
-    except Exception as err:
-        where = location.path(f"{case_id}/zarr.json")
-        return [Problem(case_id, where, f"case group unreadable ({type(err).__name__})")]
-    problems = check_arrays(location, case_id, record, attrs, arrays)
-    return problems or check_deep(location, case_id, record)
 
 
 def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict[str, Any]:

@@ -239,8 +239,7 @@ def _record_plan(
     """
     import zarr
 
-    from data_store.integrity import CaseRecord, check_values
-    from data_store.store import _check_recorded
+    from data_store.integrity import CaseRecord, check_recorded, check_values
 
     why = None
     if "integrity" not in attrs:
@@ -260,7 +259,7 @@ def _record_plan(
         elif record.attributes is not None:
             return "keep", None  # current and the index's: nothing to write, nothing blessed
         else:  # a version-1 record is upgraded only over files that still match it
-            problems = _check_recorded(location, cid, record, attrs)
+            problems = check_recorded(location, cid, record, attrs)
             why = problems[0].problem if problems else None
     refuse = check_values(location, cid, attrs)
     if why is not None or record is None:  # what is recorded must at least decode
