@@ -11,8 +11,8 @@ rejects (``../../victim`` never becomes a path), two IDs that differ only in let
 fingerprint that is not the one of the cases listed. Per case (one line naming the case and its
 ``zarr.json``): a malformed entry, a case group that is missing, a symbolic link, incomplete or
 of another case, entry values (phases, shape, spacing, dtype, labelled, site, split, source
-checksums, integrity record) that differ from the case's own attributes, and a fold that the
-fold rule does not give.
+checksums, integrity record and attribute digests) that differ from the case's own attributes,
+and a fold that the fold rule does not give.
 
 Folds: patient-level, patient = case ID (each supported layout has one case per patient;
 MAMA-MIA IDs are patient IDs). The labelled cases of the ``train`` split are ordered by
@@ -20,10 +20,14 @@ sha256("tsesnet-folds-v1:" + ID) and dealt round-robin into k folds: determinist
 within one case, independent of ingestion order. Unlabelled cases and ``test`` cases have no
 fold. Folds are a function of that set of IDs: adding cases can move others.
 
-Fingerprint: a hash of every case's ID and source checksums and, for cases ingested with an
-integrity record, the checksums of the stored arrays' decoded values (`content`, independent of
-the codec's bytes) and the split. A store written before records existed keeps the fingerprint
-it had.
+Fingerprint (``fingerprint_version`` 2): a hash of the number of folds and, per case, its ID,
+source checksums, split, fold, the checksums of its stored arrays' decoded values (`content`,
+independent of the codec's bytes) and the digest of its attributes (`attributes`, source paths
+left out): two sites storing the same cohort with the same folds get the same fingerprint; a
+re-fold, an edited percentile or affine, other values give another. A root written before
+version 2 (no ``fingerprint_version``) keeps its version-1 fingerprint (case IDs, source
+checksums, content and split: not the folds, not the attributes) until the index is next
+written (`tsesnet ingest`, `tsesnet store verify --record`), which moves it to version 2.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from data_store.location import StoreLocation, check_case_id
 __all__ = [
     "FOLD_RULE",
     "SCHEMA_VERSION",
+    "FINGERPRINT_VERSION",
     "SPLITS",
     "IndexEntry",
     "StoreIndex",
@@ -55,6 +60,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: 2: the fingerprint covers the folds and the case attributes (1: neither; module docstring).
+FINGERPRINT_VERSION = 2
 SPLITS = ("train", "test")
 FOLD_SALT = "tsesnet-folds-v1:"
 FOLD_RULE = (
@@ -85,6 +92,8 @@ class IndexEntry:
             before records existed.
         content: the digest of the stored arrays' decoded checksums (what the fingerprint
             covers), None for cases stored before records existed.
+        attributes: the digest of the case's attributes (`attrs_digest`) from its record,
+            None for cases whose record predates it.
         spacing_assumed: the spacing came from ``--assume-spacing``, not the files.
     """
 
@@ -100,6 +109,7 @@ class IndexEntry:
     integrity: str | None = None
     content: str | None = None
     spacing_assumed: bool = False
+    attributes: str | None = None
 
     @classmethod
     def parse(cls, raw: Any, n_folds: int) -> IndexEntry:
@@ -125,14 +135,15 @@ class IndexEntry:
             integrity=_optional_text(raw.get("integrity"), "integrity"),
             content=_optional_text(raw.get("content"), "content"),
             spacing_assumed=_flag(raw.get("spacing_assumed", False), "spacing_assumed"),
+            attributes=_optional_text(raw.get("attributes"), "attributes"),
         )
 
 
 def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
     """The root index's entry for a case, from its group attributes (all but the fold).
 
-    ``integrity``, ``content`` and ``spacing_assumed`` appear only when the case has them, so
-    the entries of a store written before they existed read back the same.
+    ``integrity``, ``content``, ``attributes`` and ``spacing_assumed`` appear only when the
+    case has them, so the entries of a store written before they existed read back the same.
     """
     summary = {
         "phases": int(attrs["phases"]),
@@ -146,7 +157,9 @@ def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
     }
     digests = record_digests(attrs)
     if digests is not None:
-        summary["integrity"], summary["content"] = digests
+        summary["integrity"], summary["content"], attributes = digests
+        if attributes is not None:
+            summary["attributes"] = attributes
     if attrs.get("spacing_assumed"):
         summary["spacing_assumed"] = True
     return summary
@@ -165,14 +178,27 @@ def fold_ids(cases: dict[str, Any]) -> list[str]:
     return [c for c, e in cases.items() if _get(e, "labelled") and _get(e, "split") == "train"]
 
 
-def store_fingerprint(index: dict[str, Any]) -> str:
+def store_fingerprint(
+    index: dict[str, Any], n_folds: int = 0, version: int = FINGERPRINT_VERSION
+) -> str:
     """A stable hash of what the index says is stored (order-independent; module docstring).
 
     Args:
         index: case ID -> `IndexEntry` or its JSON (``checksums``, optional ``content``,
-            ``split``).
+            ``attributes``, ``split``, ``fold``).
+        n_folds: the store's number of folds (version 2 covers it).
+        version: `FINGERPRINT_VERSION`, or 1 for a root written before it.
     """
-    h = hashlib.sha256(f"tsesnet-store-v{SCHEMA_VERSION}".encode())
+    if version == FINGERPRINT_VERSION:
+        h = hashlib.sha256(f"tsesnet-store-fingerprint-v{version}".encode())
+        h.update(json.dumps({"n_folds": n_folds}).encode())
+        for case_id in sorted(index):
+            e = index[case_id]
+            doc = {k: _get(e, k) for k in ("content", "attributes", "split", "fold")}
+            doc["checksums"] = [list(c) for c in _get(e, "checksums")]
+            h.update(json.dumps([case_id, doc], sort_keys=True).encode())
+        return h.hexdigest()[:16]
+    h = hashlib.sha256(f"tsesnet-store-v{SCHEMA_VERSION}".encode())  # version 1, as it was
     for case_id in sorted(index):
         e = index[case_id]
         checksums = [list(c) for c in _get(e, "checksums")]
@@ -185,7 +211,7 @@ def store_fingerprint(index: dict[str, Any]) -> str:
 
 
 def _get(entry: Any, key: str) -> Any:
-    defaults = {"split": "train", "content": None}
+    defaults = {"split": "train", "content": None, "attributes": None, "fold": None}
     if isinstance(entry, IndexEntry):
         return getattr(entry, key)
     return entry.get(key, defaults.get(key))
@@ -252,7 +278,8 @@ def write_index(location: StoreLocation, n_folds: int) -> dict[str, Any]:
         "cases": cases,
         "n_folds": n_folds,
         "fold_rule": FOLD_RULE,
-        "fingerprint": store_fingerprint(cases),
+        "fingerprint": store_fingerprint(cases, n_folds),
+        "fingerprint_version": FINGERPRINT_VERSION,
     }
     # One zarr.json write: atomic on a local store (zarr >= 3.1.3), one PUT on object stores.
     zarr.open_group(location.zarr_target(), mode="r+").attrs.put(attrs)
@@ -301,6 +328,7 @@ class StoreIndex:
         attrs: case ID -> the case group's attributes, for the cases whose group was read.
         n_folds: number of folds.
         fingerprint: the fingerprint of the cases listed.
+        fingerprint_version: the root's fingerprint version (1: written before version 2).
         problems: what is wrong, per case (empty for a sound index).
     """
 
@@ -310,6 +338,7 @@ class StoreIndex:
     n_folds: int
     fingerprint: str
     problems: list[Problem] = field(default_factory=list)
+    fingerprint_version: int = FINGERPRINT_VERSION
 
 
 def load_index(location: StoreLocation, *, strict: bool = True) -> StoreIndex:
@@ -336,7 +365,15 @@ def load_index(location: StoreLocation, *, strict: bool = True) -> StoreIndex:
             index.problems.append(Problem(cid, location.path("zarr.json"), f"index: {err}"))
     _check_against_cases(location, index)
     _check_folds(location, index)
-    index.fingerprint = store_fingerprint(index.entries)
+    version = root.get("fingerprint_version", 1)
+    if version not in (1, FINGERPRINT_VERSION):
+        raise InputError(
+            f"fingerprint version {version!r} is unknown to this tsesnet (it knows 1 and "
+            f"{FINGERPRINT_VERSION}): written by a newer release?",
+            path=location.url,
+        )
+    index.fingerprint_version = version
+    index.fingerprint = store_fingerprint(index.entries, n_folds, version)
     stated = root.get("fingerprint")
     if stated is not None and not index.problems and stated != index.fingerprint:
         raise InputError(
@@ -444,7 +481,15 @@ def _entry_differs(entry: IndexEntry, attrs: dict[str, Any]) -> str | None:
             return f"index says {name} {_show(mine)}, the case's attributes say {_show(said)}"
     if entry.checksums != theirs.checksums:
         return "index source checksums differ from the case's attributes"
-    if (entry.integrity, entry.content) != (theirs.integrity, theirs.content):
+    mine, said = (
+        (entry.integrity, entry.content, entry.attributes),
+        (
+            theirs.integrity,
+            theirs.content,
+            theirs.attributes,
+        ),
+    )
+    if mine != said:
         return "index integrity digest differs from the case's record"
     if entry.spacing_assumed != theirs.spacing_assumed:
         return "index says spacing_assumed differently from the case's attributes"

@@ -7,18 +7,24 @@ before it creates or cleans anything until after the index is written. A second 
 up to ``--wait`` seconds, then fails naming the holder; the lock of a holder on this host that
 no longer runs (killed) is taken over, and the run says so.
 
-Each task checksums the case's source files, skips the case when the store already holds it
-intact (the cheap integrity check) with the same checksums (by role: phase0, phase1, ...,
-image4d, mask), else validates and loads it (`data_store.loading.load_case`) and writes it under
-a temporary name, reads it back, records it and renames it into place
+Each task checksums the case's source files. When the store holds the case with the same
+checksums (by role: phase0, phase1, ..., image4d, mask), the case is loaded from its sources and
+compared with what is stored (`data_store.store.stored_differs`: attributes, integrity record,
+every file's and decoded array's checksum): it is "unchanged" only if all agree, else it is
+written again, with the reason (an edited attribute, a forged record, no record at all). A case
+whose sources changed, or that is new, is validated and loaded (`data_store.loading.load_case`)
+and written under a temporary name, read back, recorded and renamed into place
 (`data_store.store.write_case`). A stored case that is damaged (a missing or truncated chunk, a
 missing array) is written again from its sources: a rerun repairs it. A bad case is one line
 ``case X: FILE: problem``; it is skipped, the other cases are stored, and the exit status is 1.
-At the end the root index (case list, folds, fingerprint) is rebuilt from the complete case
-groups on disk and written in one update, so cases stored by earlier runs (or by a run that
-crashed before its index update) are never lost. Leftover temporary entries of a crashed run
-(on this host) are removed first; those of a writer that still runs, or of another host, are
-left and listed.
+Folds are part of the store: a rerun without ``--folds`` keeps the store's number of folds; a
+``--folds K`` that differs is refused (nothing changed) unless ``--refold`` is given, since it
+moves cases between folds (the fingerprint covers the folds, so runs on "fold 0" before and
+after are never compared as equals). At the end the root index (case list, folds, fingerprint)
+is rebuilt from the complete case groups on disk and written in one update, so cases stored by
+earlier runs (or by a run that crashed before its index update) are never lost. Leftover
+temporary entries of a crashed run (on this host) are removed first; those of a writer that
+still runs, or of another host, are left and listed.
 
 Ray: an initialised session or ``RAY_ADDRESS`` is used as is; otherwise a local Ray starts with
 its dashboard bound to 127.0.0.1 and stops at the end. On a cluster the store must be on
@@ -57,6 +63,11 @@ class IngestReport:
         cleaned: leftover temporary entries removed (or restored) before the run.
         kept: temporary entries of other writers left alone, one line each saying why.
         repaired: stored cases that were damaged and were written again (also in `stored`).
+        rewritten: ``case X: why`` for each stored case with unchanged sources that disagreed
+            with them (data, attributes or record) or had no record, written again (its ID is
+            also in `stored`).
+        previous_fingerprint: the store's fingerprint before the run, when the run changed
+            its version (`FINGERPRINT_VERSION`) and so the fingerprint itself.
         took_over: the stale lock holder this run took over from (`LockHolder.describe`).
         n_cases: cases in the store after the run.
         fingerprint: the store's fingerprint after the run.
@@ -71,6 +82,8 @@ class IngestReport:
     cleaned: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+    previous_fingerprint: str | None = None
     took_over: str | None = None
     n_cases: int = 0
     fingerprint: str = ""
@@ -84,9 +97,10 @@ class IngestReport:
 def _ingest_one(
     source: Any, store_url: str, stored_checksums: list | None, options: ReadOptions
 ) -> tuple[str, Any]:
-    """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line)."""
+    """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line) |
+    ("rewritten", "case X: why")."""
     from data_store.loading import file_sha256, load_case
-    from data_store.store import source_roles, write_case
+    from data_store.store import source_roles, stored_differs, write_case
 
     try:
         if stored_checksums is not None and source.problem is None:
@@ -95,7 +109,13 @@ def _ingest_one(
             except OSError:
                 current = None  # unreadable: let load_case name the problem
             if current == stored_checksums:
-                return "skipped", source.case_id
+                # Same sources: the stored case must still be what they give (module docstring).
+                loaded = load_case(source, options)
+                why = stored_differs(store_url, loaded)
+                if why is None:
+                    return "skipped", source.case_id
+                write_case(store_url, loaded)
+                return "rewritten", f"case {source.case_id}: {why}"
         loaded = load_case(source, options)
         write_case(store_url, loaded)
         return "stored", source.case_id
@@ -123,8 +143,9 @@ def ingest(
     store: str | os.PathLike,
     layout: str = "auto",
     workers: int | None = None,
-    folds: int = 5,
+    folds: int | None = None,
     *,
+    refold: bool = False,
     progress: bool = True,
     wait: float = 60.0,
     options: ReadOptions | None = None,
@@ -137,7 +158,8 @@ def ingest(
         store: the store's local path or fsspec URL (created if missing).
         layout: "auto", "nnunet", "mamamia", "bts" or "nifti4d".
         workers: the most cases processed at once (default: the cluster's CPUs).
-        folds: number of patient-level folds (>= 2).
+        folds: number of patient-level folds (>= 2); None keeps the store's (5 for a new one).
+        refold: allow ``folds`` to differ from the store's (cases move between folds).
         progress: show a tqdm progress bar on stderr.
         wait: seconds to wait for another writer's lock on the store.
         options: what source files may be (size limit, assumed spacing).
@@ -149,18 +171,19 @@ def ingest(
     Raises:
         InputError: bad arguments, an empty source, an unknown layout, duplicate case IDs, a
             store path that holds something else, or a store another writer holds longer
-            than `wait`.
+            than `wait`, or ``folds`` differs from the store's without ``refold``.
     """
     from data_store.lock import StoreLock
     from data_store.store import clean_leftovers, init_store
 
-    if folds < 2:
+    if folds is not None and folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     sources = _discover(src, layout)
     location = _target(store)
     with StoreLock(location, wait=wait, break_lock=break_lock) as lock:
+        folds, previous = _keep_folds(location, folds, refold)
         init_store(location)
         leftovers = clean_leftovers(location)
         report = IngestReport(store=location.url, cleaned=leftovers.cleaned, kept=leftovers.kept)
@@ -175,6 +198,8 @@ def ingest(
         finally:
             if own:
                 ray.shutdown()
+    if previous is not None and previous != report.fingerprint:
+        report.previous_fingerprint = previous
     for names in (report.stored, report.skipped, report.rejected, report.repaired):
         names.sort()
     return report
@@ -234,6 +259,32 @@ def _target(store: str | os.PathLike) -> StoreLocation:
     return location
 
 
+def _keep_folds(location: StoreLocation, folds: int | None, refold: bool) -> tuple[int, str | None]:
+    """(the number of folds this run writes, the store's version-1 fingerprint if it has one).
+
+    Raises:
+        InputError: ``folds`` differs from the store's without ``refold`` (nothing changed).
+    """
+    from data_store.index import check_target, read_root
+
+    if check_target(location):
+        return folds or 5, None  # a new store
+    root = read_root(location)
+    stored = root.get("n_folds", 0)
+    stored = stored if isinstance(stored, int) and stored >= 2 else None
+    old = root.get("fingerprint") if root.get("fingerprint_version", 1) == 1 else None
+    if stored is None or folds is None or folds == stored or not root.get("cases"):
+        return folds or stored or 5, old
+    if not refold:
+        raise InputError(
+            f"the store has {stored} folds; --folds {folds} would deal its cases into other "
+            f"folds (a fold's runs before and after would not be comparable): leave --folds out "
+            f"to keep {stored}, or pass --refold to re-deal them (the fingerprint changes)",
+            path=location.url,
+        )
+    return folds, old
+
+
 def _stored_cases(location: StoreLocation) -> tuple[dict[str, list], dict[str, str]]:
     """(case ID -> [[role, sha256], ...] of every intact stored case, case ID -> the first
     problem of every damaged one): a damaged case is never skipped as unchanged."""
@@ -275,6 +326,9 @@ def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
             status, what = _outcome(ray, ref, source)
             if status == "stored" and what in plan.damaged:
                 report.repaired.append(what)
+            if status == "rewritten":
+                report.rewritten.append(what)
+                status, what = "stored", source.case_id
             _tally(report, bar, status, what)
     finally:
         bar.close()
@@ -330,7 +384,8 @@ def cli(args: argparse.Namespace) -> int:
         args.store,
         layout=args.layout,
         workers=args.workers,
-        folds=getattr(args, "folds", 5),
+        folds=getattr(args, "folds", None),
+        refold=getattr(args, "refold", False),
         wait=getattr(args, "wait", 60.0),
         options=options,
         break_lock=getattr(args, "break_lock", False),
@@ -342,6 +397,16 @@ def cli(args: argparse.Namespace) -> int:
     )
     if report.repaired:
         print(f"repaired {len(report.repaired)} damaged case(s): {', '.join(report.repaired)}")
+    if report.rewritten:
+        print(f"rewrote {len(report.rewritten)} case(s) that disagreed with their sources:")
+        for line in sorted(report.rewritten):
+            print(f"  {line}")
+    if report.previous_fingerprint:
+        print(
+            f"the fingerprint was {report.previous_fingerprint} (version 1, before it covered "
+            f"folds and case attributes): runs and registered models validated on it are "
+            f"compared with this store as another store"
+        )
     if report.cleaned:
         print(f"removed {len(report.cleaned)} leftover temporary entries of an interrupted run")
     for line in report.notes:

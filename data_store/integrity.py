@@ -12,6 +12,11 @@ from the store after writing:
 - ``meta_sha256``: sha256 of the array's ``zarr.json`` (codecs, fill value, shape);
 - ``sha256``: sha256 of the decoded array (C-order bytes).
 
+and (version 2) ``attributes``: sha256 of the case's attributes (`attrs_digest`: all but the
+record itself, ``complete`` and the source files' paths), so an edited percentile, affine or
+bounding box is refused like a deleted chunk. Version-1 records (written before attributes
+were covered) still read; `tsesnet store verify --record` or a re-ingest upgrades them.
+
 Both kinds of checksum, because they answer different questions: a chunk file's checksum names
 the damaged file (``image chunk c/0/1/0/0``) and is checked without decoding anything; the
 decoded checksum is what the data is, independent of codec and chunking (two sites ingesting
@@ -22,9 +27,12 @@ a digest of the whole record (`CaseRecord.digest`) to tell an edited record from
 Checks, each a list of `Problem` (one line each: case, file, problem):
 
 - `check_files` (cheap; `Store.check_case` runs it once per case per process before reading
-  data): the recorded arrays' metadata files and chunk files are present, with the recorded
-  sizes, no unrecorded chunk files, no symbolic links; and `check_arrays`: the arrays open with
-  the recorded shape, dtype and chunks, consistent with the case's attributes.
+  data): the recorded arrays' metadata files are present with their recorded sha256 (a codec
+  added to ``image/zarr.json`` is refused), chunk files present with the recorded sizes, no
+  unrecorded chunk files, no symbolic links; and `check_arrays`: the arrays open with the
+  recorded shape, dtype and chunks, consistent with the case's attributes, which must have the
+  recorded digest; `check_values`: the attribute values readers use are sound (finite
+  percentiles, an affine that gives the stored shape and spacing, a bbox inside the volume).
 - `check_deep` (``tsesnet store verify --deep``): every file's sha256 and every decoded array's
   sha256 as recorded.
 - `check_unrecorded`: what can be said of a case stored before records existed (arrays present,
@@ -53,12 +61,15 @@ __all__ = [
     "check_arrays",
     "check_deep",
     "check_files",
+    "check_recorded",
     "check_stored",
     "check_unrecorded",
+    "check_values",
     "record_case",
 ]
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+_READ_VERSIONS = (1, 2)  # 1: written before the attributes were covered
 ARRAYS = ("image", "mask", "foreground")
 _CHUNK_KEY = re.compile(r"^c(/\d+)+$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -144,20 +155,34 @@ class ArrayRecord:
 
 @dataclass(frozen=True)
 class CaseRecord:
-    """The integrity record of one case: its arrays, by name (`ARRAYS`)."""
+    """The integrity record of one case.
+
+    Attributes:
+        arrays: the arrays, by name (`ARRAYS`).
+        attributes: `attrs_digest` of the case's attributes; None in a version-1 record
+            (written before the attributes were covered).
+    """
 
     arrays: dict[str, ArrayRecord]
+    attributes: str | None = None
+
+    @property
+    def version(self) -> int:
+        return 1 if self.attributes is None else RECORD_VERSION
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
-            "version": RECORD_VERSION,
+        doc = {
+            "version": self.version,
             "arrays": {n: a.to_attrs() for n, a in sorted(self.arrays.items())},
         }
+        if self.attributes is not None:  # a version-1 record reads back byte for byte
+            doc["attributes"] = self.attributes
+        return doc
 
     @classmethod
     def from_attrs(cls, d: Any) -> CaseRecord:
         """Parses a case's ``integrity`` attribute (ValueError if it is malformed)."""
-        if not isinstance(d, dict) or d.get("version") != RECORD_VERSION:
+        if not isinstance(d, dict) or d.get("version") not in _READ_VERSIONS:
             raise ValueError(f"not a version-{RECORD_VERSION} integrity record")
         arrays = d.get("arrays")
         if not isinstance(arrays, dict) or "image" not in arrays:
@@ -165,7 +190,10 @@ class CaseRecord:
         unknown = set(arrays) - set(ARRAYS)
         if unknown:
             raise ValueError(f"the record lists unknown arrays {sorted(unknown)}")
-        return cls({n: ArrayRecord.from_attrs(a) for n, a in arrays.items()})
+        attributes = None
+        if d["version"] >= 2:
+            attributes = _hex(d.get("attributes"), "attributes")
+        return cls({n: ArrayRecord.from_attrs(a) for n, a in arrays.items()}, attributes)
 
     def digest(self) -> str:
         """sha256 of the whole record's canonical JSON (files included): the index keeps it."""
@@ -177,16 +205,29 @@ class CaseRecord:
         return _json_sha({n: [list(a.shape), a.dtype, a.sha256] for n, a in self.arrays.items()})
 
 
-def record_digests(attrs: dict[str, Any]) -> tuple[str, str] | None:
-    """(`CaseRecord.digest`, `CaseRecord.content_digest`) of a case's record from its
-    attributes; None if it has none, ("malformed", "malformed") for a bad one."""
+def record_digests(attrs: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    """(`CaseRecord.digest`, `CaseRecord.content_digest`, `CaseRecord.attributes`) of a case's
+    record from its attributes; None if it has none, all "malformed" for a bad one."""
     if "integrity" not in attrs:
         return None
     try:
         record = CaseRecord.from_attrs(attrs["integrity"])
     except ValueError:
-        return "malformed", "malformed"
-    return record.digest(), record.content_digest()
+        return "malformed", "malformed", "malformed"
+    return record.digest(), record.content_digest(), record.attributes
+
+
+def attrs_digest(attrs: dict[str, Any]) -> str:
+    """sha256 of a case's attributes as readers use them: all but ``integrity`` (the record
+    that holds this digest), ``complete`` and the source files' paths (where the cohort sat
+    on the ingesting machine: two sites storing the same cohort get the same digest)."""
+    doc = {k: v for k, v in attrs.items() if k not in ("integrity", "complete")}
+    if isinstance(doc.get("sources"), list):
+        doc["sources"] = [
+            {k: v for k, v in s.items() if k != "path"} if isinstance(s, dict) else s
+            for s in doc["sources"]
+        ]
+    return _json_sha(doc)
 
 
 def _json_sha(value: Any) -> str:
@@ -198,7 +239,11 @@ def _json_sha(value: Any) -> str:
 
 
 def record_case(
-    location: StoreLocation, group: str, case_id: str, expected: dict[str, np.ndarray] | None
+    location: StoreLocation,
+    group: str,
+    case_id: str,
+    expected: dict[str, np.ndarray] | None,
+    attrs: dict[str, Any] | None = None,
 ) -> CaseRecord:
     """Reads a case group's arrays back from the store and records them (see module docstring).
 
@@ -208,6 +253,8 @@ def record_case(
         case_id: the case, for messages.
         expected: what was just written, by array name; every array read back must equal it.
             None records what is there (`tsesnet store verify --record`).
+        attrs: the case's attributes (without ``integrity``), recorded by their digest; None
+            makes a version-1 record (arrays only).
 
     Raises:
         InputError: an array reads back different from what was written, or cannot be read.
@@ -237,7 +284,7 @@ def record_case(
                 f"{name} reads back different from what was written", case=case_id, path=where
             )
         arrays[name] = _array_record(location, key, array, decoded, files)
-    return CaseRecord(arrays)
+    return CaseRecord(arrays, None if attrs is None else attrs_digest(attrs))
 
 
 def _array_record(
@@ -261,8 +308,11 @@ def _array_record(
 
 
 def check_files(location: StoreLocation, case_id: str, record: CaseRecord) -> list[Problem]:
-    """The cheap file check: recorded files present with their sizes, nothing unrecorded."""
+    """The cheap file check: recorded files present with their sizes, nothing unrecorded, and
+    each array's metadata (``zarr.json``: codecs, fill value, shape) as recorded: metadata
+    decides how every chunk decodes, so it is checked by its sha256 (three small reads)."""
     problems = []
+    metas = location.read_many([f"{case_id}/{name}/zarr.json" for name in record.arrays])
     for name, rec in record.arrays.items():
         key = f"{case_id}/{name}"
         files, links = location.list_files(key)
@@ -275,6 +325,9 @@ def check_files(location: StoreLocation, case_id: str, record: CaseRecord) -> li
         if "zarr.json" not in files:
             add("", f"{name} array missing (no zarr.json)")
             continue
+        meta = metas.get(f"{key}/zarr.json")
+        if meta is not None and _sha(meta) != rec.meta_sha256:
+            add("zarr.json", f"{name} metadata zarr.json differs from the record (edited)")
         for chunk, (size, _) in sorted(rec.files.items()):
             if chunk not in files:
                 add(chunk, f"{name} chunk {chunk} missing")
@@ -325,7 +378,64 @@ def _attrs_vs_record(
         has = "has" if "mask" in record.arrays else "has no"
         text = f"attributes say labelled={bool(attrs['labelled'])}, the record {has} mask"
         problems.append(Problem(case_id, path, text))
+    if record.attributes is not None and attrs_digest(attrs) != record.attributes:
+        text = (
+            "case attributes differ from the integrity record (edited after ingest: "
+            "percentiles, geometry, bounding box or another value readers use)"
+        )
+        problems.append(Problem(case_id, path, text))
     return problems
+
+
+def check_values(location: StoreLocation, case_id: str, attrs: dict[str, Any]) -> list[Problem]:
+    """The attribute values readers use are sound, record or not: finite percentiles with
+    lo <= hi, a geometry whose affine gives the stored shape and spacing, and a foreground
+    bounding box inside the volume (an old store's case has no record to vouch for them)."""
+    path = location.path(f"{case_id}/zarr.json")
+    why = _bad_values(attrs)
+    return [Problem(case_id, path, f"case attributes: {why}")] if why else []
+
+
+def _bad_values(attrs: dict[str, Any]) -> str | None:
+    from data_store.geometry import Geometry
+
+    shape = tuple(int(s) for s in attrs["shape"])
+    spacing = tuple(float(s) for s in attrs["spacing"])
+    p = attrs.get("percentiles")
+    if not (isinstance(p, list) and len(p) == 2 and all(_finite(v) for v in p) and p[0] <= p[1]):
+        return f"percentiles {p!r} are not two finite numbers lo <= hi"
+    try:
+        geometry = Geometry.from_attrs(attrs["geometry"])
+        derived = Geometry.from_affine(geometry.affine, geometry.shape)
+    except (KeyError, TypeError, ValueError, InputError) as err:
+        return f"geometry unreadable ({type(err).__name__}: {err})"
+    if not np.array_equal(derived.ornt, geometry.ornt) or derived.canonical_shape != shape:
+        got = "x".join(map(str, derived.canonical_shape))
+        return (
+            f"geometry's affine and shape give a {got} volume (or another orientation), the "
+            f"stored one is {'x'.join(map(str, shape))}"
+        )
+    said = (derived.spacing, geometry.spacing)
+    if not all(np.allclose(s, spacing, rtol=1e-6, atol=0) for s in said):
+        shown = "x".join(f"{v:.4g}" for v in derived.spacing)
+        return f"geometry's affine gives spacing {shown} mm, the attributes say {spacing}"
+    bbox = attrs.get("foreground_bbox")
+    if bbox is not None:
+        inside = (
+            isinstance(bbox, list)
+            and len(bbox) == 3
+            and all(
+                isinstance(b, list) and len(b) == 2 and all(_is_size(v) for v in b) for b in bbox
+            )
+            and all(0 <= lo < hi <= n for (lo, hi), n in zip(bbox, shape, strict=True))
+        )
+        if not inside:
+            return f"foreground_bbox {bbox!r} is not inside the {'x'.join(map(str, shape))} volume"
+    return None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def check_deep(location: StoreLocation, case_id: str, record: CaseRecord) -> list[Problem]:
@@ -359,6 +469,26 @@ def check_deep(location: StoreLocation, case_id: str, record: CaseRecord) -> lis
             text = f"{name} decodes to other values than recorded"
             problems.append(Problem(case_id, where, text))
     return problems
+
+
+def check_recorded(
+    location: StoreLocation, case_id: str, record: CaseRecord, attrs: dict[str, Any]
+) -> list[Problem]:
+    """Everything a recorded case can be checked for against its record, reading every file:
+    `check_files`, `check_arrays` (attributes included), then `check_deep`."""
+    import zarr
+
+    problems = check_files(location, case_id, record)
+    if problems:
+        return problems
+    try:
+        group = zarr.open_group(location.zarr_target(case_id), mode="r")
+        arrays = {name: group.get(name, None) for name in ARRAYS}
+    except Exception as err:  # a damaged zarr.json: one line, never a traceback
+        where = location.path(f"{case_id}/zarr.json")
+        return [Problem(case_id, where, f"case group unreadable ({type(err).__name__})")]
+    problems = check_arrays(location, case_id, record, attrs, arrays)
+    return problems or check_deep(location, case_id, record)
 
 
 def check_unrecorded(

@@ -24,8 +24,9 @@ P0..P5), ``phase_index`` (nominal index of each stored phase), ``times`` (s, or 
 ``labelled``, ``foreground_voxels``, ``foreground_bbox`` ([start, stop) per axis, or null),
 ``split`` ("train" or "test"; absent in stores written before it: "train"), ``source_4d``
 (true when all phases came from one 4D file), ``spacing_assumed`` (true when the spacing came
-from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written,
-`data_store.integrity`; absent in stores written before it), ``dicom`` (studies ingested from
+from ``--assume-spacing``), ``integrity`` (the record of every array and chunk file written and
+the digest of the other attributes, `data_store.integrity`; absent in stores written before
+it, without the digest in stores of the previous release), ``dicom`` (studies ingested from
 DICOM only: the UIDs and grid a DICOM SEG of a result references, `data_store.dicom`) and
 ``complete`` (written last).
 
@@ -39,8 +40,9 @@ a process on this host that is gone, and renames an ``.old-`` entry back when it
 missing: a stored case is never lost.
 
 Reading: `open_store` checks the index (`data_store.index.load_index`), and the first read of a
-case in a process runs `Store.check_case` (the cheap integrity check), so a damaged case is one
-line naming the case and file, never zeros where a chunk was deleted or a codec traceback.
+case in a process (its data or its attributes) runs `Store.check_case` (the cheap integrity
+check), so a damaged or edited case is one line naming the case and file, never zeros where a
+chunk was deleted, a codec traceback, or a mask written on a grid someone moved.
 
 Chunks and codec, measured (``python tests/benchmarks/measure_chunks.py``: the phantom of
 ``tests/benchmarks/bench_loader.py``, 6x100x320x320 int16, half air, tissue, per-phase
@@ -110,10 +112,13 @@ from data_store.integrity import (
     ARRAYS,
     CaseRecord,
     Problem,
+    attrs_digest,
     check_arrays,
     check_deep,
     check_files,
+    check_recorded,
     check_unrecorded,
+    check_values,
     record_case,
 )
 from data_store.location import (
@@ -220,7 +225,7 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
             foreground = _write_mask(group, loaded.mask, chunks[1:], case_id)
             expected.update(mask=foreground.mask, foreground=foreground.sample)
         attrs = _case_attrs(loaded, image, foreground)
-        record = record_case(location, tmp, case_id, expected)
+        record = record_case(location, tmp, case_id, expected, attrs)
         attrs["integrity"] = record.to_attrs()
         group.update_attributes(attrs)
         group.update_attributes({"complete": True})  # last: a group without it is not a case
@@ -264,10 +269,23 @@ def _write_mask(
     group: Any, mask: np.ndarray, chunks_zyx: tuple[int, ...], case_id: str
 ) -> _Foreground:
     """Writes the ``mask`` and ``foreground`` arrays of a labelled case; returns `_Foreground`."""
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)  # (Z, Y, X)
+    foreground = _foreground(mask, case_id)
     group.create_array(
-        "mask", data=mask, chunks=chunks_zyx, compressors=_codecs(), dimension_names="ZYX"
+        "mask",
+        data=foreground.mask,
+        chunks=chunks_zyx,
+        compressors=_codecs(),
+        dimension_names="ZYX",
     )
+    sample = foreground.sample
+    group.create_array("foreground", data=sample, chunks=(max(1, len(sample)), 3))
+    return foreground
+
+
+def _foreground(mask: np.ndarray, case_id: str) -> _Foreground:
+    """The mask as stored (uint8), its voxel count and bounding box, and the foreground
+    sample: what `_write_mask` writes, computed without writing."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)  # (Z, Y, X)
     coords = np.argwhere(mask).astype(np.int32)  # (N, 3) z, y, x
     fg_count, bbox = int(len(coords)), None
     if fg_count:  # [start, stop) per axis: patches outside it need no mask read
@@ -279,8 +297,62 @@ def _write_mask(
         keep = np.random.default_rng(seed).choice(len(coords), FOREGROUND_SAMPLES, False)
         coords = coords[np.sort(keep)]
     sample = np.ascontiguousarray(coords.reshape(-1, 3))
-    group.create_array("foreground", data=sample, chunks=(max(1, len(coords)), 3))
     return _Foreground(voxels=fg_count, bbox=bbox, mask=mask, sample=sample)
+
+
+def stored_differs(location: StoreLocation | str, loaded: Any) -> str | None:
+    """Why the stored case is not what writing ``loaded`` (read from its sources) would store,
+    or None when it is: the same attributes, a current integrity record that vouches for them
+    and for the values the sources give, and stored files that match the record (every file's
+    and every decoded array's sha256). What `tsesnet ingest` runs before it calls a case
+    "unchanged": nothing stored in the case (its record included) is trusted on its own word.
+    """
+    if not isinstance(location, StoreLocation):
+        location = StoreLocation.parse(location)
+    case_id = loaded.source.case_id
+    try:
+        attrs = location.read_json(f"{case_id}/zarr.json")["attributes"]
+        record = CaseRecord.from_attrs(attrs["integrity"]) if "integrity" in attrs else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its zarr.json or integrity record is unreadable ({type(err).__name__})"
+    if record is None:
+        return "it has no integrity record"
+    if record.attributes is None:
+        return "its integrity record predates attribute coverage (upgraded)"
+    image = np.ascontiguousarray(loaded.image)  # (T, Z, Y, X)
+    expected = {"image": image}
+    foreground = _Foreground()
+    if loaded.mask is not None:
+        foreground = _foreground(loaded.mask, case_id)
+        expected.update(mask=foreground.mask, foreground=foreground.sample)
+    wanted = json.loads(json.dumps(_case_attrs(loaded, image, foreground)))  # as stored
+    if attrs_digest(wanted) != attrs_digest(attrs):
+        keys = (set(wanted) | set(attrs)) - _NOT_READ
+        keys = sorted(k for k in keys if _differ(wanted, attrs, k))
+        return f"its attributes differ from what its sources give ({', '.join(keys)})"
+    if record.attributes != attrs_digest(attrs):
+        return "its attributes differ from its integrity record"
+    if set(record.arrays) != set(expected):
+        return f"its record lists {sorted(record.arrays)}, its sources give {sorted(expected)}"
+    for name, array in expected.items():
+        rec = record.arrays[name]
+        sha = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        if (rec.shape, rec.dtype, rec.sha256) != (array.shape, str(array.dtype), sha):
+            return f"its {name} values differ from what its sources give"
+    problems = check_recorded(location, case_id, record, attrs)
+    return f"its stored data differs from its record ({problems[0].problem})" if problems else None
+
+
+_NOT_READ = {"integrity", "complete"}
+
+
+def _differ(a: dict, b: dict, key: str) -> bool:
+    if key == "sources":
+        strip = [
+            [{k: v for k, v in s.items() if k != "path"} for s in d.get(key) or []] for d in (a, b)
+        ]
+        return strip[0] != strip[1]
+    return a.get(key) != b.get(key)
 
 
 def _case_attrs(loaded: Any, image: np.ndarray, foreground: _Foreground) -> dict[str, Any]:
@@ -437,6 +509,8 @@ class Store:
         entries: case ID -> `IndexEntry` (phases, shape, split, fold, ...).
         index: case ID -> the index entry as stored (JSON), as older callers read it.
         fingerprint: stable hash of what is stored (`store_fingerprint`).
+        fingerprint_version: 2, or 1 for a store whose index was last written before the
+            fingerprint covered folds and attributes.
         n_folds: number of folds.
         index_problems: with ``strict=False`` (`tsesnet store verify`), what is wrong with the
             index per case instead of an error; `case_ids` then lists the cases whose group
@@ -452,6 +526,7 @@ class Store:
         self.entries: dict[str, IndexEntry] = {c: index.entries[c] for c in index.attrs}
         self.case_ids: list[str] = sorted(self.entries)
         self.fingerprint: str = index.fingerprint
+        self.fingerprint_version: int = index.fingerprint_version
         self.n_folds: int = index.n_folds
         self._attrs = index.attrs
         self._groups: dict[str, Any] = {}
@@ -479,8 +554,10 @@ class Store:
 
     def check_case(self, case_id: str) -> None:
         """The cheap integrity check of a case, run once per case per process before its data
-        is read: arrays present, shapes/dtypes/chunks as recorded, every recorded chunk file
-        present with its recorded size, nothing unrecorded, no symbolic links.
+        or attributes are read: arrays present, shapes/dtypes/chunks as recorded, each array's
+        metadata by sha256, every recorded chunk file present with its recorded size, nothing
+        unrecorded, no symbolic links, the attributes by their recorded digest and their values
+        sound (`data_store.integrity.check_values`).
 
         Cost, measured on a 6x100x320x320 int16 case (250 chunk files): see the README's
         Reliability section.
@@ -536,7 +613,9 @@ class Store:
             problems = check_files(self.location, case_id, record)
         if problems:
             return problems
+        values = check_values(self.location, case_id, attrs)
         arrays, problems = self._open_arrays(case_id)
+        problems = values + problems
         if record is None:
             return problems + check_unrecorded(self.location, case_id, attrs, arrays, decode=deep)
         problems += check_arrays(self.location, case_id, record, attrs, arrays)
@@ -655,8 +734,9 @@ class Store:
         return [c for c in pool if self.fold_of(c) != fold], val
 
     def case_attrs(self, case_id: str) -> dict[str, Any]:
-        """The case group's attributes (as read, and checked against the index, at open)."""
-        self._entry(case_id)
+        """The case group's attributes (as read, and checked against the index, at open), after
+        the cheap check (`check_case`): readers use them (percentiles, geometry, bbox)."""
+        self.check_case(case_id)
         return dict(self._attrs[case_id])
 
     def shape(self, case_id: str) -> tuple[int, int, int, int]:

@@ -22,8 +22,12 @@ rest whatever they are. A rerun of the interrupted ingest writes its cases again
 Cases stored before integrity records existed are listed as such: their files cannot be
 checked against a record (a deleted chunk reads as zeros). ``--record`` adds a record to each
 of them from what is there now (their arrays must decode, with the shapes their attributes
-say), under the store's writer lock, and rebuilds the index; the store's fingerprint changes
-with it. Re-ingesting from the sources records them too, and checks them against the sources.
+say), upgrades version-1 records (no attribute digest) whose files still match them, under the
+store's writer lock, and rebuilds the index; the store's fingerprint changes with it. It never
+blesses an edit: a case whose record was removed, or is not the one the index lists, or whose
+files disagree with the record it would upgrade, is refused (one line, nothing written) unless
+``--accept-current``, which records it as it is and says per case what it accepted.
+Re-ingesting from the sources records them too, and checks them against the sources.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     recorded: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -78,8 +83,10 @@ class VerifyReport:
             first, *rest = self.damaged[cid]
             out.append(str(first) + (f" (+{len(rest)} more)" if rest else ""))
         out += [f"note: {n}" for n in self.notes]
+        out += self.accepted
         if self.recorded:
-            out.append(f"recorded {len(self.recorded)} case(s) that had no integrity record")
+            n = len(self.recorded)
+            out.append(f"recorded {n} case(s) that had no current integrity record")
         if self.repaired:
             out.append(f"removed {len(self.repaired)} orphan(s): {', '.join(self.repaired)}")
         intact = self.cases - len(self.damaged)
@@ -113,6 +120,7 @@ class VerifyReport:
             "notes": self.notes,
             "recorded": self.recorded,
             "repaired": self.repaired,
+            "accepted": self.accepted,
         }
 
 
@@ -207,14 +215,22 @@ def repair_orphans(path: str, *, wait: float = 60.0, break_lock: bool = False) -
     return sorted(gone)
 
 
-def record_unrecorded(path: str, *, wait: float = 60.0, break_lock: bool = False) -> list[str]:
-    """Adds an integrity record to every complete case without one, then rebuilds the index.
+def record_unrecorded(
+    path: str, *, wait: float = 60.0, accept_current: bool = False, break_lock: bool = False
+) -> tuple[list[str], list[str]]:
+    """Records every complete case without a current integrity record, then rebuilds the index.
 
-    Runs under the store's writer lock. A case is recorded only if its arrays decode and have
-    the shapes and dtype its attributes say.
+    Runs under the store's writer lock, and decides for every case before it writes anything:
+    a case without a record (a store from before records) is recorded if its arrays decode with
+    the shapes its attributes say; a version-1 record is upgraded (attributes covered) if the
+    case's files still match it (the deep check); a current record that is the one the index
+    lists is kept as it is. A case whose data disagrees with its record, or whose record was
+    removed or edited (it is not the one the index lists), is refused unless
+    ``accept_current``: re-ingesting from its sources repairs it. Attribute values readers
+    cannot use (NaN percentiles, an affine off the stored grid) are refused always.
 
     Returns:
-        The case IDs recorded.
+        (case IDs recorded, one line per case accepted as it is now, saying what disagreed).
 
     Raises:
         InputError: the store is locked, or a case cannot be recorded (naming it and why).
@@ -225,42 +241,117 @@ def record_unrecorded(path: str, *, wait: float = 60.0, break_lock: bool = False
     from data_store.lock import StoreLock
 
     location = StoreLocation.parse(path)
-    done = []
+    done, accepted = [], []
     command = f"tsesnet store verify {path} --record"
     with StoreLock(location, wait=wait, command=command, break_lock=break_lock):
-        n_folds = int(read_root(location).get("n_folds", 0))
+        root = read_root(location)
+        n_folds = int(root.get("n_folds", 0))
+        index_edited = _index_edited(root)
+        indexed = root.get("cases") if isinstance(root.get("cases"), dict) else {}
+        plan = []
         for cid, attrs in sorted(scan_cases(location).items()):
-            if "integrity" in attrs:
+            entry = indexed.get(cid) if isinstance(indexed.get(cid), dict) else {}
+            action, why = _record_plan(location, cid, attrs, entry.get("integrity"), index_edited)
+            if action == "keep":
                 continue
+            where = location.path(f"{cid}/zarr.json")
+            if why is not None and not accept_current:
+                raise InputError(
+                    f"cannot record: {why}, so nothing vouches for its data: re-ingest it from "
+                    "its sources to repair it (or rerun an ingest that stopped before its index "
+                    "update), or pass --accept-current to record what is there now",
+                    case=cid,
+                    path=where,
+                )
+            if why is not None:
+                accepted.append(f"case {cid}: accepted as it is now, although {why}")
+            plan.append((cid, attrs))
+        for cid, attrs in plan:  # every case decided: now write
             group = zarr.open_group(location.zarr_target(cid), mode="r+")
-            arrays = {name: group.get(name, None) for name in ("image", "mask", "foreground")}
-            problems = check_unrecorded(location, cid, attrs, arrays, decode=True)
-            if problems:
-                first = problems[0]
-                raise InputError(f"cannot record: {first.problem}", case=cid, path=first.path)
-            record = record_case(location, cid, cid, None)
+            record = record_case(location, cid, cid, None, attrs)
             group.update_attributes({"integrity": record.to_attrs()})
             done.append(cid)
         write_index(location, n_folds)
-    return done
+    return done, accepted
+
+
+def _index_edited(root: dict) -> bool:
+    """Whether the root's stated fingerprint is not the one of the entries it lists."""
+    from data_store.index import store_fingerprint
+
+    try:
+        n_folds, version = root.get("n_folds", 0), root.get("fingerprint_version", 1)
+        computed = store_fingerprint(root.get("cases") or {}, n_folds, version)
+    except (AttributeError, TypeError, KeyError, ValueError):
+        return True
+    return root.get("fingerprint") not in (None, computed)
+
+
+def _record_plan(
+    location: StoreLocation, cid: str, attrs: dict, indexed: str | None, index_edited: bool
+) -> tuple[str, str | None]:
+    """("keep" | "record", None) or ("record", why the case disagrees with its record).
+
+    Raises:
+        InputError: a case that cannot be recorded at all (values readers cannot use, arrays
+            that do not decode with the shapes its attributes say).
+    """
+    import zarr
+
+    from data_store.integrity import CaseRecord, check_recorded, check_values
+
+    why = None
+    if "integrity" not in attrs:
+        if indexed is not None:
+            why = "its integrity record was removed (the index lists one)"
+        record = None
+    else:
+        try:
+            record = CaseRecord.from_attrs(attrs["integrity"])
+        except ValueError as err:
+            record, why = None, f"integrity record malformed ({err})"
+    if record is not None:
+        if indexed is not None and index_edited:
+            why = "the index was edited (its fingerprint is not the one of its cases)"
+        elif indexed is not None and indexed != record.digest():
+            why = "its integrity record is not the one the index lists (edited after ingest)"
+        elif record.attributes is not None:
+            return "keep", None  # current and the index's: nothing to write, nothing blessed
+        else:  # a version-1 record is upgraded only over files that still match it
+            problems = check_recorded(location, cid, record, attrs)
+            why = problems[0].problem if problems else None
+    refuse = check_values(location, cid, attrs)
+    if why is not None or record is None:  # what is recorded must at least decode
+        group = zarr.open_group(location.zarr_target(cid), mode="r")
+        arrays = {name: group.get(name, None) for name in ("image", "mask", "foreground")}
+        refuse += check_unrecorded(location, cid, attrs, arrays, decode=True)
+    if refuse:
+        raise InputError(
+            f"cannot record: {refuse[0].problem}; re-ingest it from its sources",
+            case=cid,
+            path=refuse[0].path,
+        )
+    return "record", why
 
 
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
-    recorded = (
-        record_unrecorded(args.store, wait=args.wait, break_lock=args.break_lock)
-        if args.record
-        else []
-    )
+    recorded, accepted = [], []
+    if args.record:
+        accept = getattr(args, "accept_current", False)
+        recorded, accepted = record_unrecorded(
+            args.store, wait=args.wait, accept_current=accept, break_lock=args.break_lock
+        )
+    elif getattr(args, "accept_current", False):
+        raise InputError("--accept-current goes with --record")
     repaired = (
         repair_orphans(args.store, wait=args.wait, break_lock=args.break_lock)
         if args.repair
         else []
     )
     report = verify_store(args.store, deep=args.deep)
-    report.recorded = recorded
-    report.repaired = repaired
+    report.recorded, report.accepted, report.repaired = recorded, accepted, repaired
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -207,17 +207,22 @@ def test_synth_test_cohort_is_stored_as_the_test_split(tmp_path, ray_session, ca
 
 
 def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
-    """Its cases are kept (not rewritten), its fingerprint is unchanged, new cases are recorded."""
+    """Its cases cannot be vouched for (no record), so they are written again from their
+    sources with a record: the store is upgraded, to the fingerprint of a fresh ingest."""
     from test_integrity import _strip_records
 
     write_cohort("nnunet", tmp_path / "src", n_cases=2)
-    ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    fresh = ingest(tmp_path / "src", tmp_path / "store", progress=False)
     _strip_records(tmp_path / "store")
     before = open_store(tmp_path / "store").fingerprint
     again = ingest(tmp_path / "src", tmp_path / "store", progress=False)
-    assert again.skipped == ["case_000", "case_001"] and again.fingerprint == before
+    assert again.stored == ["case_000", "case_001"] and not again.skipped
+    assert all(line.endswith("it has no integrity record") for line in again.rewritten)
+    assert again.fingerprint == fresh.fingerprint != before
+    assert again.previous_fingerprint == before
     write_cohort("nnunet", tmp_path / "src", n_cases=3)
     more = ingest(tmp_path / "src", tmp_path / "store", progress=False)
     store = open_store(tmp_path / "store")
-    assert more.stored == ["case_002"] and store.has_record("case_002")
-    assert not store.has_record("case_000") and store.fingerprint == more.fingerprint
+    assert more.stored == ["case_002"] and more.skipped == ["case_000", "case_001"]
+    assert all(store.has_record(c) for c in store.case_ids)
+    assert store.fingerprint == more.fingerprint

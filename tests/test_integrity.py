@@ -197,8 +197,9 @@ def _strip_records(store: Path) -> None:
     attributes and the index as the earlier code wrote them, with its fingerprint."""
     index = json.loads((store / "zarr.json").read_text())
     cases = index["attributes"]["cases"]
+    index["attributes"].pop("fingerprint_version", None)
     for cid, entry in cases.items():
-        for key in ("integrity", "content", "split"):
+        for key in ("integrity", "content", "attributes", "split"):
             entry.pop(key, None)
         _edit_json(
             store / cid / "zarr.json",

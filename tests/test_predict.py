@@ -521,6 +521,27 @@ def test_a_forged_store_index_touches_nothing_outside_out(model_uri, store, tmp_
     assert not (store / "preds").exists()
 
 
+def test_an_edited_case_attribute_fails_that_case_not_ok_on_a_wrong_grid(
+    model_uri, store, tmp_path, capsys
+):
+    """The issue: an affine moved 500 mm in a case's zarr.json used to predict "ok", writing
+    the mask on the wrong grid. The record vouches for the attributes: that case fails alone."""
+    edited, out = tmp_path / "store.zarr", tmp_path / "out"
+    shutil.copytree(store, edited)
+    meta_path = edited / "lps" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["geometry"]["affine"][0][3] -= 500.0
+    meta_path.write_text(json.dumps(meta))
+    argv = ["predict", "--model", model_uri, "--input", str(edited), "--workers", "2"]
+    status, _, err = _cli([*argv, "--output", str(out)], capsys)
+    assert "Traceback" not in err
+    rows = _rows(out)
+    assert status == 1 and rows["ras"]["status"] == "ok"
+    assert rows["lps"]["status"] == "error"
+    assert "case attributes differ from the integrity record" in rows["lps"]["error"]
+    assert not (out / "lps.nii.gz").exists()
+
+
 @pytest.fixture(scope="module")
 def hostile_run(ray_session, record_uri, tmp_path_factory):
     """`tsesnet predict --probabilities` on the hostile cohort with the recorded model."""

@@ -54,6 +54,16 @@ def test_alias_gate(new, lineage, champion, alias):
     assert reason
 
 
+def test_alias_gate_names_both_fingerprints_when_they_differ():
+    """A store re-indexed since fingerprint version 2 has a new fingerprint: the reason says
+    which fingerprints differ and why that can happen to the same data."""
+    champion = _mv(val_dice=0.5, store_fingerprint="fp-B", fold=0)
+    alias, reason = registry.decide_alias(0.9, LINEAGE, champion)
+    assert alias == "challenger"
+    assert "fp-B" in reason and LINEAGE["store_fingerprint"] in reason
+    assert "version 2" in reason and "promote by hand" in reason
+
+
 @pytest.fixture(scope="module")
 def tracking_db(tmp_path_factory):
     """One SQLite tracking database for the module (creating one costs seconds)."""

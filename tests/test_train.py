@@ -419,6 +419,31 @@ def test_training_refuses_a_damaged_store_before_it_starts(tiny_store, tmp_path,
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_training_refuses_nan_percentiles_edited_into_a_case(tiny_store, tmp_path, capsys):
+    """The issue: NaN percentiles in one case's zarr.json trained and registered an all-NaN
+    @champion. The attributes are checked (values and recorded digest) before Ray starts."""
+    import json
+    import shutil
+
+    from tsesnet.cli import main
+
+    edited = tmp_path / "edited.zarr"
+    shutil.copytree(tiny_store, edited)
+    meta_path = sorted(edited.glob("*/zarr.json"))[0]
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["percentiles"] = [float("nan"), float("nan")]
+    meta_path.write_text(json.dumps(meta))
+    code = main(["train", "--store", str(edited), "--config", str(TINY),
+                 "--set", f"run.storage_path={tmp_path / 'ray'}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert (
+        err.startswith(f"error: case {meta_path.parent.name}: {meta_path}: ")
+        and "percentiles" in err
+    )
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize(
     ("error", "status"),
     [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")],

@@ -83,7 +83,8 @@ def _data_commands(sub) -> None:
         "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d", "dicom"]
     )
     s.add_argument("--workers", type=int, default=None, metavar="N")
-    s.add_argument("--folds", type=int, default=5, metavar="K", help="patient-level folds (5)")
+    s.add_argument("--folds", type=int, default=None, metavar="K", help="folds (new store: 5)")
+    s.add_argument("--refold", action="store_true", help="let --folds re-deal a store's cases")
     s.add_argument(
         "--wait",
         type=float,
@@ -124,7 +125,13 @@ def _data_commands(sub) -> None:
     s.add_argument(
         "--record",
         action="store_true",
-        help="first record cases stored without an integrity record (what is there now)",
+        help="first record cases without a current integrity record (refuses a case whose "
+        "data disagrees with its record)",
+    )
+    s.add_argument(
+        "--accept-current",
+        action="store_true",
+        help="with --record: record what is there now also over a record it disagrees with",
     )
     s.add_argument(
         "--repair",

@@ -109,9 +109,14 @@ def decide_alias(new_dice: float, lineage: dict, champion) -> tuple[str, str]:
         "fold"
     ) == str(lineage["fold"])
     if not same_fold:
+        # A store indexed before fingerprint version 2 (data_store.index) gets a new
+        # fingerprint when it is next written, although its data may be the same: say so.
         return CHALLENGER, (
-            f"champion v{champion.version} was validated on another store/fold; "
-            "promote by hand if wanted"
+            f"champion v{champion.version} was validated on another store/fold (store "
+            f"fingerprint {tags.get('store_fingerprint', '?')}, fold {tags.get('fold', '?')}; "
+            f"this version: {lineage['store_fingerprint']}, fold {lineage['fold']}); a store "
+            "re-indexed since fingerprints cover folds and case attributes (version 2) has a "
+            "new fingerprint for the same data: promote by hand if it is the same store and folds"
         )
     old, new = _old_dice(tags.get("val_dice"), new_dice)
     a, b = _as_distinct_text(new, old)
