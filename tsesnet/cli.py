@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_data_commands, _training_commands, _serving_commands, _programs):
+    for add in (_data_commands, _store_commands, _training_commands, _serving_commands, _programs):
         add(sub)
     return p
 
@@ -109,6 +109,8 @@ def _data_commands(sub) -> None:
         help="largest decoded voxel data one file may declare, GiB (4)",
     )
 
+
+def _store_commands(sub) -> None:
     store = sub.add_parser("store", help="inspect, export or verify a store")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     s = ssub.add_parser("info", help="table of cases and totals")
@@ -146,7 +148,9 @@ def _data_commands(sub) -> None:
         metavar="SECONDS",
         help="for --record and --repair: lock wait",
     )
-    s.add_argument("--break-lock", action="store_true", help="for --record: " + BREAK_LOCK_HELP)
+    s.add_argument(
+        "--break-lock", action="store_true", help="for --record and --repair: " + BREAK_LOCK_HELP
+    )
 
 
 def _training_commands(sub) -> None:
