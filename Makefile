@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench demo science clean
+.PHONY: setup test test-fast lint format bench demo science clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q --durations=15
+
+# The edit-test loop: no Ray cluster, no training (the tests marked slow are left out).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -269,6 +269,45 @@ def test_leftovers_cleaned_and_interrupted_replacement_restored(tmp_path):
     assert open_store(root).read_case("case_000").image.shape == store.shape("case_000")
 
 
+def test_verify_names_orphans_and_repair_removes_only_them(tmp_path, capsys):
+    """What the index does not list is an orphan: `store verify` names each (a complete case
+    an interrupted ingest never indexed, a copy cut short, a dead writer's temporary entry),
+    `--repair` removes them and nothing the index lists."""
+    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    root = tmp_path / "store"
+    location = StoreLocation.parse(root)
+    root.mkdir()
+    init_store(location)
+    sources = discover(tmp_path / "src")
+    for source in sources[:2]:
+        write_case(location, load_case(source))
+    write_index(location, 2)
+    indexed = open_store(root).case_ids
+    write_case(location, load_case(sources[2]))  # complete, but the run died before the index
+    shutil.copytree(root / "case_000", root / "case_copy")  # a copy cut short: no zarr.json
+    (root / "case_copy" / "zarr.json").unlink()
+    (root / ".tmp-case_009@elsewhere.999999.0123456789ab").mkdir()  # a dead writer's entry
+
+    assert main(["store", "verify", str(root)]) == 0
+    out = capsys.readouterr().out
+    orphans = [ln for ln in out.splitlines() if ln.startswith("note: orphan")]
+    assert len(orphans) == 3, out
+    assert any("case_002" in ln and "did not commit" in ln for ln in orphans), out
+    assert any("case_copy" in ln and "not a case" in ln for ln in orphans), out
+    assert any(".tmp-case_009" in ln and "temporary entry" in ln for ln in orphans), out
+
+    assert main(["store", "verify", str(root), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 orphan(s): case_002, case_copy" in out, out
+    # Another host's entry is not known to be gone: kept, and still named.
+    assert sorted(e.name for e in root.iterdir() if not e.name.startswith(".lock")) == [
+        ".tmp-case_009@elsewhere.999999.0123456789ab",
+        *indexed,
+        "zarr.json",
+    ]
+    assert main(["store", "verify", str(root), "--deep"]) == 0
+
+
 # ----------------------------------------------------------------------- test splits
 
 
