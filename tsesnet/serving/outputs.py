@@ -3,6 +3,7 @@
     OUT/CASE.nii.gz                  uint8 mask on the grid of the case's phase-0 file
     OUT/probabilities/CASE.nii.gz    with --probabilities: float32 probability, same grid
     OUT/summary.csv                  one row per case (`SUMMARY_COLUMNS`)
+    OUT/prediction.json              the model, input, settings, cases, software and time
 
 Probability maps have a folder of their own, so no case ID can collide with another case's map
 (cases `A` and `A_prob` both exist in real cohorts), and `tsesnet evaluate`, which reads the
@@ -52,6 +53,8 @@ SUMMARY_COLUMNS = (
     "seconds",
     "error",
     "warnings",
+    # later additions go after the older columns, so readers by position still work
+    "model_version",
 )
 
 
@@ -281,6 +284,17 @@ def _upload(path: ObjectPath, write, suffix: str) -> None:
         fs.put_file(str(tmp), key)
 
 
+def write_bytes(path, data: bytes) -> None:
+    """`data` as the file `path` (a `Path` inside OUT or an `ObjectPath`), whole or not at all;
+    a local file's folder is created if missing."""
+    if isinstance(path, ObjectPath):
+        fs, key = path.fs
+        fs.pipe_file(key, data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def remove_stale(*paths: Path) -> None:
     """Removes earlier runs' outputs of a case that failed now (paths from `output_paths`)."""
     for path in paths:
@@ -300,8 +314,4 @@ def write_summary_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
-    if isinstance(path, ObjectPath):
-        fs, key = path.fs
-        fs.pipe_file(key, buf.getvalue().encode())
-        return
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
+    write_bytes(path, buf.getvalue().encode())

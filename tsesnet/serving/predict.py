@@ -22,8 +22,11 @@ The pipeline, read top to bottom:
 4. `CasePredictor` is the Ray Data callable class: it loads the model once per actor and runs
    `predict_cases` on each batch of case IDs it is given, yielding one row per case as it
    finishes (so the progress bar and the error lines stay per case).
-5. `predict` builds the dataset, streams results with a progress bar, writes `summary.csv` and
-   returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
+5. `predict` resolves the model to the registered version it names now
+   (`tsesnet.serving.lineage`) and announces it, builds the dataset, streams results with a
+   progress bar, writes `summary.csv` (with the model version) and `prediction.json` (model,
+   input, settings, cases, software, time) and returns a `PredictReport`; `cli` prints mean ± sd
+   and exits 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -31,20 +34,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from data_store.errors import InputError
 from tsesnet.serving.inputs import CaseReader, InputCase
+from tsesnet.serving.lineage import PREDICTION_FILE, ModelInfo, resolve_model, software_versions
 from tsesnet.serving.outputs import (
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
@@ -52,6 +58,7 @@ from tsesnet.serving.outputs import (
     output_paths,
     prepare_output_dir,
     remove_stale,
+    write_bytes,
     write_mask,
     write_summary_csv,
 )
@@ -165,6 +172,7 @@ def _nan_row(case_id: str) -> dict:
         "seconds": nan,
         "error": "",
         "warnings": "",
+        "model_version": "",  # the driver's to fill: it resolved the model
         "note": "",
     }
 
@@ -431,6 +439,7 @@ class PredictReport:
         csv_path: OUT/summary.csv (an `ObjectPath` when OUT is on object storage).
         seconds: wall clock of the Ray Data pipeline.
         notes: things said once about the model (e.g. it has no training-data record).
+        model: the model the URI resolved to, with its lineage.
     """
 
     rows: list[dict]
@@ -438,6 +447,7 @@ class PredictReport:
     csv_path: Path
     seconds: float
     notes: list[str]
+    model: ModelInfo | None = None
 
     @property
     def failed(self) -> list[dict]:
@@ -448,38 +458,17 @@ class PredictReport:
         return [r for r in self.rows if r.get("warnings")]
 
 
-def check_model_uri(uri: str) -> None:
+def check_model_uri(uri: str) -> ModelInfo:
     """Fail fast, before any actor starts, on a model that cannot be the one meant.
 
     A local folder must hold exactly one model (one `model_config.json` beside one
     `weights.pt`); a registry URI (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) must resolve.
     Other URIs are checked by the actors.
+
+    Returns:
+        What the URI names now (version, run, lineage), as far as known before loading.
     """
-    if Path(uri).is_dir():
-        from tsesnet.tracking.registry import check_one_model
-
-        check_one_model(Path(uri), uri)
-        return
-    if not uri.startswith("models:/"):
-        return
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tsesnet.tracking.runs import configure
-
-    configure()
-    client = mlflow.MlflowClient()
-    name, sep, alias = uri[len("models:/") :].partition("@")
-    try:
-        if sep:
-            client.get_model_version_by_alias(name, alias)
-        elif "/" in name:
-            name, version = name.split("/", 1)
-            if version.isdigit():
-                client.get_model_version(name, version)
-    except MlflowException as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot load model {uri}: {first}") from err
+    return resolve_model(uri)
 
 
 def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple[int, float]:
@@ -533,6 +522,7 @@ def predict(
     config: PredictConfig | None = None,
     *,
     progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """Predict every case of `input_path` with the model at `model_uri` into `output`.
 
@@ -542,6 +532,9 @@ def predict(
         output: folder for `CASE.nii.gz`, `probabilities/CASE.nii.gz` and `summary.csv`.
         config: workers, GPUs, fold, threshold...
         progress: show a progress bar over finished cases.
+        announce: called with each line saying which model runs (name, version, alias, run,
+            training store fingerprint, commit), once the model is resolved and before any
+            case starts.
 
     Returns:
         The report; failed cases are in it, not raised.
@@ -564,8 +557,11 @@ def predict(
         raise InputError("no cases to predict", path=input_path)
     if config.output_format == "dicom-seg":
         _check_dicom_source(reader, case_ids, input_path)
-    check_model_uri(model_uri)
+    model = check_model_uri(model_uri)
     out_dir = prepare_output_dir(output, reader, config.probabilities)
+    for line in model.lines() if announce else ():
+        announce(line)
+    started = datetime.now(UTC)
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
     predictor = {
@@ -584,10 +580,48 @@ def predict(
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
         raise InputError(rows[0]["error"])  # no actor could load the model: one clear error
+    for r in rows:
+        r["model_version"] = model.version
     csv_path = out_dir / SUMMARY_FILE  # a Path, or an ObjectPath on object storage
     write_summary_csv(csv_path, rows)
     summary = summarize(rows)
-    return PredictReport(rows, summary, csv_path, seconds, notes)
+    report = PredictReport(rows, summary, csv_path, seconds, notes, model)
+    record = prediction_record(report, input_path, out_dir, config, started)
+    text = json.dumps(_finite(record), indent=1, allow_nan=False)
+    write_bytes(out_dir / PREDICTION_FILE, (text + "\n").encode())
+    return report
+
+
+def prediction_record(
+    report: PredictReport, input_path: str, out_dir, config: PredictConfig, started: datetime
+) -> dict:
+    """What `OUT/prediction.json` says: which model made these masks, from what, how, when."""
+    return {
+        "model": report.model.to_json() if report.model else None,
+        "input": str(input_path),
+        "output": str(out_dir),
+        "settings": asdict(config),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(report.seconds, 3),
+        "software": software_versions(),
+        "notes": report.notes,
+        "cases": [
+            {k: r.get(k) for k in ("case_id", "status", "error", "warnings")} for r in report.rows
+        ],
+        "summary": report.summary,
+    }
+
+
+def _finite(v):
+    """`v` with NaN and infinities as None (strict JSON has neither)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def _check_dicom_source(reader: CaseReader, case_ids: list[str], input_path: str) -> None:
@@ -713,7 +747,7 @@ def cli(args: argparse.Namespace) -> int:
         min_component_fraction=args.min_component_fraction,
         output_format=getattr(args, "output_format", "nifti"),
     )
-    report = predict(args.model, args.input, args.output, config)
+    report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)
     print(
         f"{n - len(report.failed)}/{n} cases predicted in {report.seconds:.1f} s "
