@@ -284,6 +284,42 @@ def test_evaluate_names_the_model_from_prediction_json(raw_run, cohort, capsys):
     assert json.loads(capsys.readouterr().out)["model"] == record
 
 
+@pytest.mark.slow
+def test_the_report_shows_every_case_with_its_picture_and_numbers(raw_run, raw_console, tmp_path):
+    from test_report import CHROMIUM, check_report_page
+
+    _, out, _ = raw_run
+    rows = _rows(out)
+    ok = sorted(c for c, r in rows.items() if r["status"] == "ok")
+    assert sorted(p.name for p in (out / "report").iterdir()) == [f"{c}.png" for c in ok]
+    for case_id in ok:
+        r = rows[case_id]
+        assert (out / "report" / f"{case_id}.png").read_bytes()[:4] == b"\x89PNG"
+        assert float(r["volume_ml"]) >= 0 and float(r["diameter_mm"]) >= 0
+        assert r["curve_type"] in {"persistent", "plateau", "wash-out", "n/a"}
+        assert len(r["enhancement_pct"].split(";")) == (T if int(r["pred_voxels"]) else 1)
+    assert rows["broken"]["volume_ml"] == rows["broken"]["curve_type"] == ""
+    assert f"report: {out / 'report.html'}" in raw_console
+    if CHROMIUM:  # the page opened from disk in a real browser: every case, every picture
+        check_report_page(out / "report.html", list(rows), ok, tmp_path / "profile")
+
+
+def test_a_report_folder_linking_outside_is_never_written_through(loaded, cohort, tmp_path):
+    from tsesnet.serving.predict import predict_case
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "report").symlink_to(outside)
+    reader = CaseReader.for_input(str(cohort))
+    row = predict_case(loaded, reader, "ras", out, PredictConfig())
+    assert row["status"] == "ok" and (out / "ras.nii.gz").is_file()  # the mask is not lost
+    assert "outside the output folder" in row["picture_error"]
+    assert not list(outside.iterdir())
+    row = predict_case(loaded, reader, "ras", tmp_path / "plain", PredictConfig(report=False))
+    assert not (tmp_path / "plain" / "report").exists() and row["curve_type"] == ""
+
+
 @pytest.fixture(scope="module")
 def store(ray_session, cohort, tmp_path_factory):
     """The cohort ingested (the broken case is rejected)."""
@@ -585,9 +621,12 @@ def test_a_forged_store_index_touches_nothing_outside_out(model_uri, store, tmp_
         assert sorted(p.name for p in out.iterdir()) == [
             "prediction.json",
             "ras.nii.gz",
+            "report",
+            "report.html",
             "summary.csv",
             "unlabelled.nii.gz",
         ]
+        assert sorted(p.name for p in (out / "report").iterdir()) == ["ras.png", "unlabelled.png"]
 
     # An output inside the input store is refused before anything starts.
     argv = ["predict", "--model", model_uri, "--input", str(store), "--workers", "2"]

@@ -200,6 +200,11 @@ def _serving_commands(sub) -> None:
         help="CASE.nii.gz masks (default), or CASE.dcm DICOM SEGs for cases ingested from DICOM",
     )
     s.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the per-case pictures report/CASE.png and report.html",
+    )
+    s.add_argument(
         "--min-component-fraction",
         type=_fraction,
         default=None,

@@ -4,6 +4,8 @@
     OUT/probabilities/CASE.nii.gz    with --probabilities: float32 probability, same grid
     OUT/summary.csv                  one row per case (`SUMMARY_COLUMNS`)
     OUT/prediction.json              the model, input, settings, cases, software and time
+    OUT/report/CASE.png              the case's picture (`tsesnet.serving.report`)
+    OUT/report.html                  every case's numbers and picture, for people
 
 Probability maps have a folder of their own, so no case ID can collide with another case's map
 (cases `A` and `A_prob` both exist in real cohorts), and `tsesnet evaluate`, which reads the
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from tsesnet.serving.inputs import CaseReader
 
 PROBABILITIES_DIR = "probabilities"
+REPORT_DIR = "report"
+REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = (
     "case_id",
@@ -55,6 +59,10 @@ SUMMARY_COLUMNS = (
     "warnings",
     # later additions go after the older columns, so readers by position still work
     "model_version",
+    "volume_ml",
+    "diameter_mm",
+    "curve_type",
+    "enhancement_pct",
 )
 
 
@@ -146,6 +154,25 @@ def output_paths(out_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
         if not target.is_relative_to(out):
             raise InputError(f"{path} links to {target}, outside the output folder: not written")
     return paths
+
+
+def report_image_path(out_dir, case_id: str):
+    """`OUT/report/CASE.png`, checked like `output_paths` (safe ID, inside OUT).
+
+    Raises:
+        InputError: an unsafe case ID, or a path that resolves outside OUT (a symbolic link).
+    """
+    check_safe_id(case_id)
+    name = f"{case_id}.png"
+    if is_url(out_dir):
+        out = out_dir if isinstance(out_dir, ObjectPath) else ObjectPath(str(out_dir))
+        return out / REPORT_DIR / name
+    out = Path(out_dir).resolve()
+    path = out / REPORT_DIR / name
+    target = path.resolve()
+    if not target.is_relative_to(out):
+        raise InputError(f"{path} links to {target}, outside the output folder: not written")
+    return path
 
 
 def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilities: bool) -> Path:

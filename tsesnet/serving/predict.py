@@ -14,9 +14,10 @@ The pipeline, read top to bottom:
    the sliding window, thresholds, applies the connected-component filter chosen on validation
    (`tsesnet.postprocess`), writes `CASE.nii.gz` (uint8) and optionally
    `probabilities/CASE.nii.gz` (float32) on the original grid of the phase-0 file, scores DSC /
-   HD95 (mm) / sensitivity where a ground-truth mask exists, and notes how the case differs from
-   the model's training data (`tsesnet.serving.training_data`). Any error is caught and returned
-   as the case's row: one bad case never stops the others.
+   HD95 (mm) / sensitivity where a ground-truth mask exists, notes how the case differs from
+   the model's training data (`tsesnet.serving.training_data`), and draws the case's picture
+   `report/CASE.png` with its volume, diameter and kinetic curve (`tsesnet.serving.report`).
+   Any error is caught and returned as the case's row: one bad case never stops the others.
 3. `predict_cases` runs a list of cases with `data_store.prefetch.prefetch`: the next case is
    read and normalised in a background thread while the current one is predicted.
 4. `CasePredictor` is the Ray Data callable class: it loads the model once per actor and runs
@@ -25,8 +26,8 @@ The pipeline, read top to bottom:
 5. `predict` resolves the model to the registered version it names now
    (`tsesnet.serving.lineage`) and announces it, builds the dataset, streams results with a
    progress bar, writes `summary.csv` (with the model version) and `prediction.json` (model,
-   input, settings, cases, software, time) and returns a `PredictReport`; `cli` prints mean ± sd
-   and exits 1 if any case failed.
+   input, settings, cases, software, time) and `report.html` (every case's numbers and picture)
+   and returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -52,12 +53,15 @@ from data_store.errors import InputError
 from tsesnet.serving.inputs import CaseReader, InputCase
 from tsesnet.serving.lineage import PREDICTION_FILE, ModelInfo, resolve_model, software_versions
 from tsesnet.serving.outputs import (
+    REPORT_DIR,
+    REPORT_FILE,
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
     check_safe_id,
     output_paths,
     prepare_output_dir,
     remove_stale,
+    report_image_path,
     write_bytes,
     write_mask,
     write_summary_csv,
@@ -76,8 +80,9 @@ __all__ = [
     "prepare_case",
 ]
 
-# What an actor returns per case: the summary columns and a note about the model, shown once.
-ROW_COLUMNS = (*SUMMARY_COLUMNS, "note")
+# What an actor returns per case: the summary columns, a note about the model (shown once) and
+# why the case's picture could not be drawn ("" when it was, or when the case failed).
+ROW_COLUMNS = (*SUMMARY_COLUMNS, "note", "picture_error")
 # Cases per Ray Data call: within a call the next case's read overlaps the current inference;
 # between calls the pool rebalances. Each actor gets at least two calls, at most this many cases.
 MAX_CASES_PER_CALL = 8
@@ -109,6 +114,7 @@ class PredictConfig:
         prefetch: cases each actor reads ahead while it predicts one (0: read, then predict).
         output_format: "nifti" (`CASE.nii.gz`) or "dicom-seg" (`CASE.dcm`, a DICOM SEG on the
             source DICOM grid: `tsesnet.serving.dicom_seg`; cases ingested from DICOM only).
+        report: draw `report/CASE.png` per case and write `report.html`.
     """
 
     workers: int | None = None
@@ -123,6 +129,7 @@ class PredictConfig:
     min_component_fraction: float | None = None
     prefetch: int = 1
     output_format: str = "nifti"
+    report: bool = True
 
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
@@ -173,7 +180,12 @@ def _nan_row(case_id: str) -> dict:
         "error": "",
         "warnings": "",
         "model_version": "",  # the driver's to fill: it resolved the model
+        "volume_ml": nan,
+        "diameter_mm": nan,
+        "curve_type": "",
+        "enhancement_pct": "",
         "note": "",
+        "picture_error": "",
     }
 
 
@@ -226,12 +238,36 @@ def finish_case(
     except Exception as err:  # isolate the case; its error goes to the summary
         # A stale mask from an earlier run must not be mistaken for this run's output.
         remove_stale(mask_path, prob_path)
+        with contextlib.suppress(InputError):
+            remove_stale(report_image_path(out_dir, case_id))
         if config.output_format == "dicom-seg":
             with contextlib.suppress(InputError):
                 remove_stale(_seg_path(mask_path))
         return _failed(row, err, start, prepared)
+    if config.report:
+        row.update(_picture(out_dir, case_id, pred, prepared.case))
     row["seconds"] = prepared.seconds + time.perf_counter() - start
     return row
+
+
+def _picture(out_dir, case_id: str, pred: np.ndarray, case: InputCase) -> dict:
+    """The case's numbers and `report/CASE.png`; a failure here loses neither the mask nor the
+    case, and is said in `picture_error`."""
+    from tsesnet.serving import report
+
+    try:
+        numbers = report.lesion_numbers(case.image, pred, case.geometry.spacing)
+        png = report.overlay_png(case.image, pred, case.geometry.spacing, numbers, case_id)
+        write_bytes(report_image_path(out_dir, case_id), png)
+    except Exception as err:
+        text = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
+        return {"picture_error": text}
+    return {
+        "volume_ml": numbers.volume_ml,
+        "diameter_mm": numbers.diameter_mm,
+        "curve_type": numbers.curve_type,
+        "enhancement_pct": report.enhancement_text(numbers.enhancement_pct),
+    }
 
 
 def _seg_path(mask_path: Path) -> Path:
@@ -440,6 +476,7 @@ class PredictReport:
         seconds: wall clock of the Ray Data pipeline.
         notes: things said once about the model (e.g. it has no training-data record).
         model: the model the URI resolved to, with its lineage.
+        html_path: OUT/report.html, None without the report.
     """
 
     rows: list[dict]
@@ -448,6 +485,7 @@ class PredictReport:
     seconds: float
     notes: list[str]
     model: ModelInfo | None = None
+    html_path: Path | None = None
 
     @property
     def failed(self) -> list[dict]:
@@ -589,7 +627,28 @@ def predict(
     record = prediction_record(report, input_path, out_dir, config, started)
     text = json.dumps(_finite(record), indent=1, allow_nan=False)
     write_bytes(out_dir / PREDICTION_FILE, (text + "\n").encode())
+    if config.report:
+        report.html_path = out_dir / REPORT_FILE
+        write_bytes(report.html_path, _report_html(report, record))
     return report
+
+
+def _report_html(report: PredictReport, record: dict) -> bytes:
+    """`report.html`'s bytes: the rows, each with its picture where one was drawn."""
+    from tsesnet.serving.report import write_report_html
+
+    rows = []
+    for r in report.rows:
+        drawn = r["status"] == "ok" and not r.get("picture_error")
+        rows.append({**r, "image": f"{REPORT_DIR}/{r['case_id']}.png" if drawn else ""})
+    header = {
+        "input": record["input"],
+        "cases": f"{len(report.rows) - len(report.failed)} of {len(report.rows)} predicted",
+        "finished (UTC)": record["finished_utc"],
+        "software": ", ".join(f"{k} {v}" for k, v in record["software"].items()),
+    }
+    lines = report.model.lines() if report.model else []
+    return write_report_html(rows, lines, header)
 
 
 def prediction_record(
@@ -719,7 +778,11 @@ def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
         # row per case, the last (the files are the same: each is written whole, then renamed).
         if r["case_id"] not in rows:
             bar.update(1)
-        rows[r["case_id"]] = {k: _clean(r[k]) for k in SUMMARY_COLUMNS}
+        rows[r["case_id"]] = {k: _clean(r[k]) for k in (*SUMMARY_COLUMNS, "picture_error")}
+        if r["picture_error"]:
+            bar.write(
+                f"warning: case {r['case_id']}: no picture: {r['picture_error']}", file=sys.stderr
+            )
         if r["note"] and r["note"] not in notes:
             notes.append(r["note"])
             bar.write(f"note: {r['note']}", file=sys.stderr)
@@ -746,6 +809,7 @@ def cli(args: argparse.Namespace) -> int:
         split=args.split,
         min_component_fraction=args.min_component_fraction,
         output_format=getattr(args, "output_format", "nifti"),
+        report=not getattr(args, "no_report", False),
     )
     report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)
@@ -758,6 +822,8 @@ def cli(args: argparse.Namespace) -> int:
     if report.warned:
         print(f"{len(report.warned)} case(s) unlike the training data: see warnings in the CSV")
     print(f"summary: {report.csv_path}")
+    if report.html_path is not None:
+        print(f"report: {report.html_path}")
     if report.failed:  # each error was printed as it happened; the CSV has them all
         ids = ", ".join(r["case_id"] for r in report.failed)
         print(f"error: {len(report.failed)} case(s) failed: {ids}", file=sys.stderr)
