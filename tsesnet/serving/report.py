@@ -182,7 +182,7 @@ def overlay_png(
     peak = image[numbers.peak_phase]
     sub = peak - image[0]
     centre = _centre(mask)
-    fig = Figure(figsize=(13, 6.4), dpi=80)
+    fig = Figure(figsize=(13, 6.4), dpi=80, layout="constrained")
     grid = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.15])
     rows = [
         (f"phase {numbers.peak_phase} (peak)", peak, "gray"),
@@ -204,11 +204,12 @@ def overlay_png(
     curve = numbers.enhancement_pct
     if curve:
         ax.plot(range(len(curve)), curve, "o-", color="tab:red")
+        ax.set_xticks(range(len(curve)))
         ax.axhline(0, color="gray", lw=0.8)
     else:
         ax.text(0.5, 0.5, "empty mask: no curve", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("phase")
-    ax.set_ylabel("mean signal in mask vs pre-contrast (%)")
+    ax.set_ylabel("mean signal in mask vs phase 0 (%)")
     ax.set_title(f"kinetic curve: {numbers.curve_type}", fontsize=10)
     fig.suptitle(
         f"{title}: {numbers.volume_ml:.2f} mL, largest diameter {numbers.diameter_mm:.1f} mm",
