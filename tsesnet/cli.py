@@ -45,13 +45,20 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tsesnet` parser: one subparser per command, added by the data, training, serving and
-    program groups below (in the order `tsesnet --help` lists them)."""
+    """The `tsesnet` parser: one subparser per command, added by the data, store, training,
+    registry, serving and program groups below (in the order `tsesnet --help` lists them)."""
     p = argparse.ArgumentParser(
         prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_data_commands, _training_commands, _serving_commands, _programs):
+    for add in (
+        _data_commands,
+        _store_commands,
+        _training_commands,
+        _registry_commands,
+        _serving_commands,
+        _programs,
+    ):
         add(sub)
     return p
 
@@ -120,6 +127,8 @@ def _data_commands(sub) -> None:
         help="largest decoded voxel data one file may declare, GiB (4)",
     )
 
+
+def _store_commands(sub) -> None:
     store = sub.add_parser("store", help="inspect, export or verify a store")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     s = ssub.add_parser("info", help="table of cases and totals")
@@ -224,6 +233,8 @@ def _training_commands(sub) -> None:
     s = csub.add_parser("keys", help="every training-config key: type, default, range, help")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _registry_commands(sub) -> None:
     models = sub.add_parser("models", help="browse and promote registered models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     s = msub.add_parser("list", help="registered models and their aliases")
