@@ -320,6 +320,23 @@ def test_a_report_folder_linking_outside_is_never_written_through(loaded, cohort
     assert not (tmp_path / "plain" / "report").exists() and row["curve_type"] == ""
 
 
+def test_pictures_go_to_object_storage_through_the_same_helpers(loaded, cohort):
+    """An `s3://`-style output: the actor writes `report/CASE.png` beside the mask there
+    (fsspec's in-memory filesystem stands in for the bucket, in this process)."""
+    import fsspec
+
+    from tsesnet.serving.outputs import ObjectPath
+    from tsesnet.serving.predict import predict_case
+
+    fs = fsspec.filesystem("memory")
+    reader = CaseReader.for_input(str(cohort))
+    row = predict_case(loaded, reader, "ras", ObjectPath("memory://pred-out"), PredictConfig())
+    assert row["status"] == "ok" and row["picture_error"] == ""
+    assert fs.cat_file("/pred-out/report/ras.png")[:4] == b"\x89PNG"
+    assert fs.isfile("/pred-out/ras.nii.gz")
+    fs.rm("/pred-out", recursive=True)
+
+
 @pytest.fixture(scope="module")
 def store(ray_session, cohort, tmp_path_factory):
     """The cohort ingested (the broken case is rejected)."""
