@@ -137,15 +137,23 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def raw_run(ray_session, model_uri, cohort, tmp_path_factory):
+def raw_console():
+    """What `raw_run` printed on stdout (its lines, filled by `raw_run`)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def raw_run(ray_session, model_uri, cohort, tmp_path_factory, raw_console):
     """`tsesnet predict` on the raw cohort, through the CLI, with probability maps."""
     from tsesnet.cli import main
 
     out = tmp_path_factory.mktemp("pred_raw")
     argv = ["predict", "--model", model_uri, "--input", str(cohort), "--output", str(out)]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):  # our lines go to sys.stderr; Ray's to the fd
+    err, console = io.StringIO(), io.StringIO()
+    # our lines go to sys.stdout and sys.stderr; Ray's to the file descriptors
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(console):
         status = main([*argv, "--workers", "2", "--probabilities"])
+    raw_console.extend(console.getvalue().splitlines())
     return status, out, err.getvalue()
 
 
@@ -208,6 +216,125 @@ def test_evaluate_on_the_written_masks_agrees_with_predict(raw_run, cohort):
     for c in report.cases:  # file order + header spacing vs canonical order + stored spacing
         assert c.dice == pytest.approx(float(rows[c.case_id]["dice"]))
         assert c.hd95_mm == pytest.approx(float(rows[c.case_id]["hd95_mm"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_names_the_model_first_and_records_it_beside_the_masks(
+    raw_run, raw_console, model_uri, cohort
+):
+    import mlflow
+
+    _, out, _ = raw_run
+    name, version = model_uri.removeprefix("models:/").split("/")
+    mv = mlflow.MlflowClient().get_model_version(name, version)
+    # Before any case: which registered version runs, from which run, trained on what.
+    assert raw_console[:4] == [
+        f"model: {name} version {version}  [{model_uri}]",
+        f"  run: {mv.run_id} (predict-test)",
+        "  trained on store fingerprint: test",
+        "  fold: 0",
+    ]
+    assert raw_console.index(next(ln for ln in raw_console if "cases predicted" in ln)) > 3
+    assert {r["model_version"] for r in _rows(out).values()} == {version}  # the failed case too
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["model"]["name"] == name and record["model"]["version"] == version
+    assert record["model"]["run_id"] == mv.run_id and record["model"]["uri"] == model_uri
+    assert record["input"] == str(cohort) and record["settings"]["probabilities"] is True
+    cases = {c["case_id"]: c for c in record["cases"]}
+    assert set(cases) == {"ras", "lps", "oblique", "unlabelled", "broken"}
+    assert cases["broken"]["status"] == "error" and "broken_0001" in cases["broken"]["error"]
+    assert cases["ras"] == {"case_id": "ras", "status": "ok", "error": "", "warnings": ""}
+    import torch
+
+    assert record["software"]["torch"] == torch.__version__ and record["software"]["tsesnet"]
+    assert record["started_utc"] <= record["finished_utc"]
+
+
+def test_an_alias_is_resolved_to_the_version_it_names_now(mlflow_uri):
+    """`@champion` moves: what prediction records is the version it named when it ran."""
+    import mlflow
+
+    from tsesnet.serving.lineage import resolve_model
+
+    _register_tiny(None, name="alias-test")
+    _register_tiny(None, name="alias-test")
+    client = mlflow.MlflowClient(mlflow_uri)
+    client.set_registered_model_alias("alias-test", "champion", "2")
+    info = resolve_model("models:/alias-test@champion")
+    assert (info.version, info.alias, info.store_fingerprint) == ("2", "champion", "test")
+    want = "model: alias-test version 2 (@champion)  [models:/alias-test@champion]"
+    assert info.lines()[0] == want
+    client.set_registered_model_alias("alias-test", "champion", "1")
+    assert resolve_model("models:/alias-test@champion").version == "1"
+    with pytest.raises(InputError, match="cannot load model models:/alias-test@nope"):
+        resolve_model("models:/alias-test@nope")
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_model_from_prediction_json(raw_run, cohort, capsys):
+    from tsesnet.cli import main
+
+    _, out, _ = raw_run
+    record = json.loads((out / "prediction.json").read_text())["model"]
+    argv = ["evaluate", "--pred", str(out), "--labels", str(cohort / "labelsTr")]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"model: {record['name']} version {record['version']}  [{record['uri']}]"
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == record
+
+
+@pytest.mark.slow
+def test_the_report_shows_every_case_with_its_picture_and_numbers(raw_run, raw_console, tmp_path):
+    from test_report import CHROMIUM, check_report_page
+
+    _, out, _ = raw_run
+    rows = _rows(out)
+    ok = sorted(c for c, r in rows.items() if r["status"] == "ok")
+    assert sorted(p.name for p in (out / "report").iterdir()) == [f"{c}.png" for c in ok]
+    for case_id in ok:
+        r = rows[case_id]
+        assert (out / "report" / f"{case_id}.png").read_bytes()[:4] == b"\x89PNG"
+        assert float(r["volume_ml"]) >= 0 and float(r["diameter_mm"]) >= 0
+        assert r["curve_type"] in {"persistent", "plateau", "wash-out", "n/a"}
+        assert len(r["enhancement_pct"].split(";")) == (T if int(r["pred_voxels"]) else 1)
+    assert rows["broken"]["volume_ml"] == rows["broken"]["curve_type"] == ""
+    assert f"report: {out / 'report.html'}" in raw_console
+    if CHROMIUM:  # the page opened from disk in a real browser: every case, every picture
+        check_report_page(out / "report.html", list(rows), ok, tmp_path / "profile")
+
+
+def test_a_report_folder_linking_outside_is_never_written_through(loaded, cohort, tmp_path):
+    from tsesnet.serving.predict import predict_case
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "report").symlink_to(outside)
+    reader = CaseReader.for_input(str(cohort))
+    row = predict_case(loaded, reader, "ras", out, PredictConfig())
+    assert row["status"] == "ok" and (out / "ras.nii.gz").is_file()  # the mask is not lost
+    assert "outside the output folder" in row["picture_error"]
+    assert not list(outside.iterdir())
+    row = predict_case(loaded, reader, "ras", tmp_path / "plain", PredictConfig(report=False))
+    assert not (tmp_path / "plain" / "report").exists() and row["curve_type"] == ""
+
+
+def test_pictures_go_to_object_storage_through_the_same_helpers(loaded, cohort):
+    """An `s3://`-style output: the actor writes `report/CASE.png` beside the mask there
+    (fsspec's in-memory filesystem stands in for the bucket, in this process)."""
+    import fsspec
+
+    from tsesnet.serving.outputs import ObjectPath
+    from tsesnet.serving.predict import predict_case
+
+    fs = fsspec.filesystem("memory")
+    reader = CaseReader.for_input(str(cohort))
+    row = predict_case(loaded, reader, "ras", ObjectPath("memory://pred-out"), PredictConfig())
+    assert row["status"] == "ok" and row["picture_error"] == ""
+    assert fs.cat_file("/pred-out/report/ras.png")[:4] == b"\x89PNG"
+    assert fs.isfile("/pred-out/ras.nii.gz")
+    fs.rm("/pred-out", recursive=True)
 
 
 @pytest.fixture(scope="module")
@@ -472,7 +599,7 @@ def test_a_model_without_a_training_record_is_noted_once(raw_run):
     assert err.count("note: the model has no record of its training data") == 1
     assert "warning:" not in err
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
-    assert header == [*OLD_COLUMNS, "warnings"]
+    assert header[: len(OLD_COLUMNS) + 1] == [*OLD_COLUMNS, "warnings"]
     assert all(r["warnings"] == "" for r in _rows(out).values())
 
 
@@ -509,10 +636,14 @@ def test_a_forged_store_index_touches_nothing_outside_out(model_uri, store, tmp_
             assert rows[forged_id]["status"] == "error"
             assert rows[forged_id]["error"].startswith(f"unsafe case ID {forged_id!r}")
         assert sorted(p.name for p in out.iterdir()) == [
+            "prediction.json",
             "ras.nii.gz",
+            "report",
+            "report.html",
             "summary.csv",
             "unlabelled.nii.gz",
         ]
+        assert sorted(p.name for p in (out / "report").iterdir()) == ["ras.png", "unlabelled.png"]
 
     # An output inside the input store is refused before anything starts.
     argv = ["predict", "--model", model_uri, "--input", str(store), "--workers", "2"]

@@ -26,6 +26,7 @@ HANDLERS = {
     "store verify": "data_store.verify:cli",
     "model-summary": "tsesnet.programs.model_summary:cli",
     "train": "tsesnet.training.driver:cli",
+    "config keys": "tsesnet.training.config_keys:cli",
     "sweep": "sweeps.runner:cli",
     "models list": "tsesnet.tracking.models:cli_list",
     "models show": "tsesnet.tracking.models:cli_show",
@@ -50,24 +51,40 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tsesnet` parser: one subparser per command, added by the data, training, serving and
-    program groups below (in the order `tsesnet --help` lists them)."""
+    """The `tsesnet` parser: one subparser per command, added by the data, store, training,
+    registry, serving and program groups below (in the order `tsesnet --help` lists them)."""
     p = argparse.ArgumentParser(
         prog="tsesnet", description="Breast-tumour segmentation in 4D DCE-MRI on Ray and MLflow."
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_data_commands, _store_commands, _training_commands, _serving_commands, _programs):
+    for add in (
+        _data_commands,
+        _store_commands,
+        _training_commands,
+        _registry_commands,
+        _serving_commands,
+        _programs,
+    ):
         add(sub)
     return p
 
 
 def _data_commands(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic DCE-MRI cohort (nnU-Net raw layout)")
-    s.add_argument("out", metavar="OUT")
-    s.add_argument("--cases", type=int, required=True, metavar="N")
-    s.add_argument("--seed", type=int, default=0, metavar="S")
-    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None)
-    s.add_argument("--phases", type=int, default=None, metavar="T")
+    s.add_argument("out", metavar="OUT", help="folder to write the cohort to (created)")
+    s.add_argument("--cases", type=int, required=True, metavar="N", help="number of cases")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
+    s.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        default=None,
+        help="volume size in voxels (32 96 96)",
+    )
+    s.add_argument(
+        "--phases", type=int, default=None, metavar="T", help="DCE phases per case (default: 6)"
+    )
     s.add_argument(
         "--test-cases",
         type=int,
@@ -77,13 +94,24 @@ def _data_commands(sub) -> None:
     )
 
     s = sub.add_parser("ingest", help="validate a NIfTI or DICOM cohort and store it as Zarr")
-    s.add_argument("src", metavar="SRC")
-    s.add_argument("store", metavar="STORE")
+    s.add_argument("src", metavar="SRC", help="the cohort folder (NIfTI or DICOM)")
+    s.add_argument("store", metavar="STORE", help="the Zarr store to write (path or s3:// URL)")
     s.add_argument(
-        "--layout", default="auto", choices=["auto", "nnunet", "mamamia", "bts", "nifti4d", "dicom"]
+        "--layout",
+        default="auto",
+        choices=["auto", "nnunet", "mamamia", "bts", "nifti4d", "dicom"],
+        help="how SRC is organised (auto: detected)",
     )
-    s.add_argument("--workers", type=int, default=None, metavar="N")
-    s.add_argument("--folds", type=int, default=None, metavar="K", help="folds (new store: 5)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray tasks reading cases in parallel (default: the cluster's CPUs)",
+    )
+    s.add_argument(
+        "--folds", type=int, default=None, metavar="K", help="patient-level folds (new store: 5)"
+    )
     s.add_argument("--refold", action="store_true", help="let --folds re-deal a store's cases")
     s.add_argument(
         "--wait",
@@ -114,16 +142,16 @@ def _store_commands(sub) -> None:
     store = sub.add_parser("store", help="inspect, export or verify a store")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     s = ssub.add_parser("info", help="table of cases and totals")
-    s.add_argument("store", metavar="STORE")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("store", metavar="STORE", help="a store written by ingest")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s = ssub.add_parser("export", help="write a case back as NIfTI on its original grid")
-    s.add_argument("store", metavar="STORE")
-    s.add_argument("--case", required=True, metavar="ID")
-    s.add_argument("out", metavar="OUT")
+    s.add_argument("store", metavar="STORE", help="a store written by ingest")
+    s.add_argument("--case", required=True, metavar="ID", help="the case to export")
+    s.add_argument("out", metavar="OUT", help="folder for its NIfTI files")
     s = ssub.add_parser("verify", help="check every case against its integrity record")
-    s.add_argument("store", metavar="STORE")
+    s.add_argument("store", metavar="STORE", help="a store written by ingest")
     s.add_argument("--deep", action="store_true", help="also compare every checksum")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.add_argument(
         "--record",
         action="store_true",
@@ -155,25 +183,69 @@ def _store_commands(sub) -> None:
 
 def _training_commands(sub) -> None:
     s = sub.add_parser("model-summary", help="parameters, MACs, FLOPs and step memory")
-    s.add_argument("--preset", default="paper")
-    s.add_argument("--fusion", default="tsff")
-    s.add_argument("--phases", type=int, default=6, metavar="T")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--preset", default="paper", help="tiny, small or paper (paper)")
+    s.add_argument(
+        "--fusion", default="tsff", help="a temporal fusion, or all to compare them (tsff)"
+    )
+    s.add_argument("--phases", type=int, default=6, metavar="T", help="DCE phases T (6)")
+    s.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="the training patch (data.patch) to count at; the TA modules are fitted to it "
+        "(default: the preset's: tiny 16 32 32, small 32 64 64, paper 48 96 96)",
+    )
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     s = sub.add_parser("train", help="train TSESNet on Ray Train, tracked in MLflow")
-    s.add_argument("--store", required=True)
-    s.add_argument("--config", default=None, metavar="FILE")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
-    s.add_argument("--workers", type=int, default=None, metavar="N")
-    s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
-    s.add_argument("--name", default=None, metavar="RUN")
+    s.add_argument("--store", required=True, help="the Zarr store to train on (path or URL)")
+    s.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a training config YAML, e.g. platform/configs/tiny.yaml (default: the "
+        "recommended recipe); `tsesnet config keys` lists every key",
+    )
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one config key, e.g. --set schedule.epochs=50 (repeatable)",
+    )
+    s.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="Ray Train workers (run.workers)"
+    )
+    s.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per worker, 0 for CPU (run.gpus_per_worker)",
+    )
+    s.add_argument(
+        "--name",
+        default=None,
+        metavar="RUN",
+        help="run name; the same name resumes (default: store, preset, fusion, fold, config hash)",
+    )
 
     s = sub.add_parser("sweep", help="Ray Tune + Optuna sweep over alpha, beta, tau and fusion")
-    s.add_argument("--store", required=True)
-    s.add_argument("--config", default=None, metavar="FILE")
-    s.add_argument("--trials", type=int, default=None, metavar="N")
-    s.add_argument("--name", default=None)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--store", required=True, help="the Zarr store to train on (path or URL)")
+    s.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a sweep config YAML, e.g. platform/configs/sweep_tiny.yaml",
+    )
+    s.add_argument(
+        "--trials", type=int, default=None, metavar="N", help="trials (default: the config's)"
+    )
+    s.add_argument("--name", default=None, help="sweep name; the same name with --resume resumes")
+    s.add_argument("--resume", action="store_true", help="continue the sweep of that name")
     s.add_argument(
         "--set",
         action="append",
@@ -184,17 +256,24 @@ def _training_commands(sub) -> None:
         "(e.g. run.storage_path=s3://bucket/ray_results)",
     )
 
+    s = sub.add_parser("config", help="what a training config holds")
+    csub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    s = csub.add_parser("keys", help="every training-config key: type, default, range, help")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _registry_commands(sub) -> None:
     models = sub.add_parser("models", help="browse and promote registered models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     s = msub.add_parser("list", help="registered models and their aliases")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s = msub.add_parser("show", help="versions, aliases and metrics of one model")
-    s.add_argument("name", metavar="NAME")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("name", metavar="NAME", help="registered model name (tsesnet)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s = msub.add_parser("promote", help="point an alias at a version")
-    s.add_argument("name", metavar="NAME")
-    s.add_argument("version", metavar="VERSION")
-    s.add_argument("--alias", required=True, metavar="A")
+    s.add_argument("name", metavar="NAME", help="registered model name")
+    s.add_argument("version", metavar="VERSION", help="the version to get the alias")
+    s.add_argument("--alias", required=True, metavar="A", help="the alias, e.g. champion")
     s.add_argument("--reason", default="", metavar="TEXT", help="why (kept on the version)")
 
 
@@ -212,12 +291,26 @@ def _serving_commands(sub) -> None:
     s.add_argument(
         "--output", required=True, metavar="DIR", help="CASE.nii.gz masks and summary.csv"
     )
-    s.add_argument("--workers", type=int, default=None, metavar="N")
-    s.add_argument("--gpus-per-worker", type=float, default=None, metavar="G")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray Data actors (default: one per GPU share, else one per CPU, at most one a case)",
+    )
+    s.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per actor, fractions allowed (default 0: CPU)",
+    )
     s.add_argument(
         "--probabilities", action="store_true", help="also write probabilities/CASE.nii.gz"
     )
-    s.add_argument("--fold", type=int, default=None, metavar="K")
+    s.add_argument(
+        "--fold", type=int, default=None, metavar="K", help="a store's cases of validation fold K"
+    )
     s.add_argument(
         "--split", choices=["train", "test"], default=None, help="a store's train or test cases"
     )
@@ -226,6 +319,11 @@ def _serving_commands(sub) -> None:
         choices=["nifti", "dicom-seg"],
         default="nifti",
         help="CASE.nii.gz masks (default), or CASE.dcm DICOM SEGs for cases ingested from DICOM",
+    )
+    s.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the per-case pictures report/CASE.png and report.html",
     )
     s.add_argument(
         "--min-component-fraction",
@@ -238,25 +336,54 @@ def _serving_commands(sub) -> None:
     s = sub.add_parser("evaluate", help="DSC, HD95 and sensitivity of predicted masks")
     s.add_argument("--pred", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
     s.add_argument("--labels", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _programs(sub) -> None:
     s = sub.add_parser("demo", help="the whole platform end to end on a synthetic cohort")
-    s.add_argument("--out", default="demo_output", metavar="DIR")
+    s.add_argument("--out", default="demo_output", metavar="DIR", help="work folder (demo_output)")
 
     s = sub.add_parser(
         "science", help="single phase vs the time series, fusions and Table 3's ablations"
     )
-    s.add_argument("--out", default="science_output", metavar="DIR")
+    s.add_argument(
+        "--out", default="science_output", metavar="DIR", help="work folder (science_output)"
+    )
     s.add_argument("--config", default=None, metavar="FILE", help="platform/configs/science.yaml")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override one training-config key (repeatable)",
+    )
+    s.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        metavar="S",
+        help="seeds, one training per row and seed (0 1 2 3 4)",
+    )
     s.add_argument("--rows", nargs="+", default=None, metavar="KEY", help="a subset of rows")
-    s.add_argument("--cases", type=int, default=16, metavar="N")
-    s.add_argument("--test-cases", type=int, default=8, metavar="K")
-    s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
-    s.add_argument("--experiment", default="tsesnet-science", metavar="NAME")
+    s.add_argument(
+        "--cases", type=int, default=16, metavar="N", help="synthetic training cases (16)"
+    )
+    s.add_argument(
+        "--test-cases", type=int, default=8, metavar="K", help="synthetic test cases (8)"
+    )
+    s.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="synthetic volume size (default: the config's)",
+    )
+    s.add_argument(
+        "--experiment", default="tsesnet-science", metavar="NAME", help="MLflow experiment"
+    )
     s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
     s.add_argument(
         "--no-train",
@@ -268,19 +395,32 @@ def _programs(sub) -> None:
         "submit", help="run a command on a Ray cluster as a job, with this checkout and its commit"
     )
     s.add_argument("--address", default=None, metavar="URL", help="job API, http://HEAD:8265")
-    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--submission-id", default=None, metavar="ID")
+    s.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the job (repeatable)",
+    )
+    s.add_argument(
+        "--submission-id", default=None, metavar="ID", help="the job's ID (default: Ray's)"
+    )
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     s.add_argument(
         "--print-runtime-env",
         action="store_true",
         help="write the runtime env YAML for `ray job submit --runtime-env FILE` and exit",
     )
-    s.add_argument("entrypoint", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    s.add_argument(
+        "entrypoint",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the command the job runs, e.g. -- tsesnet train --store s3://b/x.zarr",
+    )
 
 
 def _handler_key(args: argparse.Namespace) -> str:
-    for group in ("store_command", "models_command"):
+    for group in ("store_command", "models_command", "config_command"):
         action = getattr(args, group, None)
         if action:
             return f"{args.command} {action}"

@@ -334,10 +334,16 @@ def cli(args: argparse.Namespace) -> int:
     """
     if str(args.pred).rstrip("/") == str(args.labels).rstrip("/"):
         raise InputError("--pred and --labels are the same folder", path=str(args.pred))
+    from tsesnet.serving.lineage import model_line, read_prediction_record
+
     with local_copies(args.pred) as pred, local_copies(args.labels) as labels:
         report = evaluate_dirs(pred, labels)
+    # The model that made the masks, where `tsesnet predict` recorded it beside them.
+    record = read_prediction_record(args.pred)
+    model = record.get("model") if record else None
     if args.json:
         out = {
+            "model": model if isinstance(model, dict) else None,
             "cases": [c.to_json() for c in report.cases],
             "summary": report.summary,
             "missing": report.missing,
@@ -346,6 +352,9 @@ def cli(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
     else:
+        line = model_line(record) if record else None
+        if line:
+            print(line)
         print(format_table(report.cases))
         print()
         print(format_summary(report.summary))

@@ -3,6 +3,9 @@
     OUT/CASE.nii.gz                  uint8 mask on the grid of the case's phase-0 file
     OUT/probabilities/CASE.nii.gz    with --probabilities: float32 probability, same grid
     OUT/summary.csv                  one row per case (`SUMMARY_COLUMNS`)
+    OUT/prediction.json              the model, input, settings, cases, software and time
+    OUT/report/CASE.png              the case's picture (`tsesnet.serving.report`)
+    OUT/report.html                  every case's numbers and picture, for people
 
 Probability maps have a folder of their own, so no case ID can collide with another case's map
 (cases `A` and `A_prob` both exist in real cohorts), and `tsesnet evaluate`, which reads the
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     from tsesnet.serving.inputs import CaseReader
 
 PROBABILITIES_DIR = "probabilities"
+REPORT_DIR = "report"
+REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.csv"
 SUMMARY_COLUMNS = (
     "case_id",
@@ -52,6 +57,12 @@ SUMMARY_COLUMNS = (
     "seconds",
     "error",
     "warnings",
+    # later additions go after the older columns, so readers by position still work
+    "model_version",
+    "volume_ml",
+    "diameter_mm",
+    "curve_type",
+    "enhancement_pct",
 )
 
 
@@ -146,6 +157,25 @@ def output_paths(out_dir: str | os.PathLike, case_id: str) -> tuple[Path, Path]:
         if not target.is_relative_to(out):
             raise InputError(f"{path} links to {target}, outside the output folder: not written")
     return paths
+
+
+def report_image_path(out_dir, case_id: str):
+    """`OUT/report/CASE.png`, checked like `output_paths` (safe ID, inside OUT).
+
+    Raises:
+        InputError: an unsafe case ID, or a path that resolves outside OUT (a symbolic link).
+    """
+    check_safe_id(case_id)
+    name = f"{case_id}.png"
+    if is_url(out_dir):
+        out = out_dir if isinstance(out_dir, ObjectPath) else ObjectPath(str(out_dir))
+        return out / REPORT_DIR / name
+    out = Path(out_dir).resolve()
+    path = out / REPORT_DIR / name
+    target = path.resolve()
+    if not target.is_relative_to(out):
+        raise InputError(f"{path} links to {target}, outside the output folder: not written")
+    return path
 
 
 def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilities: bool) -> Path:
@@ -284,6 +314,17 @@ def upload(path: ObjectPath, write, suffix: str) -> None:
         fs.put_file(str(tmp), key)
 
 
+def write_bytes(path, data: bytes) -> None:
+    """`data` as the file `path` (a `Path` inside OUT or an `ObjectPath`), whole or not at all;
+    a local file's folder is created if missing."""
+    if isinstance(path, ObjectPath):
+        fs, key = path.fs
+        fs.pipe_file(key, data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def remove_stale(*paths: Path) -> None:
     """Removes earlier runs' outputs of a case that failed now (paths from `output_paths`)."""
     for path in paths:
@@ -303,8 +344,4 @@ def write_summary_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
-    if isinstance(path, ObjectPath):
-        fs, key = path.fs
-        fs.pipe_file(key, buf.getvalue().encode())
-        return
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
+    write_bytes(path, buf.getvalue().encode())

@@ -14,16 +14,20 @@ The pipeline, read top to bottom:
    the sliding window, thresholds, applies the connected-component filter chosen on validation
    (`tsesnet.postprocess`), writes `CASE.nii.gz` (uint8) and optionally
    `probabilities/CASE.nii.gz` (float32) on the original grid of the phase-0 file, scores DSC /
-   HD95 (mm) / sensitivity where a ground-truth mask exists, and notes how the case differs from
-   the model's training data (`tsesnet.serving.training_data`). Any error is caught and returned
-   as the case's row: one bad case never stops the others.
+   HD95 (mm) / sensitivity where a ground-truth mask exists, notes how the case differs from
+   the model's training data (`tsesnet.serving.training_data`), and draws the case's picture
+   `report/CASE.png` with its volume, diameter and kinetic curve (`tsesnet.serving.report`).
+   Any error is caught and returned as the case's row: one bad case never stops the others.
 3. `predict_cases` runs a list of cases with `data_store.prefetch.prefetch`: the next case is
    read and normalised in a background thread while the current one is predicted.
 4. `CasePredictor` is the Ray Data callable class: it loads the model once per actor and runs
    `predict_cases` on each batch of case IDs it is given, yielding one row per case as it
    finishes (so the progress bar and the error lines stay per case).
-5. `predict` builds the dataset, streams results with a progress bar, writes `summary.csv` and
-   returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
+5. `predict` resolves the model to the registered version it names now
+   (`tsesnet.serving.lineage`) and announces it, builds the dataset, streams results with a
+   progress bar, writes `summary.csv` (with the model version) and `prediction.json` (model,
+   input, settings, cases, software, time) and `report.html` (every case's numbers and picture)
+   and returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -31,27 +35,34 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from data_store.errors import InputError
 from tsesnet.serving.inputs import CaseReader, InputCase
+from tsesnet.serving.lineage import PREDICTION_FILE, ModelInfo, resolve_model, software_versions
 from tsesnet.serving.outputs import (
+    REPORT_DIR,
+    REPORT_FILE,
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
     check_safe_id,
     output_paths,
     prepare_output_dir,
     remove_stale,
+    report_image_path,
+    write_bytes,
     write_mask,
     write_summary_csv,
 )
@@ -69,8 +80,9 @@ __all__ = [
     "prepare_case",
 ]
 
-# What an actor returns per case: the summary columns and a note about the model, shown once.
-ROW_COLUMNS = (*SUMMARY_COLUMNS, "note")
+# What an actor returns per case: the summary columns, a note about the model (shown once) and
+# why the case's picture could not be drawn ("" when it was, or when the case failed).
+ROW_COLUMNS = (*SUMMARY_COLUMNS, "note", "picture_error")
 # Cases per Ray Data call: within a call the next case's read overlaps the current inference;
 # between calls the pool rebalances. Each actor gets at least two calls, at most this many cases.
 MAX_CASES_PER_CALL = 8
@@ -102,6 +114,7 @@ class PredictConfig:
         prefetch: cases each actor reads ahead while it predicts one (0: read, then predict).
         output_format: "nifti" (`CASE.nii.gz`) or "dicom-seg" (`CASE.dcm`, a DICOM SEG on the
             source DICOM grid: `tsesnet.serving.dicom_seg`; cases ingested from DICOM only).
+        report: draw `report/CASE.png` per case and write `report.html`.
     """
 
     workers: int | None = None
@@ -116,6 +129,7 @@ class PredictConfig:
     min_component_fraction: float | None = None
     prefetch: int = 1
     output_format: str = "nifti"
+    report: bool = True
 
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
@@ -165,7 +179,13 @@ def _nan_row(case_id: str) -> dict:
         "seconds": nan,
         "error": "",
         "warnings": "",
+        "model_version": "",  # the driver's to fill: it resolved the model
+        "volume_ml": nan,
+        "diameter_mm": nan,
+        "curve_type": "",
+        "enhancement_pct": "",
         "note": "",
+        "picture_error": "",
     }
 
 
@@ -218,12 +238,36 @@ def finish_case(
     except Exception as err:  # isolate the case; its error goes to the summary
         # A stale mask from an earlier run must not be mistaken for this run's output.
         remove_stale(mask_path, prob_path)
+        with contextlib.suppress(InputError):
+            remove_stale(report_image_path(out_dir, case_id))
         if config.output_format == "dicom-seg":
             with contextlib.suppress(InputError):
                 remove_stale(_seg_path(mask_path))
         return _failed(row, err, start, prepared)
+    if config.report:
+        row.update(_picture(out_dir, case_id, pred, prepared.case))
     row["seconds"] = prepared.seconds + time.perf_counter() - start
     return row
+
+
+def _picture(out_dir, case_id: str, pred: np.ndarray, case: InputCase) -> dict:
+    """The case's numbers and `report/CASE.png`; a failure here loses neither the mask nor the
+    case, and is said in `picture_error`."""
+    from tsesnet.serving import report
+
+    try:
+        numbers = report.lesion_numbers(case.image, pred, case.geometry.spacing)
+        png = report.overlay_png(case.image, pred, case.geometry.spacing, numbers, case_id)
+        write_bytes(report_image_path(out_dir, case_id), png)
+    except Exception as err:
+        text = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
+        return {"picture_error": text}
+    return {
+        "volume_ml": numbers.volume_ml,
+        "diameter_mm": numbers.diameter_mm,
+        "curve_type": numbers.curve_type,
+        "enhancement_pct": report.enhancement_text(numbers.enhancement_pct),
+    }
 
 
 def _seg_path(mask_path: Path) -> Path:
@@ -439,6 +483,8 @@ class PredictReport:
         csv_path: OUT/summary.csv (an `ObjectPath` when OUT is on object storage).
         seconds: wall clock of the Ray Data pipeline.
         notes: things said once about the model (e.g. it has no training-data record).
+        model: the model the URI resolved to, with its lineage.
+        html_path: OUT/report.html, None without the report.
     """
 
     rows: list[dict]
@@ -446,6 +492,8 @@ class PredictReport:
     csv_path: Path
     seconds: float
     notes: list[str]
+    model: ModelInfo | None = None
+    html_path: Path | None = None
 
     @property
     def failed(self) -> list[dict]:
@@ -456,38 +504,17 @@ class PredictReport:
         return [r for r in self.rows if r.get("warnings")]
 
 
-def check_model_uri(uri: str) -> None:
+def check_model_uri(uri: str) -> ModelInfo:
     """Fail fast, before any actor starts, on a model that cannot be the one meant.
 
     A local folder must hold exactly one model (one `model_config.json` beside one
     `weights.pt`); a registry URI (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) must resolve.
     Other URIs are checked by the actors.
+
+    Returns:
+        What the URI names now (version, run, lineage), as far as known before loading.
     """
-    if Path(uri).is_dir():
-        from tsesnet.tracking.registry import check_one_model
-
-        check_one_model(Path(uri), uri)
-        return
-    if not uri.startswith("models:/"):
-        return
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tsesnet.tracking.runs import configure
-
-    configure()
-    client = mlflow.MlflowClient()
-    name, sep, alias = uri[len("models:/") :].partition("@")
-    try:
-        if sep:
-            client.get_model_version_by_alias(name, alias)
-        elif "/" in name:
-            name, version = name.split("/", 1)
-            if version.isdigit():
-                client.get_model_version(name, version)
-    except MlflowException as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot load model {uri}: {first}") from err
+    return resolve_model(uri)
 
 
 def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple[int, float]:
@@ -541,6 +568,7 @@ def predict(
     config: PredictConfig | None = None,
     *,
     progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> PredictReport:
     """Predict every case of `input_path` with the model at `model_uri` into `output`.
 
@@ -550,6 +578,9 @@ def predict(
         output: folder for `CASE.nii.gz`, `probabilities/CASE.nii.gz` and `summary.csv`.
         config: workers, GPUs, fold, threshold...
         progress: show a progress bar over finished cases.
+        announce: called with each line saying which model runs (name, version, alias, run,
+            training store fingerprint, commit), once the model is resolved and before any
+            case starts.
 
     Returns:
         The report; failed cases are in it, not raised.
@@ -572,8 +603,11 @@ def predict(
         raise InputError("no cases to predict", path=input_path)
     if config.output_format == "dicom-seg":
         _check_dicom_source(reader, case_ids, input_path)
-    check_model_uri(model_uri)
+    model = check_model_uri(model_uri)
     out_dir = prepare_output_dir(output, reader, config.probabilities)
+    for line in model.lines() if announce else ():
+        announce(line)
+    started = datetime.now(UTC)
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
     predictor = {
@@ -592,10 +626,69 @@ def predict(
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
         raise InputError(rows[0]["error"])  # no actor could load the model: one clear error
+    for r in rows:
+        r["model_version"] = model.version
     csv_path = out_dir / SUMMARY_FILE  # a Path, or an ObjectPath on object storage
     write_summary_csv(csv_path, rows)
     summary = summarize(rows)
-    return PredictReport(rows, summary, csv_path, seconds, notes)
+    report = PredictReport(rows, summary, csv_path, seconds, notes, model)
+    record = prediction_record(report, input_path, out_dir, config, started)
+    text = json.dumps(_finite(record), indent=1, allow_nan=False)
+    write_bytes(out_dir / PREDICTION_FILE, (text + "\n").encode())
+    if config.report:
+        report.html_path = out_dir / REPORT_FILE
+        write_bytes(report.html_path, _report_html(report, record))
+    return report
+
+
+def _report_html(report: PredictReport, record: dict) -> bytes:
+    """`report.html`'s bytes: the rows, each with its picture where one was drawn."""
+    from tsesnet.serving.report import write_report_html
+
+    rows = []
+    for r in report.rows:
+        drawn = r["status"] == "ok" and not r.get("picture_error")
+        rows.append({**r, "image": f"{REPORT_DIR}/{r['case_id']}.png" if drawn else ""})
+    header = {
+        "input": record["input"],
+        "cases": f"{len(report.rows) - len(report.failed)} of {len(report.rows)} predicted",
+        "finished (UTC)": record["finished_utc"],
+        "software": ", ".join(f"{k} {v}" for k, v in record["software"].items()),
+    }
+    lines = report.model.lines() if report.model else []
+    return write_report_html(rows, lines, header)
+
+
+def prediction_record(
+    report: PredictReport, input_path: str, out_dir, config: PredictConfig, started: datetime
+) -> dict:
+    """What `OUT/prediction.json` says: which model made these masks, from what, how, when."""
+    return {
+        "model": report.model.to_json() if report.model else None,
+        "input": str(input_path),
+        "output": str(out_dir),
+        "settings": asdict(config),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(report.seconds, 3),
+        "software": software_versions(),
+        "notes": report.notes,
+        "cases": [
+            {k: r.get(k) for k in ("case_id", "status", "error", "warnings")} for r in report.rows
+        ],
+        "summary": report.summary,
+    }
+
+
+def _finite(v):
+    """`v` with NaN and infinities as None (strict JSON has neither)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def _check_dicom_source(reader: CaseReader, case_ids: list[str], input_path: str) -> None:
@@ -693,7 +786,11 @@ def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
         # row per case, the last (the files are the same: each is written whole, then renamed).
         if r["case_id"] not in rows:
             bar.update(1)
-        rows[r["case_id"]] = {k: _clean(r[k]) for k in SUMMARY_COLUMNS}
+        rows[r["case_id"]] = {k: _clean(r[k]) for k in (*SUMMARY_COLUMNS, "picture_error")}
+        if r["picture_error"]:
+            bar.write(
+                f"warning: case {r['case_id']}: no picture: {r['picture_error']}", file=sys.stderr
+            )
         if r["note"] and r["note"] not in notes:
             notes.append(r["note"])
             bar.write(f"note: {r['note']}", file=sys.stderr)
@@ -720,8 +817,9 @@ def cli(args: argparse.Namespace) -> int:
         split=args.split,
         min_component_fraction=args.min_component_fraction,
         output_format=getattr(args, "output_format", "nifti"),
+        report=not getattr(args, "no_report", False),
     )
-    report = predict(args.model, args.input, args.output, config)
+    report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)
     print(
         f"{n - len(report.failed)}/{n} cases predicted in {report.seconds:.1f} s "
@@ -732,6 +830,8 @@ def cli(args: argparse.Namespace) -> int:
     if report.warned:
         print(f"{len(report.warned)} case(s) unlike the training data: see warnings in the CSV")
     print(f"summary: {report.csv_path}")
+    if report.html_path is not None:
+        print(f"report: {report.html_path}")
     if report.failed:  # each error was printed as it happened; the CSV has them all
         ids = ", ".join(r["case_id"] for r in report.failed)
         print(f"error: {len(report.failed)} case(s) failed: {ids}", file=sys.stderr)

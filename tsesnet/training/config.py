@@ -118,9 +118,13 @@ class OptimConfig:
     """Adam, as in the paper (lr 1e-4); bf16 autocast applies on GPU only.
 
     Attributes:
+        lr: Adam's learning rate (the paper: 1e-4).
         lr_decay: "none" keeps lr constant (the paper names no schedule); "poly" sets epoch e's
             lr to ``lr * (1 - e / epochs) ** 0.9`` (nnU-Net's schedule), which settles the
             weights by the end of a short budget.
+        weight_decay: Adam's L2 weight decay (0: none, the paper).
+        grad_clip: clip the global gradient norm to this (0: no clipping).
+        bf16: bfloat16 autocast on GPU (ignored on CPU).
     """
 
     lr: float = 1e-4
@@ -138,7 +142,15 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    """300 epochs, early stop after 30 epochs without a better validation Dice (the paper)."""
+    """300 epochs, early stop after 30 epochs without a better validation Dice (the paper).
+
+    Attributes:
+        epochs: training epochs (each `data.patches_per_epoch` patches).
+        early_stop_patience: stop after this many epochs without a better validation Dice.
+        val_every: validate every this many epochs (and after the last).
+        checkpoint_every: save a checkpoint every this many epochs.
+        seed: seed of the weights' initialisation and of the patch sampling.
+    """
 
     epochs: int = 300
     early_stop_patience: int = 30
