@@ -432,10 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name = HANDLERS[_handler_key(args)].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     from data_store.errors import InputError
+    from tsesnet.common.cluster import disconnect
 
     try:
         return int(handler(args) or 0)
     except InputError as err:
+        disconnect()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
@@ -445,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not _is_service_error(err) or os.environ.get("TSESNET_TRACEBACK"):
             raise
+        disconnect()
         # Object storage, the tracking server or the cluster unreachable or refusing: what is
         # wrong is out there, and a traceback of the libraries between says no more than this.
         text = " ".join(str(err).split())[:500] or "no message"

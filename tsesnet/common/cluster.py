@@ -15,6 +15,7 @@ Token authentication and the local instance itself: `data_store.local_ray`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from data_store import local_ray
@@ -27,3 +28,14 @@ def connect():
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_worker_niceness", "0")
     return local_ray.connect(log_to_driver=True)
+
+
+def disconnect() -> None:
+    """Leave Ray (if connected) before a command prints its last line: Ray forwards its workers'
+    log lines from a thread of its own, which would otherwise go on printing after the error."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.shutdown()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from data_store.errors import InputError
 from tsesnet.common import names
+from tsesnet.common.cluster import disconnect
 from tsesnet.training import checkpoint
 from tsesnet.training.config import TrainConfig, check_config, default_run_name, load_config
 from tsesnet.training.plan import RunPlan
@@ -702,11 +703,13 @@ def cli(args) -> int:
     try:
         res = train(args.store, cfg, args.name)
     except TrainingDiverged as err:
+        disconnect()
         print(f"error: {err}", file=sys.stderr)
         return 1
     except TrainingFailedError as err:
         # The workers' traceback is in the log above; the run's MLflow status says FAILED.
         line = _first_error_line(err, cfg.run.resource_wait_s)
+        disconnect()
         print(f"error: training failed: {line}", file=sys.stderr)
         return 1
     print(
