@@ -174,6 +174,16 @@ def results_csv(rows: list[TrialRow]) -> str:
     return buf.getvalue()
 
 
+def table_cell(v) -> str:
+    """How `results_table` shows a value: 4 decimals, 3 significant digits below 0.01 or from
+    1000 on, "-" for a non-finite number."""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.4f}"
+    return str(v)
+
+
 def results_table(rows: list[TrialRow]) -> str:
     """The terminal table, in the order given (best first)."""
     if not rows:
@@ -181,14 +191,7 @@ def results_table(rows: list[TrialRow]) -> str:
     cols = list(dict.fromkeys(["trial", *(_row_values(rows[0]).keys())]))
     ordered = [c for c in COLUMNS if c in cols] + [c for c in cols if c not in COLUMNS]
 
-    def fmt(v):
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                return "-"
-            return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e3 else f"{v:.4f}"
-        return str(v)
-
-    cells = [[fmt(_row_values(r).get(c, "")) for c in ordered] for r in rows]
+    cells = [[table_cell(_row_values(r).get(c, "")) for c in ordered] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(ordered)]
     line = "  ".join(c.ljust(w) for c, w in zip(ordered, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
