@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import rehearsal_cluster  # tests/ is on sys.path under pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "platform" / "local_cluster.sh"
@@ -74,22 +76,9 @@ def script(action: str, env: dict, timeout: int = 180) -> subprocess.CompletedPr
 
 
 def head_pids(temp_dir: str) -> set[int]:
-    """Processes whose command line or open files are inside `temp_dir` (this test excepted)."""
-    marker = temp_dir.rstrip("/") + "/"
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker.encode() in (proc / "cmdline").read_bytes():
-                found.add(int(proc.name))
-                continue
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd).startswith(marker):
-                        found.add(int(proc.name))
-                        break
-    return found
+    """Processes whose command line or open files are inside `temp_dir` (this test excepted):
+    the rule the cluster rehearsal finds its nodes' processes by (`platform/rehearsal.py`)."""
+    return rehearsal_cluster.load().pids_in(Path(temp_dir))
 
 
 def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
