@@ -226,8 +226,14 @@ def claim_name(storage_path: str, name: str):
         ) from None
     try:
         yield
-    finally:
-        lock.release()
+    except BaseException:
+        # The run's own error is the one to report: a release that fails too (the object
+        # store unreachable) must not replace it; a lock left behind by a process that is
+        # gone is taken over by the next training of that name.
+        with contextlib.suppress(Exception):
+            lock.release()
+        raise
+    lock.release()
 
 
 def check_resources(cfg: TrainConfig) -> None:
