@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _set_option(s, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` of the commands that take training-config keys."""
+    s.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=help
+    )
+
+
 def _data_commands(sub) -> None:
     s = sub.add_parser("synth", help="write a synthetic DCE-MRI cohort (nnU-Net raw layout)")
     s.add_argument("out", metavar="OUT", help="folder to write the cohort to (created)")
@@ -208,14 +215,7 @@ def _training_commands(sub) -> None:
         help="a training config YAML, e.g. platform/configs/tiny.yaml (default: the "
         "recommended recipe); `tsesnet config keys` lists every key",
     )
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="override one config key, e.g. --set schedule.epochs=50 (repeatable)",
-    )
+    _set_option(s, "override one config key, e.g. --set schedule.epochs=50 (repeatable)")
     s.add_argument(
         "--workers", type=int, default=None, metavar="N", help="Ray Train workers (run.workers)"
     )
@@ -246,13 +246,9 @@ def _training_commands(sub) -> None:
     )
     s.add_argument("--name", default=None, help="sweep name; the same name with --resume resumes")
     s.add_argument("--resume", action="store_true", help="continue the sweep of that name")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="a training setting for every trial, after the sweep config's own `set` "
+    _set_option(
+        s,
+        "a training setting for every trial, after the sweep config's own `set` "
         "(e.g. run.storage_path=s3://bucket/ray_results)",
     )
 
@@ -350,14 +346,7 @@ def _programs(sub) -> None:
         "--out", default="science_output", metavar="DIR", help="work folder (science_output)"
     )
     s.add_argument("--config", default=None, metavar="FILE", help="platform/configs/science.yaml")
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="override one training-config key (repeatable)",
-    )
+    _set_option(s, "override one training-config key (repeatable)")
     s.add_argument(
         "--seeds",
         type=int,
