@@ -279,7 +279,9 @@ def test_user_journey_on_the_cluster(cluster, work):
                    "--input", STORE, "--output", out_url)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     names = {k.rsplit("/", 1)[-1] for k in keys(cluster, out_url)}
-    assert {f"SYN_00{i}.nii.gz" for i in range(4)} | {"summary.csv"} <= names, names
+    wanted = {f"SYN_00{i}.nii.gz" for i in range(4)} | {f"SYN_00{i}.png" for i in range(4)}
+    wanted |= {"summary.csv", "prediction.json", "report.html"}  # the report on S3 too
+    assert wanted <= names, names
     assert not (work / "s3:").exists(), "nothing written to a local folder named s3:"
     done = tsesnet(cluster, work, "evaluate", "--pred", out_url, "--labels", "cohort/labelsTr")
     assert done.returncode == 0 and "(n=4)" in done.stdout, done.stdout + done.stderr
