@@ -277,8 +277,7 @@ class StoreLocation:
         files, _ = self.list_files(src)
         if not files:
             raise FileNotFoundError(f"{self.path(src)} holds no objects")
-        keys = sorted(files, key=lambda k: k == "zarr.json")  # the group's own metadata last
-        head = [k for k in keys if k != "zarr.json"]
+        head = [k for k in files if k != "zarr.json"]  # the group's own metadata goes last
         if head:
             fs.copy([self._fs_path(f"{src}/{k}") for k in head],
                     [self._fs_path(f"{dst}/{k}") for k in head])  # fmt: skip

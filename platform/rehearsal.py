@@ -170,7 +170,8 @@ class Rehearsal:
         procs: what was started, in start order.
         client_env: what a client exports (`env` prints it).
         nodes: worker node names, in start order.
-        secret: MLflow admin password and S3 keys (in state.json, mode 0600).
+
+    ``state.json`` (mode 0600) holds the MLflow admin password and the S3 keys with the rest.
     """
 
     dir: str
@@ -234,8 +235,7 @@ class Rehearsal:
     def up(self, nodes: int = 2, cpus_per_node: int = 1) -> None:
         """Start every part (see the module docstring); on failure stop what started."""
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for sub in ("logs",):
-            (self.path / sub).mkdir(exist_ok=True)
+        (self.path / "logs").mkdir(exist_ok=True)
         try:
             self._start_s3()
             wait_mlflow = self._start_mlflow()  # it starts slowly: Ray starts meanwhile
