@@ -219,7 +219,12 @@ stop() {
     waited=$((waited + 1))
   done
   # shellcheck disable=SC2086
-  [[ -n ${left// } ]] && { kill -KILL $left 2>/dev/null || true; }
+  if [[ -n ${left// } ]]; then
+    kill -KILL $left 2>/dev/null || true
+    # SIGKILL is delivered asynchronously: return only once they are gone (at most 10 s).
+    waited=0
+    while [[ -n $(head_pids) ]] && (( waited++ < 20 )); do sleep 0.5; done
+  fi
   rm -f "$STATE"
   echo "stopped the head in $RAY_TEMP_DIR ($(wc -w <<<"$pids") processes, $(wc -w <<<"$left")" \
     "of them by SIGKILL after ${STOP_GRACE} s); no other Ray was signalled"
