@@ -7,6 +7,14 @@ import os
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the session's Ray (directly or through a fixture such as `tiny_store`)
+    is slow whatever its own marks say: `make test-fast` (`-m "not slow"`) starts no Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray on this machine's CPUs, started once; the dashboard on (Train V2 needs it)."""
