@@ -22,7 +22,12 @@ T = TypeVar("T")
 # The versions the private names here and in `tsesnet.compat` are known to exist in: the same
 # ranges pyproject.toml pins (tests/test_compat.py checks that they agree, and checks every name
 # on the versions installed).
-SUPPORTED = {"ray": ">=2.60,<2.61", "zarr": ">=3.1.3,<4", "torch": "==2.13.0"}
+SUPPORTED = {
+    "ray": ">=2.60,<2.61",
+    "zarr": ">=3.1.3,<4",
+    "torch": "==2.13.0",
+    "mlflow": ">=3.17,<4",
+}
 
 
 @dataclass(frozen=True)

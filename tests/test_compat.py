@@ -75,7 +75,7 @@ def test_the_compat_modules_import_no_library():
 
     code = (
         "import sys, data_store.compat, tsesnet.compat\n"
-        "print(sorted(m for m in ('ray', 'zarr', 'torch') if m in sys.modules))\n"
+        "print(sorted(m for m in ('ray', 'zarr', 'torch', 'mlflow') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -1,5 +1,5 @@
 """Every private name of a third-party library that the `tsesnet` package uses: the one place to
-change when Ray Train or PyTorch moves one.
+change when Ray Train, MLflow or PyTorch moves one.
 
 Each is listed in `PRIVATE` with what it is for; `tests/test_compat.py` imports every one of them
 on the installed versions and fails naming the library, its version and the name if one is gone,
@@ -39,7 +39,13 @@ TREE_LEAVES = Private(
     "tree_leaves",
     "the tensors in an operator's output in `tsesnet model-summary`",
 )
-PRIVATE = (TRAIN_SNAPSHOT, TRAIN_CONTEXT, DISPATCH_MODE, TREE_LEAVES)
+MLFLOW_ALEMBIC = Private(
+    "mlflow",
+    "mlflow.store.db.utils",
+    "_get_alembic_config",
+    "telling whether MLflow can open a tracking database's schema revision",
+)
+PRIVATE = (TRAIN_SNAPSHOT, TRAIN_CONTEXT, DISPATCH_MODE, TREE_LEAVES, MLFLOW_ALEMBIC)
 
 
 def train_snapshot_filename() -> str:
@@ -53,6 +59,11 @@ def train_report_logger_name() -> str | None:
         return TRAIN_CONTEXT.load().__file__
     except ImportError:
         return None  # only a log level is lost
+
+
+def mlflow_alembic_config(db_url: str) -> Any:
+    """MLflow's alembic config for its tracking-database migrations (`db_url` may be "")."""
+    return MLFLOW_ALEMBIC.load()(db_url=db_url)
 
 
 def torch_dispatch_mode() -> type:
