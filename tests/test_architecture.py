@@ -12,6 +12,8 @@ and `importlib.import_module("...")` / `__import__("...")` calls with a literal 
 - A private third-party module or name (a `_` component, or a `PRIVATE_MODULES` path) is imported
   only by the compat modules (`COMPAT`), which list each one with the versions it is checked on.
 - A dynamic import whose name is not a literal (so no rule can read it) only where `DYNAMIC` says.
+- The process environment is written (`os.environ[...] =`, `setdefault`, `update`, `putenv`, ...)
+  only by the modules in `ENVIRON_WRITES`, each with the reason.
 - Each rule is shown failing on a violation planted in a small package tree (`PLANTS`).
 - No function is longer than 80 lines (declarative tables excepted, by name, below).
 - `platform/` stays a folder, not a package (it would shadow the standard library's module).
@@ -69,6 +71,19 @@ PRIVATE_MODULES = ("zarr.core",)
 # Modules that may import a name computed at run time: the CLI's handler table, the compat loader.
 DYNAMIC = ("tsesnet.cli", "data_store.compat")
 DYNAMIC_CALLS = ("importlib.import_module", "import_module", "__import__", "importlib.__import__")
+# Settings are resolved at the edge (the CLI) and passed down; below it, the process environment
+# is written only where a child process that Ray's runtime_env cannot reach must inherit a value.
+ENVIRON_WRITES = {
+    "data_store.local_ray": "RAY_AUTH_MODE: Ray takes it only from the environment (it refuses it "
+    "in _system_config), here and in the GCS and raylet it starts, which no runtime_env reaches; "
+    "ray.init itself writes the same value when it is unset",
+    # Issue 23, item 3, in modules other changes of that issue own: to leave this list with them.
+    "tsesnet.tracking.runs": "MLFLOW_TRACKING_URI (to be passed down instead)",
+    "tsesnet.training.driver": "RAY_TRAIN_ENABLE_PRINT_PATCH (to go to the runtime_env)",
+    "tsesnet.serving.predict": "inside a Ray actor (to go to the runtime_env)",
+    "sweeps.trial": "MLFLOW_TRACKING_URI in a trial (to be passed down instead)",
+}
+ENVIRON_METHODS = ("setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__")
 MAX_FUNCTION_LINES = 80
 # Functions that are declarative tables (one entry per line), allowed to be longer.
 DECLARATIVE: set[str] = set()
@@ -149,7 +164,7 @@ def _check(root: Path) -> dict[str, list[str]]:
     """Every import rule's violations in the tree at `root` (one line each), by rule."""
     known = _modules(root)
     found: dict[str, list[str]] = {
-        r: [] for r in ("cycles", "layers", "core", "data_store", "private", "dynamic")
+        r: [] for r in ("cycles", "layers", "core", "data_store", "private", "dynamic", "environ")
     }
     graph: dict[str, set[str]] = {}
     for mod, path in known.items():
@@ -178,8 +193,37 @@ def _check(root: Path) -> dict[str, list[str]]:
             other, trank = _layer(target)
             if trank > rank or any({own, other} == set(pair) for pair in APART):
                 found["layers"].append(says)
+        if mod not in ENVIRON_WRITES:
+            found["environ"] += [
+                f"{where}:{line} {mod}: {what}" for line, what in _env_writes(path)
+            ]
     found["cycles"] = [" <-> ".join(c) for c in _cycles(graph)]
     return {rule: sorted(set(v)) for rule, v in found.items()}
+
+
+def _env_writes(path: Path) -> list[tuple[int, str]]:
+    """(line, what) of every write to the process environment in one file."""
+
+    def is_environ(node: ast.expr) -> bool:
+        return _call_name(node) in ("os.environ", "environ")
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = []
+        if isinstance(node, ast.Assign | ast.Delete):
+            targets = node.targets
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        if any(isinstance(t, ast.Subscript) and is_environ(t.value) for t in targets):
+            out.append((node.lineno, "os.environ[...] written"))
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and is_environ(func.value):
+                if func.attr in ENVIRON_METHODS:
+                    out.append((node.lineno, f"os.environ.{func.attr}()"))
+            elif _call_name(func) in ("os.putenv", "os.unsetenv", "putenv", "unsetenv"):
+                out.append((node.lineno, f"{_call_name(func)}()"))
+    return out
 
 
 def _in(mod: str, prefixes: tuple[str, ...]) -> bool:
@@ -233,6 +277,7 @@ RULES = {
     "data_store": f"data_store imports none of {', '.join(ABOVE_DATA_STORE)}",
     "private": f"private third-party names only through {', '.join(COMPAT)}",
     "dynamic": f"imports of a computed name only in {', '.join(DYNAMIC)}",
+    "environ": f"the process environment written only in {', '.join(ENVIRON_WRITES)}",
 }
 
 
@@ -306,6 +351,14 @@ PLANTS = {
         "private", "sweeps/runner.py",
         "import importlib\n\nimportlib.import_module('ray._raylet')\n",
     ),
+    "an environment write below the CLI": (
+        "environ", "tsesnet/model/net.py",
+        "import os\n\n\ndef g():\n    os.environ.setdefault('RAY_X', '0')\n",
+    ),
+    "an environment item set in data_store": (
+        "environ", "data_store/store.py", "from os import environ\n\nenviron['X'] = '1'\n"
+    ),
+    "putenv in sweeps": ("environ", "sweeps/space.py", "import os\n\nos.putenv('X', '1')\n"),
     "computed name in the core": (
         "dynamic", "tsesnet/metrics.py",
         "import importlib\n\n\ndef f(name):\n    return importlib.import_module(name)\n",
