@@ -124,9 +124,9 @@ def _reload_ray_config() -> None:
     this way when it turns token mode on (`authentication_token_setup._enable_token_auth`).
     """
     if "ray._raylet" in sys.modules:
-        from ray._raylet import Config
+        from data_store.compat import reinitialize_ray_config
 
-        Config.initialize("")
+        reinitialize_ray_config()
 
 
 def write_private_token(path: Path) -> bool:

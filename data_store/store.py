@@ -772,7 +772,7 @@ class Store:
         if not mask or mask_array is None:
             with self._decoding(case_id, "image"):
                 return image_array[image_sel], None
-        from zarr.core.sync import sync
+        from data_store.compat import zarr_sync
 
         async def both():  # the two arrays' chunks decode together: ~1/3 less time measured
             return await asyncio.gather(
@@ -780,7 +780,7 @@ class Store:
             )
 
         with self._decoding(case_id, "image and mask"):
-            image, mask_region = sync(both())
+            image, mask_region = zarr_sync(both())
         return image, mask_region
 
     def read_case(self, case_id: str) -> Case:

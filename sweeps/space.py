@@ -1,6 +1,6 @@
 """The sweep config: a search space over training-config keys plus the search settings.
 
-`platform/configs/sweep.yaml` is its serialisation, read by the same strict YAML loader as the
+`tsesnet/configs/sweep.yaml` is its serialisation, read by the same strict YAML loader as the
 training configs (`tsesnet.common.yaml_config`: YAML 1.2 floats, so `1e-5` is a number). Each key
 of `space` is a dotted path into `tsesnet.training.config.TrainConfig` (`loss.alpha`,
 `model.fusion`, ...), the same paths `tsesnet train --set` takes. A value is either a

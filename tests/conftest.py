@@ -47,7 +47,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 def tiny_store(tmp_path_factory, ray_session):
     """A synthetic store of 4 labelled cases (3 phases, 16x32x32, 2 folds), built once per session.
 
-    For the tiny training preset (`platform/configs/tiny.yaml`): fold 0 gives 2 training and
+    For the tiny training preset (`tsesnet/configs/tiny.yaml`): fold 0 gives 2 training and
     2 validation cases.
     """
     from data_store.ingest import ingest

@@ -119,7 +119,7 @@ def test_training_settings_are_valid_for_this_config():
     from data_store.errors import InputError
     from tsesnet.training.config import load_config
 
-    small = ROOT / "platform" / "configs" / "small.yaml"
+    small = ROOT / "tsesnet" / "configs" / "small.yaml"
     sets = gpu_check.train_overrides(None)
     cfg = load_config(small, sets[1::2])
     assert cfg.run.compile and cfg.model.channels_last and cfg.optim.bf16

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "platform" / "configs" / "tiny.yaml"
+TINY = ROOT / "tsesnet" / "configs" / "tiny.yaml"
 TSESNET = str(Path(sys.executable).parent / "tsesnet")
 
 

@@ -77,7 +77,7 @@ def test_static_runtime_env_without_tracking_uri_fails_clearly(head, tiny_store)
         "export RAY_AUTH_MODE=token\n"
         "ray job submit --address http://127.0.0.1:$DASHBOARD_PORT "
         '--runtime-env platform/runtime_env.yaml -- tsesnet train --store "$STORE" '
-        "--config platform/configs/tiny.yaml --name job-static",
+        "--config tsesnet/configs/tiny.yaml --name job-static",
         dict(head, STORE=str(tiny_store)),
         ROOT,
         timeout=300,

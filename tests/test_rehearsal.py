@@ -41,7 +41,7 @@ RESULTS = f"{BUCKET}/rehearsal/ray_results"
 EPOCHS = 5  # long enough (~5 s each here) that a fault lands mid-training
 
 
-def train(config: str = str(ROOT / "platform" / "configs" / "tiny.yaml")) -> list[str]:
+def train(config: str = str(ROOT / "tsesnet" / "configs" / "tiny.yaml")) -> list[str]:
     """Every training here: the tiny preset, EPOCHS epochs, 2 workers, checkpoints on S3
     (`config` relative to the repository for a job, whose cwd is its copy of it)."""
     return [
@@ -244,7 +244,7 @@ def test_user_journey_on_the_cluster(cluster, work):
 
     # Training as a job; the MLflow server unreachable for 60 s once the first checkpoint is on
     # S3: the MLflow client retries through it, the run completes with every epoch's metrics.
-    proc = start(cluster, work, "submit", "--", "tsesnet", *train("platform/configs/tiny.yaml"),
+    proc = start(cluster, work, "submit", "--", "tsesnet", *train("tsesnet/configs/tiny.yaml"),
                  "--name", "journey")  # fmt: skip
     wait_for(lambda: checkpoints(cluster, "journey"), "first checkpoint", 600, proc)
     outage = time.monotonic()
@@ -267,7 +267,7 @@ def test_user_journey_on_the_cluster(cluster, work):
 
     # A 2-trial sweep on the nodes, its Tune experiment on S3.
     done = tsesnet(cluster, work, "submit", "--", "tsesnet", "sweep", "--store", STORE,
-                   "--config", "platform/configs/sweep_tiny.yaml", "--trials", "2",
+                   "--config", "tsesnet/configs/sweep_tiny.yaml", "--trials", "2",
                    "--name", "rehearsal-sweep", "--set", f"run.storage_path={RESULTS}",
                    timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

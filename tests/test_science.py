@@ -11,7 +11,7 @@ import pytest
 from tsesnet.cli import build_parser
 from tsesnet.programs.science import BEGIN, END, paired_difference, run
 
-TINY = Path(__file__).resolve().parents[1] / "platform" / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "tsesnet" / "configs" / "tiny.yaml"
 
 
 def test_science_trains_scores_and_fills_the_readme(tmp_path, ray_session, mlflow_uri):

@@ -15,7 +15,7 @@ from sweeps import report, runner, trial
 from sweeps import space as spacemod
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "platform" / "configs"
+CONFIGS = ROOT / "tsesnet" / "configs"
 PAPER_SPACE = {"alpha", "beta", "tau", "fusion", "lr"}
 
 

@@ -15,7 +15,7 @@ from data_store.errors import InputError
 from tsesnet.training.config import TrainConfig, default_run_name, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "platform" / "configs"
+CONFIGS = ROOT / "tsesnet" / "configs"
 TINY = CONFIGS / "tiny.yaml"
 
 

@@ -25,7 +25,7 @@ def test_the_printed_links_open_on_what_the_user_wants(
 
     from tsesnet.cli import main
 
-    config = str(ROOT / "platform" / "configs" / "tiny.yaml")
+    config = str(ROOT / "tsesnet" / "configs" / "tiny.yaml")
     args = ["train", "--store", str(tiny_store), "--config", config, "--name", "ui-check"]
     assert main([*args, "--set", f"run.storage_path={tmp_path / 'ray'}"]) == 0
     mlflow.set_tracking_uri(None)

@@ -212,7 +212,7 @@ def _training_commands(sub) -> None:
         "--config",
         default=None,
         metavar="FILE",
-        help="a training config YAML, e.g. platform/configs/tiny.yaml (default: the "
+        help="a training config YAML, e.g. tsesnet/configs/tiny.yaml (default: the "
         "recommended recipe); `tsesnet config keys` lists every key",
     )
     _set_option(s, "override one config key, e.g. --set schedule.epochs=50 (repeatable)")
@@ -239,7 +239,7 @@ def _training_commands(sub) -> None:
         "--config",
         default=None,
         metavar="FILE",
-        help="a sweep config YAML, e.g. platform/configs/sweep_tiny.yaml",
+        help="a sweep config YAML, e.g. tsesnet/configs/sweep_tiny.yaml",
     )
     s.add_argument(
         "--trials", type=int, default=None, metavar="N", help="trials (default: the config's)"
@@ -345,7 +345,7 @@ def _programs(sub) -> None:
     s.add_argument(
         "--out", default="science_output", metavar="DIR", help="work folder (science_output)"
     )
-    s.add_argument("--config", default=None, metavar="FILE", help="platform/configs/science.yaml")
+    s.add_argument("--config", default=None, metavar="FILE", help="tsesnet/configs/science.yaml")
     _set_option(s, "override one training-config key (repeatable)")
     s.add_argument(
         "--seeds",

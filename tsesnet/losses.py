@@ -268,7 +268,7 @@ class LossConfig:
             Dice + cross-entropy). 0, the paper's loss, by default. On short CPU budgets soft
             Dice alone on patches with a small or no tumour settles on predicting foreground
             everywhere; the cross-entropy term gives every voxel a gradient from the first step
-            (measured on the synthetic cohort, see `platform/configs/small.yaml`).
+            (measured on the synthetic cohort, see `tsesnet/configs/small.yaml`).
         tsc_scale: "paper" (Eq. 7 as written, the default) or "tau" (the term times τ/τ_base,
             τ_base = 1: the same order as Dice at any τ; see the module docstring).
         tsc_labels: how the mask is reduced to coarse levels: "majority" (default), "pure"

@@ -1,6 +1,6 @@
 """TPE + ASHA against random search without early stopping, at the same total epoch budget.
 
-On a synthetic cohort with the tiny preset (`platform/configs/sweep_tiny.yaml`'s space), for
+On a synthetic cohort with the tiny preset (`tsesnet/configs/sweep_tiny.yaml`'s space), for
 each seed: random search runs `--random-trials` trials of `--epochs` epochs each (FIFO, no early
 stopping), which fixes the budget B = trials x epochs; TPE + ASHA then runs until it too has
 trained B epochs (a Tune stopper counts the epochs of every trial). Both are replayed in the
@@ -80,7 +80,7 @@ def run_one(store, seed, algorithm, scheduler, trials, epochs, budget, storage, 
     from sweeps import runner
     from sweeps import space as spacemod
 
-    cfg = spacemod.load(ROOT / "platform" / "configs" / "sweep_tiny.yaml")
+    cfg = spacemod.load(ROOT / "tsesnet" / "configs" / "sweep_tiny.yaml")
     cfg.trials = trials
     cfg.search.algorithm = algorithm
     cfg.search.seed = seed

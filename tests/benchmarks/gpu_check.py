@@ -12,7 +12,7 @@ and never past ``--budget-s`` (default 450 s; the limit is 8 minutes):
    fp32 step (TF32 off).
 2. train: a synthetic store (`tsesnet synth` + `tsesnet ingest`: 8 cases, 4 phases, 32x64x64),
    then `tsesnet train` with 1 worker on the GPU (``--gpus-per-worker 1``), the small preset
-   (`platform/configs/small.yaml`), 4 epochs, bf16, ``model.channels_last``, ``run.compile``
+   (`tsesnet/configs/small.yaml`), 4 epochs, bf16, ``model.channels_last``, ``run.compile``
    and, where this build's config has it, the background loader (``data.loader_workers``):
    patches/s and ``data_wait_fraction`` from the MLflow run's metrics, over the epochs after
    the first (which compiles).
@@ -205,7 +205,7 @@ def train_part(work: Path, env: dict, timeout_s: float, plan: Plan = GPU) -> dic
             return _status(rc, tail)
     workers = LOADER_WORKERS if config_has("data.loader_workers") else None
     cmd = tsesnet(
-        "train", "--store", str(store), "--config", str(ROOT / "platform/configs/small.yaml"),
+        "train", "--store", str(store), "--config", str(ROOT / "tsesnet/configs/small.yaml"),
         "--workers", "1", "--gpus-per-worker", f"{plan.gpus:g}", "--name", RUN_NAME,
         *train_overrides(workers, plan),
     )  # fmt: skip

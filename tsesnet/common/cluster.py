@@ -1,14 +1,15 @@
 """The one way the `tsesnet` drivers (train, sweep, predict) reach Ray, and its token file.
 
-`$RAY_ADDRESS` picks a cluster; without it a new local instance starts (`address="local"`: never
-a cluster some earlier `ray start` left on this machine), with the dashboard on and bound to
-127.0.0.1 (Train V2 needs its state API to free a finished run's placement group: without it
-the second of two Train runs in one Ray instance waited forever for the first one's CPUs).
-Ray's workers run at niceness 15 by default, so on a busy machine they lose the CPU to
-everything else; a local instance started here runs them at 0 (measured by
-`tests/benchmarks/bench_train.py`). Workers' output (the training loop's epoch lines, the
-prediction progress) is forwarded to the driver, where `tsesnet` and `ray job logs` show it.
-An already initialised session is used as it is.
+`$RAY_ADDRESS` picks a cluster; without it a new local instance starts (`address="local"`: never a
+cluster some earlier `ray start` left on this machine), with the dashboard on and bound to 127.0.0.1
+(Train V2 needs its state API to free a finished run's placement group: without it the second of two
+Train runs in one Ray instance waited forever for the first one's CPUs). Ray's workers run at
+niceness 15 by default, so on a busy machine they lose the CPU to everything else; a local instance
+started here runs them at 0 (measured by `tests/benchmarks/bench_train.py`): each worker reads
+`RAY_worker_niceness` from its own environment, which the job's runtime env sets, so this process's
+environment is left alone. Workers' output (the training loop's epoch lines, the prediction
+progress) is forwarded to the driver, where `tsesnet` and `ray job logs` show it. An already
+initialised session is used as it is.
 
 Token authentication and the local instance itself: `data_store.local_ray`.
 """
@@ -16,18 +17,16 @@ Token authentication and the local instance itself: `data_store.local_ray`.
 from __future__ import annotations
 
 import contextlib
-import os
 
 from data_store import local_ray
 
 
 def connect():
     """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
-    import ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_worker_niceness", "0")
-    return local_ray.connect(log_to_driver=True)
+    # The runtime env of a new local instance's job: every task and actor of it, Ray Train's and
+    # Tune's included (a task's own `env_vars` are merged with these).
+    local_env = {"env_vars": {"RAY_worker_niceness": "0"}}
+    return local_ray.connect(log_to_driver=True, runtime_env=local_env)
 
 
 def disconnect() -> None:

@@ -16,7 +16,6 @@ its registered version.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -120,5 +119,4 @@ def run_demo(out: str | Path) -> int:
 
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet demo [--out DIR]`."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     return run_demo(args.out)

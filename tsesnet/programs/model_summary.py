@@ -32,10 +32,9 @@ import sys
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from tsesnet.compat import torch_dispatch_mode, tree_leaves
 from tsesnet.model import FUSIONS, PRESETS, build_model, level_plan
 from tsesnet.model.blocks import live_taps
 
@@ -52,7 +51,7 @@ PAPER_TABLES = {
 }
 
 
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes(torch_dispatch_mode()):
     """Tracks the bytes of tensor storages created inside the mode that are still alive."""
 
     def __init__(self):

@@ -2,7 +2,7 @@
 
 On synthetic cohorts (one per seed; `data_store.synth`, where tumours and benign foci differ in
 their kinetic curves, not in any single phase), every row below is trained with the same config
-and the same budget (`platform/configs/science.yaml`) on the cohort's training folds through the
+and the same budget (`tsesnet/configs/science.yaml`) on the cohort's training folds through the
 real `tsesnet train` path (Ray Train, MLflow), and its best checkpoint (by validation Dice) is
 scored on a separate labelled test cohort of the same seed by full-volume sliding window: DSC,
 HD95 (mm) and sensitivity per case, raw and after the connected-component filter the run chose on

@@ -187,9 +187,10 @@ def _schema_problem(rev: str | None, uri: str) -> str | None:
     """Why an MLflow database at schema revision `rev` cannot be opened by this MLflow."""
     import mlflow
     from alembic.script import ScriptDirectory
-    from mlflow.store.db.utils import _get_alembic_config
 
-    script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
+    from tsesnet.compat import mlflow_alembic_config
+
+    script = ScriptDirectory.from_config(mlflow_alembic_config(""))
     head = script.get_current_head()
     if rev is None or rev == head:
         return None

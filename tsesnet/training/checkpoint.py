@@ -148,6 +148,6 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
             f"({'; '.join(differ)}); choose another --name or delete this folder",
             path=f"{storage_path}/{name}",
         )
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from tsesnet.compat import train_snapshot_filename
 
-    return fs.exists(f"{root}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")
+    return fs.exists(f"{root}/{train_snapshot_filename()}")

@@ -24,8 +24,9 @@ from data_store.sampler import SamplerConfig
 from tsesnet.common import names
 from tsesnet.losses import LossConfig
 
-# The shipped recipes (`tiny`, `small`, `paper`, `science`, the sweep configs).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "platform" / "configs"
+# The shipped recipes (`tiny`, `small`, `paper`, `science`, the sweep configs): package data,
+# so that an installed wheel has them too.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass(kw_only=True)

@@ -400,11 +400,11 @@ def _quiet_report_log() -> None:
     prints its own one-line epoch summary, so keep only Ray Train's warnings there."""
     import logging
 
-    try:  # an internal module: its logger is named after its file
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    from tsesnet.compat import train_report_logger_name
+
+    name = train_report_logger_name()  # an internal module: its logger is named after its file
+    if name is not None:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------ rank 0's log
