@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint format bench demo science clean
+.PHONY: setup test test-fast lint format bench demo science docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,13 @@ demo: $(STAMP)
 	$(BIN)/tsesnet demo
 
 science: $(STAMP)
-	$(BIN)/tsesnet science --readme README.md
+	$(BIN)/tsesnet science --docs docs/pages/explanation/science.md
+
+# The documentation site: the generated reference pages written again from the code, then
+# the site into docs/site/ (strict: a broken link or anchor fails it).
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/mkdocs build --strict -f docs/mkdocs.yml
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output science_output ui_screenshots
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo_output science_output ui_screenshots docs/site

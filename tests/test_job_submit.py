@@ -4,8 +4,9 @@ A head started by `platform/local_cluster.sh` (token authentication, free ports,
 and temp dir) takes jobs from a directory that is not the repository: a job sees the submitted
 tree's commit, a failed job is reported as failed, the static runtime env fails clearly, a
 submission without the token is refused, and no MLflow experiment keeps its artifacts in the
-job's temporary copy of the code. The README's own `ray job submit` and `tsesnet submit`
-blocks, with their runs' commit and artifact locations, are run by `tests/test_readme.py`.
+job's temporary copy of the code. The tutorial's own `ray job submit` and `tsesnet submit`
+blocks (docs/pages/tutorial/ray-job.md), with their runs' commit and artifact locations, are run
+by `tests/test_readme.py`.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ def test_top_level_layout():
         "README.md",
         "Makefile",
         ".ci/run",
+        "docs/mkdocs.yml",
     ):
         assert (ROOT / name).exists(), name
     for pkg in ("tsesnet", "data_store", "sweeps"):

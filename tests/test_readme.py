@@ -1,9 +1,12 @@
-"""The README's shell blocks, run as a user types them: extracted from README.md itself.
+"""The shell blocks of the README and the docs, run as a user types them: extracted from the pages.
 
-Every ```bash block of README.md is run, in document order, as one bash session (a user going
-down the README in one terminal), except the blocks marked on the line before the fence with
-`<!-- readme-test: not run (why) -->`. Editing a block changes what this test runs. Only what must
-differ is substituted, each by a documented means ("The README runs in the tests" in README.md):
+Every ```bash block of README.md (the 10-minute tour), then of the pages in `WALKTHROUGH` (the
+tutorials, which continue on the tour's store), is run, in that order and in document order, as
+one bash session (a user going down the pages in one terminal), except the blocks marked on the
+line before the fence with `<!-- readme-test: not run (why) -->`. A runnable block in any other
+page fails `test_blocks_are_found_and_every_skip_says_why`, so none goes untested. Editing a block
+changes what this test runs. Only what must differ is substituted, each by a documented means
+("How the docs are tested" in docs/pages/how-to/tests.md):
 
 - the session runs in a fresh folder whose `platform` is a link to the repository's, so the
   relative paths resolve and nothing is written into the checkout;
@@ -19,11 +22,19 @@ import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 from local_head import BIN, DROPPED, PORT_VARS, ROOT, free_ports, head_pids
 
 README = ROOT / "README.md"
+PAGES = ROOT / "docs" / "pages"
+# The pages whose blocks run, in this order: the tour, then the tutorials that continue from it.
+WALKTHROUGH = (
+    README,
+    PAGES / "tutorial" / "ray-job.md",
+    PAGES / "tutorial" / "sweep.md",
+)
 SKIP = re.compile(r"<!-- readme-test: not run \((?P<why>[^)]+)\) -->\s*$")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")
 # What a `tsesnet train` command gets appended: one short epoch, one validation case.
@@ -65,11 +76,24 @@ def shorten_training(block: str) -> str:
     return "\n".join(out)
 
 
+def every_page() -> list[Path]:
+    """README.md and every page of the docs."""
+    return [README, *sorted(PAGES.rglob("*.md"))]
+
+
 def test_blocks_are_found_and_every_skip_says_why():
-    found = blocks(README.read_text())
-    run = [b for b in found if b[2] is None]
-    assert len(run) >= 7 and all(why for _, _, why in found if why is not None)
-    text = "\n".join(body for _, body, _ in run)
+    run, stray = [], []
+    for page in every_page():
+        found = blocks(page.read_text())
+        assert all(why for _, _, why in found if why is not None), page
+        runnable = [(line, body) for line, body, why in found if why is None]
+        (run if page in WALKTHROUGH else stray).extend((page, *b) for b in runnable)
+    assert not stray, "runnable blocks outside WALKTHROUGH: " + ", ".join(
+        f"{page.relative_to(ROOT)} line {line}" for page, line, _ in stray
+    )
+    assert len(run) >= 7
+    assert {page for page, _, _ in run} == set(WALKTHROUGH)
+    text = "\n".join(body for _, _, body in run)
     for command in ("tsesnet ingest", "tsesnet store info", "tsesnet store export",
                     "tsesnet train", "local_cluster.sh start", "ray job submit",
                     "tsesnet sweep", "--resume", "tsesnet models promote", "tsesnet predict",
@@ -80,12 +104,15 @@ def test_blocks_are_found_and_every_skip_says_why():
     )
 
 
-def _session(found) -> str:
-    """The runnable blocks as one bash script, each announced so a failure names its line."""
+def _session(pages) -> str:
+    """The runnable blocks of `pages`, in order, as one bash script, each announced so that a
+    failure names its page and line."""
     parts = ["set -euo pipefail"]
-    for line, body, why in found:
-        if why is None:
-            parts += [f"echo '=== README.md line {line}'", shorten_training(body)]
+    for page in pages:
+        for line, body, why in blocks(page.read_text()):
+            if why is None:
+                name = page.relative_to(ROOT)
+                parts += [f"echo '=== {name} line {line}'", shorten_training(body)]
     return "\n".join(parts) + "\n"
 
 
@@ -102,7 +129,7 @@ def test_the_readme_runs_as_written(ray_session, tmp_path):
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", NUM_CPUS="2", STOP_GRACE="3")
     env.update(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True))
     env["RAY_TEMP_DIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths
-    script = _session(blocks(README.read_text()))
+    script = _session(WALKTHROUGH)
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
                               text=True, timeout=1500)  # fmt: skip
@@ -111,7 +138,7 @@ def test_the_readme_runs_as_written(ray_session, tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
     out = proc.stdout + proc.stderr
-    failed_at = re.findall(r"=== README.md line \d+", proc.stdout)
+    failed_at = re.findall(r"=== \S+ line \d+", proc.stdout)
     assert proc.returncode == 0, f"{failed_at[-1:]} failed:\n{out[-5000:]}"
 
     # What the blocks were for: the test split, the job's lineage, the sweep, the predictions.

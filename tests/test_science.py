@@ -1,8 +1,12 @@
-"""`tsesnet science` end to end on a tiny budget: cohorts, two rows trained and scored, README."""
+"""`tsesnet science` end to end on a tiny budget: cohorts, two rows trained and scored, the docs
+page its table goes into."""
 
 from __future__ import annotations
 
 import csv
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -11,17 +15,18 @@ import pytest
 from tsesnet.cli import build_parser
 from tsesnet.programs.science import BEGIN, END, paired_difference, run
 
-TINY = Path(__file__).resolve().parents[1] / "tsesnet" / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tsesnet" / "configs" / "tiny.yaml"
 
 
-def test_science_trains_scores_and_fills_the_readme(tmp_path, ray_session, mlflow_uri):
-    readme = tmp_path / "README.md"
+def test_science_trains_scores_and_fills_the_docs_page(tmp_path, ray_session, mlflow_uri):
+    readme = tmp_path / "science.md"
     readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\ntail\n")
     out = tmp_path / "sci"
     argv = (
         ["science", "--out", str(out), "--config", str(TINY)]
         + ["--rows", "early_peak", "tsc", "--cases", "4", "--test-cases", "1"]
-        + ["--shape", "16", "32", "32", "--readme", str(readme)]
+        + ["--shape", "16", "32", "32", "--docs", str(readme)]
         + ["--set", "data.patches_per_epoch=2", "--set", "data.fold=0"]
     )
     args = build_parser().parse_args([*argv, "--seeds", "3"])
@@ -70,3 +75,32 @@ def test_paired_difference_is_a_t_interval_over_seeds():
     assert n == 5 and mean == pytest.approx(0.06)
     assert (lo, hi) == pytest.approx((0.06 - half, 0.06 + half))
     assert paired_difference({0: 0.5}, {0: 0.4})[3] == 1
+
+
+def test_make_science_fills_the_docs_page_and_readme_is_its_other_name():
+    """`make science` names a page that holds the markers; `--readme`, the option's first name,
+    still works."""
+    from tsesnet.programs.science import check_page
+
+    recipe = re.search(r"^science:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    page = recipe.split("--docs ", 1)[1].split()[0]
+    assert page == "docs/pages/explanation/science.md"
+    assert "| configuration | DSC |" in check_page(ROOT / page)
+    for spelling in ("--docs", "--readme"):
+        assert build_parser().parse_args(["science", spelling, page]).docs == page
+
+
+@pytest.mark.parametrize("content", [None, "a page without the markers\n"])
+def test_a_page_that_cannot_take_the_table_stops_before_anything_runs(tmp_path, content):
+    page = tmp_path / "science.md"
+    if content is not None:
+        page.write_text(content)
+    out = tmp_path / "sci"
+    cmd = [str(Path(sys.executable).parent / "tsesnet"), "science", "--out", str(out)]
+    cmd += ["--docs", str(page)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --docs {page}:"), lines
+    assert not out.exists()  # nothing made, nothing trained
+    assert page.read_text() == content if content is not None else not page.exists()

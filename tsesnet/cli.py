@@ -373,7 +373,15 @@ def _programs(sub) -> None:
     s.add_argument(
         "--experiment", default="tsesnet-science", metavar="NAME", help="MLflow experiment"
     )
-    s.add_argument("--readme", default=None, metavar="FILE", help="write the table into FILE")
+    s.add_argument(
+        "--docs",
+        "--readme",
+        dest="docs",
+        default=None,
+        metavar="PAGE",
+        help="write the table between the science markers of PAGE "
+        "(make science: docs/pages/explanation/science.md)",
+    )
     s.add_argument(
         "--no-train",
         action="store_true",

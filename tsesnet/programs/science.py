@@ -19,7 +19,8 @@ the other fusions of Table 4 with the same recipe; Table 3's ablations on reques
 Resumable and runnable in parts: every scored (seed, row) is appended to `science.csv` with the
 hash of its training config and skipped when it is there already; `--seeds` and `--rows` pick a
 part, and the table is built from every scored part that matches the current config.
-`--readme README.md` writes the table between the README's science markers.
+`--docs PAGE` (also spelled `--readme`, its first name) writes the table between the science
+markers of a documentation page: `make science` fills `docs/pages/explanation/science.md`.
 """
 
 from __future__ import annotations
@@ -264,21 +265,30 @@ def table(results: list[dict], seeds: list[int], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, block: str) -> None:
-    """Replace the text between the science markers of `readme` (atomically)."""
-    text = readme.read_text()
+def check_page(page: Path) -> str:
+    """The text of `page`, which must hold the science markers (checked before anything trains)."""
+    if not page.is_file():
+        raise SystemExit(f"error: --docs {page}: no such file (the page the table goes into)")
+    text = page.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {readme} has no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
+        raise SystemExit(f"error: --docs {page}: the page has no {BEGIN} ... {END} block to fill")
+    return text
+
+
+def write_into_page(page: Path, block: str) -> None:
+    """Replace the text between the science markers of `page` (atomically)."""
+    head, rest = check_page(page).split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    tmp = readme.with_name(readme.name + ".tmp")
+    tmp = page.with_name(page.name + ".tmp")
     tmp.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-    tmp.replace(readme)
+    tmp.replace(page)
 
 
 def run(args: argparse.Namespace) -> int:
     from tsesnet.training import config as train_config
 
+    if args.docs:
+        check_page(Path(args.docs))  # a wrong page stops here, not after hours of training
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     keys = list(args.rows or DEFAULT_ROWS)
@@ -316,9 +326,9 @@ def run(args: argparse.Namespace) -> int:
     )
     (out / "science.md").write_text(block + "\n")
     print(f"\n{block}\n({time.perf_counter() - started:.0f} s; scored parts reused)", flush=True)
-    if args.readme:
-        write_readme(Path(args.readme), block)
-        print(f"table written into {args.readme}", flush=True)
+    if args.docs:
+        write_into_page(Path(args.docs), block)
+        print(f"table written into {args.docs}", flush=True)
     return 0
 
 
@@ -399,5 +409,5 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def cli(args: argparse.Namespace) -> int:
-    """`tsesnet science [--out DIR] [--seeds S ...] [--rows KEY ...] [--readme FILE]`."""
+    """`tsesnet science [--out DIR] [--seeds S ...] [--rows KEY ...] [--docs PAGE]`."""
     return run(args)
