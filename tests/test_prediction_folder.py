@@ -345,3 +345,47 @@ def test_a_forged_manifest_never_removes_files_outside_out(tmp_path):
     manifest.begin(out, ["a.nii.gz"], {})
     assert victim.read_bytes() == b"keep"
     assert _manifest(out)["writes"] == ["a.nii.gz"]
+
+
+def test_the_rules_on_s3(monkeypatch):
+    """The same on an S3 API (moto's server, in this process): listing, sizes, removal."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from data_store.errors import InputError
+    from tsesnet.serving import manifest
+    from tsesnet.serving.outputs import ObjectPath, write_bytes
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in (
+        ("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
+        ("AWS_ACCESS_KEY_ID", "k"),
+        ("AWS_SECRET_ACCESS_KEY", "s"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        s3fs.S3FileSystem().mkdir("bucket")
+        out = ObjectPath("s3://bucket/pred")
+        planned = ["a.nii.gz", "probabilities/a.nii.gz", "summary.csv"]
+        manifest.begin(out, planned, {"model": None})
+        files = {name: write_bytes(out / name, name.encode()) for name in planned[:2]}
+        with pytest.raises(InputError, match="says complete: false"):
+            manifest.check_prediction_folder(out.url)
+        files["summary.csv"] = write_bytes(out / "summary.csv", b"case_id\n")
+        manifest.finish(out, {"model": None}, files)
+        assert manifest.check_prediction_folder(out.url)["complete"] is True
+        write_bytes(out / "probabilities" / "a.nii.gz", b"another map")
+        with pytest.raises(InputError, match="probabilities/a.nii.gz is not the size"):
+            manifest.check_prediction_folder(out.url)
+        manifest.begin(out, ["b.nii.gz"], {})  # the previous run's files go first
+        assert s3fs.S3FileSystem().find("bucket/pred") == ["bucket/pred/prediction.json"]
+        write_bytes(ObjectPath("s3://bucket/labels") / "x.nii.gz", b"label")
+        with pytest.raises(InputError, match="holds x.nii.gz that tsesnet predict did not"):
+            manifest.check_output_folder(ObjectPath("s3://bucket/labels"), overwrite=True)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

@@ -218,7 +218,7 @@ def check_output_folder(out, overwrite: bool, source_files=()) -> None:
     if not listing:
         return
     record = read_manifest(out)
-    mine = ours(record) | {PREDICTION_FILE}
+    mine = ours(record) | ({PREDICTION_FILE} if record is not None else set())
     foreign = sorted(n for n in listing if n not in mine and not n.split("/")[-1].startswith("."))
     masks = [n for n in foreign if _is_mask_name(n)]
     if masks:

@@ -256,17 +256,7 @@ def _source_files(reader: CaseReader) -> list[str]:
     records per case (as ingest saw them; a store ingested elsewhere names paths not here)."""
     if reader.kind != "store":
         return [str(f) for f in reader.source_files()]
-    index = reader._open()
-    paths = []
-    for case_id in index.case_ids:
-        try:
-            attrs = index.case_attrs(case_id)
-        except InputError:  # a damaged case fails alone later, naming its problem
-            continue
-        for src in attrs.get("sources") or ():
-            if isinstance(src, dict) and isinstance(src.get("path"), str):
-                paths.append(src["path"])
-    return paths
+    return reader._open().source_paths()
 
 
 def _prepare_object_dir(out: ObjectPath, reader: CaseReader) -> ObjectPath:
