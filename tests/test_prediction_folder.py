@@ -9,6 +9,7 @@ plain folder of masks made elsewhere). Everything through the `tsesnet` command,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -228,16 +229,21 @@ def _incomplete(out: Path) -> bool:
         return False
 
 
-def _new_mask(out: Path) -> bool:
-    """Whether a mask newer than the incomplete manifest is there (this run is writing)."""
-    since = (out / "prediction.json").stat().st_mtime_ns
-    return any(p.stat().st_mtime_ns >= since for p in out.glob("*.nii.gz"))
+def _new_mask(out: Path, since_ns: int) -> bool:
+    """Whether a mask written since `since_ns` is there (the second run is writing)."""
+    found = []
+    for p in out.glob("*.nii.gz"):
+        with contextlib.suppress(OSError):  # replaced or removed meanwhile
+            found.append(p.stat().st_mtime_ns >= since_ns)
+    return any(found)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_evaluate_refuses_and_overwrite_completes(env, store, cohort, tmp_path):
     out, labels = tmp_path / "pred", cohort / "labelsTr"
     _predict(env, store, out, check=0)  # a first, complete run
     first = _manifest(out)
+    since = time.time_ns()
     proc = subprocess.Popen(
         [
             TSESNET,
@@ -259,12 +265,12 @@ def test_kill_9_mid_run_then_evaluate_refuses_and_overwrite_completes(env, store
         start_new_session=True,
     )
     try:
-        _wait_for(lambda: _incomplete(out) and _new_mask(out), proc)
+        _wait_for(lambda: _new_mask(out, since), proc)  # mid-run: its first mask is there
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert _incomplete(out)
-    assert _manifest(out)["started_utc"] >= first["started_utc"]
+    assert proc.returncode == -signal.SIGKILL
 
     line = _error_line(_run(env, "evaluate", "--pred", str(out), "--labels", str(labels)))
     assert line == (
@@ -272,6 +278,7 @@ def test_kill_9_mid_run_then_evaluate_refuses_and_overwrite_completes(env, store
         "is still running); rerun predict with --overwrite, or pass --pred-unchecked to score "
         "it as a plain folder of masks"
     )
+    assert _incomplete(out) and _manifest(out)["started_utc"] >= first["started_utc"]
     line = _error_line(_predict(env, cohort, out))
     assert "holds an interrupted prediction" in line and "pass --overwrite" in line
 
@@ -281,6 +288,7 @@ def test_kill_9_mid_run_then_evaluate_refuses_and_overwrite_completes(env, store
     assert json.loads(done.stdout)["summary"]["n_ok"] == 3
 
 
+@pytest.mark.slow
 def test_a_complete_prediction_of_ours_is_replaced_without_overwrite(env, store, cohort, tmp_path):
     out = tmp_path / "pred"
     _predict(env, store, out, "--probabilities", check=0)
