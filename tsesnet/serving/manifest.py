@@ -21,8 +21,8 @@ Which folders `predict` writes into (`check_output_folder`), the rule:
 
 `tsesnet evaluate` scores a prediction folder only when its manifest is complete and every file
 it lists is there with its size (and, for the files directly in OUT: masks, ``summary.csv``,
-``report.html``, its sha256) and no other mask lies beside them (`check_prediction_folder`); ``--pred-unchecked`` scores a plain
-folder of masks made elsewhere.
+``report.html``, its sha256) and no other mask lies beside them (`check_prediction_folder`);
+``--pred-unchecked`` scores a plain folder of masks made elsewhere.
 
 The names in a manifest are read, never trusted: only names of the forms predict writes
 (``CASE.nii.gz``, ``CASE.dcm``, ``probabilities/CASE.nii.gz``, ``report/CASE.png``,
