@@ -49,6 +49,7 @@ __all__ = [
     "NiftiVolume",
     "ReadOptions",
     "read_nifti",
+    "save_nifti",
     "write_nifti",
 ]
 
@@ -508,13 +509,55 @@ def write_nifti(
         data = np.ascontiguousarray(np.moveaxis(data, 0, -1))  # (i, j, k, T)
     if data.dtype == np.bool_:
         data = data.astype(np.uint8)
-    cls = nib.Nifti2Image if geometry.nifti_version == 2 else nib.Nifti1Image
-    img = cls(data, geometry.affine)
-    qform = geometry.affine if geometry.qform is None else geometry.qform
-    img.set_qform(qform, code=geometry.qform_code)
-    img.set_sform(geometry.affine, code=geometry.sform_code)
+    save_nifti(
+        path,
+        data,
+        geometry.affine,
+        qform=geometry.qform,
+        qform_code=geometry.qform_code,
+        sform_code=geometry.sform_code,
+        version=geometry.nifti_version,
+    )
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    qform: np.ndarray | None = None,
+    qform_code: int = 1,
+    sform_code: int = 1,
+    version: int = 1,
+    units: tuple[str, str] | None = None,
+    scaling: bool = True,
+) -> None:
+    """The one NIfTI writer: `data` in file (i, j, k[, t]) order as written, with its header.
+
+    `write_nifti` (a case's canonical volume back on its source grid) and the synthetic cohort
+    (`data_store.synth`) both write through it.
+
+    Args:
+        path: output ``.nii`` or ``.nii.gz`` path (parent folders are created).
+        data: the voxels in file axis order; its dtype is the on-disk dtype.
+        affine: (4, 4) voxel-to-world; the sform.
+        qform: the qform (default: `affine`).
+        qform_code: the qform's code.
+        sform_code: the sform's code.
+        version: 1 (NIfTI-1) or 2 (NIfTI-2).
+        units: ``xyzt_units`` as nibabel names them (``("mm", "sec")``), None: not set.
+        scaling: write ``scl_slope``/``scl_inter`` as 1 and 0 (voxels stored as given);
+            False leaves nibabel's defaults (also unscaled).
+    """
+    cls = nib.Nifti2Image if version == 2 else nib.Nifti1Image
+    img = cls(data, affine)
     img.header.set_data_dtype(data.dtype)
-    img.header.set_slope_inter(1.0, 0.0)
+    if units is not None:
+        img.header.set_xyzt_units(*units)
+    img.set_qform(affine if qform is None else qform, code=qform_code)
+    img.set_sform(affine, code=sform_code)
+    if scaling:
+        img.header.set_slope_inter(1.0, 0.0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
 

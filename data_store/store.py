@@ -733,6 +733,17 @@ class Store:
         val = [c for c in pool if self.fold_of(c) == fold]
         return [c for c in pool if self.fold_of(c) != fold], val
 
+    def source_paths(self) -> list[str]:
+        """Every source file path the cases record (as ingest saw them), from the attributes
+        read at open, without the per-case check: for refusing outputs that would overwrite a
+        source (`tsesnet predict`), never for reading data."""
+        paths = []
+        for attrs in self._attrs.values():
+            for src in attrs.get("sources") or ():
+                if isinstance(src, dict) and isinstance(src.get("path"), str):
+                    paths.append(src["path"])
+        return paths
+
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         """The case group's attributes (as read, and checked against the index, at open), after
         the cheap check (`check_case`): readers use them (percentiles, geometry, bbox)."""

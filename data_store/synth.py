@@ -953,14 +953,11 @@ def synthesize_case(
 
 
 def _save_nifti(path: Path, vol_zyx: np.ndarray, affine: np.ndarray) -> None:
-    import nibabel as nib
+    """A (Z, Y, X) volume as a RAS file (i=X, j=Y, k=Z), through the one NIfTI writer."""
+    from data_store.geometry import save_nifti
 
-    img = nib.Nifti1Image(np.ascontiguousarray(vol_zyx.transpose(2, 1, 0)), affine)
-    img.header.set_data_dtype(vol_zyx.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    data = np.ascontiguousarray(vol_zyx.transpose(2, 1, 0))
+    save_nifti(path, data, affine, units=("mm", "sec"), scaling=False)
 
 
 def _clear_previous(out: Path) -> None:

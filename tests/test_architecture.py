@@ -48,7 +48,7 @@ LAYERS = {
     "tsesnet.common": 2,
     "tsesnet.compat": 2,  # private third-party names; builds on data_store.compat
     "data_store": 1,
-    # the pure-PyTorch core: tsesnet.model, losses, metrics, inference, postprocess
+    # the pure-PyTorch core: tsesnet.model, losses, metrics, inference, postprocess, segment
     "tsesnet": 0,
 }
 # Same layer, but never each other: training does not serve and serving does not train.
@@ -59,6 +59,7 @@ CORE = (
     "tsesnet.metrics",
     "tsesnet.inference",
     "tsesnet.postprocess",
+    "tsesnet.segment",
 )
 # The third-party packages the core may import (besides the standard library).
 CORE_THIRD_PARTY = ("torch", "numpy", "scipy")

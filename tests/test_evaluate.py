@@ -62,7 +62,12 @@ def test_metrics_per_case_and_missing_extra(dirs):
 
 def test_cli_json_and_exit_status(dirs, capsys):
     pred, labels = dirs
-    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--json"]) == 1
+    assert (
+        main(
+            ["evaluate", "--pred", str(pred), "--labels", str(labels), "--pred-unchecked", "--json"]
+        )
+        == 1
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["missing"] == ["c"] and out["extra"] == ["d"]
     assert out["summary"]["n_ok"] == 2 and out["summary"]["dice"]["n"] == 2
@@ -72,7 +77,7 @@ def test_cli_json_and_exit_status(dirs, capsys):
 def test_cli_table_all_present_exits_zero(dirs, capsys):
     pred, labels = dirs
     (labels / "c.nii.gz").unlink()
-    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels)]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--pred-unchecked"]) == 0
     text = capsys.readouterr().out
     assert "DSC" in text and "HD95 (mm)" in text and "predictions without a label (1): d" in text
 
@@ -87,7 +92,7 @@ def test_empty_prediction_hd95_is_the_diagonal_and_counted(dirs, capsys):
     assert c.hd95_mm == pytest.approx(diagonal)
     s = report.summary["hd95_mm"]
     assert s["n"] == 3 and s["n_one_empty"] == 1 and s["n_infinite"] == 0
-    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels)]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--labels", str(labels), "--pred-unchecked"]) == 0
     assert "1 with an empty prediction or label" in capsys.readouterr().out
 
 
@@ -117,7 +122,16 @@ def test_no_match_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no prediction matches"):
         evaluate_dirs(tmp_path / "pred", tmp_path / "labels")
     assert (
-        main(["evaluate", "--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "nope")])
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "nope"),
+                "--pred-unchecked",
+            ]
+        )
         == 2
     )
 
@@ -135,7 +149,9 @@ def test_summary_ignores_failed_rows_and_uses_sample_sd():
 
 
 def _cli(pred, labels, capsys, *extra) -> tuple[int, str, list[str]]:
-    status = main(["evaluate", "--pred", str(pred), "--labels", str(labels), *extra])
+    status = main(
+        ["evaluate", "--pred", str(pred), "--labels", str(labels), "--pred-unchecked", *extra]
+    )
     captured = capsys.readouterr()
     return status, captured.out, [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
 

@@ -328,10 +328,24 @@ def _serving_commands(sub) -> None:
         metavar="F",
         help="keep components of at least F x the largest (0: all); default: the model's",
     )
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files or an interrupted prediction "
+        "(never one holding masks or labels predict did not write)",
+    )
 
     s = sub.add_parser("evaluate", help="DSC, HD95 and sensitivity of predicted masks")
-    s.add_argument("--pred", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
+    s.add_argument(
+        "--pred", required=True, metavar="DIR", help="a tsesnet predict folder (CASE.nii.gz)"
+    )
     s.add_argument("--labels", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
+    s.add_argument(
+        "--pred-unchecked",
+        action="store_true",
+        help="score --pred's masks as found, even where its prediction.json (written by tsesnet "
+        "predict) says the run is incomplete or its files changed",
+    )
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -160,13 +160,9 @@ def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float
         {"dice", "hd95", "sensitivity", "dice_filtered", "hd95_filtered"}: means over the test
         cases (non-finite HD95 left out, as in validation).
     """
-    import torch
-
     from data_store.normalize import normalize_intensity
     from data_store.store import open_store
-    from tsesnet.inference import sliding_window_inference
-    from tsesnet.metrics import dice, hd95, sensitivity
-    from tsesnet.postprocess import keep_components
+    from tsesnet.segment import score, segment
     from tsesnet.training import checkpoint
 
     net = cfg.model.build(patch=tuple(cfg.data.patch))
@@ -176,19 +172,17 @@ def score(result, cfg, test_store: Path, test_ids: list[str]) -> dict[str, float
     per_case = {m: [] for m in METRICS}
     for cid in test_ids:
         case = st.read_case(cid)
-        vol = torch.from_numpy(normalize_intensity(case.image, *case.percentiles))  # (T, Z, Y, X)
-        with torch.no_grad():
-            logits = sliding_window_inference(
-                net, vol, patch=tuple(cfg.data.patch), overlap=cfg.data.val_overlap
-            )  # (1, 1, Z, Y, X)
-        pred, gt = (logits[0, 0] > 0).numpy(), case.mask.astype(bool)
-        kept = keep_components(pred, result.min_component_fraction)
+        vol = normalize_intensity(case.image, *case.percentiles)  # (T, Z, Y, X)
+        seg = segment(net, vol, patch=cfg.data.patch, overlap=cfg.data.val_overlap)
+        gt = case.mask.astype(bool)
+        raw = score(seg.mask(), gt, case.spacing)
+        kept = score(seg.mask(None, result.min_component_fraction), gt, case.spacing)
         for key, value in (
-            ("dice", dice(pred, gt)),
-            ("hd95", hd95(pred, gt, case.spacing)),
-            ("sensitivity", sensitivity(pred, gt)),
-            ("dice_filtered", dice(kept, gt)),
-            ("hd95_filtered", hd95(kept, gt, case.spacing)),
+            ("dice", raw.dice),
+            ("hd95", raw.hd95_mm),
+            ("sensitivity", raw.sensitivity),
+            ("dice_filtered", kept.dice),
+            ("hd95_filtered", kept.hd95_mm),
         ):
             per_case[key].append(float(value))
     return {k: _finite_mean(v) for k, v in per_case.items()}

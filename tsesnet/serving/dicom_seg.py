@@ -154,8 +154,9 @@ def write_seg(
     *,
     model_uri: str,
     source_paths: list[str] = (),
-) -> None:
-    """Writes a (Z, Y, X) binary prediction as a DICOM SEG on the source grid (atomically).
+):
+    """Writes a (Z, Y, X) binary prediction as a DICOM SEG on the source grid (atomically);
+    returns the file's `tsesnet.serving.outputs.Written` (size, sha256).
 
     Args:
         path: where (from `seg_path`).
@@ -208,7 +209,7 @@ def write_seg(
         omit_empty_frames=False,  # an empty prediction is still a SEG the viewer can show
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: seg.save_as(tmp))
+    return atomic_write(path, lambda tmp: seg.save_as(tmp))
 
 
 def _sources(refs: dict[str, Any], source_paths: list[str], multi_frame: bool) -> tuple:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
+from data_store.geometry import ReadOptions, read_nifti
 
 METRICS = ("dice", "hd95_mm", "sensitivity")
 # Affines are stored as float32 in NIfTI headers: compare grids to a tolerance well under a voxel.
@@ -89,23 +90,11 @@ def case_metrics(case_id: str, pred: np.ndarray, gt: np.ndarray, spacing) -> Cas
         spacing: voxel size in mm, same axis order as the arrays.
 
     Returns:
-        The case's metrics (empty-mask rules of `tsesnet.metrics`).
+        The case's metrics (`tsesnet.segment.score`: empty-mask rules of `tsesnet.metrics`).
     """
-    from tsesnet import metrics
+    from tsesnet.segment import score
 
-    pred = np.asarray(pred) > 0
-    gt = np.asarray(gt) > 0
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
-    n_gt = int(gt.sum())
-    return CaseMetrics(
-        case_id=case_id,
-        dice=float(metrics.dice(pred, gt)),
-        hd95_mm=float(metrics.hd95(pred, gt, tuple(float(s) for s in spacing))),
-        sensitivity=float(metrics.sensitivity(pred, gt)),
-        pred_voxels=int(pred.sum()),
-        gt_voxels=n_gt,
-    )
+    return CaseMetrics(case_id=case_id, **asdict(score(pred, gt, spacing)))
 
 
 def _stats(values: list[float]) -> dict:
@@ -211,15 +200,21 @@ def _binary(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     raise _CaseError(path, f"{what} is not a binary mask: values {shown}{hint}")
 
 
-def _load(path: Path):
-    """A NIfTI image and its voxels (trailing length-1 axes beyond the third dropped)."""
-    import nibabel as nib
+# Masks from other tools may lack a spacing (no sform, a zero pixdim): scored, as nibabel reads
+# them, with 1 mm voxels rather than refused as ingest refuses such scans.
+_MASK_READ = ReadOptions(assume_spacing=(1.0, 1.0, 1.0))
 
+
+def _load(path: Path):
+    """A NIfTI image and its voxels (trailing length-1 axes beyond the third dropped), read by
+    the one NIfTI reader (`data_store.geometry.read_nifti`)."""
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        volume = read_nifti(path, options=_MASK_READ)
+    except InputError as err:
+        raise _CaseError(path, f"unreadable ({err.problem})") from err
     except Exception as err:
         raise _CaseError(path, f"unreadable ({type(err).__name__}: {err})") from err
+    img, data = volume.image, volume.data
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -326,7 +321,12 @@ def format_table(cases: list[CaseMetrics]) -> str:
 
 
 def cli(args: argparse.Namespace) -> int:
-    """`tsesnet evaluate --pred DIR --labels DIR [--json]`.
+    """`tsesnet evaluate --pred DIR --labels DIR [--json] [--pred-unchecked]`.
+
+    A `--pred` folder written by `tsesnet predict` must be one whole run (`tsesnet.serving.
+    manifest.check_prediction_folder`: complete, every listed file unchanged, no other mask beside
+    them) unless `--pred-unchecked`; a folder without `prediction.json` (masks made elsewhere) is
+    scored as found, with a line saying so.
 
     Returns:
         0 when every label has a prediction and every case was evaluated; 1 when predictions are
@@ -335,7 +335,14 @@ def cli(args: argparse.Namespace) -> int:
     if str(args.pred).rstrip("/") == str(args.labels).rstrip("/"):
         raise InputError("--pred and --labels are the same folder", path=str(args.pred))
     from tsesnet.serving.lineage import model_line, read_prediction_record
+    from tsesnet.serving.manifest import check_prediction_folder
 
+    if not args.pred_unchecked and check_prediction_folder(args.pred) is None:
+        print(
+            f"{args.pred}: no prediction.json (not written by tsesnet predict): its masks are "
+            "scored as found",
+            file=sys.stderr,
+        )
     with local_copies(args.pred) as pred, local_copies(args.labels) as labels:
         report = evaluate_dirs(pred, labels)
     # The model that made the masks, where `tsesnet predict` recorded it beside them.

@@ -18,7 +18,10 @@ followed) and refused unless it lies inside OUT, before anything is written or r
 written under a fresh temporary name in their folder and renamed into place, so a crash never
 leaves half a file and a link planted at the final name is replaced, never written through.
 `prepare_output_dir` refuses, before any work starts, an output that is a file, lies inside the
-input store, or holds input scans or masks (they would be overwritten).
+input store, holds input scans or masks (they would be overwritten), or holds files prediction did
+not write (`tsesnet.serving.manifest`: the rule, and the manifest that says a run is complete).
+Every writer here returns the file's size and sha256 (`Written`), computed on the bytes written,
+for that manifest.
 
 OUT may be an object-store URL (``s3://bucket/prefix``, any fsspec filesystem): the same names
 below it (`ObjectPath`), each file uploaded in one PUT after it was written whole on local disk,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import os
 import uuid
@@ -64,6 +68,27 @@ SUMMARY_COLUMNS = (
     "curve_type",
     "enhancement_pct",
 )
+
+
+@dataclass(frozen=True)
+class Written:
+    """A file as written: its size in bytes and the sha256 of its bytes."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> Written:
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def of_file(cls, path) -> Written:
+        digest, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+                size += len(chunk)
+        return cls(size, digest.hexdigest())
 
 
 @dataclass(frozen=True)
@@ -178,39 +203,60 @@ def report_image_path(out_dir, case_id: str):
     return path
 
 
-def prepare_output_dir(output: str | os.PathLike, reader: CaseReader, probabilities: bool) -> Path:
+def prepare_output_dir(
+    output: str | os.PathLike, reader: CaseReader, probabilities: bool, overwrite: bool = False
+) -> Path:
     """Creates OUT (and `probabilities/`) after refusing outputs that would lose data.
+
+    Args:
+        output: `--output`.
+        reader: the input.
+        probabilities: `--probabilities` given.
+        overwrite: `--overwrite` given (`tsesnet.serving.manifest.check_output_folder`).
 
     Returns:
         OUT, resolved.
 
     Raises:
         InputError: OUT is a file or cannot be created, lies inside the input store, holds input
-            files, or its `summary.csv`/`probabilities` is not what prediction writes there.
+            files, its `summary.csv`/`probabilities` is not what prediction writes there, or it
+            holds files prediction did not write (`check_output_folder`).
     """
+    from tsesnet.serving.manifest import check_output_folder
+
     if is_url(output):
-        return _prepare_object_dir(ObjectPath(str(output).rstrip("/")), reader)
+        out = _prepare_object_dir(ObjectPath(str(output).rstrip("/")), reader)
+        check_output_folder(out, overwrite)
+        return out
     given = Path(output)
     if given.exists() and not given.is_dir():
         raise InputError("--output must be a folder, but this is a file", path=str(output))
     out = given.resolve()
     _refuse_input_overlap(out, reader)
-    _mkdir(out, output)
-    summary = out / SUMMARY_FILE
-    if summary.is_dir():
+    if (out / SUMMARY_FILE).is_dir():
         raise InputError(f"{SUMMARY_FILE} here is a folder; choose another --output", path=str(out))
+    folder = out / PROBABILITIES_DIR
+    if probabilities and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+        raise InputError(
+            f"{PROBABILITIES_DIR} here is not a folder of its own (a file or a link); "
+            "choose another --output",
+            path=str(out),
+        )
+    check_output_folder(out, overwrite, _source_files(reader))
+    _mkdir(out, output)
     if probabilities:
-        folder = out / PROBABILITIES_DIR
-        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise InputError(
-                f"{PROBABILITIES_DIR} here is not a folder of its own (a file or a link); "
-                "choose another --output",
-                path=str(out),
-            )
         _mkdir(folder, folder)
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError("the output folder is not writable", path=str(out))
     return out
+
+
+def _source_files(reader: CaseReader) -> list[str]:
+    """The files the input's cases were read from: a raw cohort's, or the source paths a store
+    records per case (as ingest saw them; a store ingested elsewhere names paths not here)."""
+    if reader.kind != "store":
+        return [str(f) for f in reader.source_files()]
+    return reader._open().source_paths()
 
 
 def _prepare_object_dir(out: ObjectPath, reader: CaseReader) -> ObjectPath:
@@ -276,34 +322,38 @@ def _refuse_input_overlap(out: Path, reader: CaseReader) -> None:
         )
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> Written:
     """Calls `write(tmp)` on a new file beside `path`, then renames it to `path`.
 
     The temporary file is created exclusively (never an existing file or link) with the usual
     permissions (0666 minus the umask); it is removed if `write` fails.
+
+    Returns:
+        The file's size and sha256, read back before the rename.
     """
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
+        written = Written.of_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return written
 
 
-def write_mask(path: Path, vol_zyx, geometry, dtype) -> None:
+def write_mask(path: Path, vol_zyx, geometry, dtype) -> Written:
     """A (Z, Y, X) volume as NIfTI on `geometry`'s original grid, atomically (its folder is
     created if missing: `path` comes from `output_paths`, checked to lie inside OUT)."""
     from data_store.geometry import write_nifti
 
     if isinstance(path, ObjectPath):
-        upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
-        return
+        return upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype))
+    return atomic_write(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype))
 
 
-def upload(path: ObjectPath, write, suffix: str) -> None:
+def upload(path: ObjectPath, write, suffix: str) -> Written:
     """Calls `write(tmp)` on a local temporary file, then uploads it to `path` in one PUT."""
     import tempfile
 
@@ -311,18 +361,20 @@ def upload(path: ObjectPath, write, suffix: str) -> None:
     with tempfile.TemporaryDirectory(prefix="tsesnet-out-") as folder:
         tmp = Path(folder) / f"out{suffix}"
         write(tmp)
+        written = Written.of_file(tmp)
         fs.put_file(str(tmp), key)
+    return written
 
 
-def write_bytes(path, data: bytes) -> None:
+def write_bytes(path, data: bytes) -> Written:
     """`data` as the file `path` (a `Path` inside OUT or an `ObjectPath`), whole or not at all;
     a local file's folder is created if missing."""
     if isinstance(path, ObjectPath):
         fs, key = path.fs
         fs.pipe_file(key, data)
-        return
+        return Written.of_bytes(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def remove_stale(*paths: Path) -> None:
@@ -337,11 +389,11 @@ def remove_stale(*paths: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def write_summary_csv(path: Path, rows: list[dict]) -> None:
+def write_summary_csv(path: Path, rows: list[dict]) -> Written:
     """One row per case, `SUMMARY_COLUMNS`; empty cells where a metric does not apply."""
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r[k] for k in SUMMARY_COLUMNS})
-    write_bytes(path, buf.getvalue().encode())
+    return write_bytes(path, buf.getvalue().encode())

@@ -25,9 +25,11 @@ The pipeline, read top to bottom:
    finishes (so the progress bar and the error lines stay per case).
 5. `predict` resolves the model to the registered version it names now
    (`tsesnet.serving.lineage`) and announces it, builds the dataset, streams results with a
-   progress bar, writes `summary.csv` (with the model version) and `prediction.json` (model,
-   input, settings, cases, software, time) and `report.html` (every case's numbers and picture)
-   and returns a `PredictReport`; `cli` prints mean ± sd and exits 1 if any case failed.
+   progress bar, writes `summary.csv` (with the model version), `report.html` (every case's
+   numbers and picture) and, last, `prediction.json` (model, input, settings, cases, software,
+   time, and every file written with its size and sha256: the manifest of
+   `tsesnet.serving.manifest`, written first marked incomplete) and returns a `PredictReport`;
+   `cli` prints mean ± sd and exits 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
+from tsesnet.serving import manifest
 from tsesnet.serving.inputs import CaseReader, InputCase
-from tsesnet.serving.lineage import PREDICTION_FILE, ModelInfo, resolve_model, software_versions
+from tsesnet.serving.lineage import ModelInfo, resolve_model, software_versions
 from tsesnet.serving.outputs import (
     REPORT_DIR,
     REPORT_FILE,
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
+    Written,
     check_safe_id,
     output_paths,
     prepare_output_dir,
@@ -81,8 +85,9 @@ __all__ = [
 ]
 
 # What an actor returns per case: the summary columns, a note about the model (shown once) and
-# why the case's picture could not be drawn ("" when it was, or when the case failed).
-ROW_COLUMNS = (*SUMMARY_COLUMNS, "note", "picture_error")
+# why the case's picture could not be drawn ("" when it was, or when the case failed), and the
+# files written for it (JSON: name relative to OUT -> [size, sha256]) for the manifest.
+ROW_COLUMNS = (*SUMMARY_COLUMNS, "note", "picture_error", "files")
 # Cases per Ray Data call: within a call the next case's read overlaps the current inference;
 # between calls the pool rebalances. Each actor gets at least two calls, at most this many cases.
 MAX_CASES_PER_CALL = 8
@@ -115,6 +120,8 @@ class PredictConfig:
         output_format: "nifti" (`CASE.nii.gz`) or "dicom-seg" (`CASE.dcm`, a DICOM SEG on the
             source DICOM grid: `tsesnet.serving.dicom_seg`; cases ingested from DICOM only).
         report: draw `report/CASE.png` per case and write `report.html`.
+        overwrite: write into a folder holding other files, or an interrupted prediction
+            (`tsesnet.serving.manifest.check_output_folder`).
     """
 
     workers: int | None = None
@@ -130,6 +137,7 @@ class PredictConfig:
     prefetch: int = 1
     output_format: str = "nifti"
     report: bool = True
+    overwrite: bool = False
 
 
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
@@ -186,6 +194,7 @@ def _nan_row(case_id: str) -> dict:
         "enhancement_pct": "",
         "note": "",
         "picture_error": "",
+        "files": "{}",
     }
 
 
@@ -223,16 +232,18 @@ def finish_case(
         mask_path, prob_path = output_paths(out_dir, case_id)
     except Exception as err:  # an unsafe ID or path: nothing may be written or removed
         return _failed(row, err, start)
+    files = {}
     try:
         if isinstance(prepared, Exception):
             raise prepared
         pred, prob = _segment(loaded, prepared.volume, config, device)
         if config.output_format == "dicom-seg":
-            _write_seg(mask_path, pred, prepared.case, loaded)
+            seg = _seg_path(mask_path)
+            files[seg] = _write_seg(seg, pred, prepared.case, loaded)
         else:
-            write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
+            files[mask_path] = write_mask(mask_path, pred, prepared.case.geometry, np.uint8)
         if config.probabilities:
-            write_mask(prob_path, prob, prepared.case.geometry, np.float32)
+            files[prob_path] = write_mask(prob_path, prob, prepared.case.geometry, np.float32)
         row.update(_scores(case_id, pred, prepared.case))
         row["warnings"] = "; ".join(_unlike(record, prepared.case))
     except Exception as err:  # isolate the case; its error goes to the summary
@@ -245,20 +256,31 @@ def finish_case(
                 remove_stale(_seg_path(mask_path))
         return _failed(row, err, start, prepared)
     if config.report:
-        row.update(_picture(out_dir, case_id, pred, prepared.case))
+        row.update(_picture(out_dir, case_id, pred, prepared.case, files))
+    row["files"] = _files_json(out_dir, files)
     row["seconds"] = prepared.seconds + time.perf_counter() - start
     return row
 
 
-def _picture(out_dir, case_id: str, pred: np.ndarray, case: InputCase) -> dict:
-    """The case's numbers and `report/CASE.png`; a failure here loses neither the mask nor the
-    case, and is said in `picture_error`."""
+def _files_json(out_dir, files: dict) -> str:
+    """`{name relative to OUT: [size, sha256]}` as JSON (one string column for Ray Data)."""
+    from tsesnet.serving.manifest import relative_name
+
+    return json.dumps(
+        {relative_name(out_dir, p): [w.size, w.sha256] for p, w in files.items()}, sort_keys=True
+    )
+
+
+def _picture(out_dir, case_id: str, pred: np.ndarray, case: InputCase, files: dict) -> dict:
+    """The case's numbers and `report/CASE.png` (added to `files`); a failure here loses
+    neither the mask nor the case, and is said in `picture_error`."""
     from tsesnet.serving import report
 
     try:
         numbers = report.lesion_numbers(case.image, pred, case.geometry.spacing)
         png = report.overlay_png(case.image, pred, case.geometry.spacing, numbers, case_id)
-        write_bytes(report_image_path(out_dir, case_id), png)
+        path = report_image_path(out_dir, case_id)
+        files[path] = write_bytes(path, png)
     except Exception as err:
         text = _input_error_text(err) if isinstance(err, InputError) else _one_line(err)
         return {"picture_error": text}
@@ -276,13 +298,14 @@ def _seg_path(mask_path: Path) -> Path:
     return seg_path(mask_path)
 
 
-def _write_seg(mask_path: Path, pred: np.ndarray, case: InputCase, loaded) -> None:
-    """The prediction as `OUT/CASE.dcm`, a DICOM SEG referencing the case's source images."""
+def _write_seg(path: Path, pred: np.ndarray, case: InputCase, loaded):
+    """The prediction as `path` (`OUT/CASE.dcm`), a DICOM SEG referencing the case's source
+    images, written whole or not at all; returns its `Written`."""
     from tsesnet.serving.dicom_seg import write_seg
     from tsesnet.serving.outputs import ObjectPath, upload
 
-    def write(path) -> None:
-        write_seg(
+    def write(path):
+        return write_seg(
             path,
             pred,
             case.geometry,
@@ -291,34 +314,27 @@ def _write_seg(mask_path: Path, pred: np.ndarray, case: InputCase, loaded) -> No
             source_paths=case.source_paths,
         )
 
-    path = _seg_path(mask_path)
     if isinstance(path, ObjectPath):  # written whole on local disk, then one PUT
-        upload(path, write, ".dcm")
-    else:
-        write(path)
+        return upload(path, write, ".dcm")
+    return write(path)
 
 
 def _segment(loaded, volume: np.ndarray, config: PredictConfig, device):
     """(mask (Z, Y, X) uint8 after the component filter, probability (Z, Y, X) float32)."""
-    import torch
+    from tsesnet.segment import segment
 
-    from tsesnet.inference import sliding_window_inference
-    from tsesnet.postprocess import keep_components
-
-    with torch.inference_mode():
-        logits = sliding_window_inference(
-            loaded.model,
-            torch.from_numpy(volume),
-            patch=tuple(loaded.patch),
-            overlap=config.overlap,
-            batch_size=config.batch_size,
-            device=device,
-        )  # (1, 1, Z, Y, X)
-        prob = torch.sigmoid(logits[0, 0]).numpy()  # (Z, Y, X) float32
+    seg = segment(
+        loaded.model,
+        volume,
+        patch=loaded.patch,
+        overlap=config.overlap,
+        batch_size=config.batch_size,
+        device=device,
+    )
     fraction = config.min_component_fraction
     if fraction is None:
         fraction = float(loaded.config.get("min_component_fraction", 0.0))
-    return keep_components(prob > config.threshold, fraction).astype(np.uint8), prob
+    return seg.mask(config.threshold, fraction).astype(np.uint8), seg.probability()
 
 
 def _scores(case_id: str, pred: np.ndarray, case: InputCase) -> dict:
@@ -604,12 +620,19 @@ def predict(
     if config.output_format == "dicom-seg":
         _check_dicom_source(reader, case_ids, input_path)
     model = check_model_uri(model_uri)
-    out_dir = prepare_output_dir(output, reader, config.probabilities)
+    out_dir = prepare_output_dir(output, reader, config.probabilities, config.overwrite)
     for line in model.lines() if announce else ():
         announce(line)
     started = datetime.now(UTC)
     ray = connect()
     workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
+    planned = manifest.planned_names(
+        case_ids,
+        output_format=config.output_format,
+        probabilities=config.probabilities,
+        report=config.report,
+    )
+    manifest.begin(out_dir, planned, _started_record(model, input_path, out_dir, config, started))
     predictor = {
         "model_uri": model_uri,
         "reader": reader,
@@ -626,19 +649,32 @@ def predict(
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
         raise InputError(rows[0]["error"])  # no actor could load the model: one clear error
+    files = {}
     for r in rows:
         r["model_version"] = model.version
+        files.update({k: Written(*v) for k, v in json.loads(r.pop("files") or "{}").items()})
     csv_path = out_dir / SUMMARY_FILE  # a Path, or an ObjectPath on object storage
-    write_summary_csv(csv_path, rows)
+    files[SUMMARY_FILE] = write_summary_csv(csv_path, rows)
     summary = summarize(rows)
     report = PredictReport(rows, summary, csv_path, seconds, notes, model)
-    record = prediction_record(report, input_path, out_dir, config, started)
-    text = json.dumps(_finite(record), indent=1, allow_nan=False)
-    write_bytes(out_dir / PREDICTION_FILE, (text + "\n").encode())
+    record = _finite(prediction_record(report, input_path, out_dir, config, started))
     if config.report:
         report.html_path = out_dir / REPORT_FILE
-        write_bytes(report.html_path, _report_html(report, record))
+        files[REPORT_FILE] = write_bytes(report.html_path, _report_html(report, record))
+    manifest.finish(out_dir, record, files)  # last: the folder is complete from here on
     return report
+
+
+def _started_record(model, input_path: str, out_dir, config: PredictConfig, started) -> dict:
+    """What the manifest says while the run goes on (`tsesnet.serving.manifest.begin`)."""
+    return {
+        "format": manifest.MANIFEST_FORMAT,
+        "model": model.to_json() if model else None,
+        "input": str(input_path),
+        "output": str(out_dir),
+        "settings": asdict(config),
+        "started_utc": started.isoformat(timespec="seconds"),
+    }
 
 
 def _report_html(report: PredictReport, record: dict) -> bytes:
@@ -664,6 +700,7 @@ def prediction_record(
 ) -> dict:
     """What `OUT/prediction.json` says: which model made these masks, from what, how, when."""
     return {
+        "format": manifest.MANIFEST_FORMAT,
         "model": report.model.to_json() if report.model else None,
         "input": str(input_path),
         "output": str(out_dir),
@@ -786,7 +823,7 @@ def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
         # row per case, the last (the files are the same: each is written whole, then renamed).
         if r["case_id"] not in rows:
             bar.update(1)
-        rows[r["case_id"]] = {k: _clean(r[k]) for k in (*SUMMARY_COLUMNS, "picture_error")}
+        rows[r["case_id"]] = {k: _clean(r[k]) for k in (*SUMMARY_COLUMNS, "picture_error", "files")}
         if r["picture_error"]:
             bar.write(
                 f"warning: case {r['case_id']}: no picture: {r['picture_error']}", file=sys.stderr
@@ -818,6 +855,7 @@ def cli(args: argparse.Namespace) -> int:
         min_component_fraction=args.min_component_fraction,
         output_format=getattr(args, "output_format", "nifti"),
         report=not getattr(args, "no_report", False),
+        overwrite=getattr(args, "overwrite", False),
     )
     report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)

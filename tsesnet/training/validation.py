@@ -2,10 +2,10 @@
 
 Shape legend: T phases, Z Y X voxels.
 
-Each case is normalised like the store serves it, predicted whole by sliding window (the
-training patch as the window; the next case is read and normalised in a background thread
-meanwhile, `data_store.prefetch`) and scored: DSC, HD95 in mm at the case's spacing,
-sensitivity, and the DSC after each connected-component filter (`tsesnet.postprocess`).
+Each case is normalised like the store serves it, segmented and scored by `tsesnet.segment`
+(the training patch as the window; the next case is read and normalised in a background thread
+meanwhile, `data_store.prefetch`): DSC, HD95 in mm at the case's spacing, sensitivity, and the
+DSC after each connected-component filter (`tsesnet.postprocess`).
 """
 
 from __future__ import annotations
@@ -56,46 +56,45 @@ def validate(module, store, case_ids, cfg, device, montage_of: str | None = None
             if isinstance(loaded, BaseException):
                 raise loaded  # a damaged case: one line naming it (`Store.check_case`)
             case, vol = loaded
-            logits = _predict(module, vol, cfg, device)  # (Z, Y, X)
-            pred, gt = (logits > 0).numpy(), case.mask.astype(bool)
+            seg = _predict(module, vol, cfg, device)
+            logits, pred, gt = seg.logits, seg.mask(), case.mask.astype(bool)  # (Z, Y, X)
             rows.append(_metrics(cid, logits, pred, gt, case.spacing))
             if cid == montage_of:
                 montage = Montage(vol, gt, pred, cid)
     return rows, montage
 
 
-def _predict(module, vol: np.ndarray, cfg, device) -> torch.Tensor:
-    """Sliding-window logits (Z, Y, X) of one normalised (T, Z, Y, X) volume."""
-    from tsesnet.inference import sliding_window_inference
+def _predict(module, vol: np.ndarray, cfg, device):
+    """The `tsesnet.segment.Segmentation` of one normalised (T, Z, Y, X) volume."""
+    from tsesnet.segment import segment
 
     use_bf16 = device.type == "cuda" and cfg.optim.bf16
-    with torch.no_grad():
-        logits = sliding_window_inference(
-            module,
-            torch.from_numpy(np.ascontiguousarray(vol)),
-            patch=tuple(cfg.data.patch),
-            overlap=cfg.data.val_overlap,
-            batch_size=cfg.data.val_batch_size,
-            device=device,
-            amp_dtype=torch.bfloat16 if use_bf16 else None,
-        )  # (1, 1, Z, Y, X)
-    return logits[0, 0]
+    return segment(
+        module,
+        vol,
+        patch=cfg.data.patch,
+        overlap=cfg.data.val_overlap,
+        batch_size=cfg.data.val_batch_size,
+        device=device,
+        amp_dtype=torch.bfloat16 if use_bf16 else None,
+    )
 
 
 def _metrics(cid: str, logits: torch.Tensor, pred: np.ndarray, gt: np.ndarray, spacing) -> dict:
     from tsesnet.losses import dice_loss
-    from tsesnet.metrics import dice, hd95, sensitivity
     from tsesnet.postprocess import component_dices
+    from tsesnet.segment import score
 
+    scores = score(pred, gt, spacing)
     return {
         "case": cid,
         # 1 - soft Dice loss of the whole volume: moves with the probabilities from the first
         # epoch, while the thresholded Dice sits at 0 until the first tumour is found (what a
         # sweep's scheduler can rank trials on early)
         "soft_dice": 1.0 - float(dice_loss(logits, torch.from_numpy(gt).float())),
-        "dice": float(dice(pred, gt)),
-        "hd95": float(hd95(pred, gt, spacing)),
-        "sensitivity": float(sensitivity(pred, gt)),
+        "dice": scores.dice,
+        "hd95": scores.hd95_mm,
+        "sensitivity": scores.sensitivity,
         "dice_by_fraction": component_dices(pred, gt),
     }
 
