@@ -4,7 +4,8 @@
 `labelsTr/`, another cohort's masks, a non-empty folder without `--overwrite`), and a run is
 complete or visibly not: `prediction.json` is written first marked incomplete and last as the
 manifest of every file, which `tsesnet evaluate` checks (`--pred-unchecked` skips that; a
-folder without one, masks made elsewhere, is scored with a notice). Everything through the `tsesnet` command, as typed.
+folder without one, masks made elsewhere, is scored with a notice). Everything through the
+`tsesnet` command, as typed.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_store.errors import InputError
 from tsesnet.serving.lineage import PREDICTION_FILE
@@ -50,6 +52,9 @@ from tsesnet.serving.outputs import (
     is_url,
     write_bytes,
 )
+
+if TYPE_CHECKING:
+    from tsesnet.serving.inputs import CaseReader
 
 MANIFEST_FORMAT = "tsesnet-prediction"
 _MASK_SUFFIXES = (".nii.gz", ".nii", ".dcm")
@@ -381,3 +386,120 @@ def file_sha256(out, name: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def prepare_output_dir(
+    output: str | os.PathLike, reader: CaseReader, probabilities: bool, overwrite: bool = False
+) -> Path:
+    """Creates OUT (and `probabilities/`) after refusing outputs that would lose data.
+
+    Args:
+        output: `--output`.
+        reader: the input.
+        probabilities: `--probabilities` given.
+        overwrite: `--overwrite` given (`tsesnet.serving.manifest.check_output_folder`).
+
+    Returns:
+        OUT, resolved.
+
+    Raises:
+        InputError: OUT is a file or cannot be created, lies inside the input store, holds input
+            files, its `summary.csv`/`probabilities` is not what prediction writes there, or it
+            holds files prediction did not write (`check_output_folder`).
+    """
+    if is_url(output):
+        out = _prepare_object_dir(ObjectPath(str(output).rstrip("/")), reader)
+        check_output_folder(out, overwrite)
+        return out
+    given = Path(output)
+    if given.exists() and not given.is_dir():
+        raise InputError("--output must be a folder, but this is a file", path=str(output))
+    out = given.resolve()
+    _refuse_input_overlap(out, reader)
+    if (out / SUMMARY_FILE).is_dir():
+        raise InputError(f"{SUMMARY_FILE} here is a folder; choose another --output", path=str(out))
+    folder = out / PROBABILITIES_DIR
+    if probabilities and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+        raise InputError(
+            f"{PROBABILITIES_DIR} here is not a folder of its own (a file or a link); "
+            "choose another --output",
+            path=str(out),
+        )
+    check_output_folder(out, overwrite, _source_files(reader))
+    _mkdir(out, output)
+    if probabilities:
+        _mkdir(folder, folder)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError("the output folder is not writable", path=str(out))
+    return out
+
+
+def _source_files(reader: CaseReader) -> list[str]:
+    """The files the input's cases were read from: a raw cohort's, or the source paths a store
+    records per case (as ingest saw them; a store ingested elsewhere names paths not here)."""
+    if reader.kind != "store":
+        return [str(f) for f in reader.source_files()]
+    return reader._open().source_paths()
+
+
+def _prepare_object_dir(out: ObjectPath, reader: CaseReader) -> ObjectPath:
+    """Checks an object-store output before any work: its filesystem installed, not inside the
+    input store, not an object of its own, and writable (a probe object is written and removed).
+
+    Raises:
+        InputError: one line saying which of these failed.
+    """
+    fs, root = out.fs
+    if reader.kind == "store" and is_url(reader.path):
+        store = reader.path.rstrip("/")
+        if out.url == store or out.url.startswith(store + "/"):
+            raise InputError(
+                f"--output lies inside the input store {store}; choose a prefix outside it",
+                path=out.url,
+            )
+    probe = f"{root}/.tsesnet-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        if fs.isfile(root):
+            raise InputError(
+                "--output must be a folder (prefix), but this is an object", path=out.url
+            )
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except InputError:
+        raise
+    except Exception as err:  # no bucket, no permission, no endpoint: botocore's many errors
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(
+            f"cannot write to the output ({type(err).__name__}: {text})", path=out.url
+        ) from None
+    return out
+
+
+def _mkdir(folder: Path, shown) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(
+            f"cannot create the output folder ({err.strerror})", path=str(shown)
+        ) from None
+
+
+def _refuse_input_overlap(out: Path, reader: CaseReader) -> None:
+    """Refuses an OUT inside a local input store, or one holding the input's NIfTI files."""
+    if reader.kind == "store":
+        if "://" not in reader.path:
+            store = Path(reader.path).resolve()
+            if out == store or store in out.parents:
+                raise InputError(
+                    f"--output lies inside the input store {store}; choose a folder outside it",
+                    path=str(out),
+                )
+        return
+    inside = sorted(f.name for f in reader.source_files() if f.resolve().parent == out)
+    if inside:
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        raise InputError(
+            f"--output holds input files ({inside[0]}{more}) that prediction would overwrite; "
+            "choose another folder",
+            path=str(out),
+        )

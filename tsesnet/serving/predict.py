@@ -63,7 +63,6 @@ from tsesnet.serving.outputs import (
     Written,
     check_safe_id,
     output_paths,
-    prepare_output_dir,
     remove_stale,
     report_image_path,
     write_bytes,
@@ -609,18 +608,9 @@ def predict(
     from tsesnet.serving.evaluate import summarize
 
     config = config or PredictConfig()
-    if config.prefetch < 0:
-        raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
-    if config.output_format not in OUTPUT_FORMATS:
-        raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
-    reader = CaseReader.for_input(input_path)
-    case_ids = reader.case_ids(config.fold, config.split)
-    if not case_ids:
-        raise InputError("no cases to predict", path=input_path)
-    if config.output_format == "dicom-seg":
-        _check_dicom_source(reader, case_ids, input_path)
+    reader, case_ids = _cases_to_predict(input_path, config)
     model = check_model_uri(model_uri)
-    out_dir = prepare_output_dir(output, reader, config.probabilities, config.overwrite)
+    out_dir = manifest.prepare_output_dir(output, reader, config.probabilities, config.overwrite)
     for line in model.lines() if announce else ():
         announce(line)
     started = datetime.now(UTC)
@@ -663,6 +653,25 @@ def predict(
         files[REPORT_FILE] = write_bytes(report.html_path, _report_html(report, record))
     manifest.finish(out_dir, record, files)  # last: the folder is complete from here on
     return report
+
+
+def _cases_to_predict(input_path: str, config: PredictConfig) -> tuple[CaseReader, list[str]]:
+    """The input's reader and the IDs of the cases to predict, after checking the settings.
+
+    Raises:
+        InputError: a bad setting, no cases, or DICOM output from a source that is not DICOM.
+    """
+    if config.prefetch < 0:
+        raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
+    if config.output_format not in OUTPUT_FORMATS:
+        raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
+    reader = CaseReader.for_input(input_path)
+    case_ids = reader.case_ids(config.fold, config.split)
+    if not case_ids:
+        raise InputError("no cases to predict", path=input_path)
+    if config.output_format == "dicom-seg":
+        _check_dicom_source(reader, case_ids, input_path)
+    return reader, case_ids
 
 
 def _started_record(model, input_path: str, out_dir, config: PredictConfig, started) -> dict:
