@@ -43,9 +43,10 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from data_store import schema
 from data_store.normalize import normalize_intensity
 from data_store.store import Store, open_store
 
@@ -58,7 +59,7 @@ _Scale = Annotated[float, Field(gt=0)]
 _Shift = Annotated[float, Field(allow_inf_nan=False)]
 
 
-@dataclass(kw_only=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))
+@dataclass(kw_only=True, config=schema.STRICT)
 class SamplerConfig:
     """How patches are drawn (a pydantic dataclass: the fields' types and ranges are checked when
     it is made, in Python or from the training config's `data` section).

@@ -3,11 +3,12 @@
 A config is a tree of dataclasses (plain or pydantic ones); YAML is only its serialisation. The
 fields' annotations say everything about a key: its type, its choices (``Literal``) and its range
 (``Annotated[float, Field(ge=0)]``), in one place. Loading is strict (pydantic's strict mode on
-the parsed YAML, see `_validate`): an unknown key is an error that names the dotted key path and
-the keys allowed there, and every value is checked against its field's annotation:
+the parsed YAML, see `data_store.schema.validate`): an unknown key is an error that names the
+dotted key path and the keys allowed there, and every value is checked against its field's
+annotation:
 
 - ``bool`` accepts only true/false (never 0/1); ``int`` refuses bools; ``float`` accepts ints;
-  no float is NaN or infinite (`STRICT`).
+  no float is NaN or infinite (`data_store.schema.STRICT`).
 - ``tuple[int, int, int]`` (fixed length), ``tuple[int, ...]``, ``list[X]`` and ``dict[K, V]``
   accept YAML sequences / mappings and convert their items.
 - ``X | None`` / ``Optional[X]``, ``Literal[...]``, ``Path`` (from a string), nested dataclasses
@@ -24,32 +25,24 @@ they are: ``FILE: loss.alpha: expected float, got str 'high'``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import re
-import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
-import annotated_types
-import pydantic
-import pydantic_core
 import yaml
-from pydantic import ConfigDict
 
+from data_store import schema
 from data_store.errors import InputError
+from data_store.schema import init_fields, is_dataclass_type, members, unwrap
 
 __all__ = [
     "apply_overrides",
     "dump_yaml",
     "flatten",
     "from_dict",
-    "init_fields",
-    "interval",
     "load_yaml",
-    "unwrap",
     "validate",
     "to_dict",
     "with_values",
@@ -141,231 +134,16 @@ def _parse_yaml(text: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: pydantic v2, strict
-
-# What every config shares: an unknown key is an error and a float is finite (NaN and infinities
-# are never a setting). Plain dataclasses take it from the wrapper model of `_model`; a pydantic
-# dataclass carries its own (`data_store.sampler.SamplerConfig`, which cannot import this).
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-_EXTRA = {"extra_forbidden", "unexpected_keyword_argument"}
-_MISSING = {"missing", "missing_keyword_only_argument", "missing_argument"}
-_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
-_MAPPING = {"dataclass_type", "dataclass_exact_type", "model_type", "model_attributes_type"}
-
-
-@functools.cache
-def _model(cls: type) -> type[pydantic.BaseModel]:
-    """A model with one field, `value`, of type `cls`, under `STRICT`."""
-    return pydantic.create_model(f"_{cls.__name__}Root", __config__=STRICT, value=(cls, ...))
-
-
-def _plain(value: Any) -> Any:
-    """JSON fallback: a NumPy scalar (a Ray Tune sample) as its Python value."""
-    item = getattr(value, "item", None)
-    if callable(item):
-        return item()
-    raise TypeError(f"{type(value).__name__} is not a config value")
-
-
-def _validate(cls: type[T], data: Any, prefix: str = "") -> T:
-    """``data`` (parsed YAML: mappings, lists, scalars) validated into ``cls``.
-
-    The data goes through JSON, so pydantic's strict JSON rules apply: a list is a tuple, a
-    string a Path, an int a float, and nothing else converts (no "1" -> 1, no 1 -> true).
-
-    Raises:
-        InputError: the first problem, one line, keys written from ``prefix`` on.
-    """
-    try:
-        text = pydantic_core.to_json({"value": data}, inf_nan_mode="constants", fallback=_plain)
-        return _model(cls).model_validate_json(text, strict=True).value
-    except pydantic_core.PydanticSerializationError as err:
-        raise InputError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-    except pydantic.ValidationError as err:
-        errors = err.errors(include_url=False)
-        first = next((e for e in errors if e["type"] in _EXTRA), errors[0])
-        raise InputError(_describe(cls, first, prefix)) from None
-
-
-def unwrap(tp: Any) -> Any:
-    """``tp`` without ``Annotated`` and without ``| None`` when one type is left."""
-    while True:
-        if get_origin(tp) is Annotated:
-            tp = get_args(tp)[0]
-        elif _is_union(tp) and len([a for a in get_args(tp) if a is not type(None)]) == 1:
-            tp = next(a for a in get_args(tp) if a is not type(None))
-        else:
-            return tp
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
-
-
-def init_fields(cls: type) -> dict[str, Any]:
-    """A dataclass's settable fields -> their annotations (``Annotated`` constraints kept)."""
-    hints = get_type_hints(cls, include_extras=True)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _walk(cls: type, loc: tuple) -> tuple[list, Any]:
-    """The parts of an error location that name keys and items (a union member's tag stops the
-    walk), and the annotation there (None past an unknown key)."""
-    path: list = []
-    tp: Any = cls
-    for part in loc:
-        base = unwrap(tp)
-        args = get_args(base)
-        origin = get_origin(base)
-        if _is_dataclass_type(base):
-            tp = init_fields(base).get(part)
-        elif origin is tuple and isinstance(part, int):
-            fixed = not (len(args) == 2 and args[1] is Ellipsis)
-            tp = (args[part] if part < len(args) else None) if fixed else args[0]
-        elif origin is list and isinstance(part, int):
-            tp = args[0] if args else Any
-        elif origin in (dict, Mapping):
-            tp = args[1] if args else Any
-        else:
-            break
-        path.append(part)
-        if tp is None:
-            break
-    return path, tp
-
-
-def _key(path: list, prefix: str = "") -> str:
-    """``data.patch[2]`` from ``["data", "patch", 2]``, after ``prefix`` ("" or "space.")."""
-    text = prefix
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f"{'.' if text and not text.endswith('.') else ''}{part}"
-    return text
-
-
-def _number(x: Any) -> str:
-    return str(int(x)) if float(x).is_integer() and math.isfinite(x) else str(x)
-
-
-def interval(tp: Any) -> str | None:
-    """The range the constraints of annotation ``tp`` allow, as an interval ("[0, 1)"), of each
-    item for a tuple; None when it has no constraint."""
-    base = unwrap(tp)
-    if get_origin(base) is tuple and get_args(base):
-        return interval(get_args(base)[0])
-    lo, hi, constrained = "(-inf", "inf)", False
-    while True:
-        if get_origin(tp) is Annotated:
-            for meta in get_args(tp)[1:]:
-                for m in getattr(meta, "metadata", [meta]):
-                    constrained = True
-                    if isinstance(m, annotated_types.Ge):
-                        lo = f"[{_number(m.ge)}"
-                    elif isinstance(m, annotated_types.Gt):
-                        lo = f"({_number(m.gt)}"
-                    elif isinstance(m, annotated_types.Le):
-                        hi = f"{_number(m.le)}]"
-                    elif isinstance(m, annotated_types.Lt):
-                        hi = f"{_number(m.lt)})"
-            tp = get_args(tp)[0]
-        elif _is_union(tp) and len([a for a in get_args(tp) if a is not type(None)]) == 1:
-            tp = next(a for a in get_args(tp) if a is not type(None))
-        else:
-            break
-    return f"{lo}, {hi}" if constrained else None
-
-
-def _describe(cls: type, error: dict, prefix: str) -> str:
-    """One line for a pydantic error: the dotted key, what it expects, what it got."""
-    loc = error["loc"][1:]  # without the wrapper's `value`
-    path, tp = _walk(cls, loc)
-    key = _key(path, prefix)
-    label = key or prefix.rstrip(".") or "config"
-    kind, value = error["type"], error.get("input")
-    if kind in _EXTRA:
-        parent = _key(path[:-1], prefix).rstrip(".")
-        allowed = ", ".join(init_fields(unwrap(_walk(cls, loc[:-1])[1])))
-        return (
-            f"unknown key {key}; allowed keys {'in ' + parent if parent else 'at the top level'}: "
-            f"{allowed}"
-        )
-    if kind in _MISSING and path and isinstance(path[-1], int):
-        seq = _walk(cls, tuple(path[:-1]))[1]
-        n = len(get_args(unwrap(seq)))
-        got = f"got {len(value)}: {value!r}"
-        return f"{_key(path[:-1], prefix)}: expected {n} items ({_type_name(seq)}), {got}"
-    if kind in _MISSING:
-        return f"missing key {key} ({_type_name(tp)})"
-    if kind == "too_long" and get_origin(unwrap(tp)) is tuple:
-        n = error["ctx"]["max_length"]
-        return f"{label}: expected {n} items ({_type_name(tp)}), got {len(value)}: {value!r}"
-    if kind == "value_error":
-        text = str(error["ctx"]["error"])
-        base = unwrap(tp)
-        if path and _is_dataclass_type(base) and text.split(" ", 1)[0] in init_fields(base):
-            return f"{key}.{text}"  # "data.fg_fraction must be ..."
-        return f"{key or prefix.rstrip('.') or cls.__name__}: {text}"
-    if kind in _RANGE:
-        spec = interval(tp)
-        where = f"it must be in {spec}" if spec else error["msg"].replace("Input should", "it must")
-        return f"{label}={value} is out of range; {where}"
-    if kind in _MAPPING:
-        name = error.get("ctx", {}).get("class_name") or _type_name(tp)
-        return f"{label}: expected a mapping of {name} fields, got {_show(value)}"
-    if kind == "literal_error":
-        choices = next((get_args(a) for a in _members(tp) if get_origin(a) is Literal), ())
-        allowed = ", ".join(repr(c) for c in choices)
-        return f"{label}: expected one of {allowed}, got {_show(value)}"
-    if tp is None:
-        return f"{label}: {error['msg']}"
-    return f"{label}: expected {_type_name(tp)}, got {_show(value)}"
-
-
-def _members(tp: Any) -> list:
-    tp = unwrap(tp)
-    return [unwrap(a) for a in get_args(tp)] if _is_union(tp) else [tp]
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if get_origin(tp) is Annotated:
-        return _type_name(get_args(tp)[0])
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is Literal:
-        return f"Literal[{', '.join(repr(a) for a in get_args(tp))}]"
-    args = get_args(tp)
-    if isinstance(tp, type) and not args:
-        return tp.__name__
-    if args:
-        origin = get_origin(tp)
-        items = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
-        return f"{getattr(origin, '__name__', origin)}[{items}]"
-    return str(tp).replace("typing.", "")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _is_union(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType)
+# Validation: `data_store.schema` (pydantic v2, strict; shared with the store's records)
 
 
 def _admits_str(tp: Any) -> bool:
-    return any(a is str or a is Path for a in _members(tp))
+    return any(a is str or a is Path for a in members(tp))
 
 
 def _init_dict(cfg: Any) -> Any:
     """`to_dict` of the settable fields only: what `from_dict` takes back."""
-    if _is_dataclass_type(type(cfg)):
+    if is_dataclass_type(type(cfg)):
         return {f.name: _init_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
     return to_dict(cfg)
 
@@ -390,9 +168,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
             class's own check failing; one line naming the dotted key path (and, for an
             unknown key, the allowed keys).
     """
-    if not _is_dataclass_type(cls):
+    if not is_dataclass_type(cls):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-    return _validate(cls, {} if data is None else data, f"{where}." if where else "")
+    return schema.validate(cls, {} if data is None else data, f"{where}." if where else "")
 
 
 def validate(cfg: T) -> T:
@@ -439,7 +217,7 @@ def _field_type(cls: type, parts: list[str], label: str) -> Any:
     tp: Any = cls
     for i, name in enumerate(parts):
         base, key = unwrap(tp), ".".join(parts[: i + 1])
-        if not _is_dataclass_type(base):
+        if not is_dataclass_type(base):
             raise InputError(f"{label}: {'.'.join(parts[:i])} is a value, not a section")
         fields = init_fields(base)
         if name not in fields:
@@ -485,11 +263,13 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
         except yaml.YAMLError:
             value = text
         try:
-            cfg = _validate(cls, _with(cfg, parts, value))
+            cfg = schema.validate(cls, _with(cfg, parts, value))
         except InputError as err:
             if not _admits_str(tp) or value == text:
                 raise InputError(f"{label}: {err}") from None
-            cfg = _validate(cls, _with(cfg, parts, text))  # e.g. model.name=123 for a str field
+            cfg = schema.validate(
+                cls, _with(cfg, parts, text)
+            )  # e.g. model.name=123 for a str field
     return cfg
 
 
@@ -507,7 +287,7 @@ def with_values(cfg: T, values: Mapping[str, Any], where: str = "") -> T:
     for path, value in values.items():
         parts = path.split(".")
         _field_type(cls, parts, f"{where}{path}")
-        cfg = _validate(cls, _with(cfg, parts, value), where)
+        cfg = schema.validate(cls, _with(cfg, parts, value), where)
     return cfg
 
 

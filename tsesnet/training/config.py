@@ -21,6 +21,7 @@ from typing import Annotated, Literal, get_args, get_origin, get_type_hints
 import pydantic
 from pydantic import AfterValidator, Field
 
+from data_store import schema
 from data_store.errors import InputError
 from data_store.sampler import SamplerConfig
 from tsesnet.common import names, yaml_config
@@ -95,7 +96,7 @@ class ModelSpec:
         return TSESNet(self.config(patch))
 
 
-@pydantic.dataclasses.dataclass(kw_only=True, config=yaml_config.STRICT)
+@pydantic.dataclasses.dataclass(kw_only=True, config=schema.STRICT)
 class DataConfig(SamplerConfig):
     """Patches for training (the sampler's settings, inherited), cases for validation.
 
@@ -277,9 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _sections() -> dict[str, type]:
-    return {
-        name: yaml_config.unwrap(tp) for name, tp in yaml_config.init_fields(TrainConfig).items()
-    }
+    return {name: schema.unwrap(tp) for name, tp in schema.init_fields(TrainConfig).items()}
 
 
 def _ranges() -> dict[str, str]:
@@ -287,8 +286,8 @@ def _ranges() -> dict[str, str]:
     tuple, of each item), for every constrained setting."""
     out = {}
     for name, section in _sections().items():
-        for key, tp in yaml_config.init_fields(section).items():
-            spec = yaml_config.interval(tp)
+        for key, tp in schema.init_fields(section).items():
+            spec = schema.interval(tp)
             if spec:
                 out[f"{name}.{key}"] = spec
     return out
@@ -300,9 +299,9 @@ RANGES = _ranges()
 
 
 def _numeric(tp) -> bool:
-    base = yaml_config.unwrap(tp)
+    base = schema.unwrap(tp)
     if get_origin(base) is tuple:
-        base = yaml_config.unwrap(get_args(base)[0])
+        base = schema.unwrap(get_args(base)[0])
     return base in (int, float)
 
 
@@ -312,7 +311,7 @@ def numeric_settings(cfg: TrainConfig) -> dict[str, float | int | tuple | None]:
     out = {}
     for name, section in _sections().items():
         hints = get_type_hints(section)
-        for key in yaml_config.init_fields(section):
+        for key in schema.init_fields(section):
             if _numeric(hints[key]):
                 out[f"{name}.{key}"] = getattr(getattr(cfg, name), key)
     return out
