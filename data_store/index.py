@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import pydantic
+from pydantic import ConfigDict, Field
+
+from data_store import schema
 from data_store.errors import InputError
 from data_store.integrity import Problem, record_digests
 from data_store.location import StoreLocation, check_case_id
@@ -62,7 +65,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 #: 2: the fingerprint covers the folds and the case attributes (1: neither; module docstring).
 FINGERPRINT_VERSION = 2
-SPLITS = ("train", "test")
+Split = Literal["train", "test"]
+SPLITS = get_args(Split)
 FOLD_SALT = "tsesnet-folds-v1:"
 FOLD_RULE = (
     "patient-level (patient = case ID): labelled IDs of the train split sorted by "
@@ -74,6 +78,14 @@ NOT_CASES = (".lock", ".lock.guard")
 _REBUILD = "rebuild the index with `tsesnet ingest` or `tsesnet store verify STORE --record`"
 
 
+_Size = Annotated[int, Field(ge=1)]
+_Mm = Annotated[float, Field(gt=0)]
+_Text = Annotated[str, Field(min_length=1)]
+
+
+# The index is read as JSON written by this or another release: keys it does not know are left
+# alone (as before), values are checked strictly (`IndexEntry.parse`).
+@pydantic.with_config(ConfigDict(extra="ignore", allow_inf_nan=False))
 @dataclass(frozen=True)
 class IndexEntry:
     """One case's entry in the root index (what `store info` shows without opening the case).
@@ -97,46 +109,32 @@ class IndexEntry:
         spacing_assumed: the spacing came from ``--assume-spacing``, not the files.
     """
 
-    phases: int
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
+    phases: _Size
+    shape: tuple[_Size, _Size, _Size]
+    spacing: tuple[_Mm, _Mm, _Mm]
     labelled: bool
-    site: str | None
-    dtype: str
+    site: _Text | None
+    dtype: _Text
     checksums: tuple[tuple[str, str], ...]
-    fold: int | None = None
-    split: str = "train"
-    integrity: str | None = None
-    content: str | None = None
+    fold: Annotated[int, Field(ge=0)] | None = None
+    split: Split = "train"
+    integrity: _Text | None = None
+    content: _Text | None = None
     spacing_assumed: bool = False
-    attributes: str | None = None
+    attributes: _Text | None = None
 
     @classmethod
     def parse(cls, raw: Any, n_folds: int) -> IndexEntry:
-        """An entry from the index's JSON; ValueError says which value is malformed."""
+        """An entry from the index's JSON; ValueError (one line) says which value is malformed."""
         if not isinstance(raw, dict):
             raise ValueError("index entry is not an object")
-        fold = raw.get("fold")
-        if fold is not None and not (_whole(fold) and 0 <= fold < n_folds):
-            raise ValueError(f"index entry has fold {fold!r}, not one of the {n_folds} folds")
-        split = raw.get("split", "train")
-        if split not in SPLITS:
-            raise ValueError(f"index entry has split {split!r}, expected one of {SPLITS}")
-        return cls(
-            phases=_count(raw.get("phases"), "phases"),
-            shape=tuple(_count(s, "shape") for s in _triple(raw.get("shape"), "shape")),
-            spacing=tuple(_mm(s) for s in _triple(raw.get("spacing"), "spacing")),
-            labelled=_flag(raw.get("labelled"), "labelled"),
-            site=_optional_text(raw.get("site"), "site"),
-            dtype=_text(raw.get("dtype"), "dtype"),
-            checksums=_checksums(raw.get("checksums")),
-            fold=fold,
-            split=split,
-            integrity=_optional_text(raw.get("integrity"), "integrity"),
-            content=_optional_text(raw.get("content"), "content"),
-            spacing_assumed=_flag(raw.get("spacing_assumed", False), "spacing_assumed"),
-            attributes=_optional_text(raw.get("attributes"), "attributes"),
-        )
+        try:
+            entry = schema.validate(cls, {"site": None, **raw})  # `site` may be left out
+        except InputError as err:
+            raise ValueError(f"index entry: {err}") from None
+        if entry.fold is not None and entry.fold >= n_folds:
+            raise ValueError(f"index entry has fold {entry.fold!r}, not one of the {n_folds} folds")
+        return entry
 
 
 def case_summary(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -406,7 +404,7 @@ def _table(root: dict[str, Any], location: StoreLocation) -> tuple[dict[str, Any
     raw, n_folds = root.get("cases", {}), root.get("n_folds", 0)
     if not isinstance(raw, dict):
         raise InputError("the index ('cases') is not a table of case entries", path=location.url)
-    if not _whole(n_folds) or n_folds < 0:
+    if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 0:
         raise InputError(f"n_folds {n_folds!r} is not a whole number >= 0", path=location.url)
     return raw, int(n_folds)
 
@@ -518,50 +516,3 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return str(value)
-
-
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _count(v: Any, what: str) -> int:
-    if not _whole(v) or v < 1:
-        raise ValueError(f"index entry has {what} {v!r}, expected a whole number >= 1")
-    return int(v)
-
-
-def _triple(v: Any, what: str) -> list:
-    if not isinstance(v, list) or len(v) != 3:
-        raise ValueError(f"index entry has {what} {v!r}, expected three values (Z, Y, X)")
-    return v
-
-
-def _mm(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"index entry has spacing value {v!r}, expected a positive number (mm)")
-    return float(v)
-
-
-def _flag(v: Any, what: str) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"index entry has {what} {v!r}, expected true or false")
-    return v
-
-
-def _text(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"index entry has {what} {v!r}, expected a text")
-    return v
-
-
-def _optional_text(v: Any, what: str) -> str | None:
-    return None if v is None else _text(v, what)
-
-
-def _checksums(v: Any) -> tuple[tuple[str, str], ...]:
-    ok = isinstance(v, list) and all(
-        isinstance(c, list) and len(c) == 2 and all(isinstance(s, str) for s in c) for c in v
-    )
-    if not ok:
-        raise ValueError("index entry's checksums are not a list of [role, sha256]")
-    return tuple((role, sha) for role, sha in v)

@@ -45,10 +45,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field
 
+from data_store import schema
 from data_store.errors import InputError
 from data_store.location import StoreLocation
 
@@ -71,8 +74,28 @@ __all__ = [
 RECORD_VERSION = 2
 _READ_VERSIONS = (1, 2)  # 1: written before the attributes were covered
 ARRAYS = ("image", "mask", "foreground")
-_CHUNK_KEY = re.compile(r"^c(/\d+)+$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK_KEY = r"^c(/[0-9]+)+$"
+_HEX64 = r"^[0-9a-f]{64}$"
+
+
+def _chunk_key(key: str) -> str:
+    if not re.match(_CHUNK_KEY, key):
+        raise ValueError(f"chunk key {key!r} is not of the form c/0/1/...")
+    return key
+
+
+def _dtype_name(v: str) -> str:
+    try:
+        return str(np.dtype(v))
+    except TypeError as err:
+        raise ValueError(f"{v!r} is not a numpy dtype") from err
+
+
+# A record is input (its chunk keys become paths: only ``c/N/N/...`` keys are accepted), read
+# from a case's attributes by `data_store.schema`; keys it does not know are left alone.
+_RECORD = ConfigDict(extra="ignore", allow_inf_nan=False)
+_Size = Annotated[int, Field(ge=0)]
+_Sha = Annotated[str, Field(pattern=_HEX64)]
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,7 @@ class Problem:
         return str(self.error())
 
 
+@pydantic.with_config(_RECORD)
 @dataclass(frozen=True)
 class ArrayRecord:
     """What one stored array held when it was written.
@@ -110,12 +134,12 @@ class ArrayRecord:
         files: chunk key (``c/0/1/0/0``) -> (bytes, sha256 of the file).
     """
 
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-    sha256: str
-    meta_sha256: str
-    files: dict[str, tuple[int, str]]
+    shape: tuple[_Size, ...]
+    dtype: Annotated[str, AfterValidator(_dtype_name)]
+    chunks: tuple[_Size, ...]
+    sha256: _Sha
+    meta_sha256: _Sha
+    files: dict[Annotated[str, AfterValidator(_chunk_key)], tuple[_Size, _Sha]]
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -128,29 +152,12 @@ class ArrayRecord:
         }
 
     @classmethod
-    def from_attrs(cls, d: Any) -> ArrayRecord:
-        """Parses `to_attrs` output; ValueError says what is malformed (the record is input:
-        its chunk keys become paths, so only ``c/N/N/...`` keys are accepted)."""
-        if not isinstance(d, dict):
-            raise ValueError("an array record is not an object")
-        files = d.get("files")
-        if not isinstance(files, dict):
-            raise ValueError("no chunk file list")
-        parsed = {}
-        for key, entry in files.items():
-            if not _CHUNK_KEY.match(str(key)):
-                raise ValueError(f"chunk key {key!r} is not of the form c/0/1/...")
-            if not (isinstance(entry, list) and len(entry) == 2 and _is_size(entry[0])):
-                raise ValueError(f"chunk {key}: expected [bytes, sha256]")
-            parsed[key] = (int(entry[0]), _hex(entry[1], f"chunk {key}"))
-        return cls(
-            shape=_ints(d.get("shape"), "shape"),
-            dtype=_dtype_name(d.get("dtype")),
-            chunks=_ints(d.get("chunks"), "chunks"),
-            sha256=_hex(d.get("sha256"), "sha256"),
-            meta_sha256=_hex(d.get("meta_sha256"), "meta_sha256"),
-            files=parsed,
-        )
+    def from_attrs(cls, d: Any, name: str = "array") -> ArrayRecord:
+        """Parses `to_attrs` output; ValueError (one line) says what is malformed."""
+        try:
+            return schema.validate(cls, d, f"{name}.")
+        except InputError as err:
+            raise ValueError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -191,9 +198,11 @@ class CaseRecord:
         if unknown:
             raise ValueError(f"the record lists unknown arrays {sorted(unknown)}")
         attributes = None
-        if d["version"] >= 2:
-            attributes = _hex(d.get("attributes"), "attributes")
-        return cls({n: ArrayRecord.from_attrs(a) for n, a in arrays.items()}, attributes)
+        if d["version"] >= 2:  # a version-1 record's `attributes`, if any, were never written
+            attributes = d.get("attributes")
+            if not isinstance(attributes, str) or not re.match(_HEX64, attributes):
+                raise ValueError("attributes: not a sha256 hex digest")
+        return cls({n: ArrayRecord.from_attrs(a, n) for n, a in arrays.items()}, attributes)
 
     def digest(self) -> str:
         """sha256 of the whole record's canonical JSON (files included): the index keeps it."""
@@ -561,24 +570,3 @@ def _describe(shape, dtype, chunks=None) -> str:
 
 def _is_size(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _ints(v: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(_is_size(i) for i in v):
-        raise ValueError(f"{what} is not a list of whole numbers")
-    return tuple(v)
-
-
-def _hex(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not _HEX64.match(v):
-        raise ValueError(f"{what}: not a sha256 hex digest")
-    return v
-
-
-def _dtype_name(v: Any) -> str:
-    if not isinstance(v, str):  # np.dtype(None) would be float64
-        raise ValueError(f"dtype {v!r} is not a dtype name")
-    try:
-        return str(np.dtype(v))
-    except TypeError as err:
-        raise ValueError(f"dtype {v!r} is not a numpy dtype") from err

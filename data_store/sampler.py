@@ -39,20 +39,30 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
+from data_store import schema
 from data_store.normalize import normalize_intensity
 from data_store.store import Store, open_store
 
 __all__ = ["PatchSampler", "SamplerConfig"]
 
 
-@dataclass(kw_only=True)
+# Positive sizes and counts; finite intensity bounds.
+_Size = Annotated[int, Field(ge=1)]
+_Scale = Annotated[float, Field(gt=0)]
+_Shift = Annotated[float, Field(allow_inf_nan=False)]
+
+
+@dataclass(kw_only=True, config=schema.STRICT)
 class SamplerConfig:
-    """How patches are drawn.
+    """How patches are drawn (a pydantic dataclass: the fields' types and ranges are checked when
+    it is made, in Python or from the training config's `data` section).
 
     Attributes:
         patch: patch size (z, y, x) in voxels; the paper's 96 x 96 x 48 is (48, 96, 96).
@@ -67,30 +77,21 @@ class SamplerConfig:
             IterableDataset, a rank yields its share, ``ceil(patches_per_epoch / world_size)``.
     """
 
-    patch: tuple[int, int, int] = (48, 96, 96)
-    fg_fraction: float = 1 / 3
+    patch: tuple[_Size, _Size, _Size] = (48, 96, 96)
+    fg_fraction: Annotated[float, Field(ge=0, le=1)] = 1 / 3
     augment: bool = True
-    cache_bytes: int = 2 * 1024**3
-    intensity_scale: tuple[float, float] = (0.9, 1.1)
-    intensity_shift: tuple[float, float] = (-0.1, 0.1)
-    admit_after: int = 16
-    patches_per_epoch: int = 250
+    cache_bytes: Annotated[int, Field(ge=0)] = 2 * 1024**3
+    intensity_scale: tuple[_Scale, _Scale] = (0.9, 1.1)
+    intensity_shift: tuple[_Shift, _Shift] = (-0.1, 0.1)
+    admit_after: _Size = 16
+    patches_per_epoch: _Size = 250
 
     def __post_init__(self) -> None:
-        self.patch = tuple(int(p) for p in self.patch)
-        if len(self.patch) != 3 or min(self.patch) < 1:
-            raise ValueError(f"patch must be three positive sizes (z, y, x), got {self.patch}")
-        if not 0.0 <= self.fg_fraction <= 1.0:
-            raise ValueError(f"fg_fraction must be in [0, 1], got {self.fg_fraction}")
-        if self.cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {self.cache_bytes}")
-        if not 0 < self.intensity_scale[0] <= self.intensity_scale[1]:
-            raise ValueError(f"intensity_scale must be 0 < lo <= hi, got {self.intensity_scale}")
+        # What one field's range cannot say: the bounds in order.
+        if self.intensity_scale[0] > self.intensity_scale[1]:
+            raise ValueError(f"intensity_scale must be lo <= hi, got {self.intensity_scale}")
         if self.intensity_shift[0] > self.intensity_shift[1]:
             raise ValueError(f"intensity_shift must be lo <= hi, got {self.intensity_shift}")
-        for name in ("admit_after", "patches_per_epoch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class _CaseMeta:

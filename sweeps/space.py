@@ -25,13 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field
 
 from data_store.errors import InputError
 
 KINDS = ("uniform", "loguniform", "int", "choice")
-SEARCHERS = ("tpe", "random")
-SCHEDULERS = ("asha", "fifo")
+Searcher = Literal["tpe", "random"]
+Scheduler = Literal["asha", "fifo"]
+SEARCHERS = get_args(Searcher)
+SCHEDULERS = get_args(Scheduler)
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class SearchSettings:
         n_startup_trials: random trials before TPE starts modelling.
     """
 
-    algorithm: str = "tpe"
+    algorithm: Searcher = "tpe"
     seed: int = 0
     n_startup_trials: int = 4
 
@@ -73,9 +77,9 @@ class SchedulerSettings:
         reduction_factor: ASHA keeps the top 1/reduction_factor at each rung.
     """
 
-    algorithm: str = "asha"
-    grace_period: int = 2
-    reduction_factor: int = 3
+    algorithm: Scheduler = "asha"
+    grace_period: Annotated[int, Field(ge=1)] = 2
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
 
 
 @dataclass(kw_only=True)
@@ -101,13 +105,13 @@ class SweepConfig:
     train_config: str = ""
     set: list[str] = field(default_factory=list)
     name: str = ""
-    trials: int = 16
+    trials: Annotated[int, Field(ge=1)] = 16
     metric: str = "best_val_soft_dice"
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     search: SearchSettings = field(default_factory=SearchSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    max_concurrent_trials: int = 0
-    trial_driver_cpus: float = 0.25
+    max_concurrent_trials: Annotated[int, Field(ge=0)] = 0
+    trial_driver_cpus: Annotated[float, Field(ge=0)] = 0.25
     space: dict[str, Any] = field(default_factory=dict)
     # Where the file was read from, to resolve `train_config` (not part of the YAML).
     source: str = field(default="", init=False, repr=False)
@@ -179,22 +183,14 @@ def load(path: str | Path) -> SweepConfig:
 
 
 def check(cfg: SweepConfig) -> None:
-    """Settings that are well-typed but out of range."""
-    problems = []
-    if cfg.trials < 1:
-        problems.append("trials must be >= 1")
-    if cfg.mode not in ("max", "min"):
-        problems.append(f"mode must be max or min, got {cfg.mode!r}")
-    if cfg.search.algorithm not in SEARCHERS:
-        problems.append(f"search.algorithm must be one of {', '.join(SEARCHERS)}")
-    if cfg.scheduler.algorithm not in SCHEDULERS:
-        problems.append(f"scheduler.algorithm must be one of {', '.join(SCHEDULERS)}")
-    if cfg.scheduler.grace_period < 1 or cfg.scheduler.reduction_factor < 2:
-        problems.append("scheduler.grace_period must be >= 1 and reduction_factor >= 2")
-    if cfg.max_concurrent_trials < 0 or cfg.trial_driver_cpus < 0:
-        problems.append("max_concurrent_trials and trial_driver_cpus must be >= 0")
-    if problems:
-        raise InputError("bad sweep config: " + "; ".join(problems))
+    """The settings' types, choices and ranges (the fields' own, as when the file is read: the
+    config may have been changed since), then the search space."""
+    from tsesnet.common import yaml_config
+
+    try:
+        yaml_config.validate(cfg)
+    except InputError as err:
+        raise InputError(f"bad sweep config: {err}") from None
     for k, v in cfg.space.items():
         parse_entry(k, v)
     if not cfg.params():

@@ -63,9 +63,12 @@ def test_a_plain_value_fixes_a_parameter(tmp_path):
         ({"space": {"data.patches_per_epoch": {"int": [1.5, 4]}}}, "integers"),
         ({"space": {"loss.alpha": 0.5}}, "searches nothing"),
         ({"trials": "many", "space": {"a.b": {"choice": [1, 2]}}}, "expected int"),
-        ({"trials": 0, "space": {"a.b": {"choice": [1, 2]}}}, "trials must be >= 1"),
-        ({"search": {"algorithm": "grid"}, "space": {"a.b": {"choice": [1]}}}, "tpe, random"),
-        ({"scheduler": {"algorithm": "pbt"}, "space": {"a.b": {"choice": [1]}}}, "asha, fifo"),
+        (
+            {"trials": 0, "space": {"a.b": {"choice": [1, 2]}}},
+            "trials=0 is out of range; it must be in [1, inf)",
+        ),
+        ({"search": {"algorithm": "grid"}, "space": {"a.b": {"choice": [1]}}}, "'tpe', 'random'"),
+        ({"scheduler": {"algorithm": "pbt"}, "space": {"a.b": {"choice": [1]}}}, "'asha', 'fifo'"),
     ],
 )
 def test_bad_sweep_files_name_the_key(tmp_path, data, needle):

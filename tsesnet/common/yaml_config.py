@@ -1,10 +1,14 @@
-"""Strict, typed YAML <-> nested keyword-only dataclasses (STYLE.md §3).
+"""Strict, typed YAML <-> nested keyword-only dataclasses (STYLE.md §3), validated by pydantic v2.
 
-A config is a tree of dataclasses; YAML is only its serialisation. Loading is strict: an unknown
-key is an error that names the dotted key path and the keys allowed there, and every value is
-checked against its field's annotation:
+A config is a tree of dataclasses (plain or pydantic ones); YAML is only its serialisation. The
+fields' annotations say everything about a key: its type, its choices (``Literal``) and its range
+(``Annotated[float, Field(ge=0)]``), in one place. Loading is strict (pydantic's strict mode on
+the parsed YAML, see `data_store.schema.validate`): an unknown key is an error that names the
+dotted key path and the keys allowed there, and every value is checked against its field's
+annotation:
 
-- ``bool`` accepts only true/false (never 0/1); ``int`` refuses bools; ``float`` accepts ints.
+- ``bool`` accepts only true/false (never 0/1); ``int`` refuses bools; ``float`` accepts ints;
+  no float is NaN or infinite (`data_store.schema.STRICT`).
 - ``tuple[int, int, int]`` (fixed length), ``tuple[int, ...]``, ``list[X]`` and ``dict[K, V]``
   accept YAML sequences / mappings and convert their items.
 - ``X | None`` / ``Optional[X]``, ``Literal[...]``, ``Path`` (from a string), nested dataclasses
@@ -23,14 +27,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
 import yaml
 
+from data_store import schema
 from data_store.errors import InputError
+from data_store.schema import init_fields, is_dataclass_type, members, unwrap
 
 __all__ = [
     "apply_overrides",
@@ -38,6 +43,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_yaml",
+    "validate",
     "to_dict",
     "with_values",
 ]
@@ -128,129 +134,18 @@ def _parse_yaml(text: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Type checking and conversion
+# Validation: `data_store.schema` (pydantic v2, strict; shared with the store's records)
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type) and not get_args(tp):
-        return tp.__name__
-    if _is_union(tp):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    return str(tp).replace("typing.", "").replace("NoneType", "None")
+def _admits_str(tp: Any) -> bool:
+    return any(a is str or a is Path for a in members(tp))
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _is_union(tp: Any) -> bool:
-    return get_origin(tp) in (Union, types.UnionType)
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and return it converted (tuples, floats...)."""
-    label = where or "config"
-    if tp is Any or tp is object:
-        return value
-    if _is_union(tp):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise InputError(f"{label}: expected {_type_name(tp)}, got null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, where)
-            except InputError as err:
-                errors.append(err)
-        if len(errors) == 1 and not str(errors[0]).startswith(f"{label}: expected"):
-            raise errors[0]  # deeper and more precise, e.g. "data.patch[2]: expected int"
-        raise InputError(f"{label}: expected {_type_name(tp)}, got {_show(value)}")
-    origin = get_origin(tp)
-    if origin is Literal:
-        for choice in get_args(tp):
-            if type(value) is type(choice) and value == choice:
-                return value
-        allowed = ", ".join(repr(c) for c in get_args(tp))
-        raise InputError(f"{label}: expected one of {allowed}, got {_show(value)}")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, where)
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-    elif tp in (tuple, list) or origin in (tuple, list):
-        if isinstance(value, (list, tuple)):
-            return _convert_sequence(tp, origin or tp, value, label)
-    elif tp is dict or origin is dict or origin is Mapping:
-        if isinstance(value, Mapping):
-            args = get_args(tp) or (Any, Any)
-            return {
-                _convert(args[0], k, f"{label}.{k}"): _convert(args[1], v, f"{label}.{k}")
-                for k, v in value.items()
-            }
-    else:
-        raise TypeError(f"{label}: yaml_config cannot check fields of type {_type_name(tp)}")
-    raise InputError(f"{label}: expected {_type_name(tp)}, got {_show(value)}")
-
-
-def _convert_sequence(tp: Any, origin: type, value: list | tuple, label: str) -> tuple | list:
-    args = get_args(tp)
-    if origin is list:
-        item = args[0] if args else Any
-        return [_convert(item, v, f"{label}[{i}]") for i, v in enumerate(value)]
-    if not args or (len(args) == 2 and args[1] is Ellipsis):
-        item = args[0] if args else Any
-        return tuple(_convert(item, v, f"{label}[{i}]") for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise InputError(
-            f"{label}: expected {len(args)} items ({_type_name(tp)}), got {len(value)}: {value!r}"
-        )
-    return tuple(
-        _convert(a, v, f"{label}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
-    )
-
-
-def _fields(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    return fields, get_type_hints(cls)
-
-
-def _instantiate(cls: type[T], kwargs: dict, where: str) -> T:
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:
-        if isinstance(err, InputError):
-            raise
-        text = str(err)
-        first = text.split(" ", 1)[0]
-        if where and first in {f.name for f in dataclasses.fields(cls)}:
-            raise InputError(f"{where}.{text}") from err  # "data.fg_fraction must be ..."
-        raise InputError(f"{where or cls.__name__}: {text}") from err
+def _init_dict(cfg: Any) -> Any:
+    """`to_dict` of the settable fields only: what `from_dict` takes back."""
+    if is_dataclass_type(type(cfg)):
+        return {f.name: _init_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    return to_dict(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +153,10 @@ def _instantiate(cls: type[T], kwargs: dict, where: str) -> T:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, strictly.
+    """Build dataclass ``cls`` from a mapping, strictly (pydantic, `STRICT`).
+
+    Field annotations may carry constraints (``Annotated[int, Field(ge=1)]``): a value outside
+    them is "KEY=VALUE is out of range; it must be in [1, inf)".
 
     Args:
         cls: a dataclass (its fields may be dataclasses in turn).
@@ -266,33 +164,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         where: dotted path of ``data`` inside the root config, for messages.
 
     Raises:
-        InputError: unknown or missing key, or a value of the wrong type; the message names the
-            dotted key path (and, for an unknown key, the allowed keys).
+        InputError: unknown or missing key, a value of the wrong type or out of range, or the
+            class's own check failing; one line naming the dotted key path (and, for an
+            unknown key, the allowed keys).
     """
-    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+    if not is_dataclass_type(cls):
         raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise InputError(
-            f"{where or 'config'}: expected a mapping of {cls.__name__} fields, got {_show(data)}"
-        )
-    fields, hints = _fields(cls)
-    prefix = f"{where}." if where else ""
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise InputError(
-                f"unknown key {prefix}{key!s}; allowed keys "
-                f"{'in ' + where if where else 'at the top level'}: {', '.join(fields)}"
-            )
-        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
-    for name, f in fields.items():
-        if name not in kwargs and (
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ):
-            raise InputError(f"missing key {prefix}{name} ({_type_name(hints[name])})")
-    return _instantiate(cls, kwargs, where)
+    return schema.validate(cls, {} if data is None else data, f"{where}." if where else "")
+
+
+def validate(cfg: T) -> T:
+    """``cfg`` (e.g. built or changed in Python) checked as if read from YAML: a fresh copy.
+
+    Raises:
+        InputError: as `from_dict`.
+    """
+    return from_dict(type(cfg), _init_dict(cfg))
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:
@@ -325,71 +212,64 @@ def _parse_override(item: str) -> tuple[list[str], str]:
     return key.split("."), text.strip()
 
 
-def _admits_str(tp: Any) -> bool:
-    if tp is str or tp is Path:
-        return True
-    return _is_union(tp) and any(_admits_str(a) for a in get_args(tp))
+def _field_type(cls: type, parts: list[str], label: str) -> Any:
+    """The annotation of the field at dotted path ``parts``; errors start with ``label``."""
+    tp: Any = cls
+    for i, name in enumerate(parts):
+        base, key = unwrap(tp), ".".join(parts[: i + 1])
+        if not is_dataclass_type(base):
+            raise InputError(f"{label}: {'.'.join(parts[:i])} is a value, not a section")
+        fields = init_fields(base)
+        if name not in fields:
+            where = ".".join(parts[:i])
+            raise InputError(
+                f"{label}: unknown key {key}; allowed keys "
+                f"{'in ' + where if where else 'at the top level'}: {', '.join(fields)}"
+            )
+        tp = fields[name]
+    return tp
 
 
-def _text_value(tp: Any, text: str, key: str, item: str) -> Any:
-    """An override's text parsed as YAML and checked against `tp` (str fields take it raw)."""
-    try:
-        value = _parse_yaml(text) if text else None
-    except UnsafeYAMLError as err:
-        if not _admits_str(tp):
-            raise InputError(f"{item}: {err.problem}") from None
-        value = text  # a str field takes the text as it is
-    except yaml.YAMLError:
-        value = text
-    try:
-        return _convert(tp, value, key)
-    except InputError as err:
-        if not _admits_str(tp):
-            raise InputError(f"{item}: {err}") from None
-        return _convert(tp, text, key)  # e.g. model.name=123 for a str field
-
-
-def _replace(obj: Any, parts: list[str], leaf, done: list[str], item: str) -> Any:
-    """A copy of dataclass `obj` with the field at path `parts` set to `leaf(type, key)`;
-    errors start with `item` (what the user wrote)."""
-    cls = type(obj)
-    fields, hints = _fields(cls)
-    where = ".".join(done)
-    name = parts[0]
-    key = ".".join([*done, name])
-    if name not in fields:
-        raise InputError(
-            f"{item}: unknown key {key}; allowed keys "
-            f"{'in ' + where if where else 'at the top level'}: {', '.join(fields)}"
-        )
-    if len(parts) > 1:
-        child = getattr(obj, name)
-        if not dataclasses.is_dataclass(child):
-            raise InputError(f"{item}: {key} is a value, not a section")
-        new = _replace(child, parts[1:], leaf, [*done, name], item)
-    else:
-        new = leaf(hints[name], key)
-    kwargs = {f: getattr(obj, f) for f in fields}
-    kwargs[name] = new
-    return _instantiate(cls, kwargs, where)
+def _with(cfg: T, parts: list[str], value: Any) -> dict:
+    data = _init_dict(cfg)
+    node = data
+    for name in parts[:-1]:
+        node = node[name]
+    node[parts[-1]] = value
+    return data
 
 
 def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
-    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied, type-checked.
+    """Return a copy of ``cfg`` with ``dotted.key=value`` overrides applied, validated.
 
     Each value is parsed as YAML (``0.5``, ``true``, ``null``, ``[32, 64, 64]``,
-    ``{a: 1}`` for a whole section) and checked against the field's annotation; a field that
-    admits a string also takes the raw text. ``cfg`` itself is not modified.
+    ``{a: 1}`` for a whole section) and checked like the YAML file's; a field that admits a
+    string also takes the raw text. ``cfg`` itself is not modified.
 
     Raises:
-        InputError: malformed item, unknown key (naming the allowed keys) or wrong type.
+        InputError: malformed item, unknown key (naming the allowed keys), wrong type or range.
     """
+    cls = type(cfg)
     for item in overrides:
         parts, text = _parse_override(item)
         label = f"override {item!r}"
-        cfg = _replace(
-            cfg, parts, lambda tp, key, t=text, i=label: _text_value(tp, t, key, i), [], label
-        )
+        tp = _field_type(cls, parts, label)
+        try:
+            value = _parse_yaml(text) if text else None
+        except UnsafeYAMLError as err:
+            if not _admits_str(tp):
+                raise InputError(f"{label}: {err.problem}") from None
+            value = text  # a str field takes the text as it is
+        except yaml.YAMLError:
+            value = text
+        try:
+            cfg = schema.validate(cls, _with(cfg, parts, value))
+        except InputError as err:
+            if not _admits_str(tp) or value == text:
+                raise InputError(f"{label}: {err}") from None
+            cfg = schema.validate(
+                cls, _with(cfg, parts, text)
+            )  # e.g. model.name=123 for a str field
     return cfg
 
 
@@ -400,11 +280,14 @@ def with_values(cfg: T, values: Mapping[str, Any], where: str = "") -> T:
         where: prefix of the key in messages (e.g. "space." for a sweep's search space).
 
     Raises:
-        InputError: unknown key (naming the allowed keys) or a value of the wrong type.
+        InputError: unknown key (naming the allowed keys), a value of the wrong type or out of
+            range.
     """
+    cls = type(cfg)
     for path, value in values.items():
-        leaf = lambda tp, key, v=value: _convert(tp, v, key)  # noqa: E731
-        cfg = _replace(cfg, path.split("."), leaf, [], f"{where}{path}")
+        parts = path.split(".")
+        _field_type(cls, parts, f"{where}{path}")
+        cfg = schema.validate(cls, _with(cfg, parts, value), where)
     return cfg
 
 

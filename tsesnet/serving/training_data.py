@@ -21,6 +21,13 @@ missing from the record skips that check; a malformed record is reported like a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field
+
+from data_store import schema
+from data_store.errors import InputError
 
 SPACING_FACTOR = 1.5
 AXES = ("Z", "Y", "X")
@@ -28,6 +35,26 @@ NO_RECORD = (
     "the model has no record of its training data (registered before it was kept): "
     "no warnings about scans unlike it"
 )
+
+
+def _phase_range(phases: tuple[int, int]) -> tuple[int, int]:
+    if not 2 <= phases[0] <= phases[1]:
+        raise ValueError(f"{list(phases)} is not lo <= hi phases, lo >= 2")
+    return phases
+
+
+_Mm = Annotated[float, Field(gt=0)]
+
+
+# The record as stored (JSON keys), checked by `data_store.schema`; keys it does not know are
+# left alone (a later release may add some).
+@pydantic.with_config(ConfigDict(extra="ignore", allow_inf_nan=False))
+@dataclass(frozen=True)
+class _Record:
+    phases: Annotated[tuple[int, int], AfterValidator(_phase_range)] | None = None
+    spacing_mm_min: tuple[_Mm, _Mm, _Mm] | None = None
+    spacing_mm_max: tuple[_Mm, _Mm, _Mm] | None = None
+    orientations: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,32 +80,10 @@ class TrainingData:
         if record is None:
             return None, NO_RECORD
         try:
-            return cls._parse(record), ""
-        except (TypeError, ValueError, AttributeError) as err:
+            r = schema.validate(_Record, record, "training_data.")
+        except InputError as err:
             return None, f"the model's training-data record is malformed ({err}): no warnings"
-
-    @classmethod
-    def _parse(cls, record: dict) -> TrainingData:
-        phases = record.get("phases")
-        if phases is not None:
-            lo, hi = (int(v) for v in phases)
-            if not 2 <= lo <= hi:
-                raise ValueError(f"phases {phases}")
-            phases = (lo, hi)
-        spacing = []
-        for key in ("spacing_mm_min", "spacing_mm_max"):
-            value = record.get(key)
-            if value is not None:
-                value = tuple(float(v) for v in value)
-                if len(value) != 3 or not all(v > 0 for v in value):
-                    raise ValueError(f"{key} {record[key]}")
-            spacing.append(value)
-        orientations = record.get("orientations")
-        if orientations is not None:
-            if isinstance(orientations, str) or not all(isinstance(o, str) for o in orientations):
-                raise ValueError(f"orientations {orientations}")
-            orientations = tuple(orientations)
-        return cls(phases, spacing[0], spacing[1], orientations)
+        return cls(r.phases, r.spacing_mm_min, r.spacing_mm_max, r.orientations), ""
 
     def unlike(self, phases: int, spacing, orientation: str) -> list[str]:
         """What about a case differs from the training data; [] when nothing does.

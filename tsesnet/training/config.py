@@ -1,6 +1,6 @@
 """`TrainConfig`: the training recipe as typed sections, each the one owner of its settings.
 
-`platform/configs/*.yaml` are its serialisation, read by the project's one strict YAML loader
+`tsesnet/configs/*.yaml` are its serialisation, read by the project's one strict YAML loader
 (`tsesnet.common.yaml_config`): an unknown key, a value of the wrong type or out of range is a
 one-line error naming the key, before Ray starts. The defaults are the paper's recipe.
 
@@ -14,15 +14,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args, get_origin, get_type_hints
 
+import pydantic
+from pydantic import AfterValidator, Field
+
+from data_store import schema
 from data_store.errors import InputError
 from data_store.sampler import SamplerConfig
-from tsesnet.common import names
+from tsesnet.common import names, yaml_config
 from tsesnet.losses import LossConfig
+
+# Ranges of the settings, as field constraints (the one place they are written): `yaml_config`
+# checks them when a config is read, `tsesnet config keys` shows them.
+_Count = Annotated[int, Field(ge=0)]
+_Positive = Annotated[int, Field(ge=1)]
+_NonNegative = Annotated[float, Field(ge=0)]
+_Above0 = Annotated[float, Field(gt=0)]
+
+
+def _whole_above_one(gpus: float) -> float:
+    if gpus > 1 and gpus != int(gpus):
+        raise ValueError(f"{gpus:g}: above 1 it must be whole")
+    return gpus
+
 
 # The shipped recipes (`tiny`, `small`, `paper`, `science`, the sweep configs): package data,
 # so that an installed wheel has them too.
@@ -48,9 +65,9 @@ class ModelSpec:
     preset: str = "paper"
     fusion: str = "tsff"
     tumor_aware: bool = True
-    phases: tuple[int, ...] = ()
+    phases: tuple[_Count, ...] = ()
     phase_embedding: bool = False
-    attn_exact_tokens: int = 8192
+    attn_exact_tokens: _Count = 8192
     channels_last: bool = False
 
     # How the network is run, not what it is: not `ModelConfig` fields.
@@ -80,7 +97,7 @@ class ModelSpec:
         return TSESNet(self.config(patch))
 
 
-@dataclass(kw_only=True)
+@pydantic.dataclasses.dataclass(kw_only=True, config=schema.STRICT)
 class DataConfig(SamplerConfig):
     """Patches for training (the sampler's settings, inherited), cases for validation.
 
@@ -97,12 +114,12 @@ class DataConfig(SamplerConfig):
             CPUs allow is capped, with a note.
     """
 
-    fold: int = 0
-    batch_size: int = 1
-    val_overlap: float = 0.5
-    val_batch_size: int = 2
-    max_val_cases: int = 0
-    loader_workers: int | None = None
+    fold: _Count = 0
+    batch_size: _Positive = 1
+    val_overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    val_batch_size: _Positive = 2
+    max_val_cases: _Count = 0
+    loader_workers: _Count | None = None
 
     def resolved_loader_workers(self, cpus_per_worker: float, gpu: bool) -> tuple[int, str | None]:
         """(loader processes for one training worker, a note when the request was capped)."""
@@ -128,10 +145,10 @@ class OptimConfig:
         bf16: bfloat16 autocast on GPU (ignored on CPU).
     """
 
-    lr: float = 1e-4
+    lr: _Above0 = 1e-4
     lr_decay: Literal["none", "poly"] = "none"
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
+    weight_decay: _NonNegative = 0.0
+    grad_clip: _NonNegative = 0.0
     bf16: bool = True
 
     def lr_at(self, epoch: int, epochs: int) -> float:
@@ -153,11 +170,11 @@ class ScheduleConfig:
         seed: seed of the weights' initialisation and of the patch sampling.
     """
 
-    epochs: int = 300
-    early_stop_patience: int = 30
-    val_every: int = 5
-    checkpoint_every: int = 1
-    seed: int = 0
+    epochs: _Positive = 300
+    early_stop_patience: _Positive = 30
+    val_every: _Positive = 5
+    checkpoint_every: _Positive = 1
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
 
     def validates(self, epoch: int) -> bool:
         """Whether epoch (0-based) ends with a validation: every `val_every`, and the last."""
@@ -187,13 +204,13 @@ class RunSettings:
         compile: `torch.compile` the network on CUDA (ignored on CPU with a note).
     """
 
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
-    resource_wait_s: float = 600.0
+    workers: _Positive = 1
+    gpus_per_worker: Annotated[_NonNegative, AfterValidator(_whole_above_one)] = 0.0
+    cpus_per_worker: _Above0 = 1.0
+    max_failures: Annotated[int, Field(ge=-1)] = 0
+    resource_wait_s: _Above0 = 600.0
     storage_path: str = ""
-    checkpoints_to_keep: int = 2
+    checkpoints_to_keep: _Positive = 2
     experiment: str = "tsesnet"
     registered_model_name: str = "tsesnet"
     register: bool = True
@@ -206,27 +223,41 @@ class RunSettings:
         return sp if "://" in sp else str(Path(sp).expanduser().resolve())
 
 
-def recommended_loss() -> LossConfig:
+@dataclass(kw_only=True)
+class LossSection(LossConfig):
+    """`tsesnet.losses.LossConfig` (the pure-PyTorch core keeps its own plain dataclass) with the
+    ranges of its settings, for the training config's `loss` section."""
+
+    alpha: _NonNegative = LossConfig.alpha
+    beta: _NonNegative = LossConfig.beta
+    tau: _Above0 = LossConfig.tau
+    samples_per_class: _Positive = LossConfig.samples_per_class
+    bce: _NonNegative = LossConfig.bce
+
+
+def recommended_loss() -> LossSection:
     """The recommended recipe's loss: Eq. 10 with the TSC term scaled by τ/τ_base (its gradient no
     longer grows as 1/τ: at the paper's τ = 1e-5 it was ~1e7 times the Dice term's at
     initialisation), τ = 0.1, β = 0.1 (TSC ~1.7× the BCE term's gradient at initialisation), plus
     BCE (soft Dice alone settled on all-foreground on short budgets) and majority labels at
-    coarse levels. `platform/configs/paper.yaml` is the paper's loss as written."""
-    return LossConfig(alpha=0.7, beta=0.1, tau=0.1, bce=1.0, tsc_scale="tau", tsc_labels="majority")
+    coarse levels. `tsesnet/configs/paper.yaml` is the paper's loss as written."""
+    return LossSection(
+        alpha=0.7, beta=0.1, tau=0.1, bce=1.0, tsc_scale="tau", tsc_labels="majority"
+    )
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """The root config: `platform/configs/*.yaml` is its serialisation (unknown keys fail).
+    """The root config: `tsesnet/configs/*.yaml` is its serialisation (unknown keys fail).
 
-    The defaults are the recommended recipe (`platform/configs/recommended.yaml`): the paper's
+    The defaults are the recommended recipe (`tsesnet/configs/recommended.yaml`): the paper's
     network, patch, optimiser and schedule, with the loss of `recommended_loss` and a phase
     embedding before fusion (Eq. 9 cannot see the order of the post-contrast phases). The
-    paper's recipe as written is `platform/configs/paper.yaml`.
+    paper's recipe as written is `tsesnet/configs/paper.yaml`.
     """
 
     model: ModelSpec = field(default_factory=lambda: ModelSpec(phase_embedding=True))
-    loss: LossConfig = field(default_factory=recommended_loss)
+    loss: LossSection = field(default_factory=recommended_loss)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -234,9 +265,7 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The recommended recipe, or a YAML file, with `key=value` overrides applied (type-checked)."""
-    from tsesnet.common import yaml_config
-
+    """The recommended recipe, or a YAML file, with `key=value` overrides applied (validated)."""
     try:
         cfg = yaml_config.load_yaml(TrainConfig, path) if path else TrainConfig()
         if overrides:
@@ -249,104 +278,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-# The valid range of every numeric setting, as an interval ("[" closed, "(" open; for a tuple,
-# of each element). Checked by `check_config` before Ray starts; `tests/test_train.py` walks every
-# numeric key of `TrainConfig` and fails on one missing here.
-RANGES = {
-    "model.phases": "[0, inf)",
-    "model.attn_exact_tokens": "[0, inf)",
-    "loss.alpha": "[0, inf)",
-    "loss.beta": "[0, inf)",
-    "loss.tau": "(0, inf)",
-    "loss.samples_per_class": "[1, inf)",
-    "loss.bce": "[0, inf)",
-    "data.patch": "[1, inf)",
-    "data.fg_fraction": "[0, 1]",
-    "data.cache_bytes": "[0, inf)",
-    "data.intensity_scale": "(0, inf)",
-    "data.intensity_shift": "(-inf, inf)",
-    "data.admit_after": "[1, inf)",
-    "data.patches_per_epoch": "[1, inf)",
-    "data.fold": "[0, inf)",
-    "data.batch_size": "[1, inf)",
-    "data.val_overlap": "[0, 1)",
-    "data.val_batch_size": "[1, inf)",
-    "data.max_val_cases": "[0, inf)",
-    "data.loader_workers": "[0, inf)",
-    "optim.lr": "(0, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.grad_clip": "[0, inf)",
-    "schedule.epochs": "[1, inf)",
-    "schedule.early_stop_patience": "[1, inf)",
-    "schedule.val_every": "[1, inf)",
-    "schedule.checkpoint_every": "[1, inf)",
-    "schedule.seed": "[0, 2147483648)",
-    "run.workers": "[1, inf)",
-    "run.gpus_per_worker": "[0, inf)",
-    "run.cpus_per_worker": "(0, inf)",
-    "run.max_failures": "[-1, inf)",
-    "run.resource_wait_s": "(0, inf)",
-    "run.checkpoints_to_keep": "[1, inf)",
-}
+def _sections() -> dict[str, type]:
+    return {name: schema.unwrap(tp) for name, tp in schema.init_fields(TrainConfig).items()}
 
 
-def _in_range(value: float, spec: str) -> bool:
-    lo_text, hi_text = spec[1:-1].split(",")
-    lo, hi = float(lo_text), float(hi_text)
-    if not math.isfinite(value) and not (math.isinf(value) and math.isinf(lo if value < 0 else hi)):
-        return False  # NaN, or an infinity the interval does not reach
-    above = value > lo if spec[0] == "(" else value >= lo
-    below = value < hi if spec[-1] == ")" else value <= hi
-    return above and below
+def _ranges() -> dict[str, str]:
+    """Dotted key -> the interval its field constraints allow ("[" closed, "(" open; for a
+    tuple, of each item), for every constrained setting."""
+    out = {}
+    for name, section in _sections().items():
+        for key, tp in schema.init_fields(section).items():
+            spec = schema.interval(tp)
+            if spec:
+                out[f"{name}.{key}"] = spec
+    return out
+
+
+# Read from the fields' constraints, not written again: `tests/test_train.py` walks every
+# numeric key of `TrainConfig` and fails on one without a range.
+RANGES = _ranges()
+
+
+def _numeric(tp) -> bool:
+    base = schema.unwrap(tp)
+    if get_origin(base) is tuple:
+        base = schema.unwrap(get_args(base)[0])
+    return base in (int, float)
 
 
 def numeric_settings(cfg: TrainConfig) -> dict[str, float | int | tuple | None]:
-    """Every numeric setting (numbers, tuples of numbers, and optional numbers: None when
-    unset), by dotted key."""
+    """Every numeric setting (numbers, tuples of numbers, optional numbers: None when unset), by
+    dotted key, from the fields' types."""
     out = {}
-    for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            items = value if isinstance(value, tuple | list) else (value,)
-            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
-            if numeric or (value is None and "int" in str(f.type)):
-                out[f"{section.name}.{f.name}"] = value
+    for name, section in _sections().items():
+        hints = get_type_hints(section)
+        for key in schema.init_fields(section):
+            if _numeric(hints[key]):
+                out[f"{name}.{key}"] = getattr(getattr(cfg, name), key)
     return out
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Every numeric setting in its range (`RANGES`), named by its key, before Ray starts.
+    """Every setting of its type and in its range, named by its key, before Ray starts (a config
+    built in Python is checked as a YAML file would be).
 
     Raises:
-        InputError: one line naming the first key out of range, its value and the range.
+        InputError: one line naming the first key that is wrong, its value and its range.
     """
-    for key, value in numeric_settings(cfg).items():
-        spec = RANGES[key]
-        items = value if isinstance(value, tuple | list) else () if value is None else (value,)
-        if not all(_in_range(float(v), spec) for v in items):
-            raise InputError(
-                f"bad config: {key}={_show(value)} is out of range; it must be in {spec}"
-            )
-    g = cfg.run.gpus_per_worker
-    if g > 1 and g != int(g):
-        raise InputError(f"bad config: run.gpus_per_worker={g:g}: above 1 it must be whole")
+    try:
+        yaml_config.validate(cfg)
+    except InputError as err:
+        raise InputError(f"bad config: {err}") from None
     check_model_name(cfg.run.registered_model_name)
 
 
 def check_model_name(name: str) -> str:
     """`run.registered_model_name` as MLflow and `models:/NAME@ALIAS` URIs take it (a name:
     letters, digits, '-', '_', '.'), checked before Ray starts instead of after training."""
-    from tsesnet.common import names
-
     try:
         return names.check(name, "run.registered_model_name")
     except InputError as err:
         raise InputError(f"bad config: {err}") from None
-
-
-def _show(value) -> str:
-    return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple | list) else str(value)
 
 
 # Settings that change how a run goes but not the model it trains (the batches are the same for
@@ -367,8 +359,6 @@ _FIRST_RELEASE = {
 
 def config_hash(cfg: TrainConfig) -> str:
     """A short stable hash of everything that changes the trained model (not `run`)."""
-    from tsesnet.common import yaml_config
-
     d = yaml_config.to_dict(cfg)
     d.pop("run", None)
     for section, key in _NOT_HASHED:  # how the run goes, not what it learns
