@@ -110,8 +110,8 @@ def make_cohort(
         (training store, test case IDs, test store).
     """
     from data_store.ingest import ingest
+    from data_store.phantom import SynthConfig, write_cohort
     from data_store.store import open_store
-    from data_store.synth import SynthConfig, write_cohort
 
     synth = SynthConfig(shape=tuple(shape)) if shape else SynthConfig()
 
