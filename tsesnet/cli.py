@@ -19,7 +19,7 @@ BREAK_LOCK_HELP = (
 )
 
 HANDLERS = {
-    "synth": "data_store.phantom:cli",
+    "synth": "data_store.cli:synth",
     "ingest": "data_store.ingest:cli",
     "store info": "data_store.store:cli_info",
     "store export": "data_store.store:cli_export",

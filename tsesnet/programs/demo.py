@@ -44,7 +44,7 @@ def run_demo(out: str | Path) -> int:
     """Run the six stages into `out`; return the exit status."""
     from data_store import ingest as ingest_mod
     from data_store import store as store_mod
-    from data_store.phantom import write_cohort
+    from data_store.synth import write_cohort
     from tsesnet.serving import evaluate, predict
     from tsesnet.tracking import runs
     from tsesnet.training import config as train_config
