@@ -21,10 +21,12 @@ import pytest
 from nifti_factory import write_cohort
 
 from data_store.errors import InputError
+from data_store.index import init_store
 from data_store.ingest import ingest
 from data_store.location import Owner, StoreLocation, parse_entry, this_host
 from data_store.lock import LOCK_NAME, LockHolder, StoreLock, process_start
-from data_store.store import clean_leftovers, init_store, open_store
+from data_store.store import open_store
+from data_store.store_writer import clean_leftovers
 from tsesnet.cli import main
 
 TSESNET = str(Path(sys.executable).parent / "tsesnet")

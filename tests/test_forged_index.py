@@ -19,8 +19,9 @@ from nifti_factory import write_cohort
 from test_store import build_store
 
 from data_store.errors import InputError
-from data_store.location import check_case_id
-from data_store.store import StoreLocation, open_store, write_index
+from data_store.index import write_index
+from data_store.location import StoreLocation, check_case_id
+from data_store.store import open_store
 from tsesnet.cli import main
 
 _SEEN: list[str] | None = None  # the paths opened or listed while recording

@@ -76,12 +76,13 @@ def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session, monke
 
 CRASH = """
 import os, sys
-import data_store.store as st
+import data_store.store_writer as st
+from data_store.location import StoreLocation
 from data_store.layouts import discover
 from data_store.loading import load_case
 
 src, store = sys.argv[1], sys.argv[2]
-location = st.StoreLocation.parse(store)
+location = StoreLocation.parse(store)
 by_id = {s.case_id: s for s in discover(src)}
 st.write_case(location, load_case(by_id["case_002"]))  # complete, but the index never updated
 calls = [0]

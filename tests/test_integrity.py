@@ -163,7 +163,7 @@ def _fold(doc: dict) -> int:
 
 
 def test_fingerprint_covers_what_is_stored(tmp_path, monkeypatch):
-    import data_store.store as store_module
+    import data_store.store_writer as store_writer
 
     write_cohort("nnunet", tmp_path / "src", n_cases=2, phases=2)
     a = build_store(tmp_path / "src", tmp_path / "a")
@@ -172,15 +172,17 @@ def test_fingerprint_covers_what_is_stored(tmp_path, monkeypatch):
     # other chunk bytes (another codec, as another Blosc build might write), the same values
     from zarr.codecs import ZstdCodec
 
-    monkeypatch.setattr(store_module, "_codecs", lambda: [ZstdCodec(level=3)])
+    monkeypatch.setattr(store_writer, "_codecs", lambda: [ZstdCodec(level=3)])
     c = build_store(tmp_path / "src", tmp_path / "c")
     files = [s.case_attrs("case_000")["integrity"]["arrays"]["image"]["files"] for s in (a, c)]
     assert files[0] != files[1] and c.fingerprint == a.fingerprint
     monkeypatch.undo()
     # same sources, different stored values (a bad writer, a hand edit with a new record)
+    from data_store.index import write_index
     from data_store.layouts import discover
     from data_store.loading import load_case
-    from data_store.store import StoreLocation, write_case, write_index
+    from data_store.location import StoreLocation
+    from data_store.store_writer import write_case
 
     loaded = load_case(discover(tmp_path / "src")[0])
     loaded.image[0, 0, 0, 0] += 1

@@ -16,20 +16,15 @@ import numpy as np
 import pytest
 from nifti_factory import write_cohort
 
+from data_store.cli import export_case
 from data_store.errors import InputError
+from data_store.index import assign_folds, init_store, write_index
 from data_store.layouts import discover
 from data_store.loading import load_case
+from data_store.location import StoreLocation
 from data_store.normalize import intensity_percentiles, normalize_intensity
-from data_store.store import (
-    StoreLocation,
-    assign_folds,
-    clean_leftovers,
-    export_case,
-    init_store,
-    open_store,
-    write_case,
-    write_index,
-)
+from data_store.store import open_store
+from data_store.store_writer import clean_leftovers, write_case
 from tsesnet.cli import main
 
 NIB_DATA = Path(nibabel.tests.__file__).parent / "data"

@@ -94,9 +94,12 @@ def build_store(tmp: Path):
     Returns:
         (store, case ID, ingest seconds, the phase files).
     """
+    from data_store.index import init_store, write_index
     from data_store.layouts import discover
     from data_store.loading import load_case
-    from data_store.store import StoreLocation, init_store, open_store, write_case, write_index
+    from data_store.location import StoreLocation
+    from data_store.store import open_store
+    from data_store.store_writer import write_case
 
     image = phantom()  # (T, Z, Y, X), written in file order (i=X, j=Y, k=Z): RAS
     affine = np.diag([0.7, 0.7, 1.5, 1.0])

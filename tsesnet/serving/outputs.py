@@ -129,7 +129,7 @@ def check_safe_id(case_id: str) -> None:
     The rule is ingest's (`data_store.store.check_case_id`: no path separators, control
     characters or hidden names).
     """
-    from data_store.store import check_case_id
+    from data_store.location import check_case_id
 
     try:
         check_case_id(case_id)
