@@ -155,7 +155,7 @@ def export_case(store: Store, case_id: str, out: str | os.PathLike) -> list[Path
     Shape, affine, qform/sform codes and voxel values equal the source files' (voxel dtype is
     the stored one: the source's, native byte order).
     """
-    from data_store.geometry import write_nifti
+    from data_store.nifti import write_nifti
 
     case = store.read_case(case_id)
     out = Path(out)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from data_store.errors import InputError
-from data_store.geometry import Geometry, ReadOptions
+from data_store.nifti import Geometry, ReadOptions
 
 __all__ = [
     "MR_SOP_CLASSES",

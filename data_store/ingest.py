@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 from data_store.errors import InputError
 
 if TYPE_CHECKING:  # annotations only; the modules are imported where they are used
-    from data_store.geometry import ReadOptions
     from data_store.layouts import CaseSource
     from data_store.location import StoreLocation
+    from data_store.nifti import ReadOptions
 
 __all__ = ["IngestReport", "cli", "ingest"]
 
@@ -372,7 +372,7 @@ def cli(args: argparse.Namespace) -> int:
     """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
     any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
     """
-    from data_store.geometry import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
+    from data_store.nifti import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
     max_gib = getattr(args, "max_image_gib", None)
     if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):

@@ -24,9 +24,9 @@ from nifti_factory import (
 )
 
 from data_store.errors import InputError
-from data_store.geometry import ReadOptions
 from data_store.layouts import discover
 from data_store.loading import AFFINE_TOL_MM, load_case
+from data_store.nifti import ReadOptions
 
 CASE = "case_000"
 Breaker = Callable[[Path], Path]

@@ -294,7 +294,7 @@ def atomic_write(path: Path, write) -> None:
 def write_mask(path: Path, vol_zyx, geometry, dtype) -> None:
     """A (Z, Y, X) volume as NIfTI on `geometry`'s original grid, atomically (its folder is
     created if missing: `path` comes from `output_paths`, checked to lie inside OUT)."""
-    from data_store.geometry import write_nifti
+    from data_store.nifti import write_nifti
 
     if isinstance(path, ObjectPath):
         upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")
