@@ -397,7 +397,7 @@ def check_values(location: StoreLocation, case_id: str, attrs: dict[str, Any]) -
 
 
 def _bad_values(attrs: dict[str, Any]) -> str | None:
-    from data_store.nifti import Geometry
+    from data_store.geometry import Geometry
 
     shape = tuple(int(s) for s in attrs["shape"])
     spacing = tuple(float(s) for s in attrs["spacing"])

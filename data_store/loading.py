@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
+from data_store.geometry import Geometry
 from data_store.layouts import CaseSource
-from data_store.nifti import Geometry, NiftiVolume, ReadOptions, read_nifti
+from data_store.nifti import NiftiVolume, ReadOptions, read_nifti
 
 __all__ = ["AFFINE_TOL_MM", "LoadedCase", "affine_mismatch_mm", "file_sha256", "load_case"]
 

@@ -1,6 +1,6 @@
 """The Zarr v3 case store: its on-disk format and the reader API (`Store`, `open_store`).
 
-Shape legend: T phases, Z Y X voxels in canonical order (see `data_store.nifti`).
+Shape legend: T phases, Z Y X voxels in canonical order (see `data_store.geometry`).
 
 Layout (one Zarr v3 hierarchy; a local path or any fsspec URL, e.g. ``s3://bucket/store``)::
 
@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from data_store.errors import InputError
+from data_store.geometry import Geometry
 from data_store.index import SPLITS, IndexEntry, load_index
 from data_store.integrity import (
     ARRAYS,
@@ -62,7 +63,6 @@ from data_store.integrity import (
     check_values,
 )
 from data_store.location import StoreLocation
-from data_store.nifti import Geometry
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 from data_store.errors import InputError
 
 if TYPE_CHECKING:
-    from data_store.nifti import Geometry
+    from data_store.geometry import Geometry
 
 # nnU-Net's image folders -> the `CaseSource.subset` discover gives their cases.
 _NNUNET_IMAGES = {"imagesTr": "train", "imagesTs": "test"}

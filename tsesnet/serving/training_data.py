@@ -10,7 +10,7 @@ A case is unlike the training data, and prediction warns (it still predicts), wh
 
 - its phase count T lies outside [lo, hi];
 - its voxel spacing on an axis is below ``min / 1.5`` or above ``max * 1.5`` (mm, in the
-  store's canonical axis order Z, Y, X, as `data_store.nifti.Geometry.spacing` gives it);
+  store's canonical axis order Z, Y, X, as `data_store.geometry.Geometry.spacing` gives it);
 - its phase-0 file's orientation (nibabel's axis codes of its affine, e.g. ``LPS``; see
   `Geometry.orientation`) is not among the training orientations.
 

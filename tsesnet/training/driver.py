@@ -474,7 +474,7 @@ def training_data(store: str, case_ids) -> dict:
     about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations."""
     import numpy as np
 
-    from data_store.nifti import Geometry
+    from data_store.geometry import Geometry
     from data_store.store import open_store
 
     st = open_store(store)
