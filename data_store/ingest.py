@@ -13,7 +13,7 @@ compared with what is stored (`data_store.store_writer.stored_differs`: attribut
 record, every file's and decoded array's checksum): it is "unchanged" only if all agree, else it
 is written again, with the reason (an edited attribute, a forged record, no record at all). A
 case whose sources changed, or that is new, is validated and loaded
-(`data_store.loading.load_case`) and written under a temporary name, read back, recorded and
+(`data_store.source_reader.load_case`) and written under a temporary name, read back, recorded and
 renamed into place (`data_store.store_writer.write_case`). A stored case that is damaged (a
 missing or truncated chunk, a missing array) is written again from its sources: a rerun repairs
 it. A bad case is one line ``case X: FILE: problem``; it is skipped, the other cases are stored,
@@ -100,7 +100,7 @@ def _ingest_one(
 ) -> tuple[str, Any]:
     """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line) |
     ("rewritten", "case X: why")."""
-    from data_store.loading import file_sha256, load_case
+    from data_store.source_reader import file_sha256, load_case
     from data_store.store_writer import source_roles, stored_differs, write_case
 
     try:

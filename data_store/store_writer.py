@@ -115,7 +115,8 @@ def write_case(location: StoreLocation | str, loaded: Any) -> dict[str, Any]:
 
     Args:
         location: the store (it must exist: `init_store`).
-        loaded: a `data_store.loading.LoadedCase` (image (T, Z, Y, X), mask (Z, Y, X) or None).
+        loaded: a `data_store.source_reader.LoadedCase` (image (T, Z, Y, X), mask (Z, Y, X) or
+            None).
 
     Returns:
         The case's root-index summary (`case_summary`).
@@ -325,7 +326,7 @@ def _rename_into_place(location: StoreLocation, tmp: str, case_id: str) -> None:
 
 
 def _sha(source: dict) -> str:
-    from data_store.loading import file_sha256
+    from data_store.source_reader import file_sha256
 
     return file_sha256(source["path"])
 

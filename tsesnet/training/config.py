@@ -106,7 +106,7 @@ class DataConfig(SamplerConfig):
 
     def resolved_loader_workers(self, cpus_per_worker: float, gpu: bool) -> tuple[int, str | None]:
         """(loader processes for one training worker, a note when the request was capped)."""
-        from data_store.loader import capped_workers
+        from data_store.patch_loader import capped_workers
 
         if self.loader_workers is None:
             free = max(0, int(cpus_per_worker) - 1)

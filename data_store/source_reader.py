@@ -1,4 +1,5 @@
-"""Validation and loading of one case into memory, in the store's canonical orientation.
+"""The reader of one case's source files (NIfTI or DICOM, as `data_store.layouts` found them):
+validated and loaded into memory in the store's canonical orientation (`load_case`).
 
 Shape legend: T phases, Z Y X canonical voxels, i j k voxels in file order.
 
