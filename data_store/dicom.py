@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from data_store.errors import InputError
-from data_store.geometry import Geometry, ReadOptions
+from data_store.geometry import Geometry
+from data_store.nifti import ReadOptions
 
 __all__ = [
     "MR_SOP_CLASSES",

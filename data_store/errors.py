@@ -18,8 +18,9 @@ class InputError(ValueError):
 class LoaderError(RuntimeError):
     """Background loading failed: a loader process died or stalled, or a patch could not be read.
 
-    Raised by `data_store.loader` instead of hanging; catch it around an epoch. `str(err)` is one
-    line: ``case ID: epoch E, patch I: problem`` (the case is absent when none was being read).
+    Raised by `data_store.patch_loader` instead of hanging; catch it around an epoch. `str(err)`
+    is one line: ``case ID: epoch E, patch I: problem`` (the case is absent when none was being
+    read).
 
     Attributes:
         case: the case being read, or None.

@@ -9,14 +9,15 @@ no longer runs (killed) is taken over, and the run says so.
 
 Each task checksums the case's source files. When the store holds the case with the same
 checksums (by role: phase0, phase1, ..., image4d, mask), the case is loaded from its sources and
-compared with what is stored (`data_store.store.stored_differs`: attributes, integrity record,
-every file's and decoded array's checksum): it is "unchanged" only if all agree, else it is
-written again, with the reason (an edited attribute, a forged record, no record at all). A case
-whose sources changed, or that is new, is validated and loaded (`data_store.loading.load_case`)
-and written under a temporary name, read back, recorded and renamed into place
-(`data_store.store.write_case`). A stored case that is damaged (a missing or truncated chunk, a
-missing array) is written again from its sources: a rerun repairs it. A bad case is one line
-``case X: FILE: problem``; it is skipped, the other cases are stored, and the exit status is 1.
+compared with what is stored (`data_store.store_writer.stored_differs`: attributes, integrity
+record, every file's and decoded array's checksum): it is "unchanged" only if all agree, else it
+is written again, with the reason (an edited attribute, a forged record, no record at all). A
+case whose sources changed, or that is new, is validated and loaded
+(`data_store.source_reader.load_case`) and written under a temporary name, read back, recorded and
+renamed into place (`data_store.store_writer.write_case`). A stored case that is damaged (a
+missing or truncated chunk, a missing array) is written again from its sources: a rerun repairs
+it. A bad case is one line ``case X: FILE: problem``; it is skipped, the other cases are stored,
+and the exit status is 1.
 Folds are part of the store: a rerun without ``--folds`` keeps the store's number of folds; a
 ``--folds K`` that differs is refused (nothing changed) unless ``--refold`` is given, since it
 moves cases between folds (the fingerprint covers the folds, so runs on "fold 0" before and
@@ -44,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 from data_store.errors import InputError
 
 if TYPE_CHECKING:  # annotations only; the modules are imported where they are used
-    from data_store.geometry import ReadOptions
     from data_store.layouts import CaseSource
     from data_store.location import StoreLocation
+    from data_store.nifti import ReadOptions
 
 __all__ = ["IngestReport", "cli", "ingest"]
 
@@ -99,8 +100,8 @@ def _ingest_one(
 ) -> tuple[str, Any]:
     """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line) |
     ("rewritten", "case X: why")."""
-    from data_store.loading import file_sha256, load_case
-    from data_store.store import source_roles, stored_differs, write_case
+    from data_store.source_reader import file_sha256, load_case
+    from data_store.store_writer import source_roles, stored_differs, write_case
 
     try:
         if stored_checksums is not None and source.problem is None:
@@ -173,8 +174,9 @@ def ingest(
             store path that holds something else, or a store another writer holds longer
             than `wait`, or ``folds`` differs from the store's without ``refold``.
     """
+    from data_store.index import init_store
     from data_store.lock import StoreLock
-    from data_store.store import clean_leftovers, init_store
+    from data_store.store_writer import clean_leftovers
 
     if folds is not None and folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
@@ -238,7 +240,7 @@ class _Plan:
 def _discover(src: str | os.PathLike, layout: str) -> list[CaseSource]:
     """The source's cases, each with a case ID usable as a store name."""
     from data_store.layouts import discover
-    from data_store.store import check_case_id
+    from data_store.location import check_case_id
 
     sources = discover(Path(src).absolute(), layout)  # absolute: tasks may run elsewhere
     for s in sources:
@@ -288,8 +290,8 @@ def _keep_folds(location: StoreLocation, folds: int | None, refold: bool) -> tup
 def _stored_cases(location: StoreLocation) -> tuple[dict[str, list], dict[str, str]]:
     """(case ID -> [[role, sha256], ...] of every intact stored case, case ID -> the first
     problem of every damaged one): a damaged case is never skipped as unchanged."""
+    from data_store.index import scan_cases
     from data_store.integrity import check_stored
-    from data_store.store import scan_cases
 
     intact, damaged = {}, {}
     for cid, attrs in scan_cases(location).items():
@@ -309,7 +311,7 @@ def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
     """
     from tqdm import tqdm
 
-    from data_store.store import write_index
+    from data_store.index import write_index
 
     task = ray.remote(num_cpus=1, max_retries=0)(_ingest_one)
     pending: dict = {}  # ObjectRef -> CaseSource
@@ -370,7 +372,7 @@ def cli(args: argparse.Namespace) -> int:
     """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
     any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
     """
-    from data_store.geometry import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
+    from data_store.nifti import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
     max_gib = getattr(args, "max_image_gib", None)
     if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):

@@ -40,8 +40,8 @@ rejects the case naming it rather than storing it with a phase silently missing.
 Problems that concern the whole source (unknown layout, no cases, duplicate case IDs, a broken
 ``dataset.json``) raise `InputError` here. Problems of one case (no pre-contrast file, two files
 for one phase, a mask without an image, an unexpected file name) are recorded in
-`CaseSource.problem` and raised by `data_store.loading.load_case`, so an ingest skips that case
-and stores the others. Case IDs that differ only in letter case are duplicates (they would
+`CaseSource.problem` and raised by `data_store.source_reader.load_case`, so an ingest skips that
+case and stores the others. Case IDs that differ only in letter case are duplicates (they would
 collide on a case-insensitive file system).
 """
 

@@ -198,7 +198,7 @@ def repair_orphans(path: str, *, wait: float = 60.0, break_lock: bool = False) -
     """
     from data_store.index import load_index
     from data_store.lock import StoreLock
-    from data_store.store import clean_leftovers
+    from data_store.store_writer import clean_leftovers
 
     location = StoreLocation.parse(path)
     command = f"tsesnet store verify {path} --repair"

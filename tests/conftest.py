@@ -51,7 +51,8 @@ def tiny_store(tmp_path_factory, ray_session):
     2 validation cases.
     """
     from data_store.ingest import ingest
-    from data_store.synth import SynthConfig, write_cohort
+    from data_store.phantom import SynthConfig
+    from data_store.synth import write_cohort
 
     d = tmp_path_factory.mktemp("tiny_store")
     write_cohort(d / "raw", 4, seed=0, config=SynthConfig(shape=(16, 32, 32), phases=3))

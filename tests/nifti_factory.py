@@ -4,9 +4,10 @@ Every writer takes a root folder (usually pytest's ``tmp_path``) and returns
 ``{case_id: WrittenCase}`` with the arrays it wrote in *file* order, so a test can compare what
 comes back from loading (canonical order, via ``Geometry.to_canonical``) or from an export.
 
-    from nifti_factory import write_cohort, write_nnunet  # tests/ is on sys.path under pytest
+    # tests/ is on sys.path under pytest
+    from nifti_factory import write_layout_cohort, write_nnunet
     cases = write_nnunet(tmp_path, n_cases=2, phases=3, affine="lps")
-    cases = write_cohort("bts", tmp_path, missing={"C1_2": (2, 3, 4, 5)})
+    cases = write_layout_cohort("bts", tmp_path, missing={"C1_2": (2, 3, 4, 5)})
 
 Voxels are deterministic by `seed`: a smooth-ish random background plus an enhancing box, and
 the mask is that box (values {0, 1}). Arrays are tiny (default 6 x 7 x 8) so tests stay fast.
@@ -293,7 +294,7 @@ WRITERS = {
 }
 
 
-def write_cohort(layout: str, root: Path, **kwargs) -> dict[str, WrittenCase]:
+def write_layout_cohort(layout: str, root: Path, **kwargs) -> dict[str, WrittenCase]:
     """Writes a small cohort in `layout` ("nnunet", "mamamia", "bts", "nifti4d")."""
     return WRITERS[layout](root, **kwargs)
 

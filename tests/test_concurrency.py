@@ -18,13 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from nifti_factory import write_cohort
+from nifti_factory import write_layout_cohort
 
 from data_store.errors import InputError
+from data_store.index import init_store
 from data_store.ingest import ingest
 from data_store.location import Owner, StoreLocation, parse_entry, this_host
 from data_store.lock import LOCK_NAME, LockHolder, StoreLock, process_start
-from data_store.store import clean_leftovers, init_store, open_store
+from data_store.store import open_store
+from data_store.store_writer import clean_leftovers
 from tsesnet.cli import main
 
 TSESNET = str(Path(sys.executable).parent / "tsesnet")
@@ -55,7 +57,7 @@ def empty_store(tmp_path) -> Path:
 
 
 def test_second_writer_waits_then_fails_naming_the_holder(tmp_path, empty_store):
-    write_cohort("nnunet", tmp_path / "src", n_cases=1)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=1)
     with StoreLock(StoreLocation.parse(empty_store), command="tsesnet ingest first") as held:
         start = time.monotonic()
         proc = subprocess.run(
@@ -102,7 +104,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_said(empty_store):
 def test_a_reader_during_a_write_is_told_who_writes(tmp_path):
     """An ingest replacing a case leaves index and case apart until it ends: readers refuse,
     naming the writer, instead of reading a mix."""
-    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2)
     from test_store import build_store
 
     build_store(tmp_path / "src", tmp_path / "store")
@@ -200,8 +202,10 @@ def _ray_env(ray_session) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_ingests_at_once_both_land_intact(tmp_path, ray_session, capsys):
-    write_cohort("nnunet", tmp_path / "a", n_cases=3, shape=(64, 64, 32))
-    write_cohort("mamamia", tmp_path / "b", case_ids=("DUKE_001", "DUKE_002"), shape=(64, 64, 32))
+    write_layout_cohort("nnunet", tmp_path / "a", n_cases=3, shape=(64, 64, 32))
+    write_layout_cohort(
+        "mamamia", tmp_path / "b", case_ids=("DUKE_001", "DUKE_002"), shape=(64, 64, 32)
+    )
     store = tmp_path / "store"
     procs = [
         subprocess.Popen(
@@ -232,7 +236,7 @@ def test_two_ingests_at_once_both_land_intact(tmp_path, ray_session, capsys):
 
 @pytest.mark.slow
 def test_kill_9_during_ingest_then_a_rerun_repairs(tmp_path, ray_session, capsys):
-    write_cohort("nnunet", tmp_path / "src", n_cases=6, shape=(96, 96, 48))
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=6, shape=(96, 96, 48))
     store = tmp_path / "store"
     proc = subprocess.Popen(
         [TSESNET, "ingest", str(tmp_path / "src"), str(store), "--workers", "2"],
@@ -284,7 +288,7 @@ def test_rerun_repairs_a_partial_case(tmp_path, ray_session, capsys):
     line on export (not KeyError), and a rerun must not call it unchanged but write it again."""
     import shutil
 
-    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=3)
     ingest(tmp_path / "src", tmp_path / "store", progress=False)
     shutil.rmtree(tmp_path / "store" / "case_001" / "image")
     out = tmp_path / "out"
@@ -411,7 +415,7 @@ def test_unknown_lock_on_an_object_store(tmp_path):
 
 
 def test_ingest_cli_names_break_lock(tmp_path, empty_store):
-    write_cohort("nnunet", tmp_path / "src", n_cases=1)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=1)
     (empty_store / LOCK_NAME).write_bytes(b"")
     argv = [TSESNET, "ingest", str(tmp_path / "src"), str(empty_store), "--wait", "0"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -23,9 +23,9 @@ from pydicom.uid import generate_uid
 
 from data_store.dicom import SEG_SOP_CLASS, read_seg_mask, study_case_id
 from data_store.errors import InputError
-from data_store.geometry import ReadOptions
 from data_store.layouts import detect_layout, discover
-from data_store.loading import load_case
+from data_store.nifti import ReadOptions
+from data_store.source_reader import load_case
 from tsesnet.serving.dicom_seg import write_seg
 
 IDENTIFYING = (b"DOE^JANE", b"PID-12345", b"19700101", b"ACC42")

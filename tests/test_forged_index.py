@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from nifti_factory import write_cohort
+from nifti_factory import write_layout_cohort
 from test_store import build_store
 
 from data_store.errors import InputError
-from data_store.location import check_case_id
-from data_store.store import StoreLocation, open_store, write_index
+from data_store.index import write_index
+from data_store.location import StoreLocation, check_case_id
+from data_store.store import open_store
 from tsesnet.cli import main
 
 _SEEN: list[str] | None = None  # the paths opened or listed while recording
@@ -62,7 +63,7 @@ def _outside(seen: list[str], root: Path, allowed: Path) -> list[str]:
 @pytest.fixture()
 def site(tmp_path) -> Path:
     """tmp/site/store (two cases) and tmp/victim/precious: a real case group outside it."""
-    write_cohort("nnunet", tmp_path / "src", n_cases=2, phases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2, phases=2)
     build_store(tmp_path / "src", tmp_path / "site" / "store")
     victim = tmp_path / "victim" / "precious"
     shutil.copytree(tmp_path / "site" / "store" / "case_000", victim)

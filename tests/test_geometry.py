@@ -13,9 +13,10 @@ from nibabel.testing import data_path
 from nifti_factory import AFFINE_KINDS, make_affine, make_arrays, save_nifti
 
 from data_store.errors import InputError
-from data_store.geometry import Geometry, read_nifti, write_nifti
+from data_store.geometry import Geometry
 from data_store.layouts import discover
-from data_store.loading import load_case
+from data_store.nifti import read_nifti, write_nifti
+from data_store.source_reader import load_case
 
 NIBABEL_DATA = Path(data_path)
 SHAPE = (6, 7, 8)  # file (i, j, k)

@@ -145,9 +145,9 @@ def test_workers_that_cannot_be_placed_are_refused_in_one_line(
 @pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
 def test_max_image_gib_must_be_a_positive_number(tmp_path, value):
     """Before: `nan` gave a traceback (int(nan)); 0 silently meant the default."""
-    from nifti_factory import write_cohort
+    from nifti_factory import write_layout_cohort
 
-    write_cohort("nnunet", tmp_path / "src", n_cases=1)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=1)
     out = _tsesnet(tmp_path, "ingest", str(tmp_path / "src"), str(tmp_path / "store"),
                    "--max-image-gib", value)  # fmt: skip
     line = _one_error_line(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nifti_factory import save_nifti, write_cohort
+from nifti_factory import save_nifti, write_layout_cohort
 
 from data_store.ingest import ingest
 from data_store.store import open_store
@@ -19,7 +19,7 @@ from tsesnet.cli import main
 @pytest.mark.parametrize("layout", ["nnunet", "mamamia", "bts", "nifti4d"])
 def test_every_layout_ingests(tmp_path, ray_session, layout):
     kwargs = {"test_cases": 1} if layout == "nnunet" else {}
-    cases = write_cohort(layout, tmp_path / "src", **kwargs)
+    cases = write_layout_cohort(layout, tmp_path / "src", **kwargs)
     report = ingest(tmp_path / "src", tmp_path / "store", workers=2, progress=False)
     assert report.ok and report.stored == sorted(cases) and report.n_cases == len(cases)
     store = open_store(tmp_path / "store")
@@ -33,10 +33,10 @@ def test_every_layout_ingests(tmp_path, ray_session, layout):
 
 
 def test_bad_case_among_good_ones(tmp_path, ray_session, capsys):
-    write_cohort("mamamia", tmp_path / "first")
+    write_layout_cohort("mamamia", tmp_path / "first")
     assert main(["ingest", str(tmp_path / "first"), str(tmp_path / "store")]) == 0
     before = open_store(tmp_path / "store").case_ids
-    cases = write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    cases = write_layout_cohort("nnunet", tmp_path / "src", n_cases=3)
     bad = cases["case_001"].phase_files[1]
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     capsys.readouterr()
@@ -56,7 +56,7 @@ def test_bad_case_among_good_ones(tmp_path, ray_session, capsys):
 
 def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: the Ray tasks get absolute ones
-    cases = write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    cases = write_layout_cohort("nnunet", tmp_path / "src", n_cases=3)
     first = ingest("src", "store", progress=False)
     assert first.stored == sorted(cases)
     again = ingest(tmp_path / "src", tmp_path / "store", progress=False)
@@ -76,12 +76,13 @@ def test_rerun_skips_unchanged_and_replaces_changed(tmp_path, ray_session, monke
 
 CRASH = """
 import os, sys
-import data_store.store as st
+import data_store.store_writer as st
+from data_store.location import StoreLocation
 from data_store.layouts import discover
-from data_store.loading import load_case
+from data_store.source_reader import load_case
 
 src, store = sys.argv[1], sys.argv[2]
-location = st.StoreLocation.parse(store)
+location = StoreLocation.parse(store)
 by_id = {s.case_id: s for s in discover(src)}
 st.write_case(location, load_case(by_id["case_002"]))  # complete, but the index never updated
 calls = [0]
@@ -99,10 +100,10 @@ st.write_case(location, load_case(by_id["case_003"]))
 
 
 def test_crash_mid_write_then_rerun(tmp_path, ray_session):
-    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2)
     ingest(tmp_path / "src", tmp_path / "store", progress=False)
     kept = open_store(tmp_path / "store").read_case("case_000").image
-    write_cohort("nnunet", tmp_path / "src", n_cases=4)  # same first two, two new cases
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=4)  # same first two, two new cases
     script = textwrap.dedent(CRASH)
     proc = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "src"), str(tmp_path / "store")],
@@ -131,7 +132,7 @@ def _hostile_cohort(root: Path) -> dict[str, str]:
     import nibabel as nib
     from nifti_factory import forge_header, make_affine, make_arrays, save_without_spacing
 
-    write_cohort("nnunet", root, n_cases=3, phases=2, dataset_json=False)
+    write_layout_cohort("nnunet", root, n_cases=3, phases=2, dataset_json=False)
     images = root / "imagesTr"
     image, _ = make_arrays(phases=2)
     expected = {}
@@ -211,7 +212,7 @@ def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
     sources with a record: the store is upgraded, to the fingerprint of a fresh ingest."""
     from test_integrity import _strip_records
 
-    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2)
     fresh = ingest(tmp_path / "src", tmp_path / "store", progress=False)
     _strip_records(tmp_path / "store")
     before = open_store(tmp_path / "store").fingerprint
@@ -220,7 +221,7 @@ def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
     assert all(line.endswith("it has no integrity record") for line in again.rewritten)
     assert again.fingerprint == fresh.fingerprint != before
     assert again.previous_fingerprint == before
-    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=3)
     more = ingest(tmp_path / "src", tmp_path / "store", progress=False)
     store = open_store(tmp_path / "store")
     assert more.stored == ["case_002"] and more.skipped == ["case_000", "case_001"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nifti_factory import write_cohort
+from nifti_factory import write_layout_cohort
 from test_store import build_store
 
 from data_store.errors import InputError
@@ -27,7 +27,7 @@ SHAPE = (70, 70, 30)  # file (i, j, k): canonical (30, 70, 70), 2x2x2 chunks of 
 
 @pytest.fixture()
 def store_path(tmp_path) -> Path:
-    write_cohort("nnunet", tmp_path / "src", n_cases=3, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=3, phases=2, shape=SHAPE)
     build_store(tmp_path / "src", tmp_path / "store", folds=2)
     return tmp_path / "store"
 
@@ -163,24 +163,26 @@ def _fold(doc: dict) -> int:
 
 
 def test_fingerprint_covers_what_is_stored(tmp_path, monkeypatch):
-    import data_store.store as store_module
+    import data_store.store_writer as store_writer
 
-    write_cohort("nnunet", tmp_path / "src", n_cases=2, phases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2, phases=2)
     a = build_store(tmp_path / "src", tmp_path / "a")
     b = build_store(tmp_path / "src", tmp_path / "b")
     assert a.fingerprint == b.fingerprint  # same sources, same stored values
     # other chunk bytes (another codec, as another Blosc build might write), the same values
     from zarr.codecs import ZstdCodec
 
-    monkeypatch.setattr(store_module, "_codecs", lambda: [ZstdCodec(level=3)])
+    monkeypatch.setattr(store_writer, "_codecs", lambda: [ZstdCodec(level=3)])
     c = build_store(tmp_path / "src", tmp_path / "c")
     files = [s.case_attrs("case_000")["integrity"]["arrays"]["image"]["files"] for s in (a, c)]
     assert files[0] != files[1] and c.fingerprint == a.fingerprint
     monkeypatch.undo()
     # same sources, different stored values (a bad writer, a hand edit with a new record)
+    from data_store.index import write_index
     from data_store.layouts import discover
-    from data_store.loading import load_case
-    from data_store.store import StoreLocation, write_case, write_index
+    from data_store.location import StoreLocation
+    from data_store.source_reader import load_case
+    from data_store.store_writer import write_case
 
     loaded = load_case(discover(tmp_path / "src")[0])
     loaded.image[0, 0, 0, 0] += 1

@@ -7,16 +7,16 @@ import shutil
 
 import numpy as np
 import pytest
-from nifti_factory import make_affine, save_nifti, write_cohort
+from nifti_factory import make_affine, save_nifti, write_layout_cohort
 
 from data_store.errors import InputError
 from data_store.layouts import LAYOUTS, detect_layout, discover
-from data_store.loading import load_case
+from data_store.source_reader import load_case
 
 
 @pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - {"dicom"}))  # dicom: test_dicom.py
 def test_every_layout_is_detected_and_loads(tmp_path, layout):
-    written = write_cohort(layout, tmp_path)
+    written = write_layout_cohort(layout, tmp_path)
     assert detect_layout(tmp_path) == layout
     sources = discover(tmp_path)
     assert [s.case_id for s in sources] == sorted(written)
@@ -35,7 +35,7 @@ def test_every_layout_is_detected_and_loads(tmp_path, layout):
 
 
 def test_nnunet_train_test_and_dataset_json(tmp_path):
-    write_cohort("nnunet", tmp_path, n_cases=2, test_cases=1, phases=3)
+    write_layout_cohort("nnunet", tmp_path, n_cases=2, test_cases=1, phases=3)
     sources = {s.case_id: s for s in discover(tmp_path)}
     assert [s.subset for s in sources.values()] == ["train", "train", "test"]
     assert sources["case_002"].mask_file is None and not sources["case_002"].labelled
@@ -54,8 +54,8 @@ def test_nnunet_train_test_and_dataset_json(tmp_path):
 
 
 def test_phase_counts_may_differ_between_cases(tmp_path):
-    write_cohort("nnunet", tmp_path / "a", n_cases=1, phases=2, dataset_json=False)
-    written = write_cohort("nnunet", tmp_path / "b", n_cases=2, phases=4, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path / "a", n_cases=1, phases=2, dataset_json=False)
+    written = write_layout_cohort("nnunet", tmp_path / "b", n_cases=2, phases=4, dataset_json=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b", dirs_exist_ok=True)  # case_000: 2 phases
     for f in written["case_000"].phase_files[2:]:
         f.unlink()
@@ -64,7 +64,7 @@ def test_phase_counts_may_differ_between_cases(tmp_path):
 
 
 def test_mamamia_site_times_and_lowercase_files(tmp_path):
-    write_cohort("mamamia", tmp_path, case_ids=("DUKE_001", "ISPY1_1001"), phases=3)
+    write_layout_cohort("mamamia", tmp_path, case_ids=("DUKE_001", "ISPY1_1001"), phases=3)
     sources = {s.case_id: s for s in discover(tmp_path)}
     assert sources["DUKE_001"].site == "DUKE" and sources["ISPY1_1001"].site == "ISPY1"
     assert sources["DUKE_001"].times == (0.0, 90.0, 180.0)
@@ -73,14 +73,14 @@ def test_mamamia_site_times_and_lowercase_files(tmp_path):
 
 
 def test_mamamia_without_times_or_masks(tmp_path):
-    write_cohort("mamamia", tmp_path, case_ids=("NACT_01",), times=False)
+    write_layout_cohort("mamamia", tmp_path, case_ids=("NACT_01",), times=False)
     shutil.rmtree(tmp_path / "segmentations")
     (source,) = discover(tmp_path)
     assert source.times is None and source.mask_file is None
 
 
 def test_bts_missing_phases_sites_and_lists(tmp_path):
-    write_cohort(
+    write_layout_cohort(
         "bts",
         tmp_path,
         centres={"C1": 2, "C2": 1},
@@ -107,7 +107,7 @@ def test_bts_missing_phases_sites_and_lists(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["_mask", "_seg"])
 def test_nifti4d_mask_naming_and_single_file(tmp_path, suffix):
-    written = write_cohort("nifti4d", tmp_path, mask_suffix=suffix, unlabelled=("dyn01",))
+    written = write_layout_cohort("nifti4d", tmp_path, mask_suffix=suffix, unlabelled=("dyn01",))
     sources = {s.case_id: s for s in discover(tmp_path)}
     assert sources["dyn00"].mask_file.name == f"dyn00{suffix}.nii.gz"
     assert sources["dyn01"].mask_file is None
@@ -134,7 +134,7 @@ def test_empty_or_unknown_source_lists_layouts(tmp_path, make):
 
 
 def test_forced_layout_with_no_cases_and_unknown_layout_name(tmp_path):
-    write_cohort("nnunet", tmp_path)
+    write_layout_cohort("nnunet", tmp_path)
     with pytest.raises(InputError, match=r"empty source: no cases in the bts layout"):
         discover(tmp_path, "bts")
     with pytest.raises(InputError, match=r"unknown layout 'analyze'; understood layouts: nnunet"):
@@ -144,7 +144,7 @@ def test_forced_layout_with_no_cases_and_unknown_layout_name(tmp_path):
 
 
 def test_duplicate_case_ids_name_both_files(tmp_path):
-    written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1)
+    written = write_layout_cohort("nifti4d", tmp_path / "4d", n_cases=1)
     first = written["dyn00"].phase_files[0]
     second = save_nifti(
         tmp_path / "4d" / "dyn00.nii", np.zeros((6, 7, 8, 2), np.int16), make_affine()
@@ -155,7 +155,7 @@ def test_duplicate_case_ids_name_both_files(tmp_path):
         str(info.value) == f"case dyn00: {tmp_path / '4d'}: duplicate case ID: {second} and {first}"
     )
 
-    written = write_cohort("nnunet", tmp_path / "nn", n_cases=1)
+    written = write_layout_cohort("nnunet", tmp_path / "nn", n_cases=1)
     test_copy = tmp_path / "nn" / "imagesTs" / "case_000_0000.nii.gz"
     test_copy.parent.mkdir()
     shutil.copy(written["case_000"].phase_files[0], test_copy)
@@ -164,7 +164,7 @@ def test_duplicate_case_ids_name_both_files(tmp_path):
     assert str(written["case_000"].phase_files[0]) in str(info.value)
     assert str(test_copy) in str(info.value)
 
-    write_cohort("bts", tmp_path / "bts", centres={"C1": 1})
+    write_layout_cohort("bts", tmp_path / "bts", centres={"C1": 1})
     shutil.copytree(tmp_path / "bts" / "C1", tmp_path / "bts" / "C9")  # C9/C1_1 as well
     with pytest.raises(
         InputError, match=r"case C1_1: .*duplicate case ID: .*C1/C1_1/P0.nii.gz and .*C9"
@@ -173,7 +173,7 @@ def test_duplicate_case_ids_name_both_files(tmp_path):
 
 
 def test_hidden_and_other_files_are_ignored(tmp_path):
-    write_cohort("nnunet", tmp_path, n_cases=1)
+    write_layout_cohort("nnunet", tmp_path, n_cases=1)
     (tmp_path / "imagesTr" / "._case_000_0000.nii.gz").write_bytes(b"macOS resource fork")
     (tmp_path / "imagesTr" / "README.md").write_text("notes")
     (source,) = discover(tmp_path)
@@ -182,7 +182,7 @@ def test_hidden_and_other_files_are_ignored(tmp_path):
 
 def test_declared_test_splits(tmp_path):
     """imagesTs/labelsTs (nnU-Net), test.txt (BTS), train_test_splits.csv (MAMA-MIA)."""
-    write_cohort("nnunet", tmp_path / "nn", n_cases=2, test_cases=2, labelled_test=True)
+    write_layout_cohort("nnunet", tmp_path / "nn", n_cases=2, test_cases=2, labelled_test=True)
     sources = {s.case_id: s for s in discover(tmp_path / "nn")}
     assert {k: (s.subset, s.labelled) for k, s in sources.items()} == {
         "case_000": ("train", True),
@@ -190,7 +190,7 @@ def test_declared_test_splits(tmp_path):
         "case_002": ("test", True),
         "case_003": ("test", True),
     }
-    write_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001", "DUKE_002", "ISPY1_1001"))
+    write_layout_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001", "DUKE_002", "ISPY1_1001"))
     (tmp_path / "mm" / "train_test_splits.csv").write_text(
         "train_split,test_split\nDUKE_001,ispy1_1001\nDUKE_002,\n"
     )
@@ -203,7 +203,7 @@ def test_declared_test_splits(tmp_path):
 
 def test_nnunet_4d_channel_file_is_read_as_its_phases(tmp_path):
     """dcm2niix's 4D series put in nnU-Net folders as CASE_0000 (the only channel file)."""
-    written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=4, affine="lps")
+    written = write_layout_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=4, affine="lps")
     (tmp_path / "nn" / "imagesTr").mkdir(parents=True)
     (tmp_path / "nn" / "labelsTr").mkdir()
     shutil.copy(written["dyn00"].phase_files[0], tmp_path / "nn" / "imagesTr" / "dyn_0000.nii.gz")

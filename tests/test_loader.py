@@ -1,7 +1,7 @@
-"""Background loading (`data_store.loader`): the same batches for any number of loader processes,
-processes kept across epochs, and failures (killed, stalled, a corrupt chunk) that end the epoch
-with a `LoaderError` naming the case instead of hanging. Real stores, real processes, real
-signals; the tiny session store (4 cases, 3 phases, 16x32x32)."""
+"""Background loading (`data_store.patch_loader`): the same batches for any number of loader
+processes, processes kept across epochs, and failures (killed, stalled, a corrupt chunk) that end
+the epoch with a `LoaderError` naming the case instead of hanging. Real stores, real processes,
+real signals; the tiny session store (4 cases, 3 phases, 16x32x32)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data_store.errors import InputError, LoaderError
-from data_store.loader import PatchLoader, capped_workers, patch_batches
+from data_store.patch_loader import PatchLoader, capped_workers, patch_batches
 from data_store.sampler import PatchSampler, SamplerConfig
 from data_store.store import open_store
 
@@ -243,7 +243,7 @@ def test_corrupt_chunk_names_the_case(tiny_store, tmp_path, workers):
 
 ORPHAN = """
 import sys, time
-from data_store.loader import PatchLoader
+from data_store.patch_loader import PatchLoader
 from data_store.sampler import SamplerConfig
 from data_store.store import open_store
 

@@ -72,7 +72,7 @@ def _save(path, arr, affine):
     nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), affine), str(path))
 
 
-def write_cohort(root, *, broken: bool = True):
+def write_orientation_cohort(root, *, broken: bool = True):
     """nnU-Net raw layout: imagesTr/CASE_000t.nii.gz, labelsTr/CASE.nii.gz."""
     image, mask = _canonical_case(0)
     for name, (to_file, affine) in ORIENTATIONS.items():
@@ -133,7 +133,7 @@ def model_uri(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(tmp_path_factory.mktemp("raw"))
+    return write_orientation_cohort(tmp_path_factory.mktemp("raw"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_predict import _register_tiny, write_cohort
+from test_predict import _register_tiny, write_orientation_cohort
 
 TSESNET = str(Path(sys.executable).parent / "tsesnet")
 
@@ -45,7 +45,7 @@ def env(tmp_path_factory, ray_session):
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(tmp_path_factory.mktemp("raw"), broken=False)
+    return write_orientation_cohort(tmp_path_factory.mktemp("raw"), broken=False)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_a_stores_source_folders_are_refused(env, store, cohort, where, extra):
 
 
 def test_another_cohorts_masks_are_refused_even_with_overwrite(env, store, tmp_path):
-    other = write_cohort(tmp_path / "other", broken=False)
+    other = write_orientation_cohort(tmp_path / "other", broken=False)
     before = _tree(other)
     for extra in ((), ("--overwrite",)):
         line = _error_line(_predict(env, store, other / "labelsTr", *extra))

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from data_store.geometry import Geometry
+from data_store.index import init_store, write_index
 from data_store.layouts import CaseSource
-from data_store.loading import LoadedCase
+from data_store.location import StoreLocation
 from data_store.normalize import normalize_intensity
 from data_store.sampler import PatchSampler, SamplerConfig
-from data_store.store import StoreLocation, init_store, open_store, write_case, write_index
+from data_store.source_reader import LoadedCase
+from data_store.store import open_store
+from data_store.store_writer import write_case
 
 PATCH = (8, 16, 16)
 

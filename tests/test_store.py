@@ -14,22 +14,17 @@ import nibabel as nib
 import nibabel.tests
 import numpy as np
 import pytest
-from nifti_factory import write_cohort
+from nifti_factory import write_layout_cohort
 
+from data_store.cli import export_case
 from data_store.errors import InputError
+from data_store.index import assign_folds, init_store, write_index
 from data_store.layouts import discover
-from data_store.loading import load_case
+from data_store.location import StoreLocation
 from data_store.normalize import intensity_percentiles, normalize_intensity
-from data_store.store import (
-    StoreLocation,
-    assign_folds,
-    clean_leftovers,
-    export_case,
-    init_store,
-    open_store,
-    write_case,
-    write_index,
-)
+from data_store.source_reader import load_case
+from data_store.store import open_store
+from data_store.store_writer import clean_leftovers, write_case
 from tsesnet.cli import main
 
 NIB_DATA = Path(nibabel.tests.__file__).parent / "data"
@@ -86,7 +81,7 @@ def test_normalize_scale_shift_equals_clip_then_affine():
 
 @pytest.mark.parametrize("kind", ["ras", "lps", "las", "oblique", "sagittal"])
 def test_export_round_trip_synthetic(tmp_path, kind):
-    cases = write_cohort("nnunet", tmp_path / "src", n_cases=1, phases=3, affine=kind)
+    cases = write_layout_cohort("nnunet", tmp_path / "src", n_cases=1, phases=3, affine=kind)
     store = build_store(tmp_path / "src", tmp_path / "store")
     (case_id,) = cases
     written = export_case(store, case_id, tmp_path / "out")
@@ -100,14 +95,14 @@ def test_export_round_trip_synthetic(tmp_path, kind):
 
 
 def test_export_round_trip_bts_missing_phases_and_4d(tmp_path):
-    bts = write_cohort("bts", tmp_path / "bts", missing={"C1_2": (2, 3, 4, 5)})
+    bts = write_layout_cohort("bts", tmp_path / "bts", missing={"C1_2": (2, 3, 4, 5)})
     store = build_store(tmp_path / "bts", tmp_path / "s1")
     assert store.read_case("C1_2").image.shape[0] == 2
     assert store.case_attrs("C1_2")["phase_present"] == [True, True, False, False, False, False]
     export_case(store, "C1_2", tmp_path / "o1")
     for t, f in enumerate(bts["C1_2"].phase_files):
         assert_same_nifti(tmp_path / "o1" / f"C1_2_{t:04d}.nii.gz", f)
-    dyn = write_cohort("nifti4d", tmp_path / "dyn", n_cases=1)
+    dyn = write_layout_cohort("nifti4d", tmp_path / "dyn", n_cases=1)
     store = build_store(tmp_path / "dyn", tmp_path / "s2", layout="nifti4d")
     export_case(store, "dyn00", tmp_path / "o2")
     assert_same_nifti(tmp_path / "o2" / "dyn00.nii.gz", dyn["dyn00"].phase_files[0])
@@ -139,7 +134,7 @@ def test_export_round_trip_big_endian_anatomical(tmp_path):
 
 
 def test_export_via_cli(tmp_path, capsys):
-    cases = write_cohort("mamamia", tmp_path / "src")
+    cases = write_layout_cohort("mamamia", tmp_path / "src")
     build_store(tmp_path / "src", tmp_path / "store")
     case_id = sorted(cases)[0]
     out = tmp_path / "out"
@@ -159,7 +154,7 @@ def test_export_via_cli(tmp_path, capsys):
 
 
 def test_case_attributes_and_fsspec_url(tmp_path):
-    cases = write_cohort("mamamia", tmp_path / "src")
+    cases = write_layout_cohort("mamamia", tmp_path / "src")
     store = build_store(tmp_path / "src", tmp_path / "store")
     url_store = open_store(f"file://{tmp_path / 'store'}")
     assert url_store.case_ids == store.case_ids == sorted(cases)
@@ -200,7 +195,7 @@ def test_folds_are_deterministic_balanced_and_labelled_only(tmp_path):
     assert folds == assign_folds(list(reversed(ids)), 5)  # independent of order
     counts = np.bincount(list(folds.values()), minlength=5)
     assert counts.max() - counts.min() <= 1
-    write_cohort("nnunet", tmp_path / "src", n_cases=4, test_cases=1)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=4, test_cases=1)
     store = build_store(tmp_path / "src", tmp_path / "store", folds=2)
     unlabelled = [c for c in store.case_ids if not store.labelled(c)]
     assert len(unlabelled) == 1 and store.fold_of(unlabelled[0]) == -1
@@ -215,7 +210,7 @@ def test_folds_are_deterministic_balanced_and_labelled_only(tmp_path):
 
 
 def test_store_info_json_schema_and_table(tmp_path, capsys):
-    write_cohort("bts", tmp_path / "src", unlabelled=("C2_1",))
+    write_layout_cohort("bts", tmp_path / "src", unlabelled=("C2_1",))
     build_store(tmp_path / "src", tmp_path / "store", folds=2)
     assert main(["store", "info", str(tmp_path / "store"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -237,7 +232,7 @@ def test_store_info_json_schema_and_table(tmp_path, capsys):
 
 def test_fsspec_object_store_without_rename(tmp_path):
     """The non-local code path (fsspec listing, copy-style rename, no os calls) on memory://."""
-    cases = write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    cases = write_layout_cohort("nnunet", tmp_path / "src", n_cases=2)
     url = f"memory://tsesnet-test-{tmp_path.name}/store"
     location = StoreLocation.parse(url)
     assert not location.local
@@ -257,7 +252,7 @@ def test_fsspec_object_store_without_rename(tmp_path):
 
 
 def test_leftovers_cleaned_and_interrupted_replacement_restored(tmp_path):
-    write_cohort("nnunet", tmp_path / "src", n_cases=2)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=2)
     store = build_store(tmp_path / "src", tmp_path / "store")
     root = tmp_path / "store"
     (root / "case_000").rename(root / ".old-case_000-0123abcd")  # crash between the renames
@@ -273,7 +268,7 @@ def test_verify_names_orphans_and_repair_removes_only_them(tmp_path, capsys):
     """What the index does not list is an orphan: `store verify` names each (a complete case
     an interrupted ingest never indexed, a copy cut short, a dead writer's temporary entry),
     `--repair` removes them and nothing the index lists."""
-    write_cohort("nnunet", tmp_path / "src", n_cases=3)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=3)
     root = tmp_path / "store"
     location = StoreLocation.parse(root)
     root.mkdir()
@@ -312,7 +307,7 @@ def test_verify_names_orphans_and_repair_removes_only_them(tmp_path, capsys):
 
 
 def test_test_split_is_stored_shown_and_never_in_a_fold(tmp_path, capsys):
-    write_cohort("nnunet", tmp_path / "src", n_cases=4, test_cases=2, labelled_test=True)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=4, test_cases=2, labelled_test=True)
     store = build_store(tmp_path / "src", tmp_path / "store", folds=2)
     assert store.case_ids_in("test") == ["case_004", "case_005"]
     assert store.case_ids_in("train") == ["case_000", "case_001", "case_002", "case_003"]
@@ -335,7 +330,7 @@ def test_test_split_is_stored_shown_and_never_in_a_fold(tmp_path, capsys):
 
 
 def test_4d_channel_file_exports_as_one_4d_file(tmp_path):
-    written = write_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=3)
+    written = write_layout_cohort("nifti4d", tmp_path / "4d", n_cases=1, phases=3)
     images = tmp_path / "nn" / "imagesTr"
     images.mkdir(parents=True)
     shutil.copy(written["dyn00"].phase_files[0], images / "dyn_0000.nii.gz")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from nifti_factory import write_cohort
+from nifti_factory import write_layout_cohort
 from test_store import build_store
 
 from data_store.errors import InputError
@@ -27,7 +27,7 @@ SHAPE = (40, 40, 20)  # file (i, j, k): canonical (20, 40, 40)
 
 @pytest.fixture()
 def store_path(tmp_path) -> Path:
-    write_cohort("nnunet", tmp_path / "src", n_cases=3, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=3, phases=2, shape=SHAPE)
     build_store(tmp_path / "src", tmp_path / "store", folds=2)
     return tmp_path / "store"
 
@@ -157,7 +157,7 @@ def test_verify_record_refuses_a_forged_record_unless_accept_current(store_path,
 
 def test_reingest_rewrites_a_forged_case_from_its_sources(tmp_path, ray_session, capsys):
     src, store = tmp_path / "src", tmp_path / "store"
-    write_cohort("nnunet", src, n_cases=3, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", src, n_cases=3, phases=2, shape=SHAPE)
     assert main(["ingest", str(src), str(store), "--folds", "2"]) == 0
     clean = open_store(store).read_case("case_000").image
     fingerprint = open_store(store).fingerprint
@@ -179,7 +179,7 @@ def test_reingest_rewrites_edited_attributes_and_cases_without_a_record(
     from test_integrity import _strip_records
 
     src, store = tmp_path / "src", tmp_path / "store"
-    write_cohort("nnunet", src, n_cases=3, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", src, n_cases=3, phases=2, shape=SHAPE)
     assert main(["ingest", str(src), str(store), "--folds", "2"]) == 0
     wanted = open_store(store).case_attrs("case_002")
     _edit_json(store / "case_002" / "zarr.json", lambda d: _shift_affine(d["attributes"]))
@@ -204,7 +204,7 @@ def test_reingest_keeps_the_folds_and_refuses_another_count_without_refold(
     tmp_path, ray_session, capsys
 ):
     src, store = tmp_path / "src", tmp_path / "store"
-    write_cohort("nnunet", src, n_cases=6, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", src, n_cases=6, phases=2, shape=SHAPE)
     assert main(["ingest", str(src), str(store), "--folds", "2"]) == 0
     first = open_store(store)
     folds = {c: first.fold_of(c) for c in first.case_ids}
@@ -224,7 +224,7 @@ def test_reingest_keeps_the_folds_and_refuses_another_count_without_refold(
 
 
 def test_fingerprint_covers_folds_and_attributes_not_where_the_store_is(tmp_path):
-    write_cohort("nnunet", tmp_path / "src", n_cases=4, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=4, phases=2, shape=SHAPE)
     a = build_store(tmp_path / "src", tmp_path / "a", folds=2)
     b = build_store(tmp_path / "src", tmp_path / "elsewhere" / "b", folds=2)
     c = build_store(tmp_path / "src", tmp_path / "c", folds=3)
@@ -281,7 +281,7 @@ def test_store_of_the_previous_release_reads_and_is_upgraded_by_record(store_pat
 
 def test_reingest_upgrades_a_store_of_the_previous_release(tmp_path, ray_session, capsys):
     src, store = tmp_path / "src", tmp_path / "store"
-    write_cohort("nnunet", src, n_cases=2, phases=2, shape=SHAPE)
+    write_layout_cohort("nnunet", src, n_cases=2, phases=2, shape=SHAPE)
     assert main(["ingest", str(src), str(store), "--folds", "2"]) == 0
     current = open_store(store).fingerprint
     old = _as_previous_release(store)

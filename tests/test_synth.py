@@ -10,7 +10,8 @@ import pytest
 from scipy.ndimage import label
 
 from data_store.errors import InputError
-from data_store.synth import TISSUES, SynthConfig, synthesize, synthesize_case, write_cohort
+from data_store.phantom import TISSUES, SynthConfig, synthesize, synthesize_case
+from data_store.synth import write_cohort
 from tsesnet.cli import main
 
 SMALL = SynthConfig(shape=(16, 48, 48), phases=4)

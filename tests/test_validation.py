@@ -20,13 +20,13 @@ from nifti_factory import (
     make_arrays,
     save_nifti,
     save_without_spacing,
-    write_cohort,
+    write_layout_cohort,
 )
 
 from data_store.errors import InputError
-from data_store.geometry import ReadOptions
 from data_store.layouts import discover
-from data_store.loading import AFFINE_TOL_MM, load_case
+from data_store.nifti import ReadOptions
+from data_store.source_reader import AFFINE_TOL_MM, load_case
 
 CASE = "case_000"
 Breaker = Callable[[Path], Path]
@@ -195,7 +195,7 @@ NNUNET_TABLE: list[tuple[str, Breaker, str, str]] = [
     [pytest.param(b, p, c, id=i) for i, b, p, c in NNUNET_TABLE],
 )
 def test_bad_nnunet_input_names_case_file_and_problem(tmp_path, breaker, problem, case):
-    write_cohort("nnunet", tmp_path, n_cases=1, phases=3, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=1, phases=3, dataset_json=False)
     bad_file = breaker(tmp_path)
     sources = {c.case_id: c for c in discover(tmp_path)}
     with pytest.raises(InputError) as info:
@@ -227,7 +227,7 @@ def test_bad_nifti4d_input(tmp_path, shape, problem):
 
 
 def test_bts_missing_p0_and_mamamia_bad_name(tmp_path):
-    bts = write_cohort("bts", tmp_path / "bts", centres={"C1": 2})
+    bts = write_layout_cohort("bts", tmp_path / "bts", centres={"C1": 2})
     bts["C1_1"].phase_files[0].unlink()
     sources = {c.case_id: c for c in discover(tmp_path / "bts")}
     with pytest.raises(InputError) as info:
@@ -238,7 +238,7 @@ def test_bts_missing_p0_and_mamamia_bad_name(tmp_path):
     )
     assert load_case(sources["C1_2"]).image.shape[0] == 6  # the good case still loads
 
-    write_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001",))
+    write_layout_cohort("mamamia", tmp_path / "mm", case_ids=("DUKE_001",))
     stray = tmp_path / "mm" / "images" / "DUKE_001" / "duke_001_sub.nii.gz"
     _overwrite(stray, np.zeros((6, 7, 8), np.int16))
     (source,) = discover(tmp_path / "mm")
@@ -268,14 +268,14 @@ def test_truncated_data_after_a_valid_header(tmp_path):
 
 def test_tolerance_accepts_float32_rounding(tmp_path):
     """Affines that differ by far less than AFFINE_TOL_MM (header rounding) are accepted."""
-    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
     _overwrite(_phase(tmp_path, 1), make_arrays()[0][1], _shifted(AFFINE_TOL_MM / 10))
     (source,) = discover(tmp_path)
     assert load_case(source).image.shape == (2, 8, 7, 6)
 
 
 def test_bad_case_does_not_hide_good_ones(tmp_path):
-    write_cohort("nnunet", tmp_path, n_cases=3, phases=2)
+    write_layout_cohort("nnunet", tmp_path, n_cases=3, phases=2)
     _phase(tmp_path, 1).write_bytes(b"garbage")
     loaded, rejected = [], []
     for source in discover(tmp_path):
@@ -294,7 +294,7 @@ def test_forged_header_is_refused_before_any_voxel_is_read(tmp_path, name):
     """A 4 KB file whose header claims 2000^3 int16 voxels (16 GB): one line, at once."""
     import time
 
-    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
     _phase(tmp_path, 1).unlink()
     path = forge_header(tmp_path / "imagesTr" / f"{CASE}_0001{name[4:]}", (2000, 2000, 2000))
     assert path.stat().st_size <= 4096
@@ -318,7 +318,7 @@ def test_forged_header_is_refused_before_any_voxel_is_read(tmp_path, name):
 
 
 def test_size_limit_is_configurable(tmp_path):
-    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)  # 6x7x8 int16
+    write_layout_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)  # 6x7x8 int16
     (source,) = discover(tmp_path)
     assert load_case(source, ReadOptions(max_image_bytes=6 * 7 * 8 * 2)).image.shape[0] == 2
     with pytest.raises(InputError, match=r"int16 voxels \(672 bytes\), more than the 671 bytes"):
@@ -342,7 +342,7 @@ RGB = [("R", "u1"), ("G", "u1"), ("B", "u1")]
     ],
 )
 def test_unsupported_voxel_types_are_one_line(tmp_path, dtype, shown):
-    write_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=1, phases=2, dataset_json=False)
     header = nib.Nifti1Header()
     header.set_data_dtype(np.dtype(dtype))
     data = np.zeros((6, 7, 8), dtype=np.dtype(dtype))
@@ -376,7 +376,7 @@ def test_zero_spacing_is_refused_or_assumed_and_recorded(tmp_path):
     with pytest.raises(InputError, match="three positive sizes"):
         ReadOptions(assume_spacing=(1.0, 0.0, 1.0))
     # a file with a spacing keeps its own, the option notwithstanding
-    write_cohort("nnunet", tmp_path / "ok", n_cases=1, phases=2, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path / "ok", n_cases=1, phases=2, dataset_json=False)
     (ok,) = discover(tmp_path / "ok")
     kept = load_case(ok, ReadOptions(assume_spacing=(9.0, 9.0, 9.0)))
     assert kept.spacing == pytest.approx((1.5, 0.8, 0.7)) and not kept.spacing_assumed
@@ -407,7 +407,7 @@ def _broken(path: Path) -> None:
 )
 def test_unreadable_phase_path_rejects_its_case(tmp_path, make, problem):
     """Such a phase used to be skipped silently: the case was stored with a phase missing."""
-    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
     bad = _phase(tmp_path, 1)
     make(bad)
     sources = {s.case_id: s for s in discover(tmp_path)}
@@ -420,7 +420,7 @@ def test_unreadable_phase_path_rejects_its_case(tmp_path, make, problem):
 
 def test_stray_phase_number_is_rejected_and_changes_no_other_case(tmp_path):
     """One stray GAP_0999 used to give every case a 1000-long phase_present."""
-    write_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
+    write_layout_cohort("nnunet", tmp_path, n_cases=2, phases=3, dataset_json=False)
     image, _ = make_arrays()
     gap = _overwrite(tmp_path / "imagesTr" / "GAP_0999.nii.gz", image[0])
     stray = _overwrite(tmp_path / "imagesTr" / "case_001_0999.nii.gz", image[0])
@@ -445,7 +445,7 @@ def test_stray_phase_number_is_rejected_and_changes_no_other_case(tmp_path):
 
 
 def test_bts_phase_beyond_p5_is_rejected(tmp_path):
-    write_cohort("bts", tmp_path, centres={"C1": 2})
+    write_layout_cohort("bts", tmp_path, centres={"C1": 2})
     p7 = _overwrite(tmp_path / "C1" / "C1_2" / "P7.nii.gz", make_arrays()[0][0])
     sources = {s.case_id: s for s in discover(tmp_path)}
     assert sources["C1_1"].phase_present == (True,) * 6

@@ -19,10 +19,10 @@ BREAK_LOCK_HELP = (
 )
 
 HANDLERS = {
-    "synth": "data_store.synth:cli",
+    "synth": "data_store.cli:synth",
     "ingest": "data_store.ingest:cli",
-    "store info": "data_store.store:cli_info",
-    "store export": "data_store.store:cli_export",
+    "store info": "data_store.cli:store_info",
+    "store export": "data_store.cli:store_export",
     "store verify": "data_store.verify:cli",
     "model-summary": "tsesnet.programs.model_summary:cli",
     "train": "tsesnet.training.driver:cli",

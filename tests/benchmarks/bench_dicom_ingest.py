@@ -22,7 +22,7 @@ import numpy as np
 from dicom_factory import make_image, write_study
 
 from data_store.layouts import discover
-from data_store.loading import load_case
+from data_store.source_reader import load_case
 from tsesnet.cli import main
 
 

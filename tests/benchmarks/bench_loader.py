@@ -1,5 +1,5 @@
 """Loader benchmark: random 6-phase 48x96x96 patches per second from a 6x100x320x320 int16 case,
-and how well background loading (`data_store.loader.PatchLoader`) feeds an accelerator.
+and how well background loading (`data_store.patch_loader.PatchLoader`) feeds an accelerator.
 
 Run: ``python tests/benchmarks/bench_loader.py`` (or ``make bench``; about 10 minutes on 2 loaded
 cores). Prints markdown tables. ``--feeding-only`` skips the first table, ``--rounds``,
@@ -94,9 +94,12 @@ def build_store(tmp: Path):
     Returns:
         (store, case ID, ingest seconds, the phase files).
     """
+    from data_store.index import init_store, write_index
     from data_store.layouts import discover
-    from data_store.loading import load_case
-    from data_store.store import StoreLocation, init_store, open_store, write_case, write_index
+    from data_store.location import StoreLocation
+    from data_store.source_reader import load_case
+    from data_store.store import open_store
+    from data_store.store_writer import write_case
 
     image = phantom()  # (T, Z, Y, X), written in file order (i=X, j=Y, k=Z): RAS
     affine = np.diag([0.7, 0.7, 1.5, 1.0])
@@ -299,7 +302,7 @@ def feeding_cells(args) -> list[tuple[str, int]]:
 
 
 def make_loaders(store, case_id: str, args) -> dict:
-    from data_store.loader import PatchLoader
+    from data_store.patch_loader import PatchLoader
 
     loaders = {}
     for mode, cfg in feeding_modes().items():

@@ -177,7 +177,7 @@ def paper_table(args) -> None:
 def _synthetic_batches(n: int, patch=(16, 32, 32)):
     """`n` batches of 2 patches (one on tumour, one anywhere) of a synthetic case, normalised."""
     from data_store.normalize import intensity_percentiles, normalize_intensity
-    from data_store.synth import synthesize
+    from data_store.phantom import synthesize
 
     case = synthesize(0)
     vol = normalize_intensity(case.image, *intensity_percentiles(case.image))

@@ -163,7 +163,8 @@ def main() -> int:
     store = args.store
     if store is None:
         from data_store.ingest import ingest
-        from data_store.synth import SynthConfig, write_cohort
+        from data_store.phantom import SynthConfig
+        from data_store.synth import write_cohort
 
         store = str(work / "bench.zarr")
         if not Path(store).exists():

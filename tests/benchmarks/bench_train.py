@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make_store(out: Path, shape: tuple[int, int, int], cases: int) -> Path:
     from data_store.ingest import ingest
-    from data_store.synth import SynthConfig, write_cohort
+    from data_store.phantom import SynthConfig
+    from data_store.synth import write_cohort
 
     write_cohort(out / "raw", cases, seed=0, config=SynthConfig(shape=shape, phases=4))
     ingest(out / "raw", out / "bench.zarr", folds=2, workers=1, progress=False)

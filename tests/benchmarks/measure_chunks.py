@@ -1,4 +1,4 @@
-"""The chunk-shape/codec measurement behind `data_store.store`'s choice (not run by run_all).
+"""The chunk-shape/codec measurement behind `data_store.store_writer`'s choice (not run by run_all).
 
 Run: ``python tests/benchmarks/measure_chunks.py [N]``. Writes the bench_loader phantom
 (6x100x320x320 int16) once per layout under a temporary folder, then reads N random 6-phase

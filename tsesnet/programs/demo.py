@@ -43,7 +43,8 @@ def _done(t0: float) -> None:
 def run_demo(out: str | Path) -> int:
     """Run the six stages into `out`; return the exit status."""
     from data_store import ingest as ingest_mod
-    from data_store import store as store_mod
+    from data_store.cli import info_table
+    from data_store.store import open_store
     from data_store.synth import write_cohort
     from tsesnet.serving import evaluate, predict
     from tsesnet.tracking import runs
@@ -65,13 +66,13 @@ def run_demo(out: str | Path) -> int:
     report = ingest_mod.ingest(cohort, store)
     if report.rejected:
         return 1
-    print(store_mod.info_table(store_mod.open_store(store)))
+    print(info_table(open_store(store)))
     _done(t0)
 
     t0 = _stage(3, "train the small preset with 2 Ray Train workers (MLflow: embedded SQLite)")
     cfg = train_config.load_config(CONFIG)  # 2 workers of 1 CPU each
     # the same cohort and config resume (or reuse) their run; a new one trains afresh
-    fingerprint = store_mod.open_store(store).fingerprint
+    fingerprint = open_store(store).fingerprint
     run_name = names.join(RUN_NAME, train_config.config_hash(cfg), fingerprint[:8])
     result = driver.train(str(store), cfg, run_name)
     _done(t0)

@@ -1,6 +1,6 @@
 """`tsesnet science` (`make science`): does modelling the DCE time series beat one phase?
 
-On synthetic cohorts (one per seed; `data_store.synth`, where tumours and benign foci differ in
+On synthetic cohorts (one per seed; `data_store.phantom`, where tumours and benign foci differ in
 their kinetic curves, not in any single phase), every row below is trained with the same config
 and the same budget (`tsesnet/configs/science.yaml`) on the cohort's training folds through the
 real `tsesnet train` path (Ray Train, MLflow), and its best checkpoint (by validation Dice) is
@@ -111,8 +111,9 @@ def make_cohort(
         (training store, test case IDs, test store).
     """
     from data_store.ingest import ingest
+    from data_store.phantom import SynthConfig
     from data_store.store import open_store
-    from data_store.synth import SynthConfig, write_cohort
+    from data_store.synth import write_cohort
 
     synth = SynthConfig(shape=tuple(shape)) if shape else SynthConfig()
 

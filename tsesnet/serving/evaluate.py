@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
-from data_store.geometry import ReadOptions, read_nifti
+from data_store.nifti import ReadOptions, read_nifti
 
 METRICS = ("dice", "hd95_mm", "sensitivity")
 # Affines are stored as float32 in NIfTI headers: compare grids to a tolerance well under a voxel.
@@ -207,7 +207,7 @@ _MASK_READ = ReadOptions(assume_spacing=(1.0, 1.0, 1.0))
 
 def _load(path: Path):
     """A NIfTI image and its voxels (trailing length-1 axes beyond the third dropped), read by
-    the one NIfTI reader (`data_store.geometry.read_nifti`)."""
+    the one NIfTI reader (`data_store.nifti.read_nifti`)."""
     try:
         volume = read_nifti(path, options=_MASK_READ)
     except InputError as err:

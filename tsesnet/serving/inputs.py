@@ -160,8 +160,8 @@ class CaseReader:
             paths = [src["path"] for src in case.attrs.get("sources", ())]
             dicom = case.attrs.get("dicom")
             return InputCase(case_id, case.image, case.mask, case.geometry, (lo, hi), dicom, paths)
-        from data_store.loading import load_case
         from data_store.normalize import intensity_percentiles
+        from data_store.source_reader import load_case
 
         loaded = load_case(index[case_id])
         lo, hi = intensity_percentiles(loaded.image)  # as ingest computes them

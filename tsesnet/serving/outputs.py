@@ -150,7 +150,7 @@ def check_safe_id(case_id: str) -> None:
     The rule is ingest's (`data_store.store.check_case_id`: no path separators, control
     characters or hidden names).
     """
-    from data_store.store import check_case_id
+    from data_store.location import check_case_id
 
     try:
         check_case_id(case_id)
@@ -222,7 +222,7 @@ def atomic_write(path: Path, write) -> Written:
 def write_mask(path: Path, vol_zyx, geometry, dtype) -> Written:
     """A (Z, Y, X) volume as NIfTI on `geometry`'s original grid, atomically (its folder is
     created if missing: `path` comes from `output_paths`, checked to lie inside OUT)."""
-    from data_store.geometry import write_nifti
+    from data_store.nifti import write_nifti
 
     if isinstance(path, ObjectPath):
         return upload(path, lambda tmp: write_nifti(tmp, vol_zyx, geometry, dtype=dtype), ".nii.gz")

@@ -108,7 +108,7 @@ class DataConfig(SamplerConfig):
         val_batch_size: windows per forward pass during validation.
         max_val_cases: validate on at most this many cases (0 = the whole fold).
         loader_workers: background processes loading this worker's patches
-            (`data_store.loader.PatchLoader`; the batches are the same for any count); None
+            (`data_store.patch_loader.PatchLoader`; the batches are the same for any count); None
             derives it from `run.cpus_per_worker`: one CPU for training, the rest for loading,
             at least 1 on a GPU worker, 0 on a single-core CPU worker. More than the reserved
             CPUs allow is capped, with a note.
@@ -123,7 +123,7 @@ class DataConfig(SamplerConfig):
 
     def resolved_loader_workers(self, cpus_per_worker: float, gpu: bool) -> tuple[int, str | None]:
         """(loader processes for one training worker, a note when the request was capped)."""
-        from data_store.loader import capped_workers
+        from data_store.patch_loader import capped_workers
 
         if self.loader_workers is None:
             free = max(0, int(cpus_per_worker) - 1)

@@ -184,7 +184,7 @@ class EpochData:
     and validation cases."""
 
     def __init__(self, plan: RunPlan, me: Rank):
-        from data_store.loader import PatchLoader
+        from data_store.patch_loader import PatchLoader
         from data_store.store import open_store
 
         cfg = plan.config

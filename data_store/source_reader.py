@@ -1,4 +1,5 @@
-"""Validation and loading of one case into memory, in the store's canonical orientation.
+"""The reader of one case's source files (NIfTI or DICOM, as `data_store.layouts` found them):
+validated and loaded into memory in the store's canonical orientation (`load_case`).
 
 Shape legend: T phases, Z Y X canonical voxels, i j k voxels in file order.
 
@@ -10,7 +11,7 @@ Every problem raises `InputError(problem, case=ID, path=FILE)`, whose text is on
 - each file: exists and is a regular file (not a directory, a broken link or a link loop), is
   readable, is NIfTI, has a supported voxel type, declares no more voxel data than it holds (or
   than the size limit), has a spacing (or one is assumed), data not truncated (read eagerly):
-  see `data_store.geometry.read_nifti`;
+  see `data_store.nifti.read_nifti`;
 - dimensionality: a phase file is 3D (multi-file layouts) or 4D with phases on axis 4 (nifti4d,
   and the single ``_0000`` file of an nnU-Net or MAMA-MIA case, which then holds every phase);
   trailing axes of length 1 beyond the third are dropped first; 2D images, including a 3D file
@@ -20,7 +21,7 @@ Every problem raises `InputError(problem, case=ID, path=FILE)`, whose text is on
 - no NaN or Inf voxels (float data);
 - mask: its shape equals the image's, its affine is within `AFFINE_TOL_MM`, values are {0, 1}.
 
-Values: the scanner's stored values and dtype (see `data_store.geometry.read_nifti`; scaled
+Values: the scanner's stored values and dtype (see `data_store.nifti.read_nifti`; scaled
 files come out as float32 ``raw * slope + inter``). Phases of different dtypes are stacked in
 ``np.result_type`` of their dtypes, which holds every value exactly (int16 + float32 ->
 float32, int16 + uint16 -> int32).
@@ -37,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from data_store.errors import InputError
-from data_store.geometry import Geometry, NiftiVolume, ReadOptions, read_nifti
+from data_store.geometry import Geometry
 from data_store.layouts import CaseSource
+from data_store.nifti import NiftiVolume, ReadOptions, read_nifti
 
 __all__ = ["AFFINE_TOL_MM", "LoadedCase", "affine_mismatch_mm", "file_sha256", "load_case"]
 
