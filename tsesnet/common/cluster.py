@@ -22,12 +22,25 @@ from data_store import local_ray
 
 
 def connect():
-    """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
+    """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one.
+
+    A command's driver says which, in one line, before the seconds Ray takes to start, and
+    then prints its workers' output through `tsesnet.common.console`.
+    """
     import ray
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
         os.environ.setdefault("RAY_worker_niceness", "0")
-    return local_ray.connect(log_to_driver=True)
+    from tsesnet.common import console
+
+    if console.log_path() is not None:
+        console.say(f"connecting to Ray at {address}" if address else "starting a local Ray")
+    ray = local_ray.connect(log_to_driver=True)
+    console.attach_ray()
+    return ray
 
 
 def disconnect() -> None:

@@ -330,7 +330,12 @@ def fit(plan: RunPlan, callbacks: list | None = None):
                 controller_failure_limit=start_attempts(cfg.run.resource_wait_s) - 1,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
+            callbacks=[
+                EpochMetricsToMLflow(
+                    plan.tracking_uri, plan.run_id, plan.name, cfg.schedule.epochs
+                ),
+                *(callbacks or []),
+            ],
         ),
     )
     import ray

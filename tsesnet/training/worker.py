@@ -418,7 +418,6 @@ class RunLog:
 
     def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
         self.on = me.is_zero
-        self.epochs = plan.config.schedule.epochs
         self.run_id = plan.run_id
         if not self.on:
             return
@@ -435,18 +434,20 @@ class RunLog:
         mlflow.set_tag("tsesnet.restarts", str(state.restarts))
         # The config may differ from the first start's (e.g. more epochs): keep each one.
         mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
-        from tsesnet.training.epoch_log import log_epoch
+        from tsesnet.training.epoch_log import log_epoch, step_offset
 
         client = mlflow.MlflowClient()
         logged = {m.step for m in client.get_metric_history(plan.run_id, "epoch_time_s")}
+        offset = step_offset(client, plan.run_id)
         for h in state.history:
-            if int(h["epoch"]) not in logged:
+            if int(h["epoch"]) + offset not in logged:
                 log_epoch(client, plan.run_id, int(h["epoch"]), h)
         if resumed >= 0:
             print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
 
     def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
-        """Refresh the plots and print the epoch line."""
+        """Refresh the plots (the epoch line is printed once the epoch is logged:
+        `tsesnet.training.epoch_log`)."""
         if not self.on:
             return
         from tsesnet.tracking import plots
@@ -461,7 +462,6 @@ class RunLog:
                 f"{state.best_epoch + 1}",
                 flush=True,
             )
-        print(_epoch_line(epoch, self.epochs, metrics), flush=True)
 
     def diverged(self, epoch: int, metrics: dict, bad: list[str]) -> None:
         """Record on the run that it diverged (`DIVERGED_TAG`: the epoch and what is not finite,
@@ -483,26 +483,6 @@ class RunLog:
             import mlflow
 
             mlflow.end_run()
-
-
-def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
-    line = (
-        f"[epoch {epoch + 1}/{epochs}] loss {m['train_total']:.4f} (dice {m['train_dice']:.4f}, "
-        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s, "
-        f"data wait {100 * m['data_wait_fraction']:.0f}%"
-    )
-    if "grad_norm_dice" in m:
-        line += (
-            f", encoder grad norms dice {m['grad_norm_dice']:.2e} tsc {m['grad_norm_tsc']:.2e} "
-            f"bce {m['grad_norm_bce']:.2e}"
-        )
-    if "val_dice" in m:
-        line += (
-            f" | val DSC {m['val_dice']:.4f} HD95 {m['val_hd95']:.2f} mm "
-            f"sens {m['val_sensitivity']:.4f}, filtered DSC {m['val_dice_filtered']:.4f} "
-            f"(components >= {m['val_min_component_fraction']:g} x largest)"
-        )
-    return line
 
 
 def _log_run_start(plan: RunPlan, me: Rank) -> None:
