@@ -4,15 +4,21 @@ What the training cases looked like is stored with the registered model (`model_
 `training_data`, written by `tsesnet.tracking.registry.log_and_register`)::
 
     {"phases": [lo, hi], "spacing_mm_min": [z, y, x], "spacing_mm_max": [z, y, x],
-     "orientations": ["RAS", "LPS", ...]}
+     "orientations": ["RAS", "LPS", ...], "obliquity_deg_max": d}
 
-A case is unlike the training data, and prediction warns (it still predicts), when
+A case is unlike the training data, and prediction warns (it still predicts), where the model is
+likely wrong on it:
 
 - its phase count T lies outside [lo, hi];
 - its voxel spacing on an axis is below ``min / 1.5`` or above ``max * 1.5`` (mm, in the
   store's canonical axis order Z, Y, X, as `data_store.geometry.Geometry.spacing` gives it);
-- its phase-0 file's orientation (nibabel's axis codes of its affine, e.g. ``LPS``; see
-  `Geometry.orientation`) is not among the training orientations.
+- its phase-0 file is more oblique than any training file by over `OBLIQUITY_MARGIN_DEG`
+  (`Geometry.obliquity_deg`): the rotation that reorienting to the canonical order leaves.
+
+Its orientation alone (``LPS``, ``RAS``...: axis swaps and flips) is no reason: every case is
+reoriented to the canonical order before the model sees it, as in training (the synthetic demo
+cohort draws a random orientation per case). Intensities are no reason either: each case is
+normalised by its own percentiles (`data_store.normalize`), as in training.
 
 A model registered before the record was kept has none: no warnings, and one note says so. A key
 missing from the record skips that check; a malformed record is reported like a missing one.
@@ -23,6 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPACING_FACTOR = 1.5
+#: How much more oblique than the most oblique training file a case may be before it is warned
+#: about (degrees of rotation left after reorienting).
+OBLIQUITY_MARGIN_DEG = 10.0
 AXES = ("Z", "Y", "X")
 NO_RECORD = (
     "the model has no record of its training data (registered before it was kept): "
@@ -38,13 +47,16 @@ class TrainingData:
         phases: (lo, hi) phase counts seen in training.
         spacing_min: smallest spacing per axis (Z, Y, X), mm.
         spacing_max: largest spacing per axis (Z, Y, X), mm.
-        orientations: the training files' orientations (axis codes).
+        orientations: the training files' orientations (axis codes; kept, not compared).
+        obliquity_max: the largest obliquity of a training file, degrees (records kept before
+            it have none: not checked).
     """
 
     phases: tuple[int, int] | None = None
     spacing_min: tuple[float, float, float] | None = None
     spacing_max: tuple[float, float, float] | None = None
     orientations: tuple[str, ...] | None = None
+    obliquity_max: float | None = None
 
     @classmethod
     def from_model_config(cls, config: dict) -> tuple[TrainingData | None, str]:
@@ -78,15 +90,20 @@ class TrainingData:
             if isinstance(orientations, str) or not all(isinstance(o, str) for o in orientations):
                 raise ValueError(f"orientations {orientations}")
             orientations = tuple(orientations)
-        return cls(phases, spacing[0], spacing[1], orientations)
+        obliquity = record.get("obliquity_deg_max")
+        if obliquity is not None:
+            obliquity = float(obliquity)
+            if not 0 <= obliquity <= 90:
+                raise ValueError(f"obliquity_deg_max {record['obliquity_deg_max']}")
+        return cls(phases, spacing[0], spacing[1], orientations, obliquity)
 
-    def unlike(self, phases: int, spacing, orientation: str) -> list[str]:
+    def unlike(self, phases: int, spacing, obliquity_deg: float = 0.0) -> list[str]:
         """What about a case differs from the training data; [] when nothing does.
 
         Args:
             phases: the case's phase count T.
             spacing: its voxel size in mm, (Z, Y, X).
-            orientation: its phase-0 file's axis codes (`Geometry.orientation`).
+            obliquity_deg: its phase-0 file's obliquity (`Geometry.obliquity_deg`).
         """
         found = []
         if self.phases is not None and not self.phases[0] <= phases <= self.phases[1]:
@@ -101,6 +118,12 @@ class TrainingData:
             ):
                 trained = "-".join(f"{v:.3g}" for v in sorted({lo, hi} - {None}))
                 found.append(f"{axis} spacing {s:.3g} mm (trained on {trained} mm)")
-        if self.orientations is not None and orientation not in self.orientations:
-            found.append(f"orientation {orientation} (trained on {', '.join(self.orientations)})")
+        if (
+            self.obliquity_max is not None
+            and obliquity_deg > self.obliquity_max + OBLIQUITY_MARGIN_DEG
+        ):
+            found.append(
+                f"oblique by {obliquity_deg:.0f} degrees after reorienting (trained on at "
+                f"most {self.obliquity_max:.0f})"
+            )
         return found

@@ -476,25 +476,29 @@ def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
 
 def training_data(store: str, case_ids) -> dict:
     """What the training cases look like, stored with the model so that prediction can warn
-    about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations."""
+    about scans unlike them (`tsesnet.serving.training_data`): phase counts, spacing (mm, Z Y X)
+    per axis, original orientations, the largest obliquity (degrees)."""
     import numpy as np
 
     from data_store.geometry import Geometry
     from data_store.store import open_store
 
     st = open_store(store)
-    phases, spacing, orientations = [], [], set()
+    phases, spacing, orientations, oblique = [], [], set(), 0.0
     for cid in case_ids:
         entry = st.index[cid]
         phases.append(int(entry["phases"]))
         spacing.append([float(v) for v in entry["spacing"]])
-        orientations.add(Geometry.from_attrs(st.case_attrs(cid)["geometry"]).orientation)
+        geometry = Geometry.from_attrs(st.case_attrs(cid)["geometry"])
+        orientations.add(geometry.orientation)
+        oblique = max(oblique, geometry.obliquity_deg)
     sp = np.asarray(spacing)
     return {
         "phases": [min(phases), max(phases)],
         "spacing_mm_min": sp.min(0).tolist(),
         "spacing_mm_max": sp.max(0).tolist(),
         "orientations": sorted(orientations),
+        "obliquity_deg_max": round(oblique, 2),
     }
 
 
