@@ -605,13 +605,11 @@ def predict(
         _check_dicom_source(reader, case_ids, input_path)
     model = check_model_uri(model_uri)
     out_dir = prepare_output_dir(output, reader, config.probabilities)
-    for line in model.lines() if announce else ():
+    starting = f"predicting {len(case_ids)} case(s) of {input_path} into {output}"
+    for line in [*model.lines(), starting] if announce else ():  # before Ray takes seconds
         announce(line)
-    if announce:  # before the seconds Ray and the actors take to start
-        announce(f"predicting {len(case_ids)} case(s) of {input_path} into {output}")
     started = datetime.now(UTC)
-    bar = _bar(len(case_ids), progress)  # from the first second: elapsed time, then the ETA
-    with contextlib.closing(bar):
+    with contextlib.closing(_bar(len(case_ids), progress)) as bar:  # from the first second
         ray = connect()
         workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
         predictor = {

@@ -62,9 +62,9 @@ def train_loop_per_worker(plan: RunPlan) -> None:
             t0 = time.perf_counter()
             metrics, n_seen = run_epoch(model, optimizer, data, cfg, epoch, me)
             state.phases = data.phases
-            improved, montage = False, None
+            improved, montage, pictures = False, None, {}
             if cfg.schedule.validates(epoch):
-                val, montage = validate_epoch(module, data, cfg, me)
+                val, montage, pictures = validate_epoch(module, data, cfg, me)
                 metrics.update(val, val_time_s=time.perf_counter() - t0 - metrics["train_time_s"])
                 improved = _record_validation(state, epoch, val)
             if improved or best is None:
@@ -73,7 +73,8 @@ def train_loop_per_worker(plan: RunPlan) -> None:
             metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes, resumed_from_epoch=resumed)
             diverged = _diverged(metrics, module, me)
             _finish_epoch(state, epoch, metrics, t0)
-            log.epoch(epoch, metrics, state, None if diverged else montage if improved else None)
+            shown = improved and not diverged
+            log.epoch(epoch, metrics, state, montage if shown else None, pictures if shown else {})
             if diverged:
                 # Every rank agrees (gathered): rank 0 records why in the MLflow run, all report
                 # once more without a checkpoint (the weights are not finite) and stop; the
@@ -87,6 +88,9 @@ def train_loop_per_worker(plan: RunPlan) -> None:
     log.close()
 
 
+# Validation cases drawn as `predict` draws them, logged to MLflow at each better epoch (the
+# run ends with the best epoch's): the first few of the validation fold.
+PICTURE_CASES = 3
 # The MLflow run tag a diverged run gets (set by rank 0, read by the driver).
 DIVERGED_TAG = "tsesnet.diverged"
 # Values that must stay finite; one that does not means the run diverged (e.g. optim.lr too high).
@@ -210,6 +214,7 @@ class EpochData:
             val_ids = val_ids[: cfg.data.max_val_cases]
         self.my_val_ids = val_ids[me.rank :: me.world]
         self.montage_case = val_ids[0] if me.is_zero else None
+        self.picture_cases = tuple(val_ids[:PICTURE_CASES])  # each rank draws its own
         self.phases: int | None = None  # T of the last batch
 
     def batches(self, epoch: int, device: torch.device):
@@ -311,20 +316,28 @@ def validate_epoch(module, data: EpochData, cfg: TrainConfig, me: Rank):
 
     Returns:
         (val_dice, val_hd95, val_sensitivity, val_dice_filtered, val_min_component_fraction;
-        the overlay montage of rank 0's first case, or None).
+        the overlay montage of rank 0's first case, or None; PNG bytes by case ID of the
+        `EpochData.picture_cases`).
     """
     from tsesnet.postprocess import choose_fraction
     from tsesnet.training.validation import mean_metrics, validate
 
     rows, montage = validate(
-        module, data.store, data.my_val_ids, cfg, me.device, montage_of=data.montage_case
+        module,
+        data.store,
+        data.my_val_ids,
+        cfg,
+        me.device,
+        montage_of=data.montage_case,
+        pictures_of=data.picture_cases,
     )
     rows = [r for part in _gather(rows, me.world) for r in part]
+    pictures = {r["case"]: r.pop("picture") for r in rows if "picture" in r}
     out = {f"val_{k}": v for k, v in mean_metrics(rows).items()}
     out["val_soft_dice"] = float(np.mean([r["soft_dice"] for r in rows]))
     fraction, out["val_dice_filtered"] = choose_fraction([r["dice_by_fraction"] for r in rows])
     out["val_min_component_fraction"] = fraction
-    return out, montage
+    return out, montage, pictures
 
 
 def _record_validation(state: TrainState, epoch: int, val: dict) -> bool:
@@ -445,7 +458,7 @@ class RunLog:
         if resumed >= 0:
             print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
 
-    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
+    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage, pictures) -> None:
         """Refresh the plots (the epoch line is printed once the epoch is logged:
         `tsesnet.training.epoch_log`)."""
         if not self.on:
@@ -456,6 +469,8 @@ class RunLog:
             plots.log_learning_curves(state.history)
         if montage is not None:
             plots.log_overlay_montage(montage.volume, montage.gt, montage.pred, montage.case_id)
+        if pictures:
+            plots.log_case_pictures(pictures)
         if state.stopped_early:
             print(
                 f"early stop after epoch {epoch + 1}: best val Dice at epoch "
