@@ -51,7 +51,7 @@ def _lines(out: subprocess.CompletedProcess) -> list[str]:
 
 
 def _log_of(out: subprocess.CompletedProcess, tmp_path: Path) -> str:
-    first = out.stderr.splitlines()[0]
+    first = out.stdout.splitlines()[0]
     m = re.fullmatch(r"tsesnet \w+: full log in (.+)", first)
     assert m, first
     return (tmp_path / m.group(1)).read_text()
@@ -104,7 +104,7 @@ def test_verbose_training_prints_rays_output_uncoloured(tiny_store, tmp_path):
         "--set", f"run.storage_path={tmp_path / 'ray'}", "--name", "loud", "-v",
         "--log-file", str(log_file),
     )  # fmt: skip
-    assert out.stderr.splitlines()[0] == f"tsesnet train: full log in {log_file}"
+    assert out.stdout.splitlines()[0] == f"tsesnet train: full log in {log_file}"
     assert "(RayTrainWorker pid=" in out.stdout + out.stderr
     assert "\x1b" not in out.stdout + out.stderr
     assert "(RayTrainWorker pid=" in log_file.read_text()

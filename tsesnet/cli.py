@@ -451,17 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         from tsesnet.common import console
 
         console.start(args.command, verbose=args.verbose, log_file=args.log_file)
-    status = _run(args)
-    if status:
-        _log_hint()
-    return status
-
-
-def _log_hint() -> None:
-    from tsesnet.common import console
-
-    if console.log_path() is not None:
-        print(f"full log: {console.log_path()}", file=sys.stderr)
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -482,7 +472,6 @@ def _run(args: argparse.Namespace) -> int:
         return 128 + signum
     except Exception as err:
         if not _is_service_error(err) or os.environ.get("TSESNET_TRACEBACK"):
-            _log_hint()
             raise
         disconnect()
         # Object storage, the tracking server or the cluster unreachable or refusing: what is

@@ -97,7 +97,8 @@ def start(command: str, *, verbose: bool = False, log_file: str | None = None) -
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _configure_logging(verbose, log, command)
-    print(f"tsesnet {command}: full log in {path}", file=state.err, flush=True)
+    # On stdout: an error stays the one line on stderr.
+    print(f"tsesnet {command}: full log in {path}", file=state.out, flush=True)
     sys.stdout, sys.stderr = _Tee(state.out, log), _Tee(state.err, log)
     return path
 

@@ -722,10 +722,14 @@ def cli(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except TrainingFailedError as err:
-        # The workers' traceback is in the log above; the run's MLflow status says FAILED.
+        # The workers' traceback is in the command's log (`tsesnet.common.console`; on the
+        # console with -v); the run's MLflow status says FAILED.
+        from tsesnet.common.console import log_path
+
         line = _first_error_line(err, cfg.run.resource_wait_s)
         disconnect()
-        print(f"error: training failed: {line}", file=sys.stderr)
+        where = f" (full log: {log_path()})" if log_path() else ""
+        print(f"error: training failed: {line}{where}", file=sys.stderr)
         return 1
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "
