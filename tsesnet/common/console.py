@@ -4,8 +4,8 @@ By default the console gets the platform's own lines (one per stage, one per epo
 of a sweep, results and errors) and its progress bars; everything else goes to a log file only,
 named on the command's first line: the output of Ray's processes with their prefixes (Ray Train's
 set-up messages, raylet warnings, the placement-group cleaner's "Found multiple active Ray
-instances" traceback), the third-party libraries' logging (MLflow, Ray, Tune, Optuna) and Python
-warnings. `-v`/`--verbose` puts all of it on the console as well. Colour codes are never written:
+instances" traceback), the third-party libraries' logging (MLflow, Ray, Tune, Optuna), Python
+warnings and what Ray's C++ core writes to the driver's stderr descriptor. `-v`/`--verbose` puts all of it on the console as well. Colour codes are never written:
 Ray's own printer of worker output colours its prefixes even into a file, so it is replaced.
 
 A worker's line reaches the console when the worker printed it on stdout (the training loop's and
@@ -90,17 +90,33 @@ def start(command: str, *, verbose: bool = False, log_file: str | None = None) -
     log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's life)
     log.write(f"# tsesnet {' '.join(sys.argv[1:])}  (pid {os.getpid()}, {time.ctime()})\n")
     state = _Console(verbose, path.resolve(), log, threading.Lock(), sys.stdout, sys.stderr)
+    if not verbose:
+        state.err = _stderr_to_log(log)
     _STATE[:] = [state]
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    _configure_logging(verbose, log, command)
+    _configure_logging(verbose, log, command, state.err)
     # On stdout: an error stays the one line on stderr.
     print(f"tsesnet {command}: full log in {path}", file=state.out, flush=True)
     sys.stdout, sys.stderr = _Tee(state.out, log), _Tee(state.err, log)
     return path
+
+
+def _stderr_to_log(log: TextIO) -> TextIO:
+    """Point file descriptor 2 at the log; return a stream on the console's stderr.
+
+    Ray's C++ core writes its own log lines to descriptor 2 of the driver process (e.g.
+    "core_worker.cc: Actor ... has constructor arguments in the object store"), past Python.
+    """
+    sys.stderr.flush()
+    console = os.fdopen(
+        os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace"
+    )
+    os.dup2(log.fileno(), 2)  # the log is opened for appending: both writers add whole lines
+    return console
 
 
 def log_path() -> Path | None:
@@ -120,12 +136,12 @@ class _ConsoleFilter(logging.Filter):
         return record.name.split(".")[0] in OWN_LOGGERS
 
 
-def _configure_logging(verbose: bool, log: TextIO, command: str) -> None:
+def _configure_logging(verbose: bool, log: TextIO, command: str, err: TextIO) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     to_file = logging.StreamHandler(log)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_console = logging.StreamHandler(sys.stderr)
+    to_console = logging.StreamHandler(err)
     to_console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if not verbose:
         to_console.addFilter(_ConsoleFilter())
