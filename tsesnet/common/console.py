@@ -5,8 +5,9 @@ of a sweep, results and errors) and its progress bars; everything else goes to a
 named on the command's first line: the output of Ray's processes with their prefixes (Ray Train's
 set-up messages, raylet warnings, the placement-group cleaner's "Found multiple active Ray
 instances" traceback), the third-party libraries' logging (MLflow, Ray, Tune, Optuna), Python
-warnings and what Ray's C++ core writes to the driver's stderr descriptor. `-v`/`--verbose` puts all of it on the console as well. Colour codes are never written:
-Ray's own printer of worker output colours its prefixes even into a file, so it is replaced.
+warnings and what Ray's C++ core writes to the driver's stderr descriptor. `-v`/`--verbose` puts
+all of it on the console as well. Colour codes are never written: Ray's own printer of worker
+output colours its prefixes even into a file, so it is replaced.
 
 A worker's line reaches the console when the worker printed it on stdout (the training loop's and
 the sweep trials' lines): Ray's and the libraries' messages there go to stderr (logging), except
