@@ -117,6 +117,15 @@ class Geometry:
         return "".join(nib.aff2axcodes(self.affine))
 
     @property
+    def obliquity_deg(self) -> float:
+        """The largest angle, in degrees, between a voxel axis of the phase-0 file and the world
+        axis closest to it: the rotation that reorienting to the canonical order (axis swaps and
+        flips only) leaves in the volume (nibabel's `obliquity`)."""
+        from nibabel.affines import obliquity
+
+        return float(np.degrees(np.max(np.abs(obliquity(self.affine)))))
+
+    @property
     def canonical_shape(self) -> tuple[int, int, int]:
         """Shape in canonical (Z, Y, X) order."""
         return tuple(self.shape[a] for a in canonical_source_axes(self.ornt))

@@ -167,28 +167,66 @@ def build_tuner(
         # saw, which can be an epoch short of what a stopped trial trained; the sweep prints
         # its own (`_TrialLines`) and the table from the runs' histories.
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, stop=stop, verbose=0, callbacks=[_trial_lines()]
+            name=name,
+            storage_path=storage,
+            stop=stop,
+            verbose=0,
+            callbacks=[_trial_lines(cfg.trials)],
         ),
     )
 
 
-def _trial_lines():
-    """A Tune callback printing one line when a trial starts (its values) and when it ends."""
+def _trial_lines(trials: int = 0):
+    """A Tune callback printing one line when a trial starts (its values) and when it ends (with
+    the trials done, the time so far and an estimate of the time left), under a progress bar
+    over the sweep's trials on a terminal."""
+    import sys
+    import time
+
     from ray.tune import Callback
 
+    from tsesnet.common import console
+
     class TrialLines(Callback):
+        def __init__(self):
+            self.bar = None
+            self.started = time.monotonic()
+            self.done = 0
+
+        def __getstate__(self):  # Tune saves its callbacks with the experiment: not the bar
+            return {"bar": None, "started": self.started, "done": self.done}
+
+        def _done(self, trial, what: str) -> None:
+            self.done += 1
+            elapsed = time.monotonic() - self.started
+            left = elapsed / self.done * max(total - self.done, 0)
+            where = f" ({self.done}/{total}, elapsed {console.hms(elapsed)}, " if total else " ("
+            console.say(f"trial {trial.custom_dirname} {what}{where}ETA {console.hms(left)})")
+            if self.bar is not None:
+                self.bar.update(1)
+
         def on_trial_start(self, iteration, trials, trial, **info):
+            if self.bar is None and total:
+                self.bar = console.progress(
+                    total, "sweep", "trial", enabled=sys.stderr.isatty(), initial=self.done
+                )
             values = ", ".join(
                 f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in trial.config.items()
             )
-            print(f"trial {trial.custom_dirname} started: {values}", flush=True)
+            console.say(f"trial {trial.custom_dirname} started: {values}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            print(f"trial {trial.custom_dirname} finished", flush=True)
+            self._done(trial, "finished")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"trial {trial.custom_dirname} failed: see {trial.path}", flush=True)
+            self._done(trial, f"failed: see {trial.path}")
 
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    total = trials
     return TrialLines()
 
 

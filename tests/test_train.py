@@ -175,6 +175,14 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert "@champion" in client.get_registered_model("tsesnet").description
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/val_overlay.png"} <= artifacts
+    # The first validation cases (tiny.yaml validates 1), drawn as `predict` draws a case.
+    from data_store.store import open_store
+
+    val_id = open_store(str(tiny_store)).split(0)[1][0]
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
+    assert pictures == [f"pictures/{val_id}.png"]
+    png = Path(client.download_artifacts(run.info.run_id, pictures[0], str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert [a.path for a in client.list_artifacts(run.info.run_id, "config")] == [
         "config/resolved.yaml"
     ]
@@ -189,7 +197,7 @@ def test_train_tracks_registers_and_resumes(tiny_store, ray_session, tmp_path, m
     assert res.run_id == run.info.run_id
     assert res.epochs_done == 2 and res.metrics["resumed_from_epoch"] == 0
     steps = [h.step for h in client.get_metric_history(res.run_id, "train_total")]
-    assert steps == [0, 1]
+    assert steps == [1, 2]  # the epochs' numbers, as printed
     assert res.model_version == "2"
     configs = {a.path for a in client.list_artifacts(res.run_id, "config")}
     assert configs == {"config/resolved.yaml", "config/resumed_1.yaml"}
@@ -532,7 +540,7 @@ def test_a_killed_loader_process_restarts_the_run_from_its_checkpoint(tiny_store
     )
     assert run.info.status == "FINISHED" and run.data.tags["tsesnet.restarts"] == "1"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_total")]
-    assert steps == list(range(8))
+    assert steps == list(range(1, 9))
 
 
 def test_a_failed_training_is_reported_in_one_line():
@@ -547,4 +555,25 @@ def test_a_failed_training_is_reported_in_one_line():
     assert _first_error_line(err) == (
         "rank 1: LoaderError: case SYN_001: epoch 2, patch 3: reading it failed in loader "
         "process 12: killed"
+    )
+
+
+def test_mlflow_steps_are_epoch_numbers_and_old_runs_keep_theirs(mlflow_uri):
+    """MLflow's step is the epoch's number as printed (from 1); a run logged before, from 0,
+    goes on from 0 when resumed, so its charts stay one line."""
+    import mlflow
+
+    from tsesnet.training.epoch_log import STEP_TAG, log_epoch
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.create_experiment("steps")
+    new, old = client.create_run(exp).info.run_id, client.create_run(exp).info.run_id
+    client.log_metric(old, "epoch_time_s", 1.0, step=0)  # epoch 1 of an old run
+    for epoch in (0, 1):
+        log_epoch(client, new, epoch, {"epoch": epoch, "epoch_time_s": 1.0, "train_total": 0.5})
+    log_epoch(client, old, 1, {"epoch": 1, "epoch_time_s": 1.0})
+    steps = {r: [m.step for m in client.get_metric_history(r, "epoch_time_s")] for r in (new, old)}
+    assert steps == {new: [1, 2], old: [0, 1]}
+    assert client.get_run(new).data.tags[STEP_TAG] == "epoch" and STEP_TAG not in (
+        client.get_run(old).data.tags
     )

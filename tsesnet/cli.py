@@ -39,6 +39,10 @@ HANDLERS = {
 }
 
 
+#: Commands that run long and start Ray: a quiet console and a full log (`tsesnet.common.console`).
+LOGGED = ("ingest", "train", "sweep", "predict", "demo", "science")
+
+
 def _fraction(text: str) -> float:
     """argparse type: a float in [0, 1]."""
     try:
@@ -66,7 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
         _programs,
     ):
         add(sub)
+    for name in LOGGED:
+        _log_options(sub.choices[name])
     return p
+
+
+def _log_options(s) -> None:
+    """`-v/--verbose` and `--log-file` of the commands in `LOGGED`."""
+    s.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print everything Ray and the libraries print (default: the platform's own lines; "
+        "the rest goes to the log file)",
+    )
+    s.add_argument(
+        "--log-file",
+        default=None,
+        metavar="FILE",
+        help="the full log, Ray's output included (default: tsesnet_logs/COMMAND-TIME-PID.log; "
+        "the first line says where)",
+    )
 
 
 def _set_option(s, help: str) -> None:
@@ -439,7 +463,20 @@ def _handler_key(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `tsesnet` command; its exit status.
+
+    Given `argv` (a caller in Python, e.g. a test), output is left as it is; from the process's
+    own command line (`argv` None), the long commands get a quiet console and a full log.
+    """
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in LOGGED:
+        from tsesnet.common import console
+
+        console.start(args.command, verbose=args.verbose, log_file=args.log_file)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     module_name, func_name = HANDLERS[_handler_key(args)].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     from data_store.errors import InputError

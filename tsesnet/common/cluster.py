@@ -17,16 +17,32 @@ Token authentication and the local instance itself: `data_store.local_ray`.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from data_store import local_ray
 
 
 def connect():
-    """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one."""
+    """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one.
+
+    A command's driver says which, in one line, before the seconds Ray takes to start, and
+    then prints its workers' output through `tsesnet.common.console`.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    from tsesnet.common import console
+
+    if console.log_path() is not None:
+        console.say(f"connecting to Ray at {address}" if address else "starting a local Ray")
     # The runtime env of a new local instance's job: every task and actor of it, Ray Train's and
     # Tune's included (a task's own `env_vars` are merged with these).
     local_env = {"env_vars": {"RAY_worker_niceness": "0"}}
-    return local_ray.connect(log_to_driver=True, runtime_env=local_env)
+    ray = local_ray.connect(log_to_driver=True, runtime_env=local_env)
+    console.attach_ray()
+    return ray
 
 
 def disconnect() -> None:

@@ -352,7 +352,7 @@ def _unlike(record, case: InputCase) -> list[str]:
 
     if record is None:
         return []
-    return record.unlike(case.image.shape[0], case.geometry.spacing, case.geometry.orientation)
+    return record.unlike(case.image.shape[0], case.geometry.spacing, case.geometry.obliquity_deg)
 
 
 def _failed(row: dict, err: Exception, start: float, prepared=None) -> dict:
@@ -611,11 +611,10 @@ def predict(
     reader, case_ids = _cases_to_predict(input_path, config)
     model = check_model_uri(model_uri)
     out_dir = manifest.prepare_output_dir(output, reader, config.probabilities, config.overwrite)
-    for line in model.lines() if announce else ():
+    starting = f"predicting {len(case_ids)} case(s) of {input_path} into {output}"
+    for line in [*model.lines(), starting] if announce else ():  # before Ray takes seconds
         announce(line)
     started = datetime.now(UTC)
-    ray = connect()
-    workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
     planned = manifest.planned_names(
         case_ids,
         output_format=config.output_format,
@@ -623,18 +622,21 @@ def predict(
         report=config.report,
     )
     manifest.begin(out_dir, planned, _started_record(model, input_path, out_dir, config, started))
-    predictor = {
-        "model_uri": model_uri,
-        "reader": reader,
-        "out_dir": str(out_dir),
-        "config": config,
-        "env": _actor_env(),
-        "threads": int(cpus_per_worker),
-    }
-    start = time.perf_counter()
-    with _data_context():
-        ds = _dataset(case_ids, predictor, config, workers, cpus_per_worker)
-        rows, notes = _collect(ds, len(case_ids), progress)
+    with contextlib.closing(_bar(len(case_ids), progress)) as bar:  # from the first second
+        ray = connect()
+        workers, cpus_per_worker = _plan_workers(config, len(case_ids), ray.cluster_resources())
+        predictor = {
+            "model_uri": model_uri,
+            "reader": reader,
+            "out_dir": str(out_dir),
+            "config": config,
+            "env": _actor_env(),
+            "threads": int(cpus_per_worker),
+        }
+        start = time.perf_counter()
+        with _data_context():
+            ds = _dataset(case_ids, predictor, config, workers, cpus_per_worker)
+            rows, notes = _collect(ds, bar)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: r["case_id"])
     if rows and all(r["status"] == "model_error" for r in rows):
@@ -819,14 +821,18 @@ def _dataset(case_ids, predictor: dict, config: PredictConfig, workers: int, cpu
     )
 
 
-def _collect(ds, n_cases: int, progress: bool) -> tuple[list[dict], list[str]]:
-    """Stream the result rows with a progress bar over cases, printing errors and warnings as
-    they come and each note about the model once."""
-    from tqdm import tqdm
+def _bar(n_cases: int, progress: bool):
+    """The progress bar over cases (`tsesnet.common.console.progress`)."""
+    from tsesnet.common.console import progress as progress_bar
 
+    return progress_bar(n_cases, "predict", "case", enabled=progress)
+
+
+def _collect(ds, bar) -> tuple[list[dict], list[str]]:
+    """Stream the result rows, advancing `bar` (over cases), printing errors and warnings as
+    they come and each note about the model once."""
     rows: dict[str, dict] = {}
     notes: list[str] = []
-    bar = tqdm(total=n_cases, desc="predict", unit="case", disable=not progress, file=sys.stderr)
     for r in ds.iter_rows():
         # A call retried after its actor was lost (its node died) yields its cases again: one
         # row per case, the last (the files are the same: each is written whole, then renamed).

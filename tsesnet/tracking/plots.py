@@ -92,3 +92,14 @@ def log_overlay_montage(volume, gt, pred, case_id: str) -> None:
         p = Path(d) / "val_overlay.png"
         overlay_montage_png(volume, gt, pred, case_id, p)
         mlflow.log_artifact(str(p), "plots")
+
+
+def log_case_pictures(pictures: dict[str, bytes]) -> None:
+    """Log `pictures/CASE.png` (PNG bytes by case ID) to the active MLflow run, replacing the
+    pictures of an earlier epoch."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        for case_id, png in pictures.items():
+            (Path(d) / f"{case_id}.png").write_bytes(png)
+        mlflow.log_artifacts(d, "pictures")

@@ -330,7 +330,12 @@ def fit(plan: RunPlan, callbacks: list | None = None):
                 controller_failure_limit=start_attempts(cfg.run.resource_wait_s) - 1,
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[EpochMetricsToMLflow(plan.tracking_uri, plan.run_id), *(callbacks or [])],
+            callbacks=[
+                EpochMetricsToMLflow(
+                    plan.tracking_uri, plan.run_id, plan.name, cfg.schedule.epochs
+                ),
+                *(callbacks or []),
+            ],
         ),
     )
     import ray
@@ -471,25 +476,29 @@ def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
 
 def training_data(store: str, case_ids) -> dict:
     """What the training cases look like, stored with the model so that prediction can warn
-    about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations."""
+    about scans unlike them (`tsesnet.serving.training_data`): phase counts, spacing (mm, Z Y X)
+    per axis, original orientations, the largest obliquity (degrees)."""
     import numpy as np
 
     from data_store.geometry import Geometry
     from data_store.store import open_store
 
     st = open_store(store)
-    phases, spacing, orientations = [], [], set()
+    phases, spacing, orientations, oblique = [], [], set(), 0.0
     for cid in case_ids:
         entry = st.index[cid]
         phases.append(int(entry["phases"]))
         spacing.append([float(v) for v in entry["spacing"]])
-        orientations.add(Geometry.from_attrs(st.case_attrs(cid)["geometry"]).orientation)
+        geometry = Geometry.from_attrs(st.case_attrs(cid)["geometry"])
+        orientations.add(geometry.orientation)
+        oblique = max(oblique, geometry.obliquity_deg)
     sp = np.asarray(spacing)
     return {
         "phases": [min(phases), max(phases)],
         "spacing_mm_min": sp.min(0).tolist(),
         "spacing_mm_max": sp.max(0).tolist(),
         "orientations": sorted(orientations),
+        "obliquity_deg_max": round(oblique, 2),
     }
 
 
@@ -713,10 +722,14 @@ def cli(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except TrainingFailedError as err:
-        # The workers' traceback is in the log above; the run's MLflow status says FAILED.
+        # The workers' traceback is in the command's log (`tsesnet.common.console`; on the
+        # console with -v); the run's MLflow status says FAILED.
+        from tsesnet.common.console import log_path
+
         line = _first_error_line(err, cfg.run.resource_wait_s)
         disconnect()
-        print(f"error: training failed: {line}", file=sys.stderr)
+        where = f" (full log: {log_path()})" if log_path() else ""
+        print(f"error: training failed: {line}{where}", file=sys.stderr)
         return 1
     print(
         f"run {res.name}: {res.epochs_done} epochs, best val Dice {res.best_val_dice:.4f} "

@@ -28,7 +28,7 @@ class Montage:
     case_id: str
 
 
-def validate(module, store, case_ids, cfg, device, montage_of: str | None = None):
+def validate(module, store, case_ids, cfg, device, montage_of: str | None = None, pictures_of=()):
     """Score `case_ids` of `store` with `module` (eval mode is the caller's).
 
     Args:
@@ -38,10 +38,12 @@ def validate(module, store, case_ids, cfg, device, montage_of: str | None = None
         cfg: the `TrainConfig` (patch, validation overlap and batch, bf16).
         device: torch device of the module.
         montage_of: a case ID whose inputs and prediction to return for the overlay plot.
+        pictures_of: case IDs whose row also gets `picture`: the PNG bytes `predict` would
+            draw of the case and this prediction (`tsesnet.common.pictures.overlay_png`).
 
     Returns:
-        (one dict per case: case, soft_dice, dice, hd95, sensitivity, dice_by_fraction;
-        a `Montage` of `montage_of`, or None).
+        (one dict per case: case, soft_dice, dice, hd95, sensitivity, dice_by_fraction
+        [, picture]; a `Montage` of `montage_of`, or None).
     """
     from data_store.normalize import normalize_intensity
     from data_store.prefetch import prefetch
@@ -59,9 +61,22 @@ def validate(module, store, case_ids, cfg, device, montage_of: str | None = None
             seg = _predict(module, vol, cfg, device)
             logits, pred, gt = seg.logits, seg.mask(), case.mask.astype(bool)  # (Z, Y, X)
             rows.append(_metrics(cid, logits, pred, gt, case.spacing))
+            if cid in pictures_of:
+                rows[-1]["picture"] = _picture(cid, case, pred, rows[-1]["dice"])
             if cid == montage_of:
                 montage = Montage(vol, gt, pred, cid)
     return rows, montage
+
+
+def _picture(cid: str, case, pred: np.ndarray, dice: float) -> bytes:
+    """The case's overlay as `predict` draws it (scanned image, predicted mask), titled with
+    its validation Dice."""
+    from tsesnet.common.pictures import lesion_numbers, overlay_png
+
+    numbers = lesion_numbers(case.image, pred, case.spacing)
+    return overlay_png(
+        case.image, pred, case.spacing, numbers, f"{cid} (validation DSC {dice:.3f})"
+    )
 
 
 def _predict(module, vol: np.ndarray, cfg, device):

@@ -62,9 +62,9 @@ def train_loop_per_worker(plan: RunPlan) -> None:
             t0 = time.perf_counter()
             metrics, n_seen = run_epoch(model, optimizer, data, cfg, epoch, me)
             state.phases = data.phases
-            improved, montage = False, None
+            improved, montage, pictures = False, None, {}
             if cfg.schedule.validates(epoch):
-                val, montage = validate_epoch(module, data, cfg, me)
+                val, montage, pictures = validate_epoch(module, data, cfg, me)
                 metrics.update(val, val_time_s=time.perf_counter() - t0 - metrics["train_time_s"])
                 improved = _record_validation(state, epoch, val)
             if improved or best is None:
@@ -73,7 +73,8 @@ def train_loop_per_worker(plan: RunPlan) -> None:
             metrics.update(_ddp_checks(module, n_seen, me), nodes=nodes, resumed_from_epoch=resumed)
             diverged = _diverged(metrics, module, me)
             _finish_epoch(state, epoch, metrics, t0)
-            log.epoch(epoch, metrics, state, None if diverged else montage if improved else None)
+            shown = improved and not diverged
+            log.epoch(epoch, metrics, state, montage if shown else None, pictures if shown else {})
             if diverged:
                 # Every rank agrees (gathered): rank 0 records why in the MLflow run, all report
                 # once more without a checkpoint (the weights are not finite) and stop; the
@@ -87,6 +88,9 @@ def train_loop_per_worker(plan: RunPlan) -> None:
     log.close()
 
 
+# Validation cases drawn as `predict` draws them, logged to MLflow at each better epoch (the
+# run ends with the best epoch's): the first few of the validation fold.
+PICTURE_CASES = 3
 # The MLflow run tag a diverged run gets (set by rank 0, read by the driver).
 DIVERGED_TAG = "tsesnet.diverged"
 # Values that must stay finite; one that does not means the run diverged (e.g. optim.lr too high).
@@ -210,6 +214,7 @@ class EpochData:
             val_ids = val_ids[: cfg.data.max_val_cases]
         self.my_val_ids = val_ids[me.rank :: me.world]
         self.montage_case = val_ids[0] if me.is_zero else None
+        self.picture_cases = tuple(val_ids[:PICTURE_CASES])  # each rank draws its own
         self.phases: int | None = None  # T of the last batch
 
     def batches(self, epoch: int, device: torch.device):
@@ -311,20 +316,28 @@ def validate_epoch(module, data: EpochData, cfg: TrainConfig, me: Rank):
 
     Returns:
         (val_dice, val_hd95, val_sensitivity, val_dice_filtered, val_min_component_fraction;
-        the overlay montage of rank 0's first case, or None).
+        the overlay montage of rank 0's first case, or None; PNG bytes by case ID of the
+        `EpochData.picture_cases`).
     """
     from tsesnet.postprocess import choose_fraction
     from tsesnet.training.validation import mean_metrics, validate
 
     rows, montage = validate(
-        module, data.store, data.my_val_ids, cfg, me.device, montage_of=data.montage_case
+        module,
+        data.store,
+        data.my_val_ids,
+        cfg,
+        me.device,
+        montage_of=data.montage_case,
+        pictures_of=data.picture_cases,
     )
     rows = [r for part in _gather(rows, me.world) for r in part]
+    pictures = {r["case"]: r.pop("picture") for r in rows if "picture" in r}
     out = {f"val_{k}": v for k, v in mean_metrics(rows).items()}
     out["val_soft_dice"] = float(np.mean([r["soft_dice"] for r in rows]))
     fraction, out["val_dice_filtered"] = choose_fraction([r["dice_by_fraction"] for r in rows])
     out["val_min_component_fraction"] = fraction
-    return out, montage
+    return out, montage, pictures
 
 
 def _record_validation(state: TrainState, epoch: int, val: dict) -> bool:
@@ -418,7 +431,6 @@ class RunLog:
 
     def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
         self.on = me.is_zero
-        self.epochs = plan.config.schedule.epochs
         self.run_id = plan.run_id
         if not self.on:
             return
@@ -435,18 +447,20 @@ class RunLog:
         mlflow.set_tag("tsesnet.restarts", str(state.restarts))
         # The config may differ from the first start's (e.g. more epochs): keep each one.
         mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
-        from tsesnet.training.epoch_log import log_epoch
+        from tsesnet.training.epoch_log import log_epoch, step_offset
 
         client = mlflow.MlflowClient()
         logged = {m.step for m in client.get_metric_history(plan.run_id, "epoch_time_s")}
+        offset = step_offset(client, plan.run_id)
         for h in state.history:
-            if int(h["epoch"]) not in logged:
+            if int(h["epoch"]) + offset not in logged:
                 log_epoch(client, plan.run_id, int(h["epoch"]), h)
         if resumed >= 0:
             print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
 
-    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage) -> None:
-        """Refresh the plots and print the epoch line."""
+    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage, pictures) -> None:
+        """Refresh the plots (the epoch line is printed once the epoch is logged:
+        `tsesnet.training.epoch_log`)."""
         if not self.on:
             return
         from tsesnet.tracking import plots
@@ -455,13 +469,14 @@ class RunLog:
             plots.log_learning_curves(state.history)
         if montage is not None:
             plots.log_overlay_montage(montage.volume, montage.gt, montage.pred, montage.case_id)
+        if pictures:
+            plots.log_case_pictures(pictures)
         if state.stopped_early:
             print(
                 f"early stop after epoch {epoch + 1}: best val Dice at epoch "
                 f"{state.best_epoch + 1}",
                 flush=True,
             )
-        print(_epoch_line(epoch, self.epochs, metrics), flush=True)
 
     def diverged(self, epoch: int, metrics: dict, bad: list[str]) -> None:
         """Record on the run that it diverged (`DIVERGED_TAG`: the epoch and what is not finite,
@@ -483,26 +498,6 @@ class RunLog:
             import mlflow
 
             mlflow.end_run()
-
-
-def _epoch_line(epoch: int, epochs: int, m: dict) -> str:
-    line = (
-        f"[epoch {epoch + 1}/{epochs}] loss {m['train_total']:.4f} (dice {m['train_dice']:.4f}, "
-        f"tsc {m['train_tsc']:.4f}, bce {m['train_bce']:.4f}) {m['patches_per_s']:.2f} patches/s, "
-        f"data wait {100 * m['data_wait_fraction']:.0f}%"
-    )
-    if "grad_norm_dice" in m:
-        line += (
-            f", encoder grad norms dice {m['grad_norm_dice']:.2e} tsc {m['grad_norm_tsc']:.2e} "
-            f"bce {m['grad_norm_bce']:.2e}"
-        )
-    if "val_dice" in m:
-        line += (
-            f" | val DSC {m['val_dice']:.4f} HD95 {m['val_hd95']:.2f} mm "
-            f"sens {m['val_sensitivity']:.4f}, filtered DSC {m['val_dice_filtered']:.4f} "
-            f"(components >= {m['val_min_component_fraction']:g} x largest)"
-        )
-    return line
 
 
 def _log_run_start(plan: RunPlan, me: Rank) -> None:
