@@ -78,6 +78,9 @@ ENVIRON_WRITES = {
     "data_store.local_ray": "RAY_AUTH_MODE: Ray takes it only from the environment (it refuses it "
     "in _system_config), here and in the GCS and raylet it starts, which no runtime_env reaches; "
     "ray.init itself writes the same value when it is unset",
+    "tsesnet.common.console": "the command line's console set-up (called by `tsesnet.cli.main` "
+    "only, before Ray or MLflow start): log deduplication, Ray AIR's output and MLflow's logging "
+    "and progress bars are read from the environment by Ray, MLflow and the local Ray's workers",
     # Issue 23, item 3, in modules other changes of that issue own: to leave this list with them.
     "tsesnet.tracking.runs": "MLFLOW_TRACKING_URI (to be passed down instead)",
     "tsesnet.training.driver": "RAY_TRAIN_ENABLE_PRINT_PATCH (to go to the runtime_env)",

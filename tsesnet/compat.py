@@ -45,7 +45,34 @@ MLFLOW_ALEMBIC = Private(
     "_get_alembic_config",
     "telling whether MLflow can open a tracking database's schema revision",
 )
-PRIVATE = (TRAIN_SNAPSHOT, TRAIN_CONTEXT, DISPATCH_MODE, TREE_LEAVES, MLFLOW_ALEMBIC)
+RAY_LOG_DISPATCHER = Private(
+    "ray",
+    "ray._private.ray_logging",
+    "global_worker_stdstream_dispatcher",
+    "printing forwarded worker output our way (`tsesnet.common.console`)",
+)
+RAY_WORKER = Private(
+    "ray",
+    "ray._private.worker",
+    None,
+    "its `print_to_stdstream`, through which Ray's thread prints the cluster's error messages",
+)
+RAY_AUTOSCALER_EVENTS = Private(
+    "ray",
+    "ray._private.worker",
+    "filter_autoscaler_events",
+    "the events among the autoscaler's raw status output",
+)
+PRIVATE = (
+    TRAIN_SNAPSHOT,
+    TRAIN_CONTEXT,
+    DISPATCH_MODE,
+    TREE_LEAVES,
+    MLFLOW_ALEMBIC,
+    RAY_LOG_DISPATCHER,
+    RAY_WORKER,
+    RAY_AUTOSCALER_EVENTS,
+)
 
 
 def train_snapshot_filename() -> str:
@@ -74,3 +101,18 @@ def torch_dispatch_mode() -> type:
 def tree_leaves(tree: Any) -> list:
     """The leaves of a nested structure of tensors (PyTorch's pytree)."""
     return TREE_LEAVES.load()(tree)
+
+
+def ray_log_dispatcher() -> Any:
+    """Ray's dispatcher of the worker output forwarded to the driver (handlers by name)."""
+    return RAY_LOG_DISPATCHER.load()
+
+
+def ray_worker_module() -> Any:
+    """Ray's driver-side worker module (its `print_to_stdstream` prints the cluster's errors)."""
+    return RAY_WORKER.load()
+
+
+def ray_autoscaler_events(lines) -> list[str]:
+    """The event lines among the autoscaler's raw output lines."""
+    return list(RAY_AUTOSCALER_EVENTS.load()(lines))

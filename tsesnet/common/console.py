@@ -172,9 +172,9 @@ def attach_ray() -> None:
     """
     if not _STATE:
         return
-    from ray._private import worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from tsesnet import compat
 
+    dispatcher, ray_worker = compat.ray_log_dispatcher(), compat.ray_worker_module()
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", _worker_lines)
     # The cluster's error messages (the raylet's "N PYTHON worker processes have been started"
@@ -199,9 +199,9 @@ def _worker_lines(data: dict) -> None:
     else:
         prefix = f"({data.get('actor_name') or data.get('task_name') or ''} pid={pid}) "
     if pid == "autoscaler":  # its raw status tables: only the events among them
-        from ray._private.worker import filter_autoscaler_events
+        from tsesnet import compat
 
-        lines = list(filter_autoscaler_events(lines))
+        lines = compat.ray_autoscaler_events(lines)
     is_err = bool(data.get("is_err"))
     with state.lock:
         for line in lines:
