@@ -208,7 +208,7 @@ def run_sweep(
     stop=None,
     trials_given: bool = False,
 ) -> SweepResult:
-    """Run (or resume) a sweep and return its trials sorted by the metric.
+    """Run (or resume) a sweep and return its trials sorted by best validation DSC.
 
     Args:
         store: path or URL of a store written by `tsesnet ingest`.
@@ -484,8 +484,8 @@ def cli(args) -> int:
         trials_given=args.trials is not None,
     )
     print()
-    print(f"sweep {res.name}: {len(res.rows)} trials, sorted by {cfg.metric} ({cfg.mode})")
-    print(report.results_table(res.rows))
+    print(report.table_title(res.name, res.rows, cfg.metric, cfg.mode))
+    print(report.results_table(res.rows, cfg.metric))
     if res.best is not None:
         print(f"\nbest: {res.best.trial} (MLflow run {res.best.run_id})")
     print(f"\n{runs.ui_hint()}")

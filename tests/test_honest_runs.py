@@ -316,11 +316,13 @@ run = mlflow.MlflowClient().create_run(experiment)
 while not go.exists():
     time.sleep(0.01)
 time.sleep(float(sys.argv[4]))
+from tsesnet.tracking.protocol import ValidationProtocol
 reg = log_and_register(
     run_id=run.info.run_id, weights=weights, model_config=dataclasses.asdict(config),
     patch=(16, 32, 32), phases=3, val_dice=dice,
     lineage={"store_fingerprint": "f" * 16, "fold": 0, "store": "/s", "run_name": "r",
              "git_commit": "c"},
+    validation=ValidationProtocol("f" * 16, 0, ("a", "b"), (16, 32, 32), 0.5, "logits > 0"),
 )
 print(reg.version, reg.alias, flush=True)
 """
