@@ -237,14 +237,9 @@ def log_and_register(
         "validation_protocol": None if validation is None else validation.as_dict(),
     }
     info = _log_model(run_id, weights, cfg)
-
-    def number(x):
-        return "" if x is None else repr(float(x))
-
+    scores = {"val_dice": val_dice, "val_hd95": val_hd95, "val_sensitivity": val_sensitivity}
     tags = {
-        "val_dice": repr(float(val_dice)),
-        "val_hd95": number(val_hd95),
-        "val_sensitivity": number(val_sensitivity),
+        **{k: "" if v is None else repr(float(v)) for k, v in scores.items()},
         "min_component_fraction": f"{float(min_component_fraction):g}",
         "run_id": run_id,
         **{k: str(v) for k, v in lineage.items()},

@@ -525,10 +525,8 @@ def register(
             the version never takes @champion from a champion).
         promote: False registers as @challenger whatever the gate says (a sweep's best
             without `--promote`).
-        check_stop: raises when the registration must not stand (a signal); the registry
-            then withdraws the version.
-        undo: if given, gets a function that withdraws this registration (alias back,
-            version deleted), for a signal that comes after it but before the run ends.
+        check_stop: raises when the registration must not stand (a signal): it is withdrawn.
+        undo: gets a function that withdraws it, for a signal before the run ends.
 
     Returns:
         (version, its alias now or None), or (None, None) when nothing is registered.
@@ -548,14 +546,10 @@ def register(
     if not cfg.run.register:
         return None, None
     best = next((h for h in state.history if h.get("epoch") == state.best_epoch), {})
-    print(
-        f"registering the best weights (epoch {int(state.best_epoch) + 1}, val Dice "
-        f"{float(state.best_val_dice):.4f}) as a new version of {name}",
-        flush=True,
-    )
-    protocol = None
-    if val_ids is not None:
-        protocol = validation_protocol(cfg, lineage["store_fingerprint"], val_ids)
+    print(f"registering the best weights (epoch {int(state.best_epoch) + 1}, val Dice "
+          f"{float(state.best_val_dice):.4f}) as a new version of {name}", flush=True)  # fmt: skip
+    fp = lineage["store_fingerprint"]
+    protocol = None if val_ids is None else validation_protocol(cfg, fp, val_ids)
     reg = log_and_register(
         run_id=run_id,
         weights=checkpoint.load_best(ckpt_dir),
