@@ -16,7 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_honest_runs import REGISTER, TINY  # tests/ is on sys.path under pytest
+from test_honest_runs import (
+    REGISTER,
+    TINY,
+    assert_decided_one_at_a_time,
+)  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,11 +99,4 @@ def test_two_promotes_against_a_tracking_server_end_on_the_best(server, tmp_path
     client = mlflow.MlflowClient(server)
     champion = client.get_model_version_by_alias("tsesnet", "champion")
     assert float(champion.tags["val_dice"]) == 0.7, said
-    # Each decided against the champion of its turn, in version order: as if one at a time.
-    best = float("-inf")
-    for v in sorted(client.search_model_versions("name = 'tsesnet'"), key=lambda v: int(v.version)):
-        dice = float(v.tags["val_dice"])
-        want = "champion" if dice > best else "challenger"
-        assert v.tags["registered_as"] == want, (said, v.version, v.tags["registration_reason"])
-        assert v.tags["tsesnet.gate"] == "done"
-        best = max(best, dice)
+    assert_decided_one_at_a_time(client, said)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -133,8 +134,12 @@ def _register(db, seed: int, dice: float, validation="P"):
         val_dice=dice,
         lineage={"store": "/s", "run_name": f"run-{seed}", **LINEAGE}
         if validation is None
-        else {"store": "/s", "run_name": f"run-{seed}", "store_fingerprint":
-              validation.store_fingerprint, "fold": validation.fold},  # fmt: skip
+        else {
+            "store": "/s",
+            "run_name": f"run-{seed}",
+            "store_fingerprint": validation.store_fingerprint,
+            "fold": validation.fold,
+        },  # fmt: skip
         validation=validation,
         val_hd95=3.5,
         val_sensitivity=0.75,
@@ -293,3 +298,30 @@ def _register_named(db, name, dice, validation):
             net.config), patch=(16, 32, 32), phases=3, val_dice=dice, name=name,
         lineage={"store": "/s", **LINEAGE}, validation=validation,
     )  # fmt: skip
+
+
+def test_a_registration_whose_process_died_does_not_block_the_gate(tracking_db):
+    """A version left pending by a registering process that died (kill -9) is marked abandoned,
+    never aliased, and the next registration goes on at once instead of waiting for it."""
+    import socket
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = "died-mid-registration"
+    first = _register_named(tracking_db, name, 0.30, _protocol())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = mlflow.register_model(
+        f"models:/{name}/{first.version}", name,
+        tags={"tsesnet.gate": "pending", "tsesnet.gate_holder":
+              f"{socket.gethostname()} pid {dead.pid}", "val_dice": "0.99"},
+    )  # fmt: skip
+    t0 = time.monotonic()
+    new = _register_named(tracking_db, name, 0.50, _protocol())
+    assert time.monotonic() - t0 < 60
+    assert (new.alias, new.replaced) == ("champion", first.version)
+    left = client.get_model_version(name, stale.version)
+    assert left.tags["tsesnet.gate"] == "abandoned" and not left.aliases
+    assert "Registration abandoned" in left.description
