@@ -293,11 +293,13 @@ def test_tiny_sweep_tracks_every_trial_and_registers_the_best(
     assert "sweep/plots/optimization_history.png" in plots
     assert "sweep/plots/parallel_coordinate.png" in plots
 
-    # The best trial's weights are a new registered version, gated like training.
+    # The best trial's weights are a new registered version: @challenger without --promote.
     assert res.best is res.rows[0] and res.model_version is not None
     mv = client.get_model_version("tsesnet", res.model_version)
     assert mv.run_id == res.best.run_id
-    assert res.alias in ("champion", "challenger")
+    assert res.alias == "challenger"
+    assert mv.tags["registration_reason"].startswith("a sweep registers its best as @challenger")
+    assert mv.tags["protocol"] and mv.tags["protocol.n_val_cases"]
     assert str(client.get_model_version_by_alias("tsesnet", res.alias).version) == str(
         res.model_version
     )
