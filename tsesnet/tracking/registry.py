@@ -326,7 +326,8 @@ def _wait_turn(mlc, name: str, version: str) -> None:
     said, beats = False, 0
     while True:
         waiting = []
-        for v in mlc.search_model_versions(f"name = {quote_name(name)}"):
+        query = f"name = {quote_name(name)} and tags.`{GATE_TAG}` = '{PENDING}'"
+        for v in mlc.search_model_versions(query):
             t = v.tags or {}
             if int(v.version) >= int(version) or t.get(GATE_TAG) != PENDING:
                 continue
