@@ -292,7 +292,7 @@ def _register_gated(mlc, model_uri, name, tags, promote, check_stop) -> Registra
         before = _holder(mlc, name, alias)
         mlc.set_registered_model_alias(name, alias, version)
         moved = (alias, _version_of(before))
-        if alias == CHAMPION and before and before.version != version:
+        if alias == CHAMPION and before and str(before.version) != version:
             _record_loss(mlc, before, version, reason)
         mlc.set_tag(tags["run_id"], "tsesnet.model_version", version)
         check_stop()
