@@ -1,5 +1,11 @@
 """What a sweep reports: one row per trial, the terminal table, the CSV, Optuna's plots, and the
 MLflow parent run's settings (at the start) and results (at the end).
+
+One source for every number: each trial's MLflow run (its per-epoch metric history), for the
+table, the CSV, the plots and the parent run alike. Two scores, both shown and labelled: the
+best validation DSC, which orders the table and picks the trial that is registered (the score
+the registry compares), and the sweep's search metric (`metric` in the sweep config, e.g.
+`best_val_soft_dice`), its last value per trial, which Tune's ASHA and Optuna ranked trials on.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ class TrialRow:
     hd95: float
     run_id: str | None
     checkpoint_path: str | None = None
-    history: list[float] = field(default_factory=list)  # metric per epoch
+    history: list[float] = field(default_factory=list)  # the search metric per epoch
+
+    @property
+    def metric_value(self) -> float:
+        """The search metric's last value: what Optuna was told (NaN when never reported)."""
+        return self.history[-1] if self.history else float("nan")
 
 
 def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, name: str):
-    """One `TrialRow` per trial that started, best first (NaN metrics last).
+    """One `TrialRow` per trial that started, by best validation DSC, highest first (NaN last).
 
     Parameters, status and checkpoint come from Tune; every metric comes from the trial's MLflow
     child run, whose history is whole: Tune's results of a trial resumed from its last checkpoint
@@ -66,8 +77,8 @@ def collect_rows(grid, cfg: spacemod.SweepConfig, client, experiment_id: str, na
         if run_id:
             _fill_from_history(row, client, cfg.metric)
         rows.append(row)
-    sign = -1.0 if cfg.mode == "max" else 1.0
-    rows.sort(key=lambda r: (not math.isfinite(r.best_val_dice), sign * _nan0(r.best_val_dice)))
+    # DSC is better higher whatever the search metric's mode.
+    rows.sort(key=lambda r: (not math.isfinite(r.best_val_dice), -_nan0(r.best_val_dice)))
     return rows
 
 
@@ -84,7 +95,9 @@ def _fill_from_history(row: TrialRow, client, metric: str) -> None:
         row.best_val_dice, row.hd95 = float(dice[step]), float(hd95.get(step, float("nan")))
     history = by_step(metric)
     row.history = [float(history[s]) for s in sorted(history)]
-    row.epochs = max(row.epochs, len(by_step("train_total")))
+    # the epochs the run logged (the MLflow run and the table agree; Tune's count is used only
+    # for a trial without a run)
+    row.epochs = len(by_step("train_total")) or row.epochs
 
 
 def _nan0(x: float) -> float:
@@ -151,27 +164,46 @@ def space_yaml(cfg: spacemod.SweepConfig) -> str:
 COLUMNS = ("trial", "alpha", "beta", "tau", "fusion", "lr", "epochs", "best val DSC", "HD95 mm")
 
 
-def _row_values(r: TrialRow) -> dict[str, Any]:
+def metric_label(metric: str) -> str:
+    """The search metric's column name: the metric, marked as what the search ranked on."""
+    return f"{metric} (search)"
+
+
+def _row_values(r: TrialRow, metric: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"trial": r.trial}
     for path, v in r.params.items():
         out[path.rsplit(".", 1)[-1]] = v
     out.update({"epochs": r.epochs, "best val DSC": r.best_val_dice, "HD95 mm": r.hd95})
+    if metric:
+        out[metric_label(metric)] = r.metric_value
     out["status"] = r.status
     return out
 
 
-def results_csv(rows: list[TrialRow]) -> str:
-    """The results table as CSV: trial, every searched path, epochs, DSC, HD95, run id."""
+def results_csv(rows: list[TrialRow], metric: str | None = None) -> str:
+    """The results table as CSV: trial, every searched path, epochs, DSC, HD95, the search
+    metric's last value (column `metric`, when given), status, run id."""
     buf = io.StringIO()
     paths = list(rows[0].params) if rows else []
     w = csv.writer(buf)
-    w.writerow(["trial", *paths, "epochs", "best_val_dice", "val_hd95", "status", "run_id"])
+    extra = [metric] if metric else []
+    w.writerow(["trial", *paths, "epochs", "best_val_dice", "val_hd95", *extra, "status", "run_id"])
     for r in rows:
         w.writerow(
             [r.trial, *(r.params[p] for p in paths), r.epochs, r.best_val_dice, r.hd95]
+            + ([r.metric_value] if metric else [])
             + [r.status, r.run_id or ""]
         )
     return buf.getvalue()
+
+
+def table_title(name: str, rows: list[TrialRow], metric: str, mode: str) -> str:
+    """The line above the table: what orders it and what the search ranked on."""
+    return (
+        f"sweep {name}: {len(rows)} trials, sorted by best val DSC (the score registration "
+        f"compares); Tune and Optuna ranked them on {metric} ({mode}), shown as "
+        f"'{metric_label(metric)}'"
+    )
 
 
 def table_cell(v) -> str:
@@ -184,14 +216,14 @@ def table_cell(v) -> str:
     return str(v)
 
 
-def results_table(rows: list[TrialRow]) -> str:
-    """The terminal table, in the order given (best first)."""
+def results_table(rows: list[TrialRow], metric: str | None = None) -> str:
+    """The terminal table, in the order given (best first); with `metric`, its column too."""
     if not rows:
         return "(no trials)"
-    cols = list(dict.fromkeys(["trial", *(_row_values(rows[0]).keys())]))
+    cols = list(dict.fromkeys(["trial", *(_row_values(rows[0], metric).keys())]))
     ordered = [c for c in COLUMNS if c in cols] + [c for c in cols if c not in COLUMNS]
 
-    cells = [[table_cell(_row_values(r).get(c, "")) for c in ordered] for r in rows]
+    cells = [[table_cell(_row_values(r, metric).get(c, "")) for c in ordered] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(ordered)]
     line = "  ".join(c.ljust(w) for c, w in zip(ordered, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)
@@ -221,40 +253,53 @@ def optuna_study(cfg: spacemod.SweepConfig, rows: list[TrialRow]):
     return study
 
 
-def optuna_plots(cfg: spacemod.SweepConfig, rows: list[TrialRow], out_dir: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates as PNGs."""
+def optuna_figures(cfg: spacemod.SweepConfig, rows: list[TrialRow]) -> dict[str, Any]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as
+    matplotlib figures, the objective axis labelled with the search metric (Optuna's default
+    is "Objective Value"); a plot Optuna cannot draw is left out with a note."""
     import warnings
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna_study(cfg, rows)
-    made = []
+    better = "higher" if cfg.mode == "max" else "lower"
+    target = f"{cfg.metric} (last value per trial; {better} is better)"
     plots = {
         "optimization_history": ovm.plot_optimization_history,
         "param_importances": ovm.plot_param_importances,
         "parallel_coordinate": ovm.plot_parallel_coordinate,
     }
+    figures = {}
     for fname, plot in plots.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
-                ax = plot(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            path = out_dir / f"{fname}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            made.append(path)
+                ax = plot(study, target_name=target)
         except (ValueError, RuntimeError, ZeroDivisionError) as err:
             # e.g. importances need two finished trials with different values
             print(f"note: no {fname} plot: {err}", flush=True)
+            continue
+        figures[fname] = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    return figures
+
+
+def optuna_plots(cfg: spacemod.SweepConfig, rows: list[TrialRow], out_dir: Path) -> list[Path]:
+    """`optuna_figures` as PNGs in `out_dir`."""
+    import matplotlib.pyplot as plt
+
+    made = []
+    for fname, fig in optuna_figures(cfg, rows).items():
+        fig.set_size_inches(9, 5)
+        fig.tight_layout()
+        path = out_dir / f"{fname}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
     return made
 
 
@@ -262,7 +307,7 @@ def log_parent_end(client, run_id, cfg, rows, best, version, alias) -> None:
     """The results table, Optuna's plots, the best trial and its registered version."""
     import tempfile
 
-    client.log_text(run_id, results_csv(rows), "sweep/results.csv")
+    client.log_text(run_id, results_csv(rows, cfg.metric), "sweep/results.csv")
     with tempfile.TemporaryDirectory() as d:
         for path in optuna_plots(cfg, rows, Path(d)):
             client.log_artifact(run_id, str(path), "sweep/plots")
@@ -271,6 +316,8 @@ def log_parent_end(client, run_id, cfg, rows, best, version, alias) -> None:
     client.log_metric(run_id, "epochs_total", sum(r.epochs for r in rows))
     if best is not None:
         client.log_metric(run_id, "best_val_dice", best.best_val_dice)
+        if math.isfinite(best.metric_value):
+            client.log_metric(run_id, f"best_trial_{cfg.metric}", best.metric_value)
         client.set_tag(run_id, "tsesnet.best_trial", best.trial)
         if best.run_id:
             client.set_tag(run_id, "tsesnet.best_run_id", best.run_id)

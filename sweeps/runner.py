@@ -8,7 +8,8 @@ train`'s driver; Optuna's TPE proposes the next trials and ASHA stops the weak o
 MLflow: one parent run per sweep; each trial's training run is its child. At the end the parent
 gets the search space, the results table (CSV) and Optuna's plots, and the best trial's weights
 are registered as a new version of the model through the same path as `tsesnet train`
-(`tsesnet.training.driver.register`, with the same champion gating).
+(`tsesnet.training.driver.register`): as @challenger, or with `--promote` through the same
+champion gate (a strictly better score under the same validation protocol).
 
 Names are deterministic (never timestamps): the sweep is `sweep-<store>-<config stem>` unless
 named, trial k is `t00k`, its training run `<sweep>-t00k`. `--resume` restores the Tune
@@ -241,10 +242,11 @@ def run_sweep(
     name: str | None = None,
     resume: bool = False,
     register: bool = True,
+    promote: bool = False,
     stop=None,
     trials_given: bool = False,
 ) -> SweepResult:
-    """Run (or resume) a sweep and return its trials sorted by the metric.
+    """Run (or resume) a sweep and return its trials sorted by best validation DSC.
 
     Args:
         store: path or URL of a store written by `tsesnet ingest`.
@@ -252,6 +254,8 @@ def run_sweep(
         name: sweep name; default `default_name(store, cfg)`.
         resume: continue the sweep of that name (error if there is none).
         register: register the best trial's model (`run.register` of the base config too).
+        promote: let it take @champion through the gate; without, it registers as
+            @challenger (a sweep's trials are often short or validated on fewer cases).
         stop: an optional Tune stopper (the benchmark's epoch budget).
         trials_given: with `resume`, `cfg.trials` is what the user asked for (more trials
             than the sweep has are proposed; fewer is an error), else the sweep keeps its own.
@@ -272,7 +276,7 @@ def run_sweep(
     best = rows[0] if rows and math.isfinite(rows[0].best_val_dice) else None
     version = alias = None
     if best is not None and register:
-        version, alias = register_best(best, plan)
+        version, alias = register_best(best, plan, promote=promote)
     parent = plan.setup.parent_run_id
     report.log_parent_end(client, parent, cfg, rows, best, version, alias)
     client.set_terminated(parent, "FINISHED")
@@ -452,8 +456,9 @@ def _tuner(plan: SweepPlan, cfg: spacemod.SweepConfig, resume: bool, stop):
     )
 
 
-def register_best(best: TrialRow, plan: SweepPlan):
-    """Register the best trial's best weights as a new model version (champion gating).
+def register_best(best: TrialRow, plan: SweepPlan, promote: bool = False):
+    """Register the best trial's best weights as a new model version: @challenger, or with
+    `promote` through the champion gate (a better score under the same validation protocol).
 
     Returns:
         (version, alias), or (None, None) when nothing is registered.
@@ -483,9 +488,17 @@ def register_best(best: TrialRow, plan: SweepPlan):
         "git_commit": git_commit(),
         "sweep": plan.name,
     }
-    train_ids, _ = plan.store.split(cfg.data.fold)
+    train_ids, val_ids = plan.store.split(cfg.data.fold)
     with Checkpoint(ckpt).as_directory() as d:
-        return register(d, cfg, run_id=best.run_id, lineage=lineage, train_ids=train_ids)
+        return register(
+            d,
+            cfg,
+            run_id=best.run_id,
+            lineage=lineage,
+            train_ids=train_ids,
+            val_ids=val_ids,
+            promote=promote,
+        )
 
 
 def cli(args) -> int:
@@ -505,11 +518,12 @@ def cli(args) -> int:
         cfg,
         name=args.name,
         resume=args.resume,
+        promote=getattr(args, "promote", False),
         trials_given=args.trials is not None,
     )
     print()
-    print(f"sweep {res.name}: {len(res.rows)} trials, sorted by {cfg.metric} ({cfg.mode})")
-    print(report.results_table(res.rows))
+    print(report.table_title(res.name, res.rows, cfg.metric, cfg.mode))
+    print(report.results_table(res.rows, cfg.metric))
     if res.best is not None:
         print(f"\nbest: {res.best.trial} (MLflow run {res.best.run_id})")
     print(f"\n{runs.ui_hint()}")

@@ -316,11 +316,13 @@ run = mlflow.MlflowClient().create_run(experiment)
 while not go.exists():
     time.sleep(0.01)
 time.sleep(float(sys.argv[4]))
+from tsesnet.tracking.protocol import ValidationProtocol
 reg = log_and_register(
     run_id=run.info.run_id, weights=weights, model_config=dataclasses.asdict(config),
     patch=(16, 32, 32), phases=3, val_dice=dice,
     lineage={"store_fingerprint": "f" * 16, "fold": 0, "store": "/s", "run_name": "r",
              "git_commit": "c"},
+    validation=ValidationProtocol("f" * 16, 0, ("a", "b"), (16, 32, 32), 0.5, "logits > 0"),
 )
 print(reg.version, reg.alias, flush=True)
 """
@@ -328,9 +330,9 @@ print(reg.version, reg.alias, flush=True)
 
 @pytest.mark.slow
 def test_the_alias_gate_is_atomic(tmp_path):
-    """Three registrations on the same store and fold at once (Dice 0.7 first, then 0.5 and
-    0.6): @champion ends on the best. Before: each read the champion, then set the alias a
-    moment later, so a worse version registered last took @champion from a better one."""
+    """Three registrations under the same protocol at once (Dice 0.7 first, then 0.5 and 0.6):
+    @champion ends on the best. Before: each read the champion, then set the alias a moment
+    later, so a worse version registered last took @champion from a better one."""
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
@@ -350,5 +352,16 @@ def test_the_alias_gate_is_atomic(tmp_path):
     client = _client(tmp_path)
     champion = client.get_model_version_by_alias("tsesnet", "champion")
     assert float(champion.tags["val_dice"]) == 0.7, [o[0] for o in outs]
-    said = sorted(o[0].split()[1] for o in outs)
-    assert said == ["challenger", "challenger", "champion"], said
+    assert_decided_one_at_a_time(client, [o[0] for o in outs])
+
+
+def assert_decided_one_at_a_time(client, said) -> None:
+    """Each version decided against the champion of its turn, in version order, as if the
+    registrations had run one after another (whichever order they were created in)."""
+    best = float("-inf")
+    for v in sorted(client.search_model_versions("name = 'tsesnet'"), key=lambda v: int(v.version)):
+        dice = float(v.tags["val_dice"])
+        want = "champion" if dice > best else "challenger"
+        assert v.tags["registered_as"] == want, (said, v.version, v.tags["registration_reason"])
+        assert v.tags["tsesnet.gate"] == "done"
+        best = max(best, dice)

@@ -158,6 +158,37 @@ def test_results_table_and_csv():
     assert len(csv_text.splitlines()) == 5
 
 
+def test_the_search_metric_is_shown_and_labelled():
+    """Before: the table claimed to be "sorted by best_val_soft_dice", a column it did not show,
+    while it was sorted by val DSC. Now the title says what orders it and the search metric is
+    a labelled column (its last value per trial, what Optuna was told), in the CSV too."""
+    rows = sorted(_rows(), key=lambda r: -r.best_val_dice if math.isfinite(r.best_val_dice) else 9)
+    title = report.table_title("s", rows, "best_val_soft_dice", "max")
+    assert "sorted by best val DSC" in title and "best_val_soft_dice (max)" in title
+    lines = report.results_table(rows, "best_val_soft_dice").splitlines()
+    assert "best_val_soft_dice (search)" in lines[0]
+    column = lines[0].index("best_val_soft_dice (search)")
+    assert [line[column:].split()[0] for line in lines[2:]] == ["0.7000", "0.6100", "0.2000", "-"]
+    header, first = report.results_csv(rows, "best_val_soft_dice").splitlines()[:2]
+    assert header.split(",")[-3:] == ["best_val_soft_dice", "status", "run_id"]
+    assert first.split(",")[-3] == "0.7"
+
+
+def test_the_optuna_plots_name_their_metric():
+    """Before: the optimisation history's axis read Optuna's "Objective Value"."""
+    import matplotlib.pyplot as plt
+
+    cfg = spacemod.load(CONFIGS / "sweep_tiny.yaml")
+    figs = report.optuna_figures(cfg, _rows())
+    ylabel = figs["optimization_history"].axes[0].get_ylabel()
+    assert ylabel.startswith(f"{cfg.metric} (last value per trial; higher is better)"), ylabel
+    texts = [t.get_text() for ax in figs["parallel_coordinate"].axes for t in ax.texts]
+    labels = [ax.get_ylabel() for ax in figs["parallel_coordinate"].axes] + texts
+    assert any(cfg.metric in x for x in labels), labels
+    for fig in figs.values():
+        plt.close(fig)
+
+
 def test_rows_take_the_whole_history_from_mlflow(tmp_path, mlflow_uri):
     """A trial resumed at its last checkpoint reports to Tune only the epochs after it (here the
     second); its best (epoch 1, DSC 0.6) is in its MLflow run. A `stop` budget can also end a
@@ -265,11 +296,13 @@ def test_tiny_sweep_tracks_every_trial_and_registers_the_best(
     assert "sweep/plots/optimization_history.png" in plots
     assert "sweep/plots/parallel_coordinate.png" in plots
 
-    # The best trial's weights are a new registered version, gated like training.
+    # The best trial's weights are a new registered version: @challenger without --promote.
     assert res.best is res.rows[0] and res.model_version is not None
     mv = client.get_model_version("tsesnet", res.model_version)
     assert mv.run_id == res.best.run_id
-    assert res.alias in ("champion", "challenger")
+    assert res.alias == "challenger"
+    assert mv.tags["registration_reason"].startswith("a sweep registers its best as @challenger")
+    assert mv.tags["protocol"] and mv.tags["protocol.n_val_cases"]
     assert str(client.get_model_version_by_alias("tsesnet", res.alias).version) == str(
         res.model_version
     )

@@ -270,6 +270,12 @@ def _training_commands(sub) -> None:
     )
     s.add_argument("--name", default=None, help="sweep name; the same name with --resume resumes")
     s.add_argument("--resume", action="store_true", help="continue the sweep of that name")
+    s.add_argument(
+        "--promote",
+        action="store_true",
+        help="let the best trial take @champion when it beats the champion under the same "
+        "validation protocol (default: it registers as @challenger)",
+    )
     _set_option(
         s,
         "a training setting for every trial, after the sweep config's own `set` "

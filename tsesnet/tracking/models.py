@@ -14,7 +14,8 @@ import socket
 
 from data_store.errors import InputError
 from tsesnet.common import names
-from tsesnet.tracking.registry import client, quote_name
+from tsesnet.tracking import protocol
+from tsesnet.tracking.registry import GATE_TAG, client, quote_name
 
 
 def _aliases_by_version(rm) -> dict[str, list[str]]:
@@ -42,7 +43,10 @@ def list_models() -> list[dict]:
 
 
 def show_model(name: str) -> dict:
-    """All versions of one registered model with aliases, val Dice, fold and run."""
+    """All versions of one registered model: aliases, validation protocol (its digest, or
+    "unknown" for versions registered before protocols were recorded), val DSC, HD95 and
+    sensitivity, fold, run, and how registration went (`registration`: done, or pending,
+    failed or abandoned for one that never finished; "" before this was recorded)."""
     from mlflow.exceptions import MlflowException
 
     mlc = client()
@@ -56,12 +60,24 @@ def show_model(name: str) -> dict:
         mlc.search_model_versions(f"name = {quote_name(name)}"), key=lambda v: int(v.version)
     ):
         t = v.tags or {}
+
+        def number(key, t=t):
+            return float(t[key]) if t.get(key) else None
+
         versions.append(
             {
                 "version": str(v.version),
                 "aliases": sorted(by_version.get(str(v.version), [])),
-                "val_dice": float(t["val_dice"]) if t.get("val_dice") else None,
-                "val_hd95": float(t["val_hd95"]) if t.get("val_hd95") else None,
+                "protocol": protocol.of_tags(t),
+                "val_cases": int(t["protocol.n_val_cases"])
+                if t.get("protocol.n_val_cases")
+                else None,
+                "val_dice": number("val_dice"),
+                "val_hd95": number("val_hd95"),
+                "val_sensitivity": number("val_sensitivity"),
+                "registered_as": t.get("registered_as"),
+                "registration_reason": t.get("registration_reason"),
+                "registration": t.get(GATE_TAG, ""),
                 "fold": t.get("fold"),
                 "store_fingerprint": t.get("store_fingerprint"),
                 "preset": t.get("preset"),
@@ -127,6 +143,7 @@ def promote(name: str, version: str, alias: str, reason: str = "") -> str | None
     if before and before != str(version):
         _record(mlc, mlc.get_model_version(name, before), f"demoted_{alias}", who, when, why,
                 f"{when}: @{alias} moved from here to v{version} by {who}: {why}")  # fmt: skip
+        mlc.set_model_version_tag(name, before, f"demoted_{alias}_to", str(version))
     return before if before != str(version) else None
 
 
@@ -163,15 +180,30 @@ def cli_show(args) -> int:
         f"{info['name']}: "
         + (", ".join(f"@{a}=v{v}" for a, v in info["aliases"].items()) or "no aliases")
     )
-    print(f"{'version':>7}  {'aliases':<22} {'val DSC':>7}  {'fold':>4}  {'model':<16} run")
+    print(
+        f"{'version':>7}  {'aliases':<22} {'protocol':<8} {'cases':>5} {'val DSC':>7} "
+        f"{'HD95 mm':>7} {'sens':>6}  {'fold':>4}  {'model':<16} run"
+    )
     for v in info["versions"]:
-        dsc = f"{v['val_dice']:.4f}" if v["val_dice"] is not None else "-"
         model = f"{v['preset']}/{v['fusion']}"
+        state = v["registration"]
+        note = f"  (registration {state})" if state not in ("", "done") else ""
         print(
-            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {dsc:>7}  "
-            f"{v['fold'] or '-':>4}  {model:<16} {v['run_name'] or v['run_id']}"
+            f"{v['version']:>7}  {','.join(v['aliases']) or '-':<22} {v['protocol'][:8]:<8} "
+            f"{v['val_cases'] if v['val_cases'] is not None else '-':>5} "
+            f"{_cell(v['val_dice'], 4):>7} {_cell(v['val_hd95'], 2):>7} "
+            f"{_cell(v['val_sensitivity'], 4):>6}  {v['fold'] or '-':>4}  {model:<16} "
+            f"{v['run_name'] or v['run_id']}{note}"
         )
+    print(
+        "protocol: the validation protocol's digest (store, fold, validation cases, window, "
+        "overlap, post-processing); @champion moves only between versions of one protocol"
+    )
     return 0
+
+
+def _cell(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def cli_promote(args) -> int:

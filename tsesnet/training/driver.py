@@ -111,7 +111,8 @@ def train(
 def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
     """Fit a planned run and register its best checkpoint; (Ray's result, registration, the
     checkpoint's state). The MLflow run ends FINISHED, KILLED or FAILED (`ended_as`)."""
-    with ended_as(plan.run_id):
+    undo: list = []
+    with ended_as(plan.run_id, undo=undo):
         check_stop()
         result = fit(plan, callbacks)
         check_stop()
@@ -125,6 +126,9 @@ def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
                     run_id=plan.run_id,
                     lineage=_lineage(plan, cfg),
                     train_ids=plan.train_ids,
+                    val_ids=plan.val_ids,
+                    check_stop=check_stop,
+                    undo=undo,
                 )
         check_stop()
     return result, reg, state
@@ -502,7 +506,18 @@ def training_data(store: str, case_ids) -> dict:
     }
 
 
-def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_ids=()):
+def register(
+    ckpt_dir,
+    cfg: TrainConfig,
+    *,
+    run_id: str,
+    lineage: dict,
+    train_ids=(),
+    val_ids=None,
+    promote: bool = True,
+    check_stop=None,
+    undo: list | None = None,
+):
     """Log and register the best weights of a checkpoint, once per run and epoch.
 
     The one registration path, for `tsesnet train`, sweeps and the science check. A run that
@@ -515,6 +530,12 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
         run_id: the MLflow run the model belongs to.
         lineage: store, store_fingerprint, fold, run_name, git_commit (version tags).
         train_ids: the training cases, described with the model (`training_data`).
+        val_ids: the validation fold's cases, for the validation protocol (None: unknown, and
+            the version never takes @champion from a champion).
+        promote: False registers as @challenger whatever the gate says (a sweep's best
+            without `--promote`).
+        check_stop: raises when the registration must not stand (a signal): it is withdrawn.
+        undo: gets a function that withdraws it, for a signal before the run ends.
 
     Returns:
         (version, its alias now or None), or (None, None) when nothing is registered.
@@ -522,6 +543,7 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
     import mlflow
 
     from tsesnet.tracking.registry import log_and_register
+    from tsesnet.training.plan import validation_protocol
 
     state = checkpoint.read_state(ckpt_dir)
     client = mlflow.MlflowClient()
@@ -533,6 +555,10 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
     if not cfg.run.register:
         return None, None
     best = next((h for h in state.history if h.get("epoch") == state.best_epoch), {})
+    print(f"registering the best weights (epoch {int(state.best_epoch) + 1}, val Dice "
+          f"{float(state.best_val_dice):.4f}) as a new version of {name}", flush=True)  # fmt: skip
+    fp = lineage["store_fingerprint"]
+    protocol = None if val_ids is None else validation_protocol(cfg, fp, val_ids)
     reg = log_and_register(
         run_id=run_id,
         weights=checkpoint.load_best(ckpt_dir),
@@ -541,18 +567,39 @@ def register(ckpt_dir, cfg: TrainConfig, *, run_id: str, lineage: dict, train_id
         phases=state.phases,
         val_dice=state.best_val_dice,
         val_hd95=best.get("val_hd95"),
+        val_sensitivity=best.get("val_sensitivity"),
         min_component_fraction=state.min_component_fraction,
         lineage=lineage,
         name=name,
         training_data=training_data(lineage["store"], train_ids) if train_ids else None,
+        validation=protocol,
+        promote=promote,
+        check_stop=check_stop,
     )
     client.set_tag(run_id, REGISTERED_AT_TAG, str(state.epoch))
+    if undo is not None:
+        undo.append(functools.partial(_unregister, reg, run_id))
     print(
         f"registered {reg.name} version {reg.version} as @{reg.alias} ({reg.reason}): "
         f"{reg.model_uri}",
         flush=True,
     )
     return reg.version, reg.alias
+
+
+def _unregister(reg, run_id: str) -> None:
+    """Withdraw a registration whose run was stopped before it ended, and the run's record of
+    it (a rerun registers again)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tsesnet.tracking.registry import withdraw
+
+    withdraw(reg, "the run was stopped before it ended")
+    client = mlflow.MlflowClient()
+    for tag in (REGISTERED_AT_TAG, VERSION_TAG):
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(run_id, tag)
 
 
 def _alias_of(client, name: str, version: str) -> str | None:
@@ -682,9 +729,13 @@ def _end_killed(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def ended_as(run_id: str):
+def ended_as(run_id: str, undo: list | None = None):
     """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
-    SIGTERM turned into KeyboardInterrupt), FAILED on any other error; the error propagates."""
+    SIGTERM turned into KeyboardInterrupt), FAILED on any other error; the error propagates.
+
+    `undo`, if given, holds what the block did that a KILLED run must not keep (a model
+    version it registered): called, newest first, before the run is marked KILLED. A signal
+    up to the FINISHED marking counts; the run is FINISHED only when none came."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -692,14 +743,18 @@ def ended_as(run_id: str):
         with _signals_deferred():
             check_stop()  # a signal before the block
         yield
+        with _signals_deferred():  # the last look: from here on a signal comes after the run
+            check_stop()
+            client.set_terminated(run_id, "FINISHED")
     except KeyboardInterrupt:
         with _signals_deferred():  # a second signal must not stop the marking
+            for step in reversed(undo or []):
+                step()
             client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
 
 
 def cli(args) -> int:

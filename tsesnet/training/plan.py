@@ -37,3 +37,26 @@ class RunPlan:
     resumed: bool
     tracking_uri: str
     git_commit: str
+
+
+def validation_protocol(cfg: TrainConfig, fingerprint: str, val_ids):
+    """How a run with `cfg` measures its validation Dice (`tsesnet.tracking.protocol`): the
+    store and fold, the cases validation actually scores (`data.max_val_cases` cuts the fold's
+    list, as the workers do), the sliding window and overlap, and the post-processing rule."""
+    from tsesnet.postprocess import CANDIDATES
+    from tsesnet.tracking.protocol import ValidationProtocol
+
+    cases = list(val_ids)
+    if cfg.data.max_val_cases > 0:
+        cases = cases[: cfg.data.max_val_cases]
+    return ValidationProtocol(
+        store_fingerprint=str(fingerprint),
+        fold=int(cfg.data.fold),
+        val_cases=tuple(sorted(cases)),
+        window=tuple(int(p) for p in cfg.data.patch),
+        overlap=float(cfg.data.val_overlap),
+        postprocess=(
+            "logits > 0, scored raw; components >= F x the largest kept at prediction, F chosen "
+            f"on validation from {', '.join(f'{c:g}' for c in CANDIDATES)}"
+        ),
+    )
