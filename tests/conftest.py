@@ -7,6 +7,16 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory):
+    """Commands' default logs (`tsesnet.common.console.log_dir`) in the session's temp folder, not
+    the user's home: every `tsesnet` a test starts inherits this."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    yield
+    mp.undo()
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that needs the session's Ray (directly or through a fixture such as `tiny_store`)
     is slow whatever its own marks say: `make test-fast` (`-m "not slow"`) starts no Ray."""

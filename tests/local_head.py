@@ -37,6 +37,7 @@ DROPPED = (
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
     "MLFLOW_TRACKING_URI",
+    "XDG_STATE_HOME",  # the user's own HOME holds the state (the session sets one for logs)
     "MLFLOW_ARTIFACTS_DESTINATION",
 )
 

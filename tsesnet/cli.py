@@ -88,8 +88,8 @@ def _log_options(s) -> None:
         "--log-file",
         default=None,
         metavar="FILE",
-        help="the full log, Ray's output included (default: tsesnet_logs/COMMAND-TIME-PID.log; "
-        "the first line says where)",
+        help="the full log, Ray's output included (default: ~/.local/state/tsesnet/logs/"
+        "COMMAND-TIME-PID.log, under $XDG_STATE_HOME if set; the first line says where)",
     )
 
 

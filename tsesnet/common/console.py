@@ -27,8 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-#: Where a command's log goes unless `--log-file` says (relative to the working directory).
-LOG_DIR = "tsesnet_logs"
+
+def log_dir() -> Path:
+    """Where a command's log goes unless `--log-file` says: this user's state folder
+    (``$XDG_STATE_HOME/tsesnet/logs``, else ``~/.local/state/tsesnet/logs``), never the working
+    directory (a refused command leaves nothing where it was typed)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "tsesnet" / "logs"
+
+
 #: Packages whose lines are ours (their loggers reach the console at INFO without `-v`).
 OWN_LOGGERS = ("tsesnet", "data_store", "sweeps")
 #: Sources of forwarded output that are Ray's own processes, never a worker of ours.
@@ -80,13 +87,13 @@ def start(command: str, *, verbose: bool = False, log_file: str | None = None) -
     Args:
         command: the subcommand (names the default log file).
         verbose: everything on the console too.
-        log_file: the log's path (default `tsesnet_logs/COMMAND-UTCTIME-PID.log`).
+        log_file: the log's path (default `log_dir()/COMMAND-UTCTIME-PID.log`).
     """
     if log_file:
         path = Path(log_file).expanduser()
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        path = Path(LOG_DIR) / f"{command.replace(' ', '-')}-{stamp}-{os.getpid()}.log"
+        path = log_dir() / f"{command.replace(' ', '-')}-{stamp}-{os.getpid()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (the process's life)
     log.write(f"# tsesnet {' '.join(sys.argv[1:])}  (pid {os.getpid()}, {time.ctime()})\n")
