@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 
 from data_store.errors import InputError
-from tsesnet.serving.predict import CasePredictor, CaseReader, PredictConfig, _plan_workers, predict
+from tsesnet.serving.case import PredictConfig
+from tsesnet.serving.inputs import CaseReader
+from tsesnet.serving.predict import CasePredictor, _plan_workers, predict
 
 T = 3
 CANON = (16, 32, 32)  # (Z, Y, X) = (S, A, R)
@@ -305,7 +307,7 @@ def test_the_report_shows_every_case_with_its_picture_and_numbers(raw_run, raw_c
 
 
 def test_a_report_folder_linking_outside_is_never_written_through(loaded, cohort, tmp_path):
-    from tsesnet.serving.predict import predict_case
+    from tsesnet.serving.case import predict_case
 
     out, outside = tmp_path / "out", tmp_path / "outside"
     out.mkdir()
@@ -325,8 +327,8 @@ def test_pictures_go_to_object_storage_through_the_same_helpers(loaded, cohort):
     (fsspec's in-memory filesystem stands in for the bucket, in this process)."""
     import fsspec
 
+    from tsesnet.serving.case import predict_case
     from tsesnet.serving.outputs import ObjectPath
-    from tsesnet.serving.predict import predict_case
 
     fs = fsspec.filesystem("memory")
     reader = CaseReader.for_input(str(cohort))
@@ -376,7 +378,7 @@ def test_the_component_filter_stored_with_the_model_is_applied(model_uri, cohort
     from scipy import ndimage
 
     from tsesnet.registry import load_model
-    from tsesnet.serving.predict import predict_case
+    from tsesnet.serving.case import predict_case
 
     loaded = load_model(model_uri)
     assert loaded.config["min_component_fraction"] == 0.0  # what `_register_tiny` stored
@@ -742,7 +744,7 @@ def test_cases_unlike_the_training_data_are_warned_about(hostile_run):
 
 
 def test_unsafe_ids_are_refused_before_anything_is_read_or_removed(loaded, cohort, tmp_path):
-    from tsesnet.serving.predict import predict_case
+    from tsesnet.serving.case import predict_case
 
     out, victim = tmp_path / "a" / "b" / "out", tmp_path / "a" / "victim"
     out.mkdir(parents=True)
@@ -771,7 +773,7 @@ def test_unsafe_ids_are_refused_before_anything_is_read_or_removed(loaded, cohor
 
 
 def test_links_out_of_the_output_folder_are_never_followed(loaded, cohort, tmp_path):
-    from tsesnet.serving.predict import predict_case
+    from tsesnet.serving.case import predict_case
 
     out, outside = tmp_path / "out", tmp_path / "outside"
     (outside / "maps").mkdir(parents=True)
@@ -897,7 +899,7 @@ def _comparable(row: dict) -> dict:
 
 
 def test_prefetch_and_serial_give_the_same_rows_and_files(loaded, cohort, tmp_path):
-    from tsesnet.serving.predict import predict_cases
+    from tsesnet.serving.case import predict_cases
 
     reader = CaseReader.for_input(str(cohort))
     ids = reader.case_ids()  # "broken" among them: its error must not stop the next cases
@@ -917,6 +919,37 @@ def test_prefetch_and_serial_give_the_same_rows_and_files(loaded, cohort, tmp_pa
                 if a.exists():
                     assert np.array_equal(nib.load(str(a)).dataobj, nib.load(str(b)).dataobj)
     assert [r["status"] for r in rows[1]].count("error") == 1
+
+
+def test_one_case_is_predicted_where_ray_cannot_be_imported(cohort, tmp_path):
+    """`tsesnet.serving.case` is the Ray-free half of prediction: a case is read, segmented,
+    written and scored in a process where `import ray` fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'ray':\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from tsesnet.model import build_model\n"
+        "from tsesnet.serving.case import PredictConfig, predict_case\n"
+        "from tsesnet.serving.inputs import CaseReader\n"
+        "from tsesnet.tracking.registry import LoadedModel\n"
+        "torch.manual_seed(0)\n"
+        "model = LoadedModel(build_model('tiny').eval(), (16, 32, 32), {}, 'tiny')\n"
+        "reader = CaseReader.for_input(sys.argv[1])\n"
+        "row = predict_case(model, reader, 'ras', sys.argv[2], PredictConfig())\n"
+        "print(row['status'], row['error'], row['picture_error'], 'ray' in sys.modules)\n"
+    )
+    argv = [sys.executable, "-c", code, str(cohort), str(tmp_path)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "False"], out.stdout
+    assert (tmp_path / "ras.nii.gz").is_file() and (tmp_path / "report" / "ras.png").is_file()
 
 
 @pytest.mark.parametrize(

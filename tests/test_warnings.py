@@ -27,8 +27,8 @@ def demo(tmp_path_factory, ray_session):
 
 def _warnings(record: dict, input_path, split=None) -> dict[str, list[str]]:
     """What `predict` puts in each case's `warnings` (the same functions, on the real files)."""
+    from tsesnet.serving.case import _unlike
     from tsesnet.serving.inputs import CaseReader
-    from tsesnet.serving.predict import _unlike
     from tsesnet.serving.training_data import TrainingData
 
     model_record, note = TrainingData.from_model_config({"training_data": record})

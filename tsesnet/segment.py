@@ -3,7 +3,7 @@
 Shape legend: T phases, Z Y X voxels.
 
 The one path every consumer takes: validation (`tsesnet.training.validation`), prediction
-(`tsesnet.serving.predict`), evaluation of mask files (`tsesnet.serving.evaluate`) and the
+(`tsesnet.serving.case`), evaluation of mask files (`tsesnet.serving.evaluate`) and the
 science check (`tsesnet.programs.science`). Pure PyTorch, NumPy and SciPy: the callers read the
 case and write the results.
 

@@ -3,7 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_predict.py [--cases 16] [--shape 32 64 64] [--reps 3]
         [--sections throughput prefetch]
 
-Everything runs the same `tsesnet.serving.predict` code (read, normalise, sliding-window
+Everything runs the same `tsesnet.serving.case` code (read, normalise, sliding-window
 inference, write the mask, score it) on the same synthetic cohort with the same registered tiny
 model.
 
@@ -121,7 +121,8 @@ def run_loop(uri: str, cohort: Path, out: Path, threads: int) -> tuple[float, fl
     import torch
 
     from tsesnet.registry import load_model
-    from tsesnet.serving.predict import CaseReader, PredictConfig, predict_case
+    from tsesnet.serving.case import PredictConfig, predict_case
+    from tsesnet.serving.inputs import CaseReader
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -142,7 +143,8 @@ def run_ray(uri: str, cohort: Path, out: Path, workers: int) -> tuple[float, flo
     Returns:
         (wall seconds, seconds inside `predict_case` summed over cases and divided by the actors).
     """
-    from tsesnet.serving.predict import PredictConfig, predict
+    from tsesnet.serving.case import PredictConfig
+    from tsesnet.serving.predict import predict
 
     start = time.perf_counter()
     report = predict(uri, str(cohort), str(out), PredictConfig(workers=workers), progress=False)
@@ -163,7 +165,8 @@ def run_prefetch(uri: str, inputs: dict[str, Path], tmp: Path, threads: list[int
     import torch
 
     from tsesnet.registry import load_model
-    from tsesnet.serving.predict import CaseReader, PredictConfig, predict_cases, prepare_case
+    from tsesnet.serving.case import PredictConfig, predict_cases, prepare_case
+    from tsesnet.serving.inputs import CaseReader
 
     loaded = load_model(uri)
     results = {}

@@ -412,7 +412,7 @@ def _forget_divergence(plan: RunPlan) -> None:
     its last finite checkpoint and is judged on its own)."""
     import mlflow
 
-    from tsesnet.training.worker import DIVERGED_TAG
+    from tsesnet.training.run_log import DIVERGED_TAG
 
     client = mlflow.MlflowClient()
     if DIVERGED_TAG in client.get_run(plan.run_id).data.tags:
@@ -426,7 +426,7 @@ def _check_finite(plan: RunPlan) -> None:
 
     import mlflow
 
-    from tsesnet.training.worker import DIVERGED_TAG
+    from tsesnet.training.run_log import DIVERGED_TAG
 
     tag = mlflow.MlflowClient().get_run(plan.run_id).data.tags.get(DIVERGED_TAG)
     if tag is None:

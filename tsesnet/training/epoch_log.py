@@ -7,7 +7,7 @@ callbacks. Logging the metrics here, and only for epochs that a registered check
 the MLflow history exactly the history a resume continues: a run that is killed and resumed (or
 restarted after a worker failure) retrains only epochs MLflow has not seen, so every epoch has
 one value, as in an uninterrupted run. Epochs reported without a checkpoint (`checkpoint_every` >
-1) wait for the next one. `tsesnet.training.worker.RunLog` logs, on resume, epochs a checkpoint
+1) wait for the next one. `tsesnet.training.run_log.RunLog` logs, on resume, epochs a checkpoint
 holds that this callback did not get to (a kill between the two).
 
 The epoch line is printed here too, as the epoch is logged: the console and MLflow show the same

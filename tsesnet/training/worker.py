@@ -6,8 +6,9 @@ Read `train_loop_per_worker` first: it is Ray's per-worker pattern. Every rank s
 patches (the sampler is sharded by rank), steps the DDP-wrapped network and reports once per
 epoch; ranks split the validation cases and gather the per-case metrics, so every rank takes the
 same early-stopping decision and reports the same number of times. Rank 0 alone writes
-checkpoints and logs to MLflow. Checkpoints hold the unwrapped module's `state_dict`
-(`tsesnet.training.checkpoint`), so a restarted or resumed run continues where it stopped.
+checkpoints and logs to MLflow (`tsesnet.training.run_log`). Checkpoints hold the unwrapped
+module's `state_dict` (`tsesnet.training.checkpoint`), so a restarted or resumed run continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tsesnet.training import checkpoint
 from tsesnet.training.checkpoint import TrainState
 from tsesnet.training.config import TrainConfig
 from tsesnet.training.plan import RunPlan
+from tsesnet.training.run_log import RunLog
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,6 @@ def train_loop_per_worker(plan: RunPlan) -> None:
 # Validation cases drawn as `predict` draws them, logged to MLflow at each better epoch (the
 # run ends with the best epoch's): the first few of the validation fold.
 PICTURE_CASES = 3
-# The MLflow run tag a diverged run gets (set by rank 0, read by the driver).
-DIVERGED_TAG = "tsesnet.diverged"
 # Values that must stay finite; one that does not means the run diverged (e.g. optim.lr too high).
 FINITE_METRICS = (
     "train_total",
@@ -418,111 +418,3 @@ def _quiet_report_log() -> None:
     name = train_report_logger_name()  # an internal module: its logger is named after its file
     if name is not None:
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-# ------------------------------------------------------------------------------ rank 0's log
-
-
-class RunLog:
-    """Rank 0's MLflow run (config, tags, plots) and epoch lines; on other ranks every method
-    does nothing. Per-epoch metrics go to MLflow from the Train controller once a checkpoint
-    holds them (`tsesnet.training.epoch_log`); on resume, epochs the restored checkpoint holds
-    but MLflow missed (a kill between the two) are logged here."""
-
-    def __init__(self, plan: RunPlan, me: Rank, state: TrainState, resumed: int):
-        self.on = me.is_zero
-        self.run_id = plan.run_id
-        if not self.on:
-            return
-        import mlflow
-
-        mlflow.set_tracking_uri(plan.tracking_uri)
-        mlflow.start_run(run_id=plan.run_id)
-        started_before = bool(mlflow.MlflowClient().get_run(plan.run_id).data.params)
-        if resumed < 0 and not started_before:
-            _log_run_start(plan, me)
-            return
-        from tsesnet.common.yaml_config import dump_yaml
-
-        mlflow.set_tag("tsesnet.restarts", str(state.restarts))
-        # The config may differ from the first start's (e.g. more epochs): keep each one.
-        mlflow.log_text(dump_yaml(plan.config), f"config/resumed_{state.restarts}.yaml")
-        from tsesnet.training.epoch_log import log_epoch, step_offset
-
-        client = mlflow.MlflowClient()
-        logged = {m.step for m in client.get_metric_history(plan.run_id, "epoch_time_s")}
-        offset = step_offset(client, plan.run_id)
-        for h in state.history:
-            if int(h["epoch"]) + offset not in logged:
-                log_epoch(client, plan.run_id, int(h["epoch"]), h)
-        if resumed >= 0:
-            print(f"resumed from the checkpoint after epoch {state.epoch + 1}", flush=True)
-
-    def epoch(self, epoch: int, metrics: dict, state: TrainState, montage, pictures) -> None:
-        """Refresh the plots (the epoch line is printed once the epoch is logged:
-        `tsesnet.training.epoch_log`)."""
-        if not self.on:
-            return
-        from tsesnet.tracking import plots
-
-        if "val_dice" in metrics:
-            plots.log_learning_curves(state.history)
-        if montage is not None:
-            plots.log_overlay_montage(montage.volume, montage.gt, montage.pred, montage.case_id)
-        if pictures:
-            plots.log_case_pictures(pictures)
-        if state.stopped_early:
-            print(
-                f"early stop after epoch {epoch + 1}: best val Dice at epoch "
-                f"{state.best_epoch + 1}",
-                flush=True,
-            )
-
-    def diverged(self, epoch: int, metrics: dict, bad: list[str]) -> None:
-        """Record on the run that it diverged (`DIVERGED_TAG`: the epoch and what is not finite,
-        as JSON), with that epoch's metrics."""
-        if not self.on:
-            return
-        import json
-
-        import mlflow
-
-        from tsesnet.training.epoch_log import log_epoch
-
-        what = {k: (str(metrics[k]) if k in metrics else "not finite") for k in bad}
-        mlflow.set_tag(DIVERGED_TAG, json.dumps({"epoch": epoch, "values": what}))
-        log_epoch(mlflow.MlflowClient(), self.run_id, epoch, metrics)
-
-    def close(self) -> None:
-        if self.on:
-            import mlflow
-
-            mlflow.end_run()
-
-
-def _log_run_start(plan: RunPlan, me: Rank) -> None:
-    """Rank 0, first start only: resolved config, system info, data lineage."""
-    import mlflow
-
-    from tsesnet.common.yaml_config import dump_yaml, flatten
-    from tsesnet.tracking import runs
-
-    cfg = plan.config
-    mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg).items()})
-    mlflow.log_text(dump_yaml(cfg), "config/resolved.yaml")
-    tags = runs.system_info()
-    tags.update(
-        {
-            "sys.workers": str(me.world),
-            "sys.device": str(me.device),
-            "data.store": plan.store,
-            "data.store_fingerprint": plan.fingerprint,
-            "data.fold": str(cfg.data.fold),
-            "data.n_train": str(len(plan.train_ids)),
-            "data.n_val": str(len(plan.val_ids)),
-            "code.git_commit": plan.git_commit,
-            runs.RUN_NAME_TAG: plan.name,
-        }
-    )
-    mlflow.set_tags(tags)
-    runs.log_store_input(plan.store, plan.fingerprint, cfg.data.fold)
