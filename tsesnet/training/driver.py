@@ -421,7 +421,7 @@ def _forget_divergence(plan: RunPlan) -> None:
 
 def _check_finite(plan: RunPlan) -> None:
     """Raise `TrainingDiverged` when the workers stopped on a non-finite value (rank 0 set
-    `worker.DIVERGED_TAG`), naming the epoch, the values and the learning rate."""
+    `run_log.DIVERGED_TAG`), naming the epoch, the values and the learning rate."""
     import json
 
     import mlflow
