@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Everything (what CI runs), its wall time printed at the end.
 test: $(STAMP)
-	$(BIN)/pytest -q --durations=15
+	@start=$$(date +%s); $(BIN)/pytest -q --durations=15; status=$$?; \
+	echo "make test: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
+	exit $$status
 
 # The edit-test loop: no Ray cluster, no training (the tests marked slow are left out).
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" --durations=5
+	@start=$$(date +%s); $(BIN)/pytest -q -m "not slow" --durations=5; status=$$?; \
+	echo "make test-fast: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
