@@ -169,14 +169,15 @@ def plan_run(
         )
     st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
-    runs.check_tracking()  # before any Ray: bounded time, one line
+    tracking_uri = runs.tracking_uri()  # resolved once; the workers get it in the plan
+    runs.check_tracking(tracking_uri)  # before any Ray: bounded time, one line
     check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
     if claims is not None:
         claims.enter_context(claim_name(storage_path, name))
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
-    experiment_id = runs.ensure_database(cfg.run.experiment)
-    run_id, _ = runs.find_or_create_run(experiment_id, name)
+    experiment_id = runs.ensure_database(cfg.run.experiment, tracking_uri)
+    run_id, _ = runs.find_or_create_run(experiment_id, name, uri=tracking_uri)
     if created is not None:
         created.append(run_id)
     print(
@@ -196,7 +197,7 @@ def plan_run(
         experiment_id=experiment_id,
         run_id=run_id,
         resumed=resumed,
-        tracking_uri=runs.tracking_uri(),
+        tracking_uri=tracking_uri,
         git_commit=runs.git_commit(),
     )
 
@@ -318,9 +319,6 @@ def fit(plan: RunPlan, callbacks: list | None = None):
         resources["GPU"] = cfg.run.gpus_per_worker
     connect()
     _catch_signals()  # ray.init replaced the SIGTERM handler
-    # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
-    # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
