@@ -220,7 +220,7 @@ def finish_case(
         A row with `ROW_COLUMNS`; `status` is "error" and `error` says why if it failed;
         `seconds` is the case's own work (read, normalise, predict, write, score).
     """
-    from tsesnet.serving.training_data import TrainingData
+    from tsesnet.common.training_record import TrainingRecord as TrainingData
 
     row = _nan_row(case_id)
     start = time.perf_counter()
