@@ -359,7 +359,8 @@ def plan_sweep(
     per_trial = trial_resources(base, cfg.trial_driver_cpus)
     n_parallel = concurrency(per_trial, ray.cluster_resources(), cfg.max_concurrent_trials)
     n_parallel = min(n_parallel, trials)
-    experiment_id = runs.ensure_database(base.run.experiment)
+    tracking_uri = runs.tracking_uri()  # resolved once; the trials get it in their setup
+    experiment_id = runs.ensure_database(base.run.experiment, tracking_uri)
     parent = _parent_run(experiment_id, name, resume)
     if not resume:
         import mlflow
@@ -378,7 +379,7 @@ def plan_sweep(
         store=store,
         base=base,
         train_storage=f"{exp_path}/train_runs",
-        tracking_uri=runs.tracking_uri(),
+        tracking_uri=tracking_uri,
         experiment_id=experiment_id,
         parent_run_id=parent,
     )

@@ -9,13 +9,13 @@ training code here. Each trial's training run is an MLflow child of the sweep's 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from data_store.errors import InputError
 from tsesnet.common import names
+from tsesnet.common.console import RAY_TRAIN_ENV
 from tsesnet.training.config import TrainConfig
 
 SWEEP_TAG, TRIAL_TAG, KIND_TAG = "tsesnet.sweep", "tsesnet.trial", "tsesnet.kind"
@@ -98,18 +98,20 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
     Ray instance and, with two on one machine, gives up, the resources leak and later trials
     wait for CPUs forever.
     """
-    import mlflow
     import ray
     from ray import tune
 
-    # Tune actors may run in another working directory: use what the sweep driver resolved.
-    os.environ["MLFLOW_TRACKING_URI"] = setup.tracking_uri
-    mlflow.set_tracking_uri(setup.tracking_uri)
     trial = tune.get_context().get_trial_name()
     name = setup.run_name(trial)
     cfg = trial_train_config(setup.base, values, setup.train_storage)
     _child_run(setup, name, trial)
-    env = {"RAY_ADDRESS": setup.ray_address, "MLFLOW_TRACKING_URI": setup.tracking_uri}
+    # Tune actors may run in another working directory: the training gets the tracking URI the
+    # sweep driver resolved.
+    env = {
+        "RAY_ADDRESS": setup.ray_address,
+        "MLFLOW_TRACKING_URI": setup.tracking_uri,
+        **RAY_TRAIN_ENV,
+    }
     fit = ray.remote(num_cpus=0, max_retries=0)(_train).options(runtime_env={"env_vars": env})
     # The callback holds this trial's Tune queue; it runs in the Train controller.
     ray.get(fit.remote(setup.store, cfg, name, _report_callback()))
@@ -126,7 +128,7 @@ def _child_run(setup: TrialSetup, name: str, trial: str) -> str:
     from tsesnet.tracking.runs import find_or_create_run
 
     tags = {"mlflow.parentRunId": setup.parent_run_id, SWEEP_TAG: setup.sweep, TRIAL_TAG: trial}
-    run_id, _ = find_or_create_run(setup.experiment_id, name, tags)
+    run_id, _ = find_or_create_run(setup.experiment_id, name, tags, uri=setup.tracking_uri)
     return run_id
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -42,6 +43,18 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _forget_tracking_uri():
+    """MLflow keeps the tracking URI that `runs.configure` gave it process-wide (and exports it
+    to the environment); forget it after each test so that the next one reads its own."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # also unsets the variable
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture()

@@ -80,12 +80,10 @@ ENVIRON_WRITES = {
     "ray.init itself writes the same value when it is unset",
     "tsesnet.common.console": "the command line's console set-up (called by `tsesnet.cli.main` "
     "only, before Ray or MLflow start): log deduplication, Ray AIR's output and MLflow's logging "
-    "and progress bars are read from the environment by Ray, MLflow and the local Ray's workers",
+    "and progress bars, Ray Train's print patch are read from the environment by Ray, MLflow "
+    "and the local Ray's workers",
     # Issue 23, item 3, in modules other changes of that issue own: to leave this list with them.
-    "tsesnet.tracking.runs": "MLFLOW_TRACKING_URI (to be passed down instead)",
-    "tsesnet.training.driver": "RAY_TRAIN_ENABLE_PRINT_PATCH (to go to the runtime_env)",
     "tsesnet.serving.predict": "inside a Ray actor (to go to the runtime_env)",
-    "sweeps.trial": "MLFLOW_TRACKING_URI in a trial (to be passed down instead)",
 }
 ENVIRON_METHODS = ("setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__")
 MAX_FUNCTION_LINES = 80

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from data_store.errors import InputError
+from tsesnet.common.training_record import TrainingRecord
 from tsesnet.serving.case import PredictConfig
 from tsesnet.serving.inputs import CaseReader
 from tsesnet.serving.predict import CasePredictor, _plan_workers, predict
@@ -93,9 +94,9 @@ def write_orientation_cohort(root, *, broken: bool = True):
     return root
 
 
-def _register_tiny(workdir, name: str = "tsesnet-predict-test", training_data=None) -> str:
+def _register_tiny(workdir, name: str = "tsesnet-predict-test", training_record=None) -> str:
     """An untrained tiny TSESNet registered in MLflow the way training registers its best model
-    (with `training_data`, the record prediction compares scans with)."""
+    (with `training_record`, the record prediction compares scans with)."""
     import mlflow
     import torch
 
@@ -117,7 +118,7 @@ def _register_tiny(workdir, name: str = "tsesnet-predict-test", training_data=No
         val_dice=0.5,
         lineage={"store_fingerprint": "test", "fold": 0, "run_name": "predict-test"},
         name=name,
-        training_data=training_data,
+        training_record=training_record,
     )
     return f"models:/{name}/{reg.version}"
 
@@ -566,7 +567,11 @@ def loaded(model_uri):
 @pytest.fixture(scope="module")
 def record_uri(model_uri, tmp_path_factory):
     """A second model in the same registry, registered with a record of its training data."""
-    return _register_tiny(None, name="tsesnet-predict-record", training_data=RECORD)
+    return _register_tiny(
+        None,
+        name="tsesnet-predict-record",
+        training_record=TrainingRecord.from_model_config({"training_data": RECORD})[0],
+    )
 
 
 def write_hostile_cohort(root):
@@ -968,10 +973,10 @@ def test_cases_per_call(n_cases, workers, prefetch, expected):
     assert cases_per_call(n_cases, workers, prefetch) == expected
 
 
-def test_training_data_rules():
-    from tsesnet.serving.training_data import NO_RECORD, TrainingData
+def test_training_record_rules():
+    from tsesnet.common.training_record import NO_RECORD
 
-    record, note = TrainingData.from_model_config({"training_data": RECORD})
+    record, note = TrainingRecord.from_model_config({"training_data": RECORD})
     assert note == ""
     ok = (3, (2.0, 0.7, 0.7))
     assert record.unlike(*ok) == []
@@ -983,20 +988,20 @@ def test_training_data_rules():
     ]
     # a record without obliquity (kept before it was) checks none; orientations are no reason
     assert record.unlike(6, (2.0, 0.7, 0.7), 40.0) == ["6 phases (trained on 3)"]
-    oblique, _ = TrainingData.from_model_config(
+    oblique, _ = TrainingRecord.from_model_config(
         {"training_data": {**RECORD, "obliquity_deg_max": 6.0}}
     )
     assert oblique.unlike(3, (2.0, 0.7, 0.7), 15.9) == []  # within 10 degrees of training's
     assert oblique.unlike(3, (2.0, 0.7, 0.7), 30.0) == [
         "oblique by 30 degrees after reorienting (trained on at most 6)"
     ]
-    wide, _ = TrainingData.from_model_config({"training_data": {"phases": [3, 6]}})
+    wide, _ = TrainingRecord.from_model_config({"training_data": {"phases": [3, 6]}})
     assert wide.unlike(2, (9.0, 9.0, 9.0)) == ["2 phases (trained on 3-6)"]
-    assert TrainingData.from_model_config({}) == (None, NO_RECORD)
-    assert TrainingData.from_model_config({"training_data": None}) == (None, NO_RECORD)
+    assert TrainingRecord.from_model_config({}) == (None, NO_RECORD)
+    assert TrainingRecord.from_model_config({"training_data": None}) == (None, NO_RECORD)
     bad_records = ({"phases": [3]}, {"spacing_mm_min": [1, 2]}, {"orientations": "RAS"}, [])
     for bad in (*bad_records, {"obliquity_deg_max": -1}):
-        record, note = TrainingData.from_model_config({"training_data": bad})
+        record, note = TrainingRecord.from_model_config({"training_data": bad})
         assert record is None and "malformed" in note
 
 

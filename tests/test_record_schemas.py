@@ -8,7 +8,7 @@ import pytest
 
 from data_store.index import IndexEntry, store_fingerprint
 from data_store.integrity import CaseRecord
-from tsesnet.serving.training_data import TrainingData
+from tsesnet.common.training_record import TrainingRecord
 
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
 ARRAY = {
@@ -121,15 +121,43 @@ def test_a_malformed_index_entry_is_one_line_naming_the_key(change, words):
     assert "\n" not in str(err.value)
 
 
-def test_training_data_record_reads_and_refuses_in_one_line():
+def test_training_record_reads_and_refuses_in_one_line():
     record = {"phases": [3, 6], "spacing_mm_min": [2, 0.7, 0.7], "orientations": ["RAS"]}
-    data, note = TrainingData.from_model_config({"training_data": {**record, "later": 1}})
-    assert note == "" and data.phases == (3, 6) and data.spacing_min == (2.0, 0.7, 0.7)
-    assert data.spacing_max is None and data.orientations == ("RAS",)
+    data, note = TrainingRecord.from_model_config({"training_data": {**record, "later": 1}})
+    assert note == "" and data.phases == (3, 6) and data.spacing_mm_min == (2.0, 0.7, 0.7)
+    assert data.spacing_mm_max is None and data.orientations == ("RAS",)
     for bad, words in [
         ({"phases": [1, 3]}, "training_data.phases: [1, 3] is not lo <= hi phases, lo >= 2"),
         ({"spacing_mm_max": [0, 1, 1]}, "training_data.spacing_mm_max[0]=0 is out of range"),
         ({"orientations": "RAS"}, "training_data.orientations: expected tuple[str, ...]"),
     ]:
-        data, note = TrainingData.from_model_config({"training_data": bad})
+        data, note = TrainingRecord.from_model_config({"training_data": bad})
         assert data is None and words in note and "\n" not in note, note
+
+
+# `model_config.json`'s "training_data" as releases before the obliquity check wrote it (the
+# four keys of the registry's former TRAINING_DATA_KEYS, from `driver.training_data`).
+RECORD_BEFORE_OBLIQUITY = {
+    "phases": [3, 3],
+    "spacing_mm_min": [2.0, 0.7, 0.7],
+    "spacing_mm_max": [2.0, 0.75, 0.75],
+    "orientations": ["LPS", "RAS"],
+}
+
+
+def test_a_record_written_by_an_older_release_reads_and_warns_as_before():
+    record, note = TrainingRecord.from_model_config({"training_data": RECORD_BEFORE_OBLIQUITY})
+    assert note == ""
+    assert record == TrainingRecord(
+        phases=(3, 3),
+        spacing_mm_min=(2.0, 0.7, 0.7),
+        spacing_mm_max=(2.0, 0.75, 0.75),
+        orientations=("LPS", "RAS"),
+    )
+    # stored again, it is the same JSON, with the key it never had as null
+    assert record.as_json() == {**RECORD_BEFORE_OBLIQUITY, "obliquity_deg_max": None}
+    assert record.unlike(3, (2.0, 0.7, 0.7), 45.0) == []  # no obliquity recorded: not checked
+    assert record.unlike(4, (3.5, 0.7, 0.7)) == [
+        "4 phases (trained on 3)",
+        "Z spacing 3.5 mm (trained on 2 mm)",
+    ]

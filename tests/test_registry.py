@@ -32,14 +32,6 @@ def _mv(version="1", **tags):
     return SimpleNamespace(version=version, tags={k: str(v) for k, v in tags.items()})
 
 
-@pytest.fixture(autouse=True)
-def _forget_tracking_uri():
-    """MLflow keeps the URI set in-process; clear it so later tests read their own."""
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(None)
-
-
 @pytest.mark.parametrize(
     ("new", "tags", "champion", "alias"),
     [

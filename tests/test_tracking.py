@@ -44,3 +44,50 @@ def test_search_values_are_quoted_safely():
     assert quote("it's") == '"it\'s"' and quote('a"b') == "'a\"b'"
     with pytest.raises(ValueError, match="both quote"):
         quote("a'b\"c")
+
+
+def test_a_trial_logs_to_the_sweeps_store_without_writing_the_environment(tmp_path):
+    """A Tune trial gets the tracking URI the sweep driver resolved (`TrialSetup`) and hands it
+    to MLflow explicitly: its child run lands in the sweep's database although the trial's
+    process has no `MLFLOW_TRACKING_URI` and another working directory, and the trial's
+    environment is left as it was (it used to export the URI)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'sweep' / 'mlflow.db'}"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    driver = (
+        "import sys\n"
+        "from tsesnet.tracking.runs import ensure_database, find_or_create_run\n"
+        "e = ensure_database('sweeps', sys.argv[1])\n"
+        "print(e, find_or_create_run(e, 'parent', uri=sys.argv[1])[0])\n"
+    )
+    trial = (
+        "import os, sys\n"
+        "from sweeps.trial import TrialSetup, _child_run\n"
+        "from tsesnet.training.config import TrainConfig\n"
+        "uri, e, parent = sys.argv[1:]\n"
+        "setup = TrialSetup('sw', '', '', TrainConfig(), '', uri, e, parent)\n"
+        "print(_child_run(setup, 'sw-t001', 't001'), os.environ.get('MLFLOW_TRACKING_URI'))\n"
+    )
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "trial").mkdir()
+
+    def run(code, *args, cwd):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr[-800:]
+        return done.stdout.split()
+
+    experiment, parent = run(driver, uri, cwd=tmp_path / "sweep")
+    child, exported = run(trial, uri, experiment, parent, cwd=tmp_path / "trial")
+    assert exported == "None"
+    got = mlflow.MlflowClient(uri).get_run(child)
+    assert got.info.experiment_id == experiment
+    assert got.data.tags["mlflow.parentRunId"] == parent
+    assert not list((tmp_path / "trial").iterdir())  # nothing tracked where the trial ran

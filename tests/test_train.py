@@ -19,14 +19,6 @@ CONFIGS = ROOT / "tsesnet" / "configs"
 TINY = CONFIGS / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _forget_tracking_uri():
-    """MLflow keeps the URI set in-process; clear it so later tests read their own."""
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(None)
-
-
 def test_the_default_is_the_recommended_recipe_and_paper_yaml_the_paper():
     cfg = TrainConfig()
     assert dataclasses.asdict(load_config(CONFIGS / "recommended.yaml")) == dataclasses.asdict(cfg)

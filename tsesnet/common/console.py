@@ -40,6 +40,11 @@ def log_dir() -> Path:
 OWN_LOGGERS = ("tsesnet", "data_store", "sweeps")
 #: Sources of forwarded output that are Ray's own processes, never a worker of ours.
 RAY_PROCESSES = ("raylet", "autoscaler", "gcs_server")
+# Ray Train turns a worker's print into a log record and, when stdout is wrapped (as `start`
+# does), prints it too: every epoch line arrived twice. Keep print a print. Ray Train reads it in
+# its controller and workers and passes it to them from the driver's environment (and a sweep
+# trial passes it in its runtime_env, `sweeps.trial`).
+RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass
@@ -82,7 +87,8 @@ def start(command: str, *, verbose: bool = False, log_file: str | None = None) -
     numbers, so it merged different trials' epoch lines and printed them late, "[repeated 3x
     across cluster]"); MLflow's loggers left to the root logger configured here; without
     `verbose`, Tune's legacy reporter (at `verbose=0` it prints nothing, the new one always
-    prints its box and a TensorBoard hint) and no MLflow download bars.
+    prints its box and a TensorBoard hint) and no MLflow download bars; Ray Train's print
+    patch off (`RAY_TRAIN_ENV`).
 
     Args:
         command: the subcommand (names the default log file).
@@ -103,6 +109,8 @@ def start(command: str, *, verbose: bool = False, log_file: str | None = None) -
     _STATE[:] = [state]
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     if not verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -14,7 +14,7 @@ around it); it imports no Ray, so a case can be predicted in any process. Read t
    chosen on validation (`tsesnet.postprocess`), writes `CASE.nii.gz` (uint8) and optionally
    `probabilities/CASE.nii.gz` (float32) on the original grid of the phase-0 file, scores DSC /
    HD95 (mm) / sensitivity where a ground-truth mask exists, notes how the case differs from
-   the model's training data (`tsesnet.serving.training_data`), and draws the case's picture
+   the model's training data (`tsesnet.common.training_record`), and draws the case's picture
    `report/CASE.png` with its volume, diameter and kinetic curve (`tsesnet.serving.report`).
    Any error is caught and returned as the case's row (`ROW_COLUMNS`): one bad case never
    stops the others.
@@ -191,13 +191,13 @@ def finish_case(
         A row with `ROW_COLUMNS`; `status` is "error" and `error` says why if it failed;
         `seconds` is the case's own work (read, normalise, predict, write, score).
     """
-    from tsesnet.serving.training_data import TrainingData
+    from tsesnet.common.training_record import TrainingRecord
 
     row = nan_row(case_id)
     start = time.perf_counter()
     if isinstance(prepared, BaseException) and not isinstance(prepared, Exception):
         raise prepared
-    record, row["note"] = TrainingData.from_model_config(loaded.config)
+    record, row["note"] = TrainingRecord.from_model_config(loaded.config)
     try:
         mask_path, prob_path = output_paths(out_dir, case_id)
     except Exception as err:  # an unsafe ID or path: nothing may be written or removed
@@ -320,7 +320,6 @@ def _scores(case_id: str, pred: np.ndarray, case: InputCase) -> dict:
 
 def _unlike(record, case: InputCase) -> list[str]:
     """How the case differs from the model's training data ([] without a record)."""
-
     if record is None:
         return []
     return record.unlike(case.image.shape[0], case.geometry.spacing, case.geometry.obliquity_deg)

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_store.errors import InputError
+from tsesnet.common.training_record import RECORD_KEY, TrainingRecord
 from tsesnet.tracking import protocol
 
 DEFAULT_NAME = "tsesnet"
 CHAMPION, CHALLENGER = "champion", "challenger"
 WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "model_config.json"
 FORMAT = "tsesnet-weights-v1"
-# What `model_config.json`'s "training_data" holds (absent in models registered before it).
-TRAINING_DATA_KEYS = ("phases", "spacing_mm_min", "spacing_mm_max", "orientations")
 
 
 @dataclass
@@ -181,7 +180,7 @@ def log_and_register(
     lineage: dict,
     name: str = DEFAULT_NAME,
     min_component_fraction: float = 0.0,
-    training_data: dict | None = None,
+    training_record: TrainingRecord | None = None,
     val_hd95: float | None = None,
     val_sensitivity: float | None = None,
     validation: protocol.ValidationProtocol | None = None,
@@ -207,9 +206,8 @@ def log_and_register(
         name: registered model name.
         min_component_fraction: the connected-component filter chosen on validation
             (`tsesnet.postprocess`); prediction applies it.
-        training_data: what the training cases looked like, for prediction to warn about
-            unlike scans: {"phases": [lo, hi], "spacing_mm_min": [z, y, x], "spacing_mm_max":
-            [z, y, x], "orientations": ["RAS", ...]} (`TRAINING_DATA_KEYS`); None when unknown.
+        training_record: what the training cases looked like, stored for prediction to warn
+            about unlike scans (`tsesnet.common.training_record`); None when unknown.
         val_hd95: mean validation HD95 (mm) at the same epoch, for the description.
         val_sensitivity: mean validation sensitivity at the same epoch.
         validation: how `val_dice` was measured; None: unknown (never takes @champion from
@@ -233,7 +231,7 @@ def log_and_register(
         "val_dice": float(val_dice),
         "min_component_fraction": float(min_component_fraction),
         "lineage": {k: (v if isinstance(v, int | float) else str(v)) for k, v in lineage.items()},
-        "training_data": training_data,
+        RECORD_KEY: None if training_record is None else training_record.as_json(),
         "validation_protocol": None if validation is None else validation.as_dict(),
     }
     info = _log_model(run_id, weights, cfg)

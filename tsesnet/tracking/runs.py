@@ -56,15 +56,16 @@ def artifact_location() -> str | None:
     return None
 
 
-def configure() -> str:
-    """Point this process's MLflow client at `tracking_uri()` and return the URI.
+def configure(uri: str | None = None) -> str:
+    """Point this process's MLflow client at `uri` (default `tracking_uri()`); return the URI.
 
-    Exported to the environment as well, so Ray workers started afterwards inherit it.
+    Nothing here writes the environment: the processes that need the URI get it passed down
+    (`RunPlan.tracking_uri`, `TrialSetup.tracking_uri`, the env_vars of a Ray runtime_env).
+    MLflow's `set_tracking_uri` (3.x) exports the URI to the environment by itself.
     """
     import mlflow
 
-    uri = tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         # The first open creates and migrates the schema: one process at a time.
@@ -87,10 +88,11 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:
+def ensure_database(experiment: str = DEFAULT_EXPERIMENT, uri: str | None = None) -> str:
     """Create the tracking database (schema migrated) and the experiment; return its id.
 
-    Call it once in the driver before any worker or trial logs.
+    Call it once in the driver before any worker or trial logs, with the URI the driver
+    resolved (default `tracking_uri()`).
 
     Raises:
         InputError: in a Ray job, tracking would land in the job's temporary copy of the code.
@@ -98,10 +100,11 @@ def ensure_database(experiment: str = DEFAULT_EXPERIMENT) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    uri = uri or tracking_uri()
     artifacts = artifact_location()
-    check_outlives_job(tracking_uri(), artifacts)
-    configure()
-    client = mlflow.MlflowClient()
+    check_outlives_job(uri, artifacts)
+    configure(uri)
+    client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -360,8 +363,15 @@ def system_info() -> dict[str, str]:
     return info
 
 
-def find_or_create_run(experiment_id: str, name: str, tags: dict[str, str] | None = None):
+def find_or_create_run(
+    experiment_id: str,
+    name: str,
+    tags: dict[str, str] | None = None,
+    uri: str | None = None,
+):
     """The MLflow run tagged `tsesnet.run_name = name` (and `tags`), or a new one.
+
+    `uri` names the tracking store; without it, the one this process's MLflow points at.
 
     Returns:
         (run id, True when an existing run was found).
@@ -369,7 +379,7 @@ def find_or_create_run(experiment_id: str, name: str, tags: dict[str, str] | Non
     import mlflow
 
     wanted = {RUN_NAME_TAG: name, **(tags or {})}
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(uri)
     found = client.search_runs(
         [experiment_id],
         filter_string=" and ".join(f"tags.`{k}` = {quote(v)}" for k, v in wanted.items()),

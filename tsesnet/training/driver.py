@@ -27,6 +27,7 @@ from pathlib import Path
 from data_store.errors import InputError
 from tsesnet.common import names
 from tsesnet.common.cluster import disconnect
+from tsesnet.common.training_record import TrainingRecord
 from tsesnet.training import checkpoint
 from tsesnet.training.config import TrainConfig, check_config, default_run_name, load_config
 from tsesnet.training.plan import RunPlan
@@ -169,14 +170,15 @@ def plan_run(
         )
     st.check_cases([*train_ids, *val_ids])  # a damaged case stops the run here, in one line
     model_config = _check_network(cfg)
-    runs.check_tracking()  # before any Ray: bounded time, one line
+    tracking_uri = runs.tracking_uri()  # resolved once; the workers get it in the plan
+    runs.check_tracking(tracking_uri)  # before any Ray: bounded time, one line
     check_resources(cfg)
     storage_path = cfg.run.resolved_storage_path()
     if claims is not None:
         claims.enter_context(claim_name(storage_path, name))
     resumed = checkpoint.claim_run_folder(storage_path, name, model_config, st.fingerprint)
-    experiment_id = runs.ensure_database(cfg.run.experiment)
-    run_id, _ = runs.find_or_create_run(experiment_id, name)
+    experiment_id = runs.ensure_database(cfg.run.experiment, tracking_uri)
+    run_id, _ = runs.find_or_create_run(experiment_id, name, uri=tracking_uri)
     if created is not None:
         created.append(run_id)
     print(
@@ -196,7 +198,7 @@ def plan_run(
         experiment_id=experiment_id,
         run_id=run_id,
         resumed=resumed,
-        tracking_uri=runs.tracking_uri(),
+        tracking_uri=tracking_uri,
         git_commit=runs.git_commit(),
     )
 
@@ -318,9 +320,6 @@ def fit(plan: RunPlan, callbacks: list | None = None):
         resources["GPU"] = cfg.run.gpus_per_worker
     connect()
     _catch_signals()  # ray.init replaced the SIGTERM handler
-    # Ray Train turns a worker's print into a log record and, when stdout is wrapped, prints it
-    # too: every epoch line arrived twice. Keep print a print (Train passes this to workers).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
@@ -478,10 +477,10 @@ def _lineage(plan: RunPlan, cfg: TrainConfig) -> dict:
     }
 
 
-def training_data(store: str, case_ids) -> dict:
+def describe_training_cases(store: str, case_ids) -> TrainingRecord:
     """What the training cases look like, stored with the model so that prediction can warn
-    about scans unlike them (`tsesnet.serving.training_data`): phase counts, spacing (mm, Z Y X)
-    per axis, original orientations, the largest obliquity (degrees)."""
+    about scans unlike them: phase counts, spacing (mm, Z Y X) per axis, original orientations,
+    the largest obliquity (degrees)."""
     import numpy as np
 
     from data_store.geometry import Geometry
@@ -497,13 +496,13 @@ def training_data(store: str, case_ids) -> dict:
         orientations.add(geometry.orientation)
         oblique = max(oblique, geometry.obliquity_deg)
     sp = np.asarray(spacing)
-    return {
-        "phases": [min(phases), max(phases)],
-        "spacing_mm_min": sp.min(0).tolist(),
-        "spacing_mm_max": sp.max(0).tolist(),
-        "orientations": sorted(orientations),
-        "obliquity_deg_max": round(oblique, 2),
-    }
+    return TrainingRecord(
+        phases=(min(phases), max(phases)),
+        spacing_mm_min=tuple(sp.min(0).tolist()),
+        spacing_mm_max=tuple(sp.max(0).tolist()),
+        orientations=tuple(sorted(orientations)),
+        obliquity_deg_max=round(oblique, 2),
+    )
 
 
 def register(
@@ -529,7 +528,7 @@ def register(
         cfg: the run's config (model, patch, `run.register`, `run.registered_model_name`).
         run_id: the MLflow run the model belongs to.
         lineage: store, store_fingerprint, fold, run_name, git_commit (version tags).
-        train_ids: the training cases, described with the model (`training_data`).
+        train_ids: the training cases, described with the model (`describe_training_cases`).
         val_ids: the validation fold's cases, for the validation protocol (None: unknown, and
             the version never takes @champion from a champion).
         promote: False registers as @challenger whatever the gate says (a sweep's best
@@ -571,7 +570,7 @@ def register(
         min_component_fraction=state.min_component_fraction,
         lineage=lineage,
         name=name,
-        training_data=training_data(lineage["store"], train_ids) if train_ids else None,
+        training_record=describe_training_cases(lineage["store"], train_ids) if train_ids else None,
         validation=protocol,
         promote=promote,
         check_stop=check_stop,

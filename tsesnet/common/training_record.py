@@ -1,13 +1,16 @@
-"""Warnings for scans unlike the ones a model was trained on.
+"""The training record: what a model's training cases looked like, and how a case differs.
 
-What the training cases looked like is stored with the registered model (`model_config.json`'s
-`training_data`, written by `tsesnet.tracking.registry.log_and_register`)::
+One schema for the writer and the reader. Training describes its cases
+(`tsesnet.training.driver.describe_training_cases`), the registry stores the record with the
+model (`tsesnet.tracking.registry.log_and_register`), and prediction reads it back to warn about
+scans unlike it (`TrainingRecord.from_model_config`, `TrainingRecord.unlike`). It is kept in
+``model_config.json`` under `RECORD_KEY` (``"training_data"``, the key every release wrote)::
 
     {"phases": [lo, hi], "spacing_mm_min": [z, y, x], "spacing_mm_max": [z, y, x],
-     "orientations": ["RAS", "LPS", ...], "obliquity_deg_max": d}
+     "orientations": ["LPS", "RAS", ...], "obliquity_deg_max": d}
 
-A case is unlike the training data, and prediction warns (it still predicts), where the model is
-likely wrong on it:
+A case is unlike the training cases, and prediction warns (it still predicts), where the model
+is likely wrong on it:
 
 - its phase count T lies outside [lo, hi];
 - its voxel spacing on an axis is below ``min / 1.5`` or above ``max * 1.5`` (mm, in the
@@ -20,12 +23,15 @@ reoriented to the canonical order before the model sees it, as in training (the 
 cohort draws a random orientation per case). Intensities are no reason either: each case is
 normalised by its own percentiles (`data_store.normalize`), as in training.
 
-A model registered before the record was kept has none: no warnings, and one note says so. A key
-missing from the record skips that check; a malformed record is reported like a missing one.
+Records written by earlier releases read unchanged. A model registered before the record was
+kept has none: no warnings, and one note says so. A key missing from the record (records kept
+before obliquity have no ``obliquity_deg_max``) skips that check; keys it does not know are left
+alone (a later release may add some); a malformed record is reported like a missing one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -35,6 +41,8 @@ from pydantic import AfterValidator, ConfigDict, Field
 from data_store import schema
 from data_store.errors import InputError
 
+#: The record's key in a registered model's ``model_config.json``.
+RECORD_KEY = "training_data"
 SPACING_FACTOR = 1.5
 #: How much more oblique than the most oblique training file a case may be before it is warned
 #: about (degrees of rotation left after reorienting).
@@ -55,53 +63,45 @@ def _phase_range(phases: tuple[int, int]) -> tuple[int, int]:
 _Mm = Annotated[float, Field(gt=0)]
 
 
-# The record as stored (JSON keys), checked by `data_store.schema`; keys it does not know are
-# left alone (a later release may add some).
 @pydantic.with_config(ConfigDict(extra="ignore", allow_inf_nan=False))
 @dataclass(frozen=True)
-class _Record:
+class TrainingRecord:
+    """What the training cases looked like (None: not recorded, not checked).
+
+    Attributes:
+        phases: (lo, hi) phase counts seen in training.
+        spacing_mm_min: smallest spacing per axis (Z, Y, X), mm.
+        spacing_mm_max: largest spacing per axis (Z, Y, X), mm.
+        orientations: the training files' orientations (axis codes; kept, not compared).
+        obliquity_deg_max: the largest obliquity of a training file, degrees.
+    """
+
     phases: Annotated[tuple[int, int], AfterValidator(_phase_range)] | None = None
     spacing_mm_min: tuple[_Mm, _Mm, _Mm] | None = None
     spacing_mm_max: tuple[_Mm, _Mm, _Mm] | None = None
     orientations: tuple[str, ...] | None = None
     obliquity_deg_max: Annotated[float, Field(ge=0, le=90)] | None = None
 
-
-@dataclass(frozen=True)
-class TrainingData:
-    """The ranges prediction compares each case with (None: not recorded, not checked).
-
-    Attributes:
-        phases: (lo, hi) phase counts seen in training.
-        spacing_min: smallest spacing per axis (Z, Y, X), mm.
-        spacing_max: largest spacing per axis (Z, Y, X), mm.
-        orientations: the training files' orientations (axis codes; kept, not compared).
-        obliquity_max: the largest obliquity of a training file, degrees (records kept before
-            it have none: not checked).
-    """
-
-    phases: tuple[int, int] | None = None
-    spacing_min: tuple[float, float, float] | None = None
-    spacing_max: tuple[float, float, float] | None = None
-    orientations: tuple[str, ...] | None = None
-    obliquity_max: float | None = None
+    def as_json(self) -> dict:
+        """The record as stored (JSON: lists for tuples)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
-    def from_model_config(cls, config: dict) -> tuple[TrainingData | None, str]:
-        """The model's record and a note to show once (`""` when there is a usable record)."""
-        record = config.get("training_data")
+    def from_model_config(cls, config: dict) -> tuple[TrainingRecord | None, str]:
+        """A model's record (`model_config.json` as a dict) and a note to show once (`""` when
+        there is a usable record)."""
+        record = config.get(RECORD_KEY)
         if record is None:
             return None, NO_RECORD
         try:
-            r = schema.validate(_Record, record, "training_data.")
+            return schema.validate(cls, record, f"{RECORD_KEY}."), ""
         except InputError as err:
             return None, f"the model's training-data record is malformed ({err}): no warnings"
-        return cls(
-            r.phases, r.spacing_mm_min, r.spacing_mm_max, r.orientations, r.obliquity_deg_max
-        ), ""
 
     def unlike(self, phases: int, spacing, obliquity_deg: float = 0.0) -> list[str]:
-        """What about a case differs from the training data; [] when nothing does.
+        """What about a case differs from the training cases; [] when nothing does.
 
         Args:
             phases: the case's phase count T.
@@ -114,19 +114,19 @@ class TrainingData:
             found.append(f"{phases} phases (trained on {lo if lo == hi else f'{lo}-{hi}'})")
         for a, axis in enumerate(AXES):
             s = float(spacing[a])
-            lo = self.spacing_min[a] if self.spacing_min else None
-            hi = self.spacing_max[a] if self.spacing_max else None
+            lo = self.spacing_mm_min[a] if self.spacing_mm_min else None
+            hi = self.spacing_mm_max[a] if self.spacing_mm_max else None
             if (lo is not None and s < lo / SPACING_FACTOR) or (
                 hi is not None and s > hi * SPACING_FACTOR
             ):
                 trained = "-".join(f"{v:.3g}" for v in sorted({lo, hi} - {None}))
                 found.append(f"{axis} spacing {s:.3g} mm (trained on {trained} mm)")
         if (
-            self.obliquity_max is not None
-            and obliquity_deg > self.obliquity_max + OBLIQUITY_MARGIN_DEG
+            self.obliquity_deg_max is not None
+            and obliquity_deg > self.obliquity_deg_max + OBLIQUITY_MARGIN_DEG
         ):
             found.append(
                 f"oblique by {obliquity_deg:.0f} degrees after reorienting (trained on at "
-                f"most {self.obliquity_max:.0f})"
+                f"most {self.obliquity_deg_max:.0f})"
             )
         return found
