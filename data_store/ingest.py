@@ -181,9 +181,9 @@ def ingest(
     from data_store.store_writer import clean_leftovers
 
     if folds is not None and folds < 2:
-        raise InputError(f"--folds must be at least 2, got {folds}")
+        raise InputError(f"must be at least 2, got {folds}", param="folds")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}")
+        raise InputError(f"must be at least 1, got {workers}", param="workers")
     sources = _discover(src, layout)
     location = _target(store)
     with StoreLock(location, wait=wait, break_lock=break_lock) as lock:
@@ -420,7 +420,7 @@ def cli(args: argparse.Namespace) -> int:
     from data_store.nifti import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
     max_gib = args.max_image_gib
-    if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):
+    if max_gib is not None and not (math.isfinite(max_gib) and int(max_gib * 2**30) > 0):
         raise InputError(f"--max-image-gib must be a positive number of GiB, got {max_gib:g}")
     options = ReadOptions(
         max_image_bytes=int(max_gib * 2**30) if max_gib else DEFAULT_MAX_IMAGE_BYTES,

@@ -216,7 +216,7 @@ class StoreLock:
         break_lock: bool = False,
     ):
         if wait < 0:
-            raise InputError(f"--wait must be >= 0 seconds, got {wait:g}")
+            raise InputError(f"must be >= 0 seconds, got {wait:g}", param="wait")
         self.location = location
         self.wait = float(wait)
         self.holder = LockHolder.me(command)

@@ -413,8 +413,9 @@ def _resumed_trials(exp_path: str, wanted: int | None) -> int:
         return planned or wanted or 0
     if wanted < planned:
         raise InputError(
-            f"--trials {wanted} is fewer than the {planned} trials the sweep at {exp_path} "
-            "already has; give a larger number, or leave --trials out to finish it"
+            f"{{param}} {wanted} is fewer than the {planned} trials the sweep at {exp_path} "
+            "already has; give a larger number, or leave {param} out to finish it",
+            param="trials",
         )
     tune_state.extend_trials(exp_path, wanted)
     print(f"note: the sweep grows from {planned} to {wanted} trials", flush=True)

@@ -194,15 +194,25 @@ def main(argv: list[str] | None = None) -> int:
     own command line (`argv` None), the long commands get a quiet console and a full log.
     """
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser(only=words[0] if words else "").parse_args(argv)
+    parser = build_parser(only=words[0] if words else "")
+    args = parser.parse_args(argv)
     if argv is None and args.command in LOGGED:
         from tsesnet.common import console
 
         console.start(args.command, verbose=args.verbose, log_file=args.log_file)
-    return _run(args)
+    return _run(args, _flags(parser, args))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """The command's flags by the parameter they set: ``{"wait": "--wait", ...}``; an
+    `InputError` about a parameter's value (its `param`) is shown naming the flag."""
+    for word in _handler_key(args).split():
+        choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = choices.choices[word]
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+
+
+def _run(args: argparse.Namespace, flags: dict[str, str]) -> int:
     handler = _load(HANDLERS[_handler_key(args)])
     from data_store.errors import InputError
     from tsesnet.common.cluster import disconnect
@@ -211,7 +221,7 @@ def _run(args: argparse.Namespace) -> int:
         return int(handler(args) or 0)
     except InputError as err:
         disconnect()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.naming(flags.get(err.param))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", 2)  # `training.driver.Stopped` names SIGTERM
