@@ -1,6 +1,6 @@
-"""The handlers of the `tsesnet` commands that data_store owns: `synth`, `store info` and
-`store export` (`tsesnet.cli` parses the flags and dispatches here; `ingest` and `store verify`
-keep theirs in `data_store.ingest` and `data_store.verify`).
+"""The `tsesnet` commands that data_store owns: `synth`, `store info` and `store export`, each a
+handler and, beside it, the function that adds its arguments (`tsesnet.cli` dispatches here;
+`ingest` and `store verify` keep theirs in `data_store.ingest` and `data_store.verify`).
 
 Each handler takes the parsed `argparse.Namespace` and returns an exit status.
 """
@@ -22,19 +22,44 @@ from data_store.store import Store, open_store
 from data_store.synth import write_cohort
 
 
-def synth(args) -> int:
+def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet synth` (read by `synth`)."""
+    parser.add_argument("out", metavar="OUT", help="folder to write the cohort to (created)")
+    parser.add_argument("--cases", type=int, required=True, metavar="N", help="number of cases")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (0)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        default=None,
+        help="volume size in voxels (32 96 96)",
+    )
+    parser.add_argument(
+        "--phases", type=int, default=None, metavar="T", help="DCE phases per case (default: 6)"
+    )
+    parser.add_argument(
+        "--test-cases",
+        type=int,
+        default=0,
+        metavar="K",
+        help="put the last K cases in imagesTs/ (labels in labelsTs/)",
+    )
+
+
+def synth(args: argparse.Namespace) -> int:
     """`tsesnet synth OUT --cases N [--seed S] [--shape Z Y X] [--phases T]`."""
     overrides = {}
-    if getattr(args, "shape", None):
+    if args.shape:
         overrides["shape"] = tuple(args.shape)
-    if getattr(args, "phases", None) is not None:
+    if args.phases is not None:
         overrides["phases"] = args.phases
     if args.cases < 1:
         raise InputError(f"--cases {args.cases}: need at least 1")
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: need a non-negative integer")
     cfg = SynthConfig(**overrides)
-    test_cases = int(getattr(args, "test_cases", 0) or 0)
+    test_cases = args.test_cases
     sp = cfg.voxel_mm
     times = cfg.acquisition_times
     print(
@@ -117,6 +142,12 @@ def info_table(store: Store) -> str:
     return "\n".join(lines)
 
 
+def add_store_info_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet store info` (read by `store_info`)."""
+    parser.add_argument("store", metavar="STORE", help="a store written by ingest")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def store_info(args: argparse.Namespace) -> int:
     """`tsesnet store info STORE [--json]`: a table of cases and totals; exit status 1 (and one
     line per damaged case on stderr) when the cheap integrity check finds a damaged case."""
@@ -176,6 +207,13 @@ def export_case(store: Store, case_id: str, out: str | os.PathLike) -> list[Path
         write_nifti(path, case.mask, case.geometry, dtype=np.uint8)
         written.append(path)
     return written
+
+
+def add_store_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet store export` (read by `store_export`)."""
+    parser.add_argument("store", metavar="STORE", help="a store written by ingest")
+    parser.add_argument("--case", required=True, metavar="ID", help="the case to export")
+    parser.add_argument("out", metavar="OUT", help="folder for its NIfTI files")
 
 
 def store_export(args: argparse.Namespace) -> int:

@@ -2,17 +2,57 @@
 
 
 class InputError(ValueError):
-    """Bad user input (a file, a case, a store, a flag).
+    """Bad user input (a file, a case, a store, a value given).
 
-    `str(err)` is one line: case, file, problem.
+    `str(err)` is one line: case, file, problem. An error about one value given names the
+    parameter that took it (`param`), as the library's caller knows it; a caller that knows it by
+    another name (the command line by its flag) renders the line with that name (`naming`).
+
+    Attributes:
+        case: the case concerned, or None.
+        path: the file or store concerned, or None.
+        param: the parameter (argument or setting) whose value is wrong, or None.
+        problem: the message without the case and the file.
     """
 
-    def __init__(self, message: str, *, case: str | None = None, path: str | None = None):
-        parts = [p for p in (f"case {case}" if case else None, str(path) if path else None) if p]
+    def __init__(
+        self,
+        message: str,
+        *,
+        case: str | None = None,
+        path: str | None = None,
+        param: str | None = None,
+    ):
+        """
+        Args:
+            message: the problem. With `param`, it names the parameter as ``{param}`` wherever
+                the line says it, or speaks of the value only and the name goes first
+                (``InputError("must be >= 0, got -1", param="wait")``: "wait must be >= 0,
+                got -1").
+            case: the case concerned.
+            path: the file or store concerned.
+            param: the parameter whose value is wrong.
+        """
         self.case = case
         self.path = path
-        self.problem = message
-        super().__init__(": ".join([*parts, message]) if parts else message)
+        self.param = param
+        self._template = message if "{param}" in message or not param else "{param} " + message
+        super().__init__(self.naming(param))
+        self.problem = self._text(param)
+
+    def _text(self, name: str | None) -> str:
+        return self._template.replace("{param}", name) if self.param and name else self._template
+
+    def naming(self, name: str | None) -> str:
+        """The one line with the parameter called `name` (e.g. the flag that set it); the line
+        as it is when `name` is None."""
+        name = name or self.param
+        parts = [
+            p
+            for p in (f"case {self.case}" if self.case else None, self.path and str(self.path))
+            if p
+        ]
+        return ": ".join([*parts, self._text(name)])
 
 
 class LoaderError(RuntimeError):

@@ -42,14 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from data_store.cli_options import add_lock_options
 from data_store.errors import InputError
+from data_store.lock import DEFAULT_WAIT_S
 
 if TYPE_CHECKING:  # annotations only; the modules are imported where they are used
     from data_store.layouts import CaseSource
     from data_store.location import StoreLocation
     from data_store.nifti import ReadOptions
 
-__all__ = ["IngestReport", "cli", "ingest"]
+__all__ = ["IngestReport", "add_arguments", "cli", "ingest"]
 
 
 @dataclass
@@ -148,7 +150,7 @@ def ingest(
     *,
     refold: bool = False,
     progress: bool = True,
-    wait: float = 60.0,
+    wait: float = DEFAULT_WAIT_S,
     options: ReadOptions | None = None,
     break_lock: bool = False,
 ) -> IngestReport:
@@ -179,9 +181,9 @@ def ingest(
     from data_store.store_writer import clean_leftovers
 
     if folds is not None and folds < 2:
-        raise InputError(f"--folds must be at least 2, got {folds}")
+        raise InputError(f"must be at least 2, got {folds}", param="folds")
     if workers is not None and workers < 1:
-        raise InputError(f"--workers must be at least 1, got {workers}")
+        raise InputError(f"must be at least 1, got {workers}", param="workers")
     sources = _discover(src, layout)
     location = _target(store)
     with StoreLock(location, wait=wait, break_lock=break_lock) as lock:
@@ -368,29 +370,72 @@ def _tally(report: IngestReport, bar, status: str, what: str) -> None:
     bar.update(1)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet ingest` (read by `cli`)."""
+    parser.add_argument("src", metavar="SRC", help="the cohort folder (NIfTI or DICOM)")
+    parser.add_argument(
+        "store", metavar="STORE", help="the Zarr store to write (path or s3:// URL)"
+    )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "nnunet", "mamamia", "bts", "nifti4d", "dicom"],
+        help="how SRC is organised (auto: detected)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray tasks reading cases in parallel (default: the cluster's CPUs)",
+    )
+    parser.add_argument(
+        "--folds", type=int, default=None, metavar="K", help="patient-level folds (new store: 5)"
+    )
+    parser.add_argument("--refold", action="store_true", help="let --folds re-deal a store's cases")
+    add_lock_options(
+        parser, wait_help=f"wait this long for another writer's lock on STORE ({DEFAULT_WAIT_S:g})"
+    )
+    parser.add_argument(
+        "--assume-spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="voxel size in mm for files that have none (no sform, zero pixdim); recorded",
+    )
+    parser.add_argument(
+        "--max-image-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="largest decoded voxel data one file may declare, GiB (4)",
+    )
+
+
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
     any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
     """
     from data_store.nifti import DEFAULT_MAX_IMAGE_BYTES, ReadOptions
 
-    max_gib = getattr(args, "max_image_gib", None)
-    if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):
+    max_gib = args.max_image_gib
+    if max_gib is not None and not (math.isfinite(max_gib) and int(max_gib * 2**30) > 0):
         raise InputError(f"--max-image-gib must be a positive number of GiB, got {max_gib:g}")
     options = ReadOptions(
         max_image_bytes=int(max_gib * 2**30) if max_gib else DEFAULT_MAX_IMAGE_BYTES,
-        assume_spacing=getattr(args, "assume_spacing", None),
+        assume_spacing=args.assume_spacing,
     )
     report = ingest(
         args.src,
         args.store,
         layout=args.layout,
         workers=args.workers,
-        folds=getattr(args, "folds", None),
-        refold=getattr(args, "refold", False),
-        wait=getattr(args, "wait", 60.0),
+        folds=args.folds,
+        refold=args.refold,
+        wait=args.wait,
         options=options,
-        break_lock=getattr(args, "break_lock", False),
+        break_lock=args.break_lock,
     )
     print(
         f"{report.store}: stored {len(report.stored)}, unchanged {len(report.skipped)}, "

@@ -48,7 +48,11 @@ from dataclasses import asdict, dataclass
 from data_store.errors import InputError
 from data_store.location import Owner, StoreLocation, pid_running
 
+#: Seconds a writer waits for another writer's lock unless told otherwise (`--wait`).
+DEFAULT_WAIT_S = 60.0
+
 __all__ = [
+    "DEFAULT_WAIT_S",
     "GUARD_NAME",
     "LOCK_NAME",
     "LockHolder",
@@ -206,13 +210,13 @@ class StoreLock:
         self,
         location: StoreLocation,
         *,
-        wait: float = 60.0,
+        wait: float = DEFAULT_WAIT_S,
         command: str | None = None,
         notify: Callable[[str], None] | None = None,
         break_lock: bool = False,
     ):
         if wait < 0:
-            raise InputError(f"--wait must be >= 0 seconds, got {wait:g}")
+            raise InputError(f"must be >= 0 seconds, got {wait:g}", param="wait")
         self.location = location
         self.wait = float(wait)
         self.holder = LockHolder.me(command)

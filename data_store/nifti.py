@@ -73,12 +73,13 @@ class ReadOptions:
 
     def __post_init__(self) -> None:
         if self.max_image_bytes <= 0:
-            raise InputError(f"--max-image-gib must be > 0, got {self.max_image_bytes / 2**30:g}")
+            raise InputError(f"must be > 0, got {self.max_image_bytes}", param="max_image_bytes")
         if self.assume_spacing is not None:
             spacing = tuple(float(s) for s in self.assume_spacing)
             if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
                 raise InputError(
-                    f"--assume-spacing needs three positive sizes in mm (Z Y X), got {spacing}"
+                    f"needs three positive sizes in mm (Z Y X), got {spacing}",
+                    param="assume_spacing",
                 )
             object.__setattr__(self, "assume_spacing", spacing)
 

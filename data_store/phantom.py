@@ -236,12 +236,14 @@ class SynthConfig:
         self.shape = tuple(int(s) for s in self.shape)
         if len(self.shape) != 3 or any(s < m for s, m in zip(self.shape, MIN_SHAPE, strict=True)):
             raise InputError(
-                f"--shape {' '.join(map(str, self.shape))} is too small: need at least "
-                f"Z Y X = {' '.join(map(str, MIN_SHAPE))}"
+                f"{' '.join(map(str, self.shape))} is too small: need at least "
+                f"Z Y X = {' '.join(map(str, MIN_SHAPE))}",
+                param="shape",
             )
         if self.phases < 2:
             raise InputError(
-                f"--phases {self.phases}: need at least 2 (pre-contrast and one post-contrast)"
+                f"{self.phases}: need at least 2 (pre-contrast and one post-contrast)",
+                param="phases",
             )
         if self.times_s is not None and len(self.times_s) != self.phases:
             raise InputError(f"times_s has {len(self.times_s)} entries for {self.phases} phases")

@@ -98,16 +98,16 @@ def write_cohort(
 
 
 def _check_counts(cases: int, test_cases: int, seed: int) -> None:
-    """Refuses counts no cohort can have, naming the CLI option."""
+    """Refuses counts no cohort can have, naming the parameter (the CLI: its flag)."""
     if cases < 1:
-        raise InputError(f"--cases {cases}: need at least 1")
+        raise InputError(f"{cases}: need at least 1", param="cases")
     if not 0 <= test_cases < cases:
         raise InputError(
             f"test cases {test_cases}: need 0 <= test cases < cases ({cases}), "
             "so that at least one case is for training"
         )
     if seed < 0:
-        raise InputError(f"--seed {seed}: need a non-negative integer")
+        raise InputError(f"{seed}: need a non-negative integer", param="seed")
 
 
 def _save_case(out: Path, split: str, case_id: str, case: SynthCase) -> None:

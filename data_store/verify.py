@@ -37,11 +37,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from data_store.cli_options import add_lock_options
 from data_store.errors import InputError
 from data_store.integrity import Problem, check_unrecorded, record_case
 from data_store.location import StoreLocation, parse_entry
+from data_store.lock import DEFAULT_WAIT_S
 
-__all__ = ["VerifyReport", "cli", "record_unrecorded", "verify_store"]
+__all__ = ["VerifyReport", "add_arguments", "cli", "record_unrecorded", "verify_store"]
 
 CHEAP = "cheap check: index, arrays, shapes, dtypes, chunk files and sizes"
 DEEP = "deep check: also the sha256 of every chunk file and of every decoded array"
@@ -187,7 +189,9 @@ def orphans(location: StoreLocation, indexed: set[str]) -> dict[str, str]:
     return found
 
 
-def repair_orphans(path: str, *, wait: float = 60.0, break_lock: bool = False) -> list[str]:
+def repair_orphans(
+    path: str, *, wait: float = DEFAULT_WAIT_S, break_lock: bool = False
+) -> list[str]:
     """Removes the orphans of a store under its writer lock; returns what was removed.
 
     Temporary entries go only when their writer is gone (an ``.old-`` copy of a missing case is
@@ -216,7 +220,11 @@ def repair_orphans(path: str, *, wait: float = 60.0, break_lock: bool = False) -
 
 
 def record_unrecorded(
-    path: str, *, wait: float = 60.0, accept_current: bool = False, break_lock: bool = False
+    path: str,
+    *,
+    wait: float = DEFAULT_WAIT_S,
+    accept_current: bool = False,
+    break_lock: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Records every complete case without a current integrity record, then rebuilds the index.
 
@@ -334,16 +342,47 @@ def _record_plan(
     return "record", why
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet store verify` (read by `cli`)."""
+    parser.add_argument("store", metavar="STORE", help="a store written by ingest")
+    parser.add_argument("--deep", action="store_true", help="also compare every checksum")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="first record cases without a current integrity record (refuses a case whose "
+        "data disagrees with its record)",
+    )
+    parser.add_argument(
+        "--accept-current",
+        action="store_true",
+        help="with --record: record what is there now also over a record it disagrees with",
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove what the index does not list (orphans: temporary entries of writers that "
+        "are gone, cases an interrupted ingest never committed, anything else)",
+    )
+    add_lock_options(
+        parser,
+        wait_help="for --record and --repair: lock wait",
+        prefix="for --record and --repair: ",
+    )
+
+
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet store verify STORE [--deep] [--json] [--record]`: 0 intact, 1 damaged, 2 the
     store cannot be opened."""
     recorded, accepted = [], []
     if args.record:
-        accept = getattr(args, "accept_current", False)
         recorded, accepted = record_unrecorded(
-            args.store, wait=args.wait, accept_current=accept, break_lock=args.break_lock
+            args.store,
+            wait=args.wait,
+            accept_current=args.accept_current,
+            break_lock=args.break_lock,
         )
-    elif getattr(args, "accept_current", False):
+    elif args.accept_current:
         raise InputError("--accept-current goes with --record")
     repaired = (
         repair_orphans(args.store, wait=args.wait, break_lock=args.break_lock)

@@ -19,6 +19,7 @@ which resumes from its latest checkpoint into the same MLflow child run.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from sweeps import space as spacemod
 from sweeps.report import TrialRow
 from sweeps.trial import EPOCHS, KIND_TAG, SWEEP_TAG, TrialSetup, check_space, run_trial, trial_name
 from tsesnet.common import names
+from tsesnet.common.cli_options import add_set_option
 from tsesnet.training.config import CONFIG_DIR
 
 DEFAULT_CONFIG = CONFIG_DIR / "sweep.yaml"
@@ -412,8 +414,9 @@ def _resumed_trials(exp_path: str, wanted: int | None) -> int:
         return planned or wanted or 0
     if wanted < planned:
         raise InputError(
-            f"--trials {wanted} is fewer than the {planned} trials the sweep at {exp_path} "
-            "already has; give a larger number, or leave --trials out to finish it"
+            f"{{param}} {wanted} is fewer than the {planned} trials the sweep at {exp_path} "
+            "already has; give a larger number, or leave {param} out to finish it",
+            param="trials",
         )
     tune_state.extend_trials(exp_path, wanted)
     print(f"note: the sweep grows from {planned} to {wanted} trials", flush=True)
@@ -502,13 +505,42 @@ def register_best(best: TrialRow, plan: SweepPlan, promote: bool = False):
         )
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet sweep` (read by `cli`)."""
+    parser.add_argument("--store", required=True, help="the Zarr store to train on (path or URL)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a sweep config YAML, e.g. tsesnet/configs/sweep_tiny.yaml",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=None, metavar="N", help="trials (default: the config's)"
+    )
+    parser.add_argument(
+        "--name", default=None, help="sweep name; the same name with --resume resumes"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the sweep of that name")
+    parser.add_argument(
+        "--promote",
+        action="store_true",
+        help="let the best trial take @champion when it beats the champion under the same "
+        "validation protocol (default: it registers as @challenger)",
+    )
+    add_set_option(
+        parser,
+        "a training setting for every trial, after the sweep config's own `set` "
+        "(e.g. run.storage_path=s3://bucket/ray_results)",
+    )
+
+
 def cli(args) -> int:
     """`tsesnet sweep --store STORE [--config FILE] [--trials N] [--name NAME] [--resume]
     [--set KEY=VALUE ...]`."""
     from tsesnet.tracking import runs
 
     cfg = spacemod.load(args.config or DEFAULT_CONFIG)
-    if getattr(args, "overrides", None):
+    if args.overrides:
         cfg.set = [*cfg.set, *args.overrides]
     if args.trials is not None:
         if args.trials < 1:
@@ -519,7 +551,7 @@ def cli(args) -> int:
         cfg,
         name=args.name,
         resume=args.resume,
-        promote=getattr(args, "promote", False),
+        promote=args.promote,
         trials_given=args.trials is not None,
     )
     print()

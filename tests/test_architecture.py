@@ -438,17 +438,55 @@ def test_the_documented_python_api_imports():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_every_command_dispatches_to_a_handler_and_has_help():
+def test_every_command_dispatches_to_a_handler_and_has_help(capsys):
     import importlib
 
-    from tsesnet.cli import HANDLERS, build_parser
+    from tsesnet.cli import COMMANDS, HANDLERS, build_parser
 
     for command, target in HANDLERS.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), command
-        with pytest.raises(SystemExit) as done:
-            build_parser().parse_args([*command.split(), "--help"])
-        assert done.value.code == 0, command
+        # Its arguments are declared beside it: in its module, or in its module's `_cli` sibling.
+        arguments = COMMANDS[command].arguments.split(":")[0]
+        assert arguments in (module, f"{module}_cli"), command
+        helps = []
+        for parser in (build_parser(), build_parser(only=command.split()[0])):
+            with pytest.raises(SystemExit) as done:
+                parser.parse_args([*command.split(), "--help"])
+            assert done.value.code == 0, command
+            helps.append(capsys.readouterr().out)
+        assert helps[0] == helps[1] and "--help" in helps[0], command
+
+
+def test_handlers_read_their_arguments_without_defaults_of_their_own():
+    """A handler reads `args.x`: the default is the parser's, written once beside the handler,
+    not a `getattr(args, "x", default)` that can disagree with it."""
+    found = []
+    for path in sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) == 3
+                and isinstance(node.args[0], ast.Name)
+                and node.args[0].id == "args"
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
+
+
+def test_help_of_one_command_imports_only_its_module():
+    code = (
+        "import sys\n"
+        "from tsesnet.cli import build_parser\n"
+        "build_parser(only='store')\n"
+        "build_parser(only='')\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'tsesnet.training.driver') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 def _project_imports(path: Path) -> list[tuple[str, str | None, int]]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from nifti_factory import save_nifti, write_layout_cohort
 
+from data_store.errors import InputError
 from data_store.ingest import ingest
 from data_store.store import open_store
 from tsesnet.cli import main
@@ -227,3 +228,25 @@ def test_ingest_into_a_store_written_before_records(tmp_path, ray_session):
     assert more.stored == ["case_002"] and more.skipped == ["case_000", "case_001"]
     assert all(store.has_record(c) for c in store.case_ids)
     assert store.fingerprint == more.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--wait", "-1"], "error: --wait must be >= 0 seconds, got -1"),
+        (["--folds", "1"], "error: --folds must be at least 2, got 1"),
+        (["--workers", "0"], "error: --workers must be at least 1, got 0"),
+        (["--assume-spacing", "1", "0", "1"], "error: --assume-spacing needs three positive"),
+    ],
+)
+def test_bad_values_are_named_by_their_flag(tmp_path, capsys, extra, line):
+    """The library refuses the value naming its parameter (`wait`, `folds`, ...); the command
+    line names the flag that gave it."""
+    write_layout_cohort("nnunet", tmp_path / "src", n_cases=1)
+    store = tmp_path / "store.zarr"
+    assert main(["ingest", str(tmp_path / "src"), str(store), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+    with pytest.raises(InputError) as info:
+        ingest(tmp_path / "src", store, folds=1)
+    assert str(info.value) == "folds must be at least 2, got 1" and info.value.param == "folds"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
+from tsesnet.cli import build_parser
 from tsesnet.model import build_model
 from tsesnet.programs.model_summary import PAPER_TABLES, cli, model_summary
 
@@ -43,18 +43,22 @@ def test_paper_preset_reproduces_table_2_within_its_tolerances():
     assert s["peak_memory_bytes"] > 2**30
 
 
+def _args(*argv: str):
+    """`tsesnet model-summary --preset tiny --phases 2 ARGV...` as the command line parses it."""
+    return build_parser().parse_args(["model-summary", "--preset", "tiny", "--phases", "2", *argv])
+
+
 def test_cli_json(capsys):
-    args = argparse.Namespace(preset="tiny", fusion="meanpool", phases=2, json=True)
-    assert cli(args) == 0
+    assert cli(_args("--fusion", "meanpool", "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"params", "macs", "flops", "peak_memory_bytes"} <= set(out)
     assert out["fusion"] == "meanpool" and out["phases"] == 2
 
 
 def test_cli_table_and_errors(capsys):
-    assert cli(argparse.Namespace(preset="tiny", fusion="tsff", phases=2, json=False)) == 0
+    assert cli(_args("--fusion", "tsff")) == 0
     assert "| tsff |" in capsys.readouterr().out
-    assert cli(argparse.Namespace(preset="tiny", fusion="gru", phases=2, json=False)) == 2
+    assert cli(_args("--fusion", "gru")) == 2
     assert "unknown fusion" in capsys.readouterr().err
 
 
@@ -115,7 +119,7 @@ def test_summary_reports_dead_weights_and_exact_levels(overrides, dead, exact_le
 
 
 def test_cli_table_lists_levels_and_dead_params(capsys):
-    assert cli(argparse.Namespace(preset="tiny", fusion="tsff", phases=2, json=False)) == 0
+    assert cli(_args("--fusion", "tsff")) == 0
     out = capsys.readouterr().out
     assert "dead params" in out and "| 1 | 8x16x16 | 2048 | 16 |" in out
     assert "exact (shared softmax)" in out and "pooled to 4x8x8" in out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 from data_store.errors import InputError
 from sweeps import report, runner, trial
 from sweeps import space as spacemod
+from tsesnet.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tsesnet" / "configs"
@@ -481,9 +481,8 @@ def test_killed_sweep_resumes_without_rerunning_or_losing_trials(
     with pytest.raises(InputError, match="no sweep 'other' to resume"):
         runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="other", resume=True)
 
-    args = argparse.Namespace(
-        store=str(tiny_store), config=str(cfg_file), trials=None, name="killed", resume=True
-    )
+    argv = ["sweep", "--store", str(tiny_store), "--config", str(cfg_file)]
+    args = build_parser().parse_args([*argv, "--name", "killed", "--resume"])
     assert runner.cli(args) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri" in out and "best val DSC" in out

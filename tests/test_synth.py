@@ -204,7 +204,7 @@ def test_tsesnet_synth_command(tmp_path, capsys):
     [
         (["--cases", "0"], "--cases 0"),
         (["--cases", "2", "--phases", "1"], "--phases 1"),
-        (["--cases", "2", "--shape", "4", "32", "32"], "too small"),
+        (["--cases", "2", "--shape", "4", "32", "32"], "--shape 4 32 32 is too small"),
         (["--cases", "2", "--seed", "-1"], "--seed -1"),
     ],
 )
@@ -212,6 +212,18 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, extra, message):
     assert main(["synth", str(tmp_path / "c"), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_library_errors_name_the_parameter_and_the_cli_its_flag():
+    """Below the CLI an error speaks of the value and the parameter that took it; the command
+    line shows the same line naming its flag (`tsesnet.cli` maps one to the other)."""
+    with pytest.raises(InputError) as info:
+        SynthConfig(phases=1)
+    assert info.value.param == "phases" and "--" not in str(info.value)
+    assert str(info.value) == "phases 1: need at least 2 (pre-contrast and one post-contrast)"
+    assert info.value.naming("--phases").startswith("--phases 1: need at least 2")
+    with pytest.raises(InputError, match=r"^seed -1: need a non-negative integer$"):
+        write_cohort("unused", 1, seed=-1, config=SMALL)
 
 
 def test_refuses_foreign_folder_and_bad_split(tmp_path):

@@ -326,8 +326,9 @@ def test_size_limit_is_configurable(tmp_path):
     with pytest.raises(InputError, match=r"more than the 671 bytes limit") as info:
         load_case(source, ReadOptions(max_image_bytes=671))
     assert Path(info.value.path) == _phase(tmp_path, 0)
-    with pytest.raises(InputError, match="--max-image-gib must be > 0"):
+    with pytest.raises(InputError, match="max_image_bytes must be > 0, got 0") as info:
         ReadOptions(max_image_bytes=0)
+    assert info.value.param == "max_image_bytes"
 
 
 RGB = [("R", "u1"), ("G", "u1"), ("B", "u1")]

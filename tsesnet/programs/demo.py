@@ -118,6 +118,13 @@ def run_demo(out: str | Path) -> int:
     return 1 if pred.failed or ev.summary.get("n_failed") else 0
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet demo` (read by `cli`)."""
+    parser.add_argument(
+        "--out", default="demo_output", metavar="DIR", help="work folder (demo_output)"
+    )
+
+
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet demo [--out DIR]`."""
     return run_demo(args.out)

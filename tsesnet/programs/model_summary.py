@@ -25,6 +25,7 @@ Counting at paper size never allocates real tensors: the model and input live on
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -259,20 +260,32 @@ def _print_levels(rows: list[dict]) -> None:
         )
 
 
-def cli(args) -> int:
-    """`tsesnet model-summary [--preset P] [--fusion F|all] [--phases T] [--json]`.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet model-summary` (read by `cli`)."""
+    parser.add_argument("--preset", default="paper", help="tiny, small or paper (paper)")
+    parser.add_argument(
+        "--fusion", default="tsff", help="a temporal fusion, or all to compare them (tsff)"
+    )
+    parser.add_argument("--phases", type=int, default=6, metavar="T", help="DCE phases T (6)")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="the training patch (data.patch) to count at; the TA modules are fitted to it "
+        "(default: the preset's: tiny 16 32 32, small 32 64 64, paper 48 96 96)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    Reads `args.patch` and `args.attn_exact_tokens` too when the parser has them.
-    """
+
+def cli(args) -> int:
+    """`tsesnet model-summary [--preset P] [--fusion F|all] [--phases T] [--patch Z Y X]
+    [--json]`."""
     fusions = sorted(FUSIONS) if args.fusion == "all" else [args.fusion]
-    overrides = {}
-    if getattr(args, "attn_exact_tokens", None) is not None:
-        overrides["attn_exact_tokens"] = args.attn_exact_tokens
-    patch = getattr(args, "patch", None)
     try:
         rows = [
-            model_summary(args.preset, f, phases=args.phases, patch=patch, **overrides)
-            for f in fusions
+            model_summary(args.preset, f, phases=args.phases, patch=args.patch) for f in fusions
         ]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tsesnet.common import names
+from tsesnet.common.cli_options import add_set_option
 from tsesnet.training.config import CONFIG_DIR
 
 CONFIG = CONFIG_DIR / "science.yaml"
@@ -401,6 +402,57 @@ def _read_csv(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet science` (read by `cli` and `run`)."""
+    parser.add_argument(
+        "--out", default="science_output", metavar="DIR", help="work folder (science_output)"
+    )
+    parser.add_argument(
+        "--config", default=None, metavar="FILE", help="tsesnet/configs/science.yaml"
+    )
+    add_set_option(parser, "override one training-config key (repeatable)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        metavar="S",
+        help="seeds, one training per row and seed (0 1 2 3 4)",
+    )
+    parser.add_argument("--rows", nargs="+", default=None, metavar="KEY", help="a subset of rows")
+    parser.add_argument(
+        "--cases", type=int, default=16, metavar="N", help="synthetic training cases (16)"
+    )
+    parser.add_argument(
+        "--test-cases", type=int, default=8, metavar="K", help="synthetic test cases (8)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="synthetic volume size (default: the config's)",
+    )
+    parser.add_argument(
+        "--experiment", default="tsesnet-science", metavar="NAME", help="MLflow experiment"
+    )
+    parser.add_argument(
+        "--docs",
+        "--readme",
+        dest="docs",
+        default=None,
+        metavar="PAGE",
+        help="write the table between the science markers of PAGE "
+        "(make science: docs/pages/explanation/science.md)",
+    )
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="tabulate what science.csv holds for these seeds and rows; train nothing",
+    )
 
 
 def cli(args: argparse.Namespace) -> int:

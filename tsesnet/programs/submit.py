@@ -15,6 +15,7 @@ and without it the job's runs would go to its temporary copy), and the commit of
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shlex
@@ -191,6 +192,33 @@ def follow(client, job_id: str) -> str:
 
     asyncio.run(tail())
     return client.get_job_status(job_id).value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet submit` (read by `cli`)."""
+    parser.add_argument("--address", default=None, metavar="URL", help="job API, http://HEAD:8265")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the job (repeatable)",
+    )
+    parser.add_argument(
+        "--submission-id", default=None, metavar="ID", help="the job's ID (default: Ray's)"
+    )
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    parser.add_argument(
+        "--print-runtime-env",
+        action="store_true",
+        help="write the runtime env YAML for `ray job submit --runtime-env FILE` and exit",
+    )
+    parser.add_argument(
+        "entrypoint",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the command the job runs, e.g. -- tsesnet train --store s3://b/x.zarr",
+    )
 
 
 def cli(args) -> int:

@@ -320,6 +320,21 @@ def format_table(cases: list[CaseMetrics]) -> str:
     return "\n".join(lines)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet evaluate` (read by `cli`)."""
+    parser.add_argument(
+        "--pred", required=True, metavar="DIR", help="a tsesnet predict folder (CASE.nii.gz)"
+    )
+    parser.add_argument("--labels", required=True, metavar="DIR", help="binary masks, CASE.nii.gz")
+    parser.add_argument(
+        "--pred-unchecked",
+        action="store_true",
+        help="score --pred's masks as found, even where its prediction.json (written by tsesnet "
+        "predict) says the run is incomplete or its files changed",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet evaluate --pred DIR --labels DIR [--json] [--pred-unchecked]`.
 

@@ -124,16 +124,17 @@ class CaseReader:
             ids = list(index.case_ids)
             if split is not None:
                 if split not in ("train", "test"):
-                    raise InputError(f"--split must be train or test, got {split!r}")
+                    raise InputError(f"must be train or test, got {split!r}", param="split")
                 ids = index.case_ids_in(split)
                 if not ids:
                     raise InputError(f"the store has no cases in split {split!r}", path=self.path)
             if fold is not None:
                 if not 0 <= fold < index.n_folds:
                     raise InputError(
-                        f"--fold {fold} out of range: the store has {index.n_folds} folds "
+                        f"{fold} out of range: the store has {index.n_folds} folds "
                         f"(0..{index.n_folds - 1})",
                         path=self.path,
+                        param="fold",
                     )
                 ids = [c for c in ids if index.fold_of(c) == fold]
             return sorted(ids)

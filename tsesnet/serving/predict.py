@@ -522,9 +522,9 @@ def cli(args: argparse.Namespace) -> int:
         fold=args.fold,
         split=args.split,
         min_component_fraction=args.min_component_fraction,
-        output_format=getattr(args, "output_format", "nifti"),
-        report=not getattr(args, "no_report", False),
-        overwrite=getattr(args, "overwrite", False),
+        output_format=args.output_format,
+        report=not args.no_report,
+        overwrite=args.overwrite,
     )
     report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)

@@ -7,6 +7,7 @@ version that loses it, so who moved `@champion`, when and why is never lost.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import getpass
 import json
@@ -154,10 +155,15 @@ def _record(mlc, mv, prefix: str, who: str, when: str, why: str, line: str) -> N
     mlc.update_model_version(mv.name, mv.version, description=text)
 
 
+def add_list_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet models list` (read by `cli_list`)."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def cli_list(args) -> int:
     """`tsesnet models list [--json]`."""
     rows = list_models()
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
@@ -170,10 +176,16 @@ def cli_list(args) -> int:
     return 0
 
 
+def add_show_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet models show` (read by `cli_show`)."""
+    parser.add_argument("name", metavar="NAME", help="registered model name (tsesnet)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def cli_show(args) -> int:
     """`tsesnet models show NAME [--json]`."""
     info = show_model(args.name)
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(info, indent=1))
         return 0
     print(
@@ -204,6 +216,14 @@ def cli_show(args) -> int:
 
 def _cell(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet models promote` (read by `cli_promote`)."""
+    parser.add_argument("name", metavar="NAME", help="registered model name")
+    parser.add_argument("version", metavar="VERSION", help="the version to get the alias")
+    parser.add_argument("--alias", required=True, metavar="A", help="the alias, e.g. champion")
+    parser.add_argument("--reason", default="", metavar="TEXT", help="why (kept on the version)")
 
 
 def cli_promote(args) -> int:

@@ -9,6 +9,7 @@ section of each class's docstring (its first sentence).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
@@ -116,6 +117,11 @@ def format_keys(keys: list[ConfigKey]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
         for r in rows
     ).rstrip()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet config keys` (read by `cli`)."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def cli(args) -> int:

@@ -12,6 +12,7 @@ Sweeps (`sweeps.trial`) and the science check call `train` too.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from data_store.errors import InputError
 from tsesnet.common import names
+from tsesnet.common.cli_options import add_set_option
 from tsesnet.common.cluster import disconnect
 from tsesnet.common.training_record import TrainingRecord
 from tsesnet.training import checkpoint
@@ -754,6 +756,35 @@ def ended_as(run_id: str, undo: list | None = None):
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `tsesnet train` (read by `cli`)."""
+    parser.add_argument("--store", required=True, help="the Zarr store to train on (path or URL)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a training config YAML, e.g. tsesnet/configs/tiny.yaml (default: the "
+        "recommended recipe); `tsesnet config keys` lists every key",
+    )
+    add_set_option(parser, "override one config key, e.g. --set schedule.epochs=50 (repeatable)")
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="Ray Train workers (run.workers)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per worker, 0 for CPU (run.gpus_per_worker)",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        metavar="RUN",
+        help="run name; the same name resumes (default: store, preset, fusion, fold, config hash)",
+    )
 
 
 def cli(args) -> int:
