@@ -82,8 +82,6 @@ ENVIRON_WRITES = {
     "only, before Ray or MLflow start): log deduplication, Ray AIR's output and MLflow's logging "
     "and progress bars, Ray Train's print patch are read from the environment by Ray, MLflow "
     "and the local Ray's workers",
-    # Issue 23, item 3, in modules other changes of that issue own: to leave this list with them.
-    "tsesnet.serving.predict": "inside a Ray actor (to go to the runtime_env)",
 }
 ENVIRON_METHODS = ("setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__")
 MAX_FUNCTION_LINES = 80

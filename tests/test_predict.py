@@ -418,7 +418,6 @@ def test_actor_that_cannot_load_the_model_reports_it_per_case(cohort, tmp_path, 
         reader=CaseReader.for_input(str(cohort)),
         out_dir=str(tmp_path),
         config=PredictConfig(),
-        env={},
         threads=1,
     )
     out = _merged(actor({"case_id": np.array(["ras", "lps"], dtype=object)}))
@@ -433,7 +432,6 @@ def test_gpu_actor_without_cuda_says_so(cohort, tmp_path):
         reader=CaseReader.for_input(str(cohort)),
         out_dir=str(tmp_path),
         config=PredictConfig(gpus_per_worker=1),
-        env={},
         threads=1,
     )
     out = _merged(actor({"case_id": np.array(["ras"], dtype=object)}))

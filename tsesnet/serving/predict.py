@@ -87,12 +87,10 @@ class CasePredictor:
         reader: CaseReader,
         out_dir: str,
         config: PredictConfig,
-        env: dict[str, str],
         threads: int,
     ):
         import torch
 
-        os.environ.update(env)
         torch.set_num_threads(max(1, threads))
         self.reader = reader
         self.out_dir = out_dir
@@ -284,7 +282,6 @@ def predict(
             "reader": reader,
             "out_dir": str(out_dir),
             "config": config,
-            "env": _actor_env(),
             "threads": int(cpus_per_worker),
         }
         start = time.perf_counter()
@@ -413,8 +410,7 @@ def _check_dicom_source(reader: CaseReader, case_ids: list[str], input_path: str
 
 
 def _actor_env() -> dict[str, str]:
-    """The MLflow settings the actors need (Ray workers do not inherit the driver's current
-    environment, only the one Ray started with)."""
+    """The MLflow and object-store settings the actors need (their runtime env's variables)."""
     from data_store.local_ray import forwarded_env
     from tsesnet.tracking.runs import tracking_uri
 
@@ -472,6 +468,9 @@ def _dataset(case_ids, predictor: dict, config: PredictConfig, workers: int, cpu
         ),
         num_cpus=cpus,
         num_gpus=config.gpus_per_worker or None,
+        # Ray workers do not inherit the driver's current environment: the actors get the
+        # MLflow and object-store settings through their runtime env.
+        runtime_env={"env_vars": _actor_env()},
     )
 
 
