@@ -125,6 +125,8 @@ def test_the_readme_runs_as_written(ray_session, tmp_path):
     work = tmp_path / "walkthrough"
     work.mkdir()
     (work / "platform").symlink_to(ROOT / "platform")
+    (work / "tsesnet").mkdir()  # the README's paths are relative to the repository root
+    (work / "tsesnet" / "configs").symlink_to(ROOT / "tsesnet" / "configs")
     env = {k: v for k, v in os.environ.items() if k not in DROPPED}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", NUM_CPUS="2", STOP_GRACE="3")
     env.update(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True))

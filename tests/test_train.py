@@ -393,7 +393,7 @@ def test_ctrl_c_ends_the_run_killed_and_resuming_gives_the_uninterrupted_answer(
     assert "(resuming from the latest)" in run("ctrl-c", epochs)
     resumed, steps, values = history("ctrl-c")
     assert resumed.info.run_id == run_.info.run_id and resumed.info.status == "FINISHED"
-    assert steps == list(range(epochs))  # one value per epoch, none repeated
+    assert steps == list(range(1, epochs + 1))  # one value per epoch (step = its number)
     run("straight", epochs)
     _, _, reference = history("straight")
     assert values == pytest.approx(reference, rel=1e-6)
@@ -522,6 +522,9 @@ def test_a_killed_loader_process_restarts_the_run_from_its_checkpoint(tiny_store
     assert proc.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-4000:]
     log.close()
     text = (tmp_path / "train.log").read_text()
+    # the console says the run resumed; why (the worker's error) is in the full log it names
+    assert "resumed from the checkpoint after epoch" in text, text[-3000:]
+    text += Path(re.search(r"full log in (\S+)", text).group(1)).read_text()
     assert "LoaderError" in text and re.search(r"case SYN_\d+: epoch \d+, patch \d+", text), text[
         -3000:
     ]
