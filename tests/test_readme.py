@@ -131,6 +131,7 @@ def test_the_readme_runs_as_written(ray_session, tmp_path):
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", NUM_CPUS="2", STOP_GRACE="3")
     env.update(zip(PORT_VARS, map(str, free_ports(len(PORT_VARS))), strict=True))
     env["RAY_TEMP_DIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")  # logs and PID records, not the user's home
     script = _session(WALKTHROUGH)
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True,
