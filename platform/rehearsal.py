@@ -260,6 +260,9 @@ class Rehearsal:
     def _flag(self, name: str) -> Path:
         return self.path / f"outage-{name}"
 
+    def _trip(self, name: str) -> Path:
+        return trip_file(self._flag(name))
+
     def _start_s3(self) -> None:
         port = free_port()
         self.ports["s3-server"] = port
@@ -422,6 +425,21 @@ class Rehearsal:
         finally:
             flag.unlink(missing_ok=True)
 
+    def outage_when(self, name: str, pattern: bytes) -> None:
+        """Arm an outage of the `name` server that begins the moment a client sends `pattern`
+        (e.g. a request for a key): the request carrying it is cut, and the server stays
+        unreachable until `end_outage`. A fault at a chosen step, not at a moment in time."""
+        self._trip(name).write_bytes(pattern)
+
+    def outage_on(self, name: str) -> bool:
+        """Whether the `name` server is unreachable now."""
+        return self._flag(name).exists()
+
+    def end_outage(self, name: str) -> None:
+        """Make the `name` server reachable again (and disarm a pending `outage_when`)."""
+        self._trip(name).unlink(missing_ok=True)
+        self._flag(name).unlink(missing_ok=True)
+
     # ----------------------------------------------------------------- status, down
 
     def status_lines(self) -> list[str]:
@@ -456,7 +474,7 @@ class Rehearsal:
             ):
                 time.sleep(0.3)
         for name in ("s3", "mlflow"):
-            self._flag(name).unlink(missing_ok=True)
+            self.end_outage(name)
         (self.path / "state.json").unlink(missing_ok=True)
 
 
@@ -482,16 +500,38 @@ def pids_in(folder: Path) -> set[int]:
 # --------------------------------------------------------------------------- the proxy
 
 
+def trip_file(flag: Path) -> Path:
+    """Where an armed outage's pattern waits (`Rehearsal.outage_when`)."""
+    return flag.with_name(flag.name + ".trip")
+
+
 def proxy(listen: int, target: int, flag: Path) -> None:
     """Forward 127.0.0.1:`listen` to 127.0.0.1:`target`; while `flag` exists, drop every
-    connection and refuse new ones (the server looks unreachable; its state survives)."""
+    connection and refuse new ones (the server looks unreachable; its state survives). While
+    `trip_file(flag)` holds a pattern, the first client bytes that contain it create `flag`."""
     import asyncio
 
     live: set[asyncio.StreamWriter] = set()
+    trip = trip_file(flag)
 
-    async def pipe(reader, writer):
+    def tripped(seen: bytes) -> bool:
+        with contextlib.suppress(OSError):
+            pattern = trip.read_bytes()
+            if pattern and pattern in seen:
+                flag.touch()
+                trip.unlink(missing_ok=True)
+                return True
+        return False
+
+    async def pipe(reader, writer, watch_for_trip=False):
+        tail = b""  # the end of the previous read: a pattern split across two reads is seen
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                if watch_for_trip and trip.exists():
+                    if tripped(tail + data):
+                        writer.transport.abort()
+                        break
+                    tail = data[-256:]
                 writer.write(data)
                 await writer.drain()
         with contextlib.suppress(Exception):
@@ -508,7 +548,7 @@ def proxy(listen: int, target: int, flag: Path) -> None:
             return
         live.update((writer, up_writer))
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer))
         finally:
             live.difference_update((writer, up_writer))
 
