@@ -22,6 +22,9 @@
 #                                 MLFLOW_NO_AUTH=1 says that a proxy in front authenticates.
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  the auth app's CSRF key (default: random at each start)
 #   PGPASSFILE                    PostgreSQL passwords (mode 0600), read by the database driver
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's GenAI job runner (default here: false; MLflow's
+#                                 own default starts 7 huey consumer processes, about 1.9 GB and
+#                                 14 CPU-seconds, for jobs tsesnet never submits)
 #
 # Locally no server is needed: without MLFLOW_TRACKING_URI, tsesnet writes mlflow.db and
 # mlartifacts/ in the working directory; `mlflow ui --backend-store-uri sqlite:///mlflow.db`
@@ -35,6 +38,7 @@ export MLFLOW_ARTIFACTS_DESTINATION=${MLFLOW_ARTIFACTS_DESTINATION:-$PWD/mlartif
 export MLFLOW_HOST=${MLFLOW_HOST:-127.0.0.1}
 export MLFLOW_PORT=${MLFLOW_PORT:-5000}
 export MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 
 # A password inside a URI would reach MLflow's logs and error messages. Look in every part of it
 # (user:password@, ?password=, ;Pwd= of ODBC strings), in any case, percent-escapes decoded.

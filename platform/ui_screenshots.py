@@ -38,7 +38,9 @@ def _serve(tracking_uri: str, artifacts: str, port: int, log: Path) -> subproces
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
            "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # MLflow's GenAI job runner off: 7 processes for jobs nobody submits (see mlflow_server.sh).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:

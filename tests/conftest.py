@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,3 +86,46 @@ def tiny_store(tmp_path_factory, ray_session):
     write_cohort(d / "raw", 4, seed=0, config=SynthConfig(shape=(16, 32, 32), phases=3))
     ingest(d / "raw", d / "tiny.zarr", folds=2, progress=False)
     return d / "tiny.zarr"
+
+
+@dataclass(frozen=True)
+class TrainedTiny:
+    """The session's one trained model: a 2-epoch tiny training typed as a user would.
+
+    Attributes:
+        folder: the command's working folder (its MLflow files, `ray/` its storage_path).
+        tracking_uri: the SQLite tracking URI it logged to.
+        artifacts: its MLflow artifact folder.
+        run_name: the run's name (`--name`).
+        model_uri: the registered version (``models:/tsesnet/1``, also @champion).
+        output: the finished command, stdout and stderr as the user's console got them.
+    """
+
+    folder: Path
+    tracking_uri: str
+    artifacts: str
+    run_name: str
+    model_uri: str
+    output: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_store):
+    """`tsesnet train` of the tiny preset for 2 epochs on `tiny_store`, run once per session
+    (stdout and stderr piped, not a terminal: the quiet console), for the tests that need a
+    trained, tracked and registered model rather than the training itself. Read it, never
+    write to it: tests that change a run or the registry train their own."""
+    folder = tmp_path_factory.mktemp("trained_tiny")
+    uri, artifacts, name = f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlartifacts"), "quiet"
+    argv = [
+        sys.executable, "-m", "tsesnet.cli", "train", "--store", str(tiny_store),
+        "--config", str(ROOT / "tsesnet" / "configs" / "tiny.yaml"), "--set", "schedule.epochs=2",
+        "--set", f"run.storage_path={folder / 'ray'}", "--name", name,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, as typed
+    env.update(
+        MLFLOW_TRACKING_URI=uri, MLFLOW_ARTIFACTS_DESTINATION=artifacts, PYTHONPATH=str(ROOT)
+    )
+    out = subprocess.run(argv, env=env, cwd=folder, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return TrainedTiny(folder, uri, artifacts, name, "models:/tsesnet/1", out)

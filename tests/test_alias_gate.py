@@ -1,8 +1,9 @@
 """The alias gate against an MLflow tracking server over HTTP, as on a cluster: registrations at
 the same moment decide one at a time (in version order), so @champion ends on the best.
 
-The server is a real `mlflow server` on a free loopback port with an SQLite backend, started once
-for the module (it takes seconds to minutes to answer on a loaded machine).
+The server is `platform/mlflow_server.sh` (a real `mlflow server`) on a free loopback port with an
+SQLite backend, started once for the module (it takes seconds to minutes to answer on a loaded
+machine).
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 (SQLite backend, artifacts served): its URL."""
+    """`platform/mlflow_server.sh` on 127.0.0.1 (SQLite backend, artifacts served): its URL."""
     d = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     log = (d / "server.log").open("w")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        MLFLOW=str(Path(sys.executable).parent / "mlflow"), MLFLOW_PORT=str(port),
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{d / 'mlflow.db'}",
+        MLFLOW_ARTIFACTS_DESTINATION=str(d / "artifacts"),
+    )  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=d,
+        [str(ROOT / "platform" / "mlflow_server.sh")], stdout=log, stderr=subprocess.STDOUT,
+        cwd=d, env=env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

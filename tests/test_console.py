@@ -73,14 +73,10 @@ def _steps(tmp_path: Path, run_name: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_training_prints_a_short_plain_console_and_logs_everything(tiny_store, tmp_path):
-    """A 2-epoch tiny training beside another Ray instance (the test session's)."""
-    out = _tsesnet(
-        tmp_path,
-        "train", "--store", str(tiny_store), "--config", str(CONFIGS / "tiny.yaml"),
-        "--set", "schedule.epochs=2", "--set", f"run.storage_path={tmp_path / 'ray'}",
-        "--name", "quiet",
-    )  # fmt: skip
+def test_training_prints_a_short_plain_console_and_logs_everything(trained_tiny):
+    """The session's 2-epoch tiny training (`trained_tiny`), run beside another Ray instance
+    (the test session's) with its output piped."""
+    out, folder = trained_tiny.output, trained_tiny.folder
     lines = _lines(out)
     assert len(lines) <= TRAIN_LINES_MAX, "\n".join(lines)
     assert "\x1b" not in out.stdout + out.stderr
@@ -90,8 +86,8 @@ def test_training_prints_a_short_plain_console_and_logs_everything(tiny_store, t
         re.search(r"elapsed \d+:\d\d, ETA", x) for x in epoch_lines
     )
     # The console, MLflow and the plots count epochs alike: 1, 2.
-    assert _epochs_printed(lines, "quiet") == [1, 2] == _steps(tmp_path, "quiet")
-    log = _log_of(out, tmp_path)
+    assert _epochs_printed(lines, "quiet") == [1, 2] == _steps(folder, "quiet")
+    log = _log_of(out, folder)
     assert "(RayTrainWorker pid=" in log and "quiet [epoch 2/2]" in log and "\x1b" not in log
 
 

@@ -18,23 +18,16 @@ SCRIPT = ROOT / "platform" / "ui_screenshots.py"
 @pytest.mark.skipif(
     not shutil.which("chromium"), reason="no chromium (Debian: apt install chromium)"
 )
-def test_the_printed_links_open_on_what_the_user_wants(
-    tiny_store, ray_session, mlflow_uri, tmp_path
-):
+def test_the_printed_links_open_on_what_the_user_wants(trained_tiny, tmp_path):
     import mlflow
 
-    from tsesnet.cli import main
-
-    config = str(ROOT / "tsesnet" / "configs" / "tiny.yaml")
-    args = ["train", "--store", str(tiny_store), "--config", config, "--name", "ui-check"]
-    assert main([*args, "--set", f"run.storage_path={tmp_path / 'ray'}"]) == 0
-    mlflow.set_tracking_uri(None)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    client = mlflow.MlflowClient(tracking_uri=trained_tiny.tracking_uri)
     (version,) = client.search_model_versions("name = 'tsesnet'")
     fingerprint = version.tags["store_fingerprint"]
 
     out = tmp_path / "shots"
-    cmd = [sys.executable, str(SCRIPT), "--tracking-uri", mlflow_uri, "--out", str(out)]
+    cmd = [sys.executable, str(SCRIPT), "--tracking-uri", trained_tiny.tracking_uri,
+           "--artifacts", trained_tiny.artifacts, "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = {p.stem: p.read_text() for p in out.glob("*.txt")}
@@ -42,7 +35,8 @@ def test_the_printed_links_open_on_what_the_user_wants(
     for page in text:
         assert (out / f"{page}.png").stat().st_size > 10_000, page  # a rendered page, not blank
     # The runs table (not the GenAI overview) lists the run and the data it was trained on.
-    assert "ui-check" in text["runs_table"] and "tiny.zarr" in text["runs_table"]
+    run = trained_tiny.run_name
+    assert run in text["runs_table"] and "tiny.zarr" in text["runs_table"]
     # The run page: its metrics and its dataset.
     assert "val_dice" in text["run"] and "tiny.zarr" in text["run"]
     # The registered model says how its aliases move; the version what it is and where from.
