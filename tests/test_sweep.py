@@ -476,7 +476,7 @@ def test_killed_sweep_resumes_without_rerunning_or_losing_trials(
 
     before = {t: lines(t) for t in done_before}
     # Without --resume the sweep refuses to start over; a sweep that never ran can't resume.
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match=r"pass resume=True to continue it, or name for a new"):
         runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="killed")
     with pytest.raises(InputError, match="no sweep 'other' to resume"):
         runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="other", resume=True)
