@@ -152,8 +152,9 @@ def shown_as(names: Mapping[str, str]) -> Iterator[None]:
     """
     try:
         yield
-    except Naming as err:
-        err.shown = {**names, **err.shown}
+    except Exception as err:
+        if isinstance(err, Naming):  # a mixin: `except` takes exception classes only
+            err.shown = {**names, **err.shown}
         raise
 
 

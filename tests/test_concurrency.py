@@ -397,8 +397,9 @@ def test_a_symlinked_guard_is_never_followed(tmp_path, empty_store):
         StoreLock(StoreLocation.parse(empty_store), wait=0).acquire()
     assert str(info.value) == (
         f"{empty_store}: {guard} is not a regular file (a symbolic link?): refusing to lock "
-        "through it; remove it if no writer runs (or pass --break-lock)"
+        "through it; remove it if no writer runs (or pass break_lock=True)"
     )
+    assert info.value.naming({"break_lock": "--break-lock"}).endswith("(or pass --break-lock)")
     assert not target.exists() and not (empty_store / LOCK_NAME).exists()
     with StoreLock(StoreLocation.parse(empty_store), wait=0, break_lock=True, notify=print):
         assert not guard.is_symlink() and guard.is_file()
@@ -424,6 +425,10 @@ def test_ingest_cli_names_break_lock(tmp_path, empty_store):
     lock = empty_store / LOCK_NAME
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {empty_store}: locked by an unknown writer ({lock} is empty)")
+    assert last.endswith(  # the parameters' placeholders, shown by the command's flags
+        "(pass --wait SECONDS to wait longer; if no writer runs on this store, pass --break-lock "
+        "to remove the lock)"
+    )
     assert sorted(p.name for p in empty_store.iterdir()) == [".lock", ".lock.guard", "zarr.json"]
     argv = [TSESNET, "store", "verify", str(empty_store), "--record", "--wait", "0"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
