@@ -787,7 +787,7 @@ def read_dicom_phases(files: list[Path], case_id: str, options: ReadOptions) -> 
         plan = plan_study(study)
         return _read_plan(plan, study, options)
     except InputError as err:
-        raise InputError(err.problem, case=case_id, path=err.path) from None
+        raise err.moved(case=case_id, path=err.path) from None
 
 
 def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
@@ -809,8 +809,9 @@ def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
     if per_series > options.max_image_bytes or total > 4 * options.max_image_bytes:
         raise InputError(
             f"{plan.series[0].name}: {total / 2**30:.3g} GiB of voxels, above the limit of "
-            f"{options.max_image_bytes / 2**30:.3g} GiB per image (--max-image-gib)",
+            f"{options.max_image_bytes / 2**30:.3g} GiB per image ({{max_image_bytes}})",
             path=str(plan.series[0].files[0]),
+            params=["max_image_bytes"],
         )
     cache = _PixelCache(options)
     vols = []

@@ -38,6 +38,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,10 +99,14 @@ class IngestReport:
 
 
 def _ingest_one(
-    source: Any, store_url: str, stored_checksums: list | None, options: ReadOptions
+    source: Any,
+    store_url: str,
+    stored_checksums: list | None,
+    options: ReadOptions,
+    names: Mapping[str, str] | None = None,
 ) -> tuple[str, Any]:
     """One case (runs in a Ray task): ("skipped", id) | ("stored", id) | ("rejected", line) |
-    ("rewritten", "case X: why")."""
+    ("rewritten", "case X: why"); a rejected line shows the parameters it names by `names`."""
     from data_store.source_reader import file_sha256, load_case
     from data_store.store_writer import source_roles, stored_differs, write_case
 
@@ -123,7 +128,7 @@ def _ingest_one(
         write_case(store_url, loaded)
         return "stored", source.case_id
     except InputError as err:
-        return "rejected", str(err)
+        return "rejected", err.naming(names)
     except Exception as err:  # a bug or an I/O failure: still one line, the run goes on
         first = next(iter(source.files), None)
         return "rejected", str(
@@ -153,6 +158,7 @@ def ingest(
     wait: float = DEFAULT_WAIT_S,
     options: ReadOptions | None = None,
     break_lock: bool = False,
+    names: Mapping[str, str] | None = None,
 ) -> IngestReport:
     """Validates a NIfTI cohort and stores its good cases as Zarr (see the module docstring).
 
@@ -167,6 +173,9 @@ def ingest(
         wait: seconds to wait for another writer's lock on the store.
         options: what source files may be (size limit, assumed spacing).
         break_lock: remove a lock held by someone unknown (`data_store.lock.StoreLock`).
+        names: how a rejected case's line shows the parameters it names (e.g.
+            ``max_image_bytes``), by parameter (`data_store.errors.Naming`): the command line
+            passes its flags; None shows the Python names.
 
     Returns:
         An `IngestReport`; `report.rejected` lists the bad cases.
@@ -197,7 +206,9 @@ def ingest(
         ray, own = _connect_ray(workers)
         try:
             limit = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-            plan = _Plan(sources, location, existing, folds, limit, progress, options, damaged)
+            plan = _Plan(
+                sources, location, existing, folds, limit, progress, options, damaged, names or {}
+            )
             _run_tasks(ray, plan, report)
         finally:
             if own:
@@ -222,6 +233,7 @@ class _Plan:
         progress: show a tqdm progress bar on stderr.
         options: how source files are read (`ReadOptions`).
         damaged: case ID -> why a stored case must be written again.
+        names: display names of the parameters a rejected case's line names.
     """
 
     sources: list[CaseSource]
@@ -232,6 +244,7 @@ class _Plan:
     progress: bool
     options: ReadOptions | None
     damaged: dict[str, str]
+    names: Mapping[str, str]
 
     @property
     def target(self) -> str:
@@ -281,10 +294,12 @@ def _keep_folds(location: StoreLocation, folds: int | None, refold: bool) -> tup
         return folds or stored or 5, old
     if not refold:
         raise InputError(
-            f"the store has {stored} folds; --folds {folds} would deal its cases into other "
-            f"folds (a fold's runs before and after would not be comparable): leave --folds out "
-            f"to keep {stored}, or pass --refold to re-deal them (the fingerprint changes)",
+            f"the store has {stored} folds; {{folds={folds}}} would deal its cases into other "
+            f"folds (a fold's runs before and after would not be comparable): leave {{folds}} "
+            f"out to keep {stored}, or pass {{refold=True}} to re-deal them (the fingerprint "
+            "changes)",
             path=location.url,
+            params=["folds", "refold"],
         )
     return folds, old
 
@@ -324,7 +339,7 @@ def _run_tasks(ray, plan: _Plan, report: IngestReport) -> None:
             while queue and len(pending) < plan.limit:
                 s = queue.pop(0)
                 stored = plan.existing.get(s.case_id)
-                pending[task.remote(s, plan.target, stored, plan.options)] = s
+                pending[task.remote(s, plan.target, stored, plan.options, plan.names)] = s
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             source = pending.pop(ref)
             status, what = _outcome(ray, ref, source)
@@ -413,6 +428,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The command line's flags for the read options a rejected case's line names.
+_FLAGS = {"max_image_bytes": "--max-image-gib", "assume_spacing": "--assume-spacing"}
+
+
 def cli(args: argparse.Namespace) -> int:
     """`tsesnet ingest SRC STORE [--layout] [--workers] [--folds]`: 0 if all cases are good, 1 if
     any case was rejected (the good ones are stored), 2 for bad arguments or an unusable source.
@@ -436,6 +455,7 @@ def cli(args: argparse.Namespace) -> int:
         wait=args.wait,
         options=options,
         break_lock=args.break_lock,
+        names=_FLAGS,
     )
     print(
         f"{report.store}: stored {len(report.stored)}, unchanged {len(report.skipped)}, "

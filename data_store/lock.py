@@ -48,6 +48,9 @@ from dataclasses import asdict, dataclass
 from data_store.errors import InputError
 from data_store.location import Owner, StoreLocation, pid_running
 
+#: The parameters a lock's errors name (placeholders, `data_store.errors.Naming`).
+_LOCK_PARAMS = ("wait", "break_lock")
+
 #: Seconds a writer waits for another writer's lock unless told otherwise (`--wait`).
 DEFAULT_WAIT_S = 60.0
 
@@ -248,7 +251,9 @@ class StoreLock:
                 return
             waited = time.monotonic() - start
             if waited >= self.wait:
-                raise InputError(self._busy(other, waited), path=self.location.url)
+                raise InputError(
+                    self._busy(other, waited), path=self.location.url, params=_LOCK_PARAMS
+                )
             if not announced:
                 if isinstance(other, UnknownHolder):
                     who = f"an unknown writer ({other.path})"
@@ -272,13 +277,13 @@ class StoreLock:
         if isinstance(other, UnknownHolder):
             return (
                 f"locked by an unknown writer ({other.path} is {other.why}); waited "
-                f"{waited:.0f} s (pass --wait SECONDS to wait longer; if no writer runs on this "
-                "store, pass --break-lock to remove the lock)"
+                f"{waited:.0f} s (pass {{wait=SECONDS}} to wait longer; if no writer runs on "
+                "this store, pass {break_lock=True} to remove the lock)"
             )
         lock = self.location.path(LOCK_NAME)
         return (
-            f"locked by another writer, {other.describe()}; waited {waited:.0f} s (pass --wait "
-            f"SECONDS to wait longer; if no such writer runs any more, delete {lock})"
+            f"locked by another writer, {other.describe()}; waited {waited:.0f} s (pass "
+            f"{{wait=SECONDS}} to wait longer; if no such writer runs any more, delete {lock})"
         )
 
     def _try(self) -> LockHolder | UnknownHolder | None:
@@ -379,8 +384,9 @@ class StoreLock:
         if fd is None:
             raise InputError(
                 f"{path} is not a regular file (a symbolic link?): refusing to lock through "
-                "it; remove it if no writer runs (or pass --break-lock)",
+                "it; remove it if no writer runs (or pass {break_lock=True})",
                 path=self.location.url,
+                params=_LOCK_PARAMS,
             )
         return fd
 

@@ -226,9 +226,10 @@ def _check_declared_size(img: nib.Nifti1Image, path: Path, case: str | None, lim
     if declared > limit:
         raise InputError(
             f"the header declares {what} voxels ({_size(declared)}), more than the "
-            f"{_size(limit)} limit per file (--max-image-gib)",
+            f"{_size(limit)} limit per file ({{max_image_bytes}})",
             case=case,
             path=str(path),
+            params=["max_image_bytes"],
         )
 
 
@@ -273,9 +274,10 @@ def _affine(
         shown = ", ".join(f"{p:g}" for p in pixdim)
         raise InputError(
             f"no voxel spacing: pixdim[1:4] is ({shown}) and the file has no sform; pass "
-            "`--assume-spacing Z Y X` (mm) to ingest it with a spacing you know",
+            "`{assume_spacing=Z Y X}` (mm) to ingest it with a spacing you know",
             case=case,
             path=str(path),
+            params=["assume_spacing"],
         )
     ornt = io_orientation(affine)  # nibabel's affine for this file, with 1 mm voxels
     for c, axis in enumerate(canonical_source_axes(ornt)):

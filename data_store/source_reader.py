@@ -153,7 +153,7 @@ def _load_dicom(source: CaseSource, reader: _Reader) -> LoadedCase:
         try:
             data = read_seg_mask(source.mask_file, phases.refs, geometry.shape)
         except InputError as err:
-            raise InputError(err.problem, case=cid, path=err.path) from None
+            raise err.moved(case=cid, path=err.path) from None
         reader.sha[str(source.mask_file)] = file_sha256(source.mask_file)
         mask = geometry.to_canonical(data)
     times = tuple(phases.times) if phases.times else None
@@ -299,7 +299,7 @@ def _geometry(vol: NiftiVolume, path: Path, cid: str) -> Geometry:
     try:
         return vol.geometry
     except InputError as err:
-        raise InputError(err.problem, case=cid, path=str(path)) from err
+        raise err.moved(case=cid, path=str(path)) from err
 
 
 def _too_few(n: int) -> str:

@@ -267,9 +267,10 @@ def record_unrecorded(
                 raise InputError(
                     f"cannot record: {why}, so nothing vouches for its data: re-ingest it from "
                     "its sources to repair it (or rerun an ingest that stopped before its index "
-                    "update), or pass --accept-current to record what is there now",
+                    "update), or pass {accept_current=True} to record what is there now",
                     case=cid,
                     path=where,
+                    params=["accept_current"],
                 )
             if why is not None:
                 accepted.append(f"case {cid}: accepted as it is now, although {why}")

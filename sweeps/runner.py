@@ -351,7 +351,7 @@ def plan_sweep(
     check_space(cfg, base)
     if name is None:
         name = cfg.name or default_name(store, cfg)
-    names.check(name, "--name" if name != cfg.name else "name")
+    names.check(name, "name", param=name != cfg.name)  # else the config's own key
     storage = base.run.resolved_storage_path()
     exp_path = _experiment(storage, name, resume)
     trials = (
@@ -396,8 +396,9 @@ def _experiment(storage: str, name: str, resume: bool) -> str:
     exists = tune.Tuner.can_restore(exp_path)
     if exists and not resume:
         raise InputError(
-            f"sweep {name!r} already exists at {exp_path}: pass --resume to continue it, "
-            "or --name for a new sweep"
+            f"sweep {name!r} already exists at {exp_path}: pass {{resume=True}} to continue "
+            "it, or {name} for a new sweep",
+            params=["resume", "name"],
         )
     if resume and not exists:
         raise InputError(f"no sweep {name!r} to resume at {exp_path}")

@@ -178,7 +178,7 @@ def load(path: str | Path) -> SweepConfig:
     try:
         check(cfg)
     except InputError as err:
-        raise InputError(err.problem, path=str(p)) from None
+        raise err.moved(path=str(p)) from None
     return cfg
 
 

@@ -14,6 +14,10 @@ and `importlib.import_module("...")` / `__import__("...")` calls with a literal 
 - A dynamic import whose name is not a literal (so no rule can read it) only where `DYNAMIC` says.
 - The process environment is written (`os.environ[...] =`, `setdefault`, `update`, `putenv`, ...)
   only by the modules in `ENVIRON_WRITES`, each with the reason.
+- Below the command line, an error speaks of parameters, not of the command line's flags: no
+  string in a `raise` names a `--flag` (the CLI maps parameter placeholders to its flags:
+  `data_store.errors.Naming`), except in the command modules and handlers (`FLAGS_SPOKEN`), a
+  quoted `tsesnet ...` command suggested, and the lines in `FLAGS_KEPT`.
 - Each rule is shown failing on a violation planted in a small package tree (`PLANTS`).
 - No function is longer than 80 lines (declarative tables excepted, by name, below).
 - `platform/` stays a folder, not a package (it would shadow the standard library's module).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,6 +88,21 @@ ENVIRON_WRITES = {
     "and progress bars, Ray Train's print patch are read from the environment by Ray, MLflow "
     "and the local Ray's workers",
 }
+# Where a raised error may name a command-line flag: the command line itself (`cli` modules,
+# the programs of `tsesnet/programs`, and each module's `cli*` handler functions).
+FLAGS_SPOKEN = ("tsesnet.cli", "data_store.cli", "tsesnet.serving.predict_cli", "tsesnet.programs")
+# (module, function) whose raised lines still name a flag, each with the reason.
+FLAGS_KEPT = {
+    ("tsesnet.serving.dicom_seg", "write_seg"): "a case's row in predict's summary.csv, written "
+    "by the Ray actor into the run's record (`err.problem`), not a line the CLI renders; giving "
+    "it the CLI's names would mean a field of PredictConfig, whose settings prediction.json "
+    "records",
+}
+# A flag in an error's text: at the start, after a space or "(" or a backtick.
+FLAG = re.compile(r"(^|[\s(`])--[a-z]")
+# A command suggested in backticks (`tsesnet store verify STORE --deep`): its flags are that
+# command's, whoever reads the line.
+COMMAND = re.compile(r"`tsesnet [^`]*`")
 ENVIRON_METHODS = ("setdefault", "update", "pop", "popitem", "clear", "__setitem__", "__delitem__")
 MAX_FUNCTION_LINES = 80
 # Functions that are declarative tables (one entry per line), allowed to be longer.
@@ -164,7 +184,17 @@ def _check(root: Path) -> dict[str, list[str]]:
     """Every import rule's violations in the tree at `root` (one line each), by rule."""
     known = _modules(root)
     found: dict[str, list[str]] = {
-        r: [] for r in ("cycles", "layers", "core", "data_store", "private", "dynamic", "environ")
+        r: []
+        for r in (
+            "cycles",
+            "layers",
+            "core",
+            "data_store",
+            "private",
+            "dynamic",
+            "environ",
+            "flags",
+        )
     }
     graph: dict[str, set[str]] = {}
     for mod, path in known.items():
@@ -197,6 +227,10 @@ def _check(root: Path) -> dict[str, list[str]]:
             found["environ"] += [
                 f"{where}:{line} {mod}: {what}" for line, what in _env_writes(path)
             ]
+        if not _in(mod, FLAGS_SPOKEN):
+            found["flags"] += [
+                f"{where}:{line} {text!r}" for line, text in _flags_raised(mod, path)
+            ]
     found["cycles"] = [" <-> ".join(c) for c in _cycles(graph)]
     return {rule: sorted(set(v)) for rule, v in found.items()}
 
@@ -223,6 +257,42 @@ def _env_writes(path: Path) -> list[tuple[int, str]]:
                     out.append((node.lineno, f"os.environ.{func.attr}()"))
             elif _call_name(func) in ("os.putenv", "os.unsetenv", "putenv", "unsetenv"):
                 out.append((node.lineno, f"{_call_name(func)}()"))
+    return out
+
+
+def _flags_raised(mod: str, path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string naming a `--flag` in a `raise` of one file, outside the
+    command handlers (functions named `cli*`) and `FLAGS_KEPT`."""
+
+    def text(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr):  # an f-string: its text, each value as {}
+            return "".join(text(v) or "{}" for v in node.values)
+        return None
+
+    def walk(node: ast.AST, func: str):
+        for child in ast.iter_child_nodes(node):
+            inner = (
+                child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else func
+            )
+            if isinstance(child, ast.Raise) and child.exc is not None:
+                yield child, inner
+            yield from walk(child, inner)
+
+    out = []
+    for node, func in walk(ast.parse(path.read_text(), str(path)), ""):
+        if func.startswith("cli") or (mod, func) in FLAGS_KEPT:
+            continue
+        pieces = {
+            id(v) for j in ast.walk(node.exc) if isinstance(j, ast.JoinedStr) for v in j.values
+        }
+        for part in ast.walk(node.exc):
+            whole = isinstance(part, ast.Constant | ast.JoinedStr) and id(part) not in pieces
+            said = text(part) if whole else None
+            if said is not None and FLAG.search(COMMAND.sub("", said)):
+                out.append((node.lineno, said))
+                break
     return out
 
 
@@ -278,6 +348,7 @@ RULES = {
     "private": f"private third-party names only through {', '.join(COMPAT)}",
     "dynamic": f"imports of a computed name only in {', '.join(DYNAMIC)}",
     "environ": f"the process environment written only in {', '.join(ENVIRON_WRITES)}",
+    "flags": "errors below the command line name parameters, not --flags (Naming placeholders)",
 }
 
 
@@ -359,6 +430,15 @@ PLANTS = {
         "environ", "data_store/store.py", "from os import environ\n\nenviron['X'] = '1'\n"
     ),
     "putenv in sweeps": ("environ", "sweeps/space.py", "import os\n\nos.putenv('X', '1')\n"),
+    "a flag in an error below the CLI": (
+        "flags", "tsesnet/training/driver.py",
+        "def claim(name):\n    raise ValueError(f'run {name} exists: choose another --name')\n",
+    ),
+    "a flag in a lock error's hint": (
+        "flags", "data_store/store.py",
+        "class Lock:\n    def take(self):\n"
+        "        raise KeyError('held (pass --wait SECONDS to wait longer)')\n",
+    ),
     "computed name in the core": (
         "dynamic", "tsesnet/metrics.py",
         "import importlib\n\n\ndef f(name):\n    return importlib.import_module(name)\n",

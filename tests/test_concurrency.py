@@ -344,7 +344,8 @@ def test_an_unknown_lock_holds_the_store_until_broken(tmp_path, empty_store):
         assert time.monotonic() - start >= 0.5, case
         msg = str(info.value)
         assert msg.startswith(f"{empty_store}: locked by an unknown writer ({lock} is "), case
-        assert "--break-lock" in msg and "\n" not in msg, case
+        assert "pass wait=SECONDS to wait longer" in msg, case  # the library's parameters
+        assert "pass break_lock=True to remove the lock" in msg and "\n" not in msg, case
         assert said == [f"{empty_store}: waiting up to 0.5 s for an unknown writer ({lock})"]
         assert os.path.lexists(lock), case  # left as found
         # --break-lock takes it (never following a symlink: its target stays)
@@ -381,7 +382,7 @@ def test_two_writers_never_pass_an_unknown_lock_together(tmp_path, empty_store):
     time.sleep(0.5)
     go.touch()
     outs = [p.communicate(timeout=30)[0] for p in procs]
-    assert all(o.startswith("lost ") and "--break-lock" in o for o in outs), outs
+    assert all(o.startswith("lost ") and "break_lock=True" in o for o in outs), outs
     assert (empty_store / LOCK_NAME).read_bytes() == b""
 
 
@@ -396,8 +397,9 @@ def test_a_symlinked_guard_is_never_followed(tmp_path, empty_store):
         StoreLock(StoreLocation.parse(empty_store), wait=0).acquire()
     assert str(info.value) == (
         f"{empty_store}: {guard} is not a regular file (a symbolic link?): refusing to lock "
-        "through it; remove it if no writer runs (or pass --break-lock)"
+        "through it; remove it if no writer runs (or pass break_lock=True)"
     )
+    assert info.value.naming({"break_lock": "--break-lock"}).endswith("(or pass --break-lock)")
     assert not target.exists() and not (empty_store / LOCK_NAME).exists()
     with StoreLock(StoreLocation.parse(empty_store), wait=0, break_lock=True, notify=print):
         assert not guard.is_symlink() and guard.is_file()
@@ -407,7 +409,7 @@ def test_a_symlinked_guard_is_never_followed(tmp_path, empty_store):
 def test_unknown_lock_on_an_object_store(tmp_path):
     location = StoreLocation.parse(f"memory://tsesnet-lock-{tmp_path.name}-u/store")
     location.fs.pipe_file(f"{location.root}/{LOCK_NAME}", b"")
-    with pytest.raises(InputError, match="locked by an unknown writer .*--break-lock"):
+    with pytest.raises(InputError, match="locked by an unknown writer .*break_lock=True"):
         StoreLock(location, wait=0).acquire()
     with StoreLock(location, wait=0, break_lock=True, notify=lambda line: None):
         assert LockHolder.parse(location.read_bytes(LOCK_NAME)).pid == os.getpid()
@@ -423,6 +425,10 @@ def test_ingest_cli_names_break_lock(tmp_path, empty_store):
     lock = empty_store / LOCK_NAME
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {empty_store}: locked by an unknown writer ({lock} is empty)")
+    assert last.endswith(  # the parameters' placeholders, shown by the command's flags
+        "(pass --wait SECONDS to wait longer; if no writer runs on this store, pass --break-lock "
+        "to remove the lock)"
+    )
     assert sorted(p.name for p in empty_store.iterdir()) == [".lock", ".lock.guard", "zarr.json"]
     argv = [TSESNET, "store", "verify", str(empty_store), "--record", "--wait", "0"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -141,8 +141,17 @@ def _hostile_cohort(root: Path) -> dict[str, str]:
         ("loop", "symbolic link loop"),
         ("folder", "a directory, not a NIfTI file"),
         ("cplx", "unsupported voxel type complex64"),
-        ("huge", "the header declares 2000x2000x2000 int16 voxels (14.9 GiB)"),
-        ("nospacing", "no voxel spacing: pixdim[1:4] is (0, 0, 0)"),
+        # the hints name the command line's flags (`ingest(names=...)`)
+        (
+            "huge",
+            "the header declares 2000x2000x2000 int16 voxels (14.9 GiB), more than the 4 "
+            "GiB limit per file (--max-image-gib)",
+        ),
+        (
+            "nospacing",
+            "no voxel spacing: pixdim[1:4] is (0, 0, 0) and the file has no sform; "
+            "pass `--assume-spacing Z Y X` (mm)",
+        ),
         ("stray", "phase 999 is beyond the cohort's phases 0..1"),
     ):
         save_nifti(images / f"{case}_0000.nii.gz", image[0], make_affine())

@@ -859,6 +859,7 @@ def test_model_must_name_exactly_one_model(model_uri, cohort, tmp_path, capsys):
     status, errors, _ = _cli([*argv, "--model", str(models)], capsys)
     assert status == 2 and len(errors) == 1
     assert "exactly one model" in errors[0] and "a/artifacts, b/artifacts" in errors[0]
+    assert ": --model must name exactly one model" in errors[0]  # the parameter by its flag
     assert not (tmp_path / "out").exists()
     check_model_uri(str(models / "a"))  # one model: accepted
     (tmp_path / "empty").mkdir()

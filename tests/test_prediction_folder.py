@@ -174,7 +174,11 @@ def test_manifest_lists_every_file_and_evaluate_refuses_a_changed_folder(
     shutil.copy(out / "ras.nii.gz", out / "lps_copy.nii.gz")
     line = _error_line(_run(env, "evaluate", "--pred", str(out), "--labels", str(labels)))
     assert "holds lps_copy.nii.gz that its prediction.json does not list" in line
-    assert "--pred-unchecked" in line
+    # the hint's parameters by the flags: evaluate's own, and predict's --overwrite
+    assert line.endswith(
+        "rerun predict with --overwrite into an empty folder, or pass --pred-unchecked to score "
+        "its masks as found"
+    )
     (out / "lps_copy.nii.gz").unlink()
     # a mask replaced by another one
     good = (out / "lps.nii.gz").read_bytes()

@@ -476,8 +476,16 @@ def test_killed_sweep_resumes_without_rerunning_or_losing_trials(
 
     before = {t: lines(t) for t in done_before}
     # Without --resume the sweep refuses to start over; a sweep that never ran can't resume.
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match=r"pass resume=True to continue it, or name for a new"):
         runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="killed")
+    # the command line says the same by its flags
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr
+    assert (
+        again.stderr.strip()
+        .splitlines()[-1]
+        .endswith("pass --resume to continue it, or --name for a new sweep")
+    )
     with pytest.raises(InputError, match="no sweep 'other' to resume"):
         runner.run_sweep(str(tiny_store), spacemod.load(cfg_file), name="other", resume=True)
 

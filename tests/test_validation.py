@@ -308,7 +308,7 @@ def test_forged_header_is_refused_before_any_voxel_is_read(tmp_path, name):
     if name.endswith(".gz"):  # the true size is only known by decompressing: the limit says no
         assert err.problem == (
             "the header declares 2000x2000x2000 int16 voxels (14.9 GiB), more than the 4 GiB "
-            "limit per file (--max-image-gib)"
+            "limit per file (max_image_bytes)"
         )
     else:
         assert err.problem.startswith(
@@ -369,9 +369,12 @@ def test_zero_spacing_is_refused_or_assumed_and_recorded(tmp_path):
         load_case(source)
     assert str(info.value) == (
         f"case {CASE}: {_phase(tmp_path, 0)}: no voxel spacing: pixdim[1:4] is (0, 0, 0) and "
-        "the file has no sform; pass `--assume-spacing Z Y X` (mm) to ingest it with a spacing "
+        "the file has no sform; pass `assume_spacing=Z Y X` (mm) to ingest it with a spacing "
         "you know"
     )
+    # the command line names its flag (`tsesnet ingest` renders the line: test_ingest.py)
+    flags = {"assume_spacing": "--assume-spacing"}
+    assert "pass `--assume-spacing Z Y X` (mm)" in info.value.naming(flags)
     loaded = load_case(source, ReadOptions(assume_spacing=(3.0, 0.8, 0.7)))
     assert loaded.spacing == pytest.approx((3.0, 0.8, 0.7)) and loaded.spacing_assumed
     with pytest.raises(InputError, match="three positive sizes"):

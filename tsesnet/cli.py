@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
     """The command's flags by the parameter they set: ``{"wait": "--wait", ...}``; an
-    `InputError` about a parameter's value (its `param`) is shown naming the flag."""
+    `InputError` shows each parameter it names (its `param`, its placeholders) by its flag."""
     for word in _handler_key(args).split():
         choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = choices.choices[word]
@@ -221,7 +221,7 @@ def _run(args: argparse.Namespace, flags: dict[str, str]) -> int:
         return int(handler(args) or 0)
     except InputError as err:
         disconnect()
-        print(f"error: {err.naming(flags.get(err.param))}", file=sys.stderr)
+        print(f"error: {err.naming(flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", 2)  # `training.driver.Stopped` names SIGTERM

@@ -16,13 +16,23 @@ _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 MAX_LENGTH = 128
 
 
-def check(name: str, what: str = "--name") -> str:
-    """Return `name` if it is a safe name, else raise a one-line `InputError` naming `what`."""
+def check(name: str, what: str = "name", *, param: bool = True) -> str:
+    """Return `name` if it is a safe name, else raise a one-line `InputError` naming `what`.
+
+    Args:
+        name: the name to check.
+        what: where it came from: a parameter (the caller's, e.g. ``name``), or a config key.
+        param: `what` is a parameter, shown by each caller's name for it (`InputError.param`:
+            the command line's flag); False shows it as written (a config key).
+    """
     if not isinstance(name, str) or not _SAFE.fullmatch(name) or len(name) > MAX_LENGTH:
-        raise InputError(
-            f"{what} {name!r} is not a valid name: use letters, digits, '-', '_' and '.' "
-            f"(not first), at most {MAX_LENGTH} characters"
+        problem = (
+            f"{name!r} is not a valid name: use letters, digits, '-', '_' and '.' (not first), "
+            f"at most {MAX_LENGTH} characters"
         )
+        if param:
+            raise InputError(problem, param=what)
+        raise InputError(f"{what} {problem}")
     return name
 
 

@@ -201,7 +201,7 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     try:
         return from_dict(cls, data)
     except InputError as err:
-        raise InputError(err.problem, path=str(path)) from None
+        raise err.moved(path=str(path)) from None
 
 
 def _parse_override(item: str) -> tuple[list[str], str]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_store.errors import InputError
+from data_store.errors import InputError, shown_as
 from data_store.nifti import ReadOptions, read_nifti
 
 METRICS = ("dice", "hd95_mm", "sensitivity")
@@ -280,7 +280,11 @@ def _nifti_name(name: str) -> bool:
 def evaluate_dirs(pred_dir, labels_dir) -> EvaluationReport:
     """Evaluate every prediction in `pred_dir` against the label with the same case ID."""
     if Path(pred_dir).resolve() == Path(labels_dir).resolve():
-        raise InputError("--pred and --labels are the same folder", path=str(pred_dir))
+        raise InputError(
+            "{pred_dir} and {labels_dir} are the same folder",
+            path=str(pred_dir),
+            params=["pred_dir", "labels_dir"],
+        )
     preds = find_masks(Path(pred_dir))
     labels = find_masks(Path(labels_dir))
     if not labels:
@@ -352,14 +356,17 @@ def cli(args: argparse.Namespace) -> int:
     from tsesnet.serving.lineage import model_line, read_prediction_record
     from tsesnet.serving.manifest import check_prediction_folder
 
-    if not args.pred_unchecked and check_prediction_folder(args.pred) is None:
-        print(
-            f"{args.pred}: no prediction.json (not written by tsesnet predict): its masks are "
-            "scored as found",
-            file=sys.stderr,
-        )
-    with local_copies(args.pred) as pred, local_copies(args.labels) as labels:
-        report = evaluate_dirs(pred, labels)
+    # The library's names for this command's flags, and `tsesnet predict`'s `--overwrite`.
+    shown = {"pred_dir": "--pred", "labels_dir": "--labels", "overwrite": "--overwrite"}
+    with shown_as(shown):
+        if not args.pred_unchecked and check_prediction_folder(args.pred) is None:
+            print(
+                f"{args.pred}: no prediction.json (not written by tsesnet predict): its masks "
+                "are scored as found",
+                file=sys.stderr,
+            )
+        with local_copies(args.pred) as pred, local_copies(args.labels) as labels:
+            report = evaluate_dirs(pred, labels)
     # The model that made the masks, where `tsesnet predict` recorded it beside them.
     record = read_prediction_record(args.pred)
     model = record.get("model") if record else None

@@ -139,10 +139,11 @@ class CaseReader:
                 ids = [c for c in ids if index.fold_of(c) == fold]
             return sorted(ids)
         if fold is not None or split is not None:
-            flag = "--fold" if fold is not None else "--split"
+            param = "fold" if fold is not None else "split"
             raise InputError(
-                f"{flag} needs a store input (folds and splits are assigned at ingest)",
+                "needs a store input (folds and splits are assigned at ingest)",
                 path=self.path,
+                param=param,
             )
         return sorted(index)
 

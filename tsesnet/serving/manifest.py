@@ -58,7 +58,9 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = "tsesnet-prediction"
 _MASK_SUFFIXES = (".nii.gz", ".nii", ".dcm")
-_UNCHECKED = "pass --pred-unchecked to score its masks as found"
+#: The way past `check_prediction_folder` (a placeholder, `data_store.errors.Naming`).
+_UNCHECKED = "pass {pred_unchecked=True} to score its masks as found"
+_PRED_PARAMS = ("overwrite", "pred_unchecked")
 
 
 def planned_names(case_ids, *, output_format: str, probabilities: bool, report: bool) -> list[str]:
@@ -229,23 +231,26 @@ def check_output_folder(out, overwrite: bool, source_files=()) -> None:
     masks = [n for n in foreign if _is_mask_name(n)]
     if masks:
         raise InputError(
-            f"--output holds {_some(masks)} that tsesnet predict did not write (masks or labels "
-            "of someone else's); predict never replaces them: choose another folder",
+            f"{{output}} holds {_some(masks)} that tsesnet predict did not write (masks or "
+            "labels of someone else's); predict never replaces them: choose another folder",
             path=str(out),
+            params=["output"],
         )
     if overwrite:
         return
     if foreign:
         raise InputError(
-            f"--output is not empty: it holds {_some(foreign)} that tsesnet predict did not "
-            "write; pass --overwrite to write beside them, or choose an empty folder",
+            f"{{output}} is not empty: it holds {_some(foreign)} that tsesnet predict did not "
+            "write; pass {overwrite=True} to write beside them, or choose an empty folder",
             path=str(out),
+            params=["output", "overwrite"],
         )
     if record is not None and record.get("complete") is False:
         raise InputError(
-            "--output holds an interrupted prediction (its prediction.json says complete: "
-            "false); pass --overwrite to replace it",
+            "{output} holds an interrupted prediction (its prediction.json says complete: "
+            "false); pass {overwrite=True} to replace it",
             path=str(out),
+            params=["output", "overwrite"],
         )
 
 
@@ -259,9 +264,10 @@ def _refuse_source_folder(out: Path, source_files) -> None:
     for folder in sorted(folders):
         if out == folder or folder in out.parents:
             raise InputError(
-                f"--output lies in {folder}, a folder of the input's source files (a re-ingest "
-                "would read predictions as scans or labels); choose a folder outside it",
+                f"{{output}} lies in {folder}, a folder of the input's source files (a "
+                "re-ingest would read predictions as scans or labels); choose a folder outside it",
                 path=str(out),
+                params=["output"],
             )
 
 
@@ -335,11 +341,13 @@ def check_prediction_folder(pred) -> dict | None:
     if record.get("complete") is not True:
         why = (
             "says complete: false (the run was interrupted, or is still running); rerun "
-            "predict with --overwrite"
+            "predict with {overwrite=True}"
             if "complete" in record
             else "lists no files (written by an older tsesnet); rerun predict"
         )
-        raise InputError(f"its prediction.json {why}, or {_UNCHECKED}", path=str(pred))
+        raise InputError(
+            f"its prediction.json {why}, or {_UNCHECKED}", path=str(pred), params=_PRED_PARAMS
+        )
     listed = {
         f.get("path"): f for f in record.get("files") or () if isinstance(f, dict) and f.get("path")
     }
@@ -347,16 +355,19 @@ def check_prediction_folder(pred) -> dict | None:
         problem = _differs(pred, name, entry, listing)
         if problem:
             raise InputError(
-                f"{name} {problem} (another run's file?): rerun predict with --overwrite, "
-                f"or {_UNCHECKED}",
+                f"{name} {problem} (another run's file?): rerun predict with "
+                f"{{overwrite=True}}, or {_UNCHECKED}",
                 path=str(pred),
+                params=_PRED_PARAMS,
             )
     extra = sorted(n for n in listing if _is_mask_name(n) and n not in listed)
     if extra:
         raise InputError(
             f"holds {_some(extra)} that its prediction.json does not list (masks of another "
-            f"run mixed in?): rerun predict with --overwrite into an empty folder, or {_UNCHECKED}",
+            f"run mixed in?): rerun predict with {{overwrite=True}} into an empty folder, or "
+            f"{_UNCHECKED}",
             path=str(pred),
+            params=_PRED_PARAMS,
         )
     return record
 
@@ -413,17 +424,22 @@ def prepare_output_dir(
         return out
     given = Path(output)
     if given.exists() and not given.is_dir():
-        raise InputError("--output must be a folder, but this is a file", path=str(output))
+        raise InputError("must be a folder, but this is a file", path=str(output), param="output")
     out = given.resolve()
     _refuse_input_overlap(out, reader)
     if (out / SUMMARY_FILE).is_dir():
-        raise InputError(f"{SUMMARY_FILE} here is a folder; choose another --output", path=str(out))
+        raise InputError(
+            f"{SUMMARY_FILE} here is a folder; choose another {{output}}",
+            path=str(out),
+            params=["output"],
+        )
     folder = out / PROBABILITIES_DIR
     if probabilities and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise InputError(
             f"{PROBABILITIES_DIR} here is not a folder of its own (a file or a link); "
-            "choose another --output",
+            "choose another {output}",
             path=str(out),
+            params=["output"],
         )
     check_output_folder(out, overwrite, _source_files(reader))
     _mkdir(out, output)
@@ -454,14 +470,15 @@ def _prepare_object_dir(out: ObjectPath, reader: CaseReader) -> ObjectPath:
         store = reader.path.rstrip("/")
         if out.url == store or out.url.startswith(store + "/"):
             raise InputError(
-                f"--output lies inside the input store {store}; choose a prefix outside it",
+                f"{{output}} lies inside the input store {store}; choose a prefix outside it",
                 path=out.url,
+                params=["output"],
             )
     probe = f"{root}/.tsesnet-write-probe-{uuid.uuid4().hex[:12]}"
     try:
         if fs.isfile(root):
             raise InputError(
-                "--output must be a folder (prefix), but this is an object", path=out.url
+                "must be a folder (prefix), but this is an object", path=out.url, param="output"
             )
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
@@ -491,15 +508,17 @@ def _refuse_input_overlap(out: Path, reader: CaseReader) -> None:
             store = Path(reader.path).resolve()
             if out == store or store in out.parents:
                 raise InputError(
-                    f"--output lies inside the input store {store}; choose a folder outside it",
+                    f"{{output}} lies inside the input store {store}; choose a folder outside it",
                     path=str(out),
+                    params=["output"],
                 )
         return
     inside = sorted(f.name for f in reader.source_files() if f.resolve().parent == out)
     if inside:
         more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
         raise InputError(
-            f"--output holds input files ({inside[0]}{more}) that prediction would overwrite; "
-            "choose another folder",
+            f"{{output}} holds input files ({inside[0]}{more}) that prediction would "
+            "overwrite; choose another folder",
             path=str(out),
+            params=["output"],
         )

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_store.errors import InputError
+from data_store.errors import InputError, shown_as
 from tsesnet.serving import manifest
 from tsesnet.serving.case import (
     OUTPUT_FORMATS,
@@ -100,7 +100,7 @@ class CasePredictor:
         try:
             if config.gpus_per_worker > 0:
                 if not torch.cuda.is_available():  # e.g. a CPU-only torch on a GPU node
-                    raise InputError("--gpus-per-worker set, but torch sees no CUDA device")
+                    raise InputError("set, but torch sees no CUDA device", param="gpus_per_worker")
                 self.device = torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES per actor
             from tsesnet.tracking.registry import load_model
 
@@ -190,10 +190,10 @@ def _plan_workers(config: PredictConfig, n_cases: int, resources: dict) -> tuple
     gpus = float(resources.get("GPU", 0))
     g = config.gpus_per_worker
     if g > 0 and g > gpus:
-        raise InputError(f"--gpus-per-worker {g} but the Ray cluster has {gpus:g} GPUs")
+        raise InputError(f"{g} but the Ray cluster has {gpus:g} GPUs", param="gpus_per_worker")
     if config.workers is not None:
         if config.workers < 1:
-            raise InputError(f"--workers must be at least 1, got {config.workers}")
+            raise InputError(f"must be at least 1, got {config.workers}", param="workers")
         workers = config.workers
     elif g > 0:
         workers = max(1, int(gpus // g))
@@ -317,7 +317,7 @@ def _cases_to_predict(input_path: str, config: PredictConfig) -> tuple[CaseReade
     if config.prefetch < 0:
         raise InputError(f"prefetch must be 0 or more, got {config.prefetch}")
     if config.output_format not in OUTPUT_FORMATS:
-        raise InputError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
+        raise InputError(f"must be one of {', '.join(OUTPUT_FORMATS)}", param="output_format")
     reader = CaseReader.for_input(input_path)
     case_ids = reader.case_ids(config.fold, config.split)
     if not case_ids:
@@ -403,9 +403,11 @@ def _check_dicom_source(reader: CaseReader, case_ids: list[str], input_path: str
         )
     if not from_dicom:
         raise InputError(
-            "--output-format dicom-seg needs a DICOM source (a store ingested with --layout "
-            "dicom, or a DICOM folder): these cases come from NIfTI; use the default NIfTI output",
+            "{output_format=dicom-seg} needs a DICOM source (a store ingested with "
+            "{layout=dicom}, or a DICOM folder): these cases come from NIfTI; use the default "
+            "NIfTI output",
             path=input_path,
+            params=["output_format", "layout"],
         )
 
 
@@ -525,7 +527,9 @@ def cli(args: argparse.Namespace) -> int:
         report=not args.no_report,
         overwrite=args.overwrite,
     )
-    report = predict(args.model, args.input, args.output, config, announce=print)
+    # The library's name for `--model`, and `tsesnet ingest`'s `--layout` (a hint on the input).
+    with shown_as({"model_uri": "--model", "layout": "--layout"}):
+        report = predict(args.model, args.input, args.output, config, announce=print)
     n = len(report.rows)
     print(
         f"{n - len(report.failed)}/{n} cases predicted in {report.seconds:.1f} s "

@@ -95,17 +95,20 @@ def show_model(name: str) -> dict:
     }
 
 
-def check_alias(alias: str, what: str = "--alias") -> str:
-    """`alias` if MLflow takes it as an alias, else a one-line `InputError`: a name
-    (`names.check`) without '.', and not one MLflow reserves ("latest" and "v<N>", in any case,
-    as MLflow compares them)."""
+def check_alias(alias: str, what: str = "alias") -> str:
+    """`alias` if MLflow takes it as an alias, else a one-line `InputError` naming the parameter
+    `what` (`InputError.param`): a name (`names.check`) without '.', and not one MLflow reserves
+    ("latest" and "v<N>", in any case, as MLflow compares them)."""
     names.check(alias, what)
     if "." in alias:
-        raise InputError(f"{what} {alias!r}: an alias may hold letters, digits, '_' and '-' only")
+        raise InputError(
+            f"{alias!r}: an alias may hold letters, digits, '_' and '-' only", param=what
+        )
     if alias.lower() == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
         raise InputError(
-            f"{what} {alias!r} is reserved by MLflow ('latest' and v<N>, in any case); "
-            "choose another name"
+            f"{alias!r} is reserved by MLflow ('latest' and v<N>, in any case); "
+            "choose another name",
+            param=what,
         )
     return alias
 

@@ -589,9 +589,10 @@ def check_one_model(folder: Path, uri: str) -> Path:
         names = [str(d.relative_to(folder)) or "." for d in found]
         shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         raise InputError(
-            f"--model must name exactly one model, but this folder holds {len(found)} "
+            f"{{model_uri}} must name exactly one model, but this folder holds {len(found)} "
             f"(folders with {CONFIG_FILE} or {WEIGHTS_FILE}: {shown}); pass one of them",
             path=uri,
+            params=["model_uri"],
         )
     return complete[0]
 

@@ -145,8 +145,9 @@ def claim_run_folder(storage_path: str, name: str, model_config: dict, fingerpri
     if differ:
         raise InputError(
             f"run {name} cannot resume: its checkpoints are for another model or store "
-            f"({'; '.join(differ)}); choose another --name or delete this folder",
+            f"({'; '.join(differ)}); choose another {{name}} or delete this folder",
             path=f"{storage_path}/{name}",
+            params=["name"],
         )
     from tsesnet.compat import train_snapshot_filename
 

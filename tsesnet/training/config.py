@@ -336,7 +336,7 @@ def check_model_name(name: str) -> str:
     """`run.registered_model_name` as MLflow and `models:/NAME@ALIAS` URIs take it (a name:
     letters, digits, '-', '_', '.'), checked before Ray starts instead of after training."""
     try:
-        return names.check(name, "run.registered_model_name")
+        return names.check(name, "run.registered_model_name", param=False)
     except InputError as err:
         raise InputError(f"bad config: {err}") from None
 

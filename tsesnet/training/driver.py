@@ -230,7 +230,8 @@ def claim_name(storage_path: str, name: str):
         who = holder.describe() if holder else "an unknown process (its lock is unreadable)"
         raise InputError(
             f"run {name} is already being trained by {who}; wait for it to end or choose "
-            f"another --name (its lock: {location.path(LOCK_NAME)})"
+            f"another {{name}} (its lock: {location.path(LOCK_NAME)})",
+            params=["name"],
         ) from None
     try:
         yield
