@@ -16,10 +16,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import OBLIQUE, edit, make_image, write_study
+from dicom_factory import OBLIQUE, cd_export, edit, make_image, reencode, write_study
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from data_store.dicom import SEG_SOP_CLASS, read_seg_mask, study_case_id
 from data_store.errors import InputError
@@ -471,3 +476,350 @@ def test_round_trip_dicom_seg_equals_nifti_mask(tmp_path, ray_session, mlflow_ur
     )
     err = capsys.readouterr().err
     assert status == 2 and "needs a DICOM source" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------ exports as scanners and PACS write them
+
+
+def _assert_like_twin(tmp_path: Path, src: Path, image: np.ndarray, affine: np.ndarray):
+    """The study under `src` reads as the NIfTI twin of `image` with `affine`: the same voxels
+    in the same place (slices written against the normal are read along it, so the file-order
+    affines may differ by that flip; the canonical ones do not); returns (case, loaded)."""
+    case = _one(src)
+    assert case.problem is None, case.problem
+    loaded = load_case(case)
+    twin = _nifti_twin(tmp_path, image, affine)
+    np.testing.assert_array_equal(loaded.image, twin.image)
+    np.testing.assert_allclose(
+        loaded.geometry.canonical_affine, twin.geometry.canonical_affine, atol=1e-4
+    )
+    return case, loaded
+
+
+def test_pacs_cd_export_with_dicomdir_bare_names_and_clutter(tmp_path):
+    """A CD as a PACS burns it: DICOMDIR at the root, PT/ST/SE/IM files in upper case without
+    extension, and the clutter of a desktop (a .txt, a .jpg, Thumbs.db, .DS_Store)."""
+    image = make_image(seed=20)
+    study = write_study(tmp_path / "staging", image, variant="multiphase")
+    copies = cd_export(study, tmp_path / "cd")
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    assert all(p.is_file() and p.suffix == "" and p.name.isupper() for p in copies)
+    (tmp_path / "cd" / "README.TXT").write_text("Viewer on this CD")
+    (tmp_path / "cd" / "preview.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    (tmp_path / "cd" / "PT000000" / "Thumbs.db").write_bytes(bytes(512))
+    (tmp_path / "cd" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(100))
+    assert detect_layout(tmp_path / "cd") == "dicom"
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "cd", image, study.affine)
+    assert case.notes == ()
+
+
+def test_files_without_preamble_are_read(tmp_path):
+    """Bare datasets (no 128-byte preamble, no DICM, no file meta; old exports write them), named
+    .dcm or not at all, are read like Part 10 files (decided: read, as dcm2niix does)."""
+    image = make_image(seed=21)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    for i, path in enumerate(study.all_files):
+        reencode(path, preamble=False)
+        if i % 2:
+            path.rename(path.with_suffix(""))
+    assert not is_dicom_part10(study.all_files[0])
+    assert detect_layout(tmp_path / "src") == "dicom"
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+def is_dicom_part10(path: Path) -> bool:
+    return path.read_bytes()[128:132] == b"DICM"
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, "mixed"],
+)
+@pytest.mark.parametrize("variant", ["series", "enhanced"])
+def test_uncompressed_transfer_syntaxes(tmp_path, syntax, variant):
+    image = make_image(seed=22)
+    study = write_study(tmp_path / "src", image, variant=variant)
+    every = [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
+    for i, path in enumerate(sorted(set(study.all_files))):
+        reencode(path, every[i % 3] if syntax == "mixed" else syntax)
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+GEOMETRIES = {  # orientation (row, column cosines in LPS), slice step along the normal
+    "axial-reversed": ((1, 0, 0, 0, 1, 0), -2.0),
+    "axial-normal-down": ((1, 0, 0, 0, -1, 0), 2.0),
+    "feet-first": ((-1, 0, 0, 0, 1, 0), 2.0),
+    "sagittal": ((0, 1, 0, 0, 0, -1), 1.5),
+    "sagittal-reversed": ((0, 1, 0, 0, 0, -1), -1.5),
+    "sagittal-flipped": ((0, -1, 0, 0, 0, -1), 1.5),
+    "coronal": ((1, 0, 0, 0, 0, -1), 2.5),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("variant", ["multiphase", "enhanced"])
+def test_orientations_and_slice_directions_read_like_nifti(tmp_path, geometry, variant):
+    """Sagittal (common for breast DCE), coronal, feet-first, slices written against the normal:
+    the volume is the NIfTI twin's with the affine the geometry implies."""
+    orientation, step = GEOMETRIES[geometry]
+    image = make_image(seed=23)
+    study = write_study(
+        tmp_path / "src", image, variant=variant, orientation=orientation, step=step, shuffle=True
+    )
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+def _phase_tags(study, keep: str, times=(0.0, 60.0, 120.0), start=9 * 3600.0) -> None:
+    """Rewrites a multiphase study's instances so that only `keep` tells the phases apart:
+    ``acquisition`` (Siemens: each slice its own AcquisitionTime), ``temporal`` (Philips:
+    TemporalPositionIdentifier, one AcquisitionTime for all), ``trigger`` (GE: TriggerTime)."""
+    from dicom_factory import _tm
+
+    for t, files in study.files.items():
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            if keep != "temporal":
+                del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+            if keep == "acquisition":
+                ds.AcquisitionTime = _tm(start + times[t] + 0.25 * k)
+            elif keep == "temporal":
+                ds.AcquisitionTime = _tm(start)
+            else:
+                del ds.AcquisitionTime
+                ds.TriggerTime = 1000.0 * times[t]
+            ds.save_as(path)
+
+
+@pytest.mark.parametrize("keep", ["acquisition", "temporal", "trigger"])
+def test_phases_told_apart_by_one_vendor_tag(tmp_path, keep):
+    image = make_image(seed=24)
+    study = write_study(tmp_path / "src", image, variant="multiphase", shuffle=True)
+    _phase_tags(study, keep, times=(0.0, 62.5, 125.0))
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    if keep == "temporal":  # one time for every phase: no phase times rather than 0, 0, 0
+        assert loaded.source.times is None
+    else:
+        assert loaded.source.times == pytest.approx((0.0, 62.5, 125.0), abs=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["series", "multiphase-acquisition", "enhanced"])
+def test_acquisition_across_midnight_keeps_phase_order(tmp_path, variant):
+    """235959 -> 000010 -> 000110: the phase after midnight is the later one."""
+    image = make_image(seed=25)
+    start, times = 86399.0, (0.0, 11.0, 71.0)
+    kind = variant.split("-")[0]
+    study = write_study(tmp_path / "src", image, variant=kind, start=start, times=times)
+    if variant == "multiphase-acquisition":
+        _phase_tags(study, "acquisition", times=times, start=start)
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert loaded.source.times == pytest.approx(times, abs=1e-3)
+
+
+@pytest.mark.parametrize("keep", ["temporal", "acquisition", "series"])
+def test_phase_cut_short_refused_naming_the_series(tmp_path, keep):
+    image = make_image(seed=26)
+    variant = "series" if keep == "series" else "multiphase"
+    study = write_study(tmp_path / "src", image, variant=variant)
+    if keep != "series":
+        _phase_tags(study, keep)
+    study.files[2][-1].unlink()  # the last phase lacks its top slice
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"case {case.case_id}: ")
+    assert "series 1" in text and ("phase 2" in text or "phases" in text), text
+    assert ".dcm" in text
+
+
+def test_rescale_slope_per_slice_applied(tmp_path):
+    image = make_image(seed=27)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    expected = image.astype(np.float32)
+    for t, files in study.files.items():
+        for k, path in enumerate(files):
+            edit(path, RescaleSlope=0.5 + 0.125 * k, RescaleIntercept=-3.25 * t)
+            expected[t, :, :, k] = image[t, :, :, k] * np.float32(0.5 + 0.125 * k) - 3.25 * t
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", expected, study.affine)
+    assert loaded.image.dtype == np.float32
+
+
+@pytest.mark.parametrize("fmt", ["uint8", "uint16-high", "int16-negative", "monochrome1"])
+def test_pixel_formats(tmp_path, fmt):
+    """8-bit, unsigned 16-bit above 32767, signed with negative values: the stored values. A
+    MONOCHROME1 image reads as its stored (rescaled) values: the photometric interpretation says
+    how to display them, not what they measure (decided)."""
+    image = make_image(seed=28).astype(np.int32)
+    dtype = {"uint8": np.uint8, "uint16-high": np.uint16}.get(fmt, np.int16)
+    if fmt == "uint8":
+        image = np.clip(image // 4, 0, 255)
+    elif fmt == "uint16-high":
+        image = image * 100 + 20000  # up to ~65000: wrong if read as signed
+        assert image.max() > 32767
+    elif fmt == "int16-negative":
+        image = image - 400
+    image = image.astype(dtype)
+    study = write_study(tmp_path / "src", image, variant="series", dtype=dtype)
+    if fmt == "monochrome1":
+        for path in study.all_files:
+            edit(path, PhotometricInterpretation="MONOCHROME1")
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image)
+
+
+def test_two_studies_in_one_folder_and_one_study_in_two(tmp_path):
+    a, b = make_image(seed=29), make_image(seed=30)
+    sa = write_study(tmp_path / "src" / "flat", a, variant="multiphase")
+    sb = write_study(tmp_path / "src" / "flat", b, variant="series")
+    for path in sb.all_files:  # study b's files beside study a's, in the same folder
+        path.rename(tmp_path / "src" / "flat" / "dynamic" / f"b_{path.parent.name}_{path.name}")
+    sc = write_study(tmp_path / "src" / "c", make_image(seed=31), variant="series")
+    moved = tmp_path / "src" / "elsewhere" / "series2"
+    shutil.move(str(sc.files[2][0].parent), str(moved))  # phase 2 of study c in another folder
+    cases = {c.case_id: c for c in discover(tmp_path / "src", "dicom")}
+    assert len(cases) == 3 and all(c.problem is None for c in cases.values())
+    for study, image in ((sa, a), (sb, b), (sc, sc.image)):
+        loaded = load_case(cases[study_case_id(study.study_uid)])
+        np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image)
+
+
+def test_nifti_beside_two_studies_is_no_ones_mask(tmp_path):
+    """Two studies in one folder and a NIfTI beside them: whose mask? one line, not a guess."""
+    sa = write_study(tmp_path / "src", make_image(seed=32), variant="multiphase")
+    sb = write_study(tmp_path / "b", make_image(seed=33), variant="multiphase")
+    for path in sb.all_files:
+        path.rename(tmp_path / "src" / "dynamic" / ("b_" + path.name))
+    nib.save(
+        nib.Nifti1Image(np.zeros((12, 10, 8), np.uint8), sa.affine),
+        str(tmp_path / "src" / "dynamic" / "mask.nii.gz"),
+    )
+    cases = discover(tmp_path / "src", "dicom")
+    assert len(cases) == 2
+    for case in cases:
+        assert case.problem and "mask.nii.gz" in case.problem and "2 studies" in case.problem
+
+
+def test_copies_of_one_instance(tmp_path):
+    """An identical copy of a file (same SOP Instance UID, same bytes; exports repeat files) is
+    read once and said in one note; a different file under the same SOP Instance UID is
+    refused naming both (decided)."""
+    image = make_image(seed=34)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    copy = tmp_path / "src" / "copies" / "again.dcm"
+    copy.parent.mkdir()
+    shutil.copy(study.files[1][3], copy)
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert any("again.dcm" in n and "copy" in n for n in case.notes), case.notes
+    edit(copy, InstanceNumber=99)  # same UID, other content
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "again.dcm" in text and study.files[1][3].name in text
+    assert "SOPInstanceUID" in text
+
+
+def _seg_file(path: Path, study, loaded, segments: dict[str, np.ndarray]) -> Path:
+    """A highdicom SEG of phase 0 with one segment per label (masks (Z, Y, X) canonical)."""
+    sources = [pydicom.dcmread(p) for p in study.files[0]]
+    descs, arrays = [], []
+    for n, (label, mask) in enumerate(segments.items(), start=1):
+        descs.append(
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=label,
+                segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphology"),
+                segmented_property_type=hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+                if "tum" in label.lower()
+                else hd.sr.CodedConcept("85756007", "SCT", "Tissue"),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        )
+        ijk = loaded.geometry.to_original(mask)  # (i, j, k)
+        arrays.append(np.stack([ijk[:, :, k].T for k in range(ijk.shape[2])]))
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.stack(arrays, axis=-1).astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs,
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(path)
+    return path
+
+
+def test_seg_with_two_segments_takes_the_tumour_or_says_which(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=35), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    tumour = (loaded.image[2] > 350).astype(np.uint8)
+    breast = (loaded.image[0] > 150).astype(np.uint8)
+    seg = _seg_file(
+        tmp_path / "src" / "seg.dcm", study, loaded, {"Breast": breast, "Tumour": tumour}
+    )
+    np.testing.assert_array_equal(load_case(_one(tmp_path / "src")).mask, tumour)
+    _seg_file(seg, study, loaded, {"Region A": breast, "Region B": tumour})
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "seg.dcm" in text and "2 segments" in text
+    assert "'Region A'" in text and "'Region B'" in text
+
+
+def test_seg_referencing_another_series_refused(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=36), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    seg = _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": loaded.image[2] > 350})
+    ds = pydicom.dcmread(seg)
+    ds.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.4.5"
+    ds.save_as(seg)
+    case = _one(tmp_path / "src")
+    assert case.problem and "seg.dcm" in str(case.problem_path) and "1.2.3.4.5" in case.problem
+
+
+@pytest.mark.parametrize(
+    "kind", ["short-pixels", "zero-spacing", "negative-spacing", "nan-position", "no-thickness"]
+)
+def test_hostile_headers(tmp_path, kind):
+    image = make_image(seed=37)
+    study = write_study(tmp_path / "src", image, variant="series")
+    bad = study.files[1][4]
+    if kind == "short-pixels":
+        ds = pydicom.dcmread(bad)
+        ds.PixelData = ds.PixelData[:-100]
+        ds.save_as(bad)
+    elif kind.endswith("spacing"):
+        value = 0.0 if kind == "zero-spacing" else -0.8
+        for path in study.files[1]:
+            edit(path, PixelSpacing=[value, 0.7])
+    elif kind == "nan-position":
+        raw = bad.read_bytes()
+        ds = pydicom.dcmread(bad)
+        old = b"\\".join(str(v).encode() for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = ["NaN", "-30.0", "18.0"]
+        ds.save_as(bad)
+        assert raw != bad.read_bytes() and old
+    elif kind == "no-thickness":
+        for path in study.all_files:
+            ds = pydicom.dcmread(path)
+            del ds.SliceThickness
+            ds.save_as(path)
+        _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+        return
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"case {case.case_id}: ")
+    assert "series 11" in text
+    if kind in ("short-pixels", "nan-position"):
+        assert bad.name in text
+    words = {"short-pixels": "pixel data", "nan-position": "ImagePositionPatient"}
+    assert words.get(kind, "PixelSpacing") in text, text
