@@ -219,8 +219,12 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
 
 
 def _tm_seconds(tm: Any) -> float | None:
-    """``HHMMSS.ffffff`` (a TM, or the time part of a DT) as seconds of the day."""
-    text = str(tm or "").strip()
+    """``HHMMSS.ffffff`` (a TM, or the time part of a DT) as seconds of the day.
+
+    A DT's UTC offset (``+0100``) is left out: the times of one study share it. The old
+    ``HH:MM:SS`` form (ACR-NEMA, still written by some exports) is read too.
+    """
+    text = str(tm or "").strip().split("+")[0].split("-")[0].replace(":", "")
     if len(text) < 2 or not text[:2].isdigit():
         return None
     try:
@@ -233,13 +237,19 @@ def _tm_seconds(tm: Any) -> float | None:
 
 
 def _time_of(ds: Any, frame_content: Any = None) -> float | None:
-    """The acquisition time (s of day) of an image or a frame, else its TriggerTime in s."""
-    if frame_content is not None and frame_content.get("FrameAcquisitionDateTime"):
-        return _tm_seconds(str(frame_content.FrameAcquisitionDateTime)[8:])
-    if ds.get("AcquisitionDateTime"):
-        return _tm_seconds(str(ds.AcquisitionDateTime)[8:])
-    if ds.get("AcquisitionTime"):
-        return _tm_seconds(ds.AcquisitionTime)
+    """The acquisition time (s of day) of an image or a frame, else its TriggerTime in s: the
+    first of these that holds a time (a DT may hold a date only)."""
+    found = (
+        frame_content.get("FrameAcquisitionDateTime") if frame_content is not None else None,
+        ds.get("AcquisitionDateTime"),
+    )
+    for dt in found:
+        seconds = _tm_seconds(str(dt)[8:]) if dt else None
+        if seconds is not None:
+            return seconds
+    seconds = _tm_seconds(ds.get("AcquisitionTime"))
+    if seconds is not None:
+        return seconds
     trigger = _num(ds.get("TriggerTime"))
     return None if trigger is None else trigger / 1000.0
 

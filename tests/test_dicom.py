@@ -719,8 +719,9 @@ def test_copies_of_one_instance(tmp_path):
     assert "SOPInstanceUID" in text
 
 
-def _seg_file(path: Path, study, loaded, segments: dict[str, np.ndarray]) -> Path:
-    """A highdicom SEG of phase 0 with one segment per label (masks (Z, Y, X) canonical)."""
+def _seg_file(path: Path, study, loaded, segments: dict[str, np.ndarray], kind="BINARY") -> Path:
+    """A highdicom SEG of phase 0 with one segment per label (masks (Z, Y, X) canonical), of
+    segmentation type `kind` (BINARY, or FRACTIONAL with the masks' values in [0, 1])."""
     sources = [pydicom.dcmread(p) for p in study.files[0]]
     descs, arrays = [], []
     for n, (label, mask) in enumerate(segments.items(), start=1):
@@ -739,8 +740,8 @@ def _seg_file(path: Path, study, loaded, segments: dict[str, np.ndarray]) -> Pat
         arrays.append(np.stack([ijk[:, :, k].T for k in range(ijk.shape[2])]))
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=np.stack(arrays, axis=-1).astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=np.stack(arrays, axis=-1).astype(np.uint8 if kind == "BINARY" else np.float32),
+        segmentation_type=hd.seg.SegmentationTypeValues[kind],
         segment_descriptions=descs,
         series_instance_uid=generate_uid(),
         series_number=99,
@@ -771,6 +772,20 @@ def test_seg_with_two_segments_takes_the_tumour_or_says_which(tmp_path):
     text = str(err.value)
     assert "\n" not in text and "seg.dcm" in text and "2 segments" in text
     assert "'Region A'" in text and "'Region B'" in text
+    _seg_file(seg, study, loaded, {"Tumour": tumour, "Tumour 2": breast})
+    with pytest.raises(InputError, match="2 segments .*, 2 labelled as the tumour"):
+        load_case(_one(tmp_path / "src"))
+
+
+def test_fractional_seg_is_the_tumour_from_half_its_maximum(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=40), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    tumour = loaded.image[2] > 350
+    halo = loaded.image[0] > 150
+    fraction = np.where(tumour, 0.9, np.where(halo, 0.3, 0.0)).astype(np.float32)
+    assert (halo & ~tumour).any()
+    _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": fraction}, "FRACTIONAL")
+    np.testing.assert_array_equal(load_case(_one(tmp_path / "src")).mask, tumour)
 
 
 def test_seg_referencing_another_series_refused(tmp_path):
@@ -797,7 +812,7 @@ def test_hostile_headers(tmp_path, kind):
         ds.save_as(bad)
     elif kind.endswith("spacing"):
         value = 0.0 if kind == "zero-spacing" else -0.8
-        for path in study.files[1]:
+        for path in study.all_files:  # every phase: one grid, but not a placeable one
             edit(path, PixelSpacing=[value, 0.7])
     elif kind == "nan-position":
         raw = bad.read_bytes()
@@ -818,8 +833,61 @@ def test_hostile_headers(tmp_path, kind):
         load_case(case)
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"case {case.case_id}: ")
-    assert "series 11" in text
+    assert "series 1" in text
     if kind in ("short-pixels", "nan-position"):
         assert bad.name in text
     words = {"short-pixels": "pixel data", "nan-position": "ImagePositionPatient"}
     assert words.get(kind, "PixelSpacing") in text, text
+
+
+@pytest.mark.parametrize("form", ["datetime-utc-offset", "colons", "datetime-date-only"])
+def test_acquisition_time_forms(tmp_path, form):
+    """Time forms seen in exports: a DT with a UTC offset (``...090200.000000+0100``), an old
+    ``09:02:00`` TM, a DT holding only the date (then AcquisitionTime tells). The phases are
+    written out of series-number order, so a time that is not understood shows."""
+    from dicom_factory import _tm
+
+    image = make_image(seed=38)
+    times = (120.0, 240.0, 0.0)
+    study = write_study(tmp_path / "src", image, times=times)
+    for t, files in study.files.items():
+        tm = _tm(9 * 3600.0 + times[t])
+        for path in files:
+            ds = pydicom.dcmread(path)
+            if form == "datetime-utc-offset":
+                del ds.AcquisitionTime
+                ds.AcquisitionDateTime = f"20240102{tm}+0100"
+            elif form == "colons":
+                ds.AcquisitionTime = f"{tm[:2]}:{tm[2:4]}:{tm[4:]}"
+            else:
+                ds.AcquisitionDateTime = "20240102"
+            ds.save_as(path)
+    loaded = load_case(_one(tmp_path / "src"))
+    assert loaded.source.times == pytest.approx((0.0, 120.0, 240.0), abs=1e-3)
+    np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image[[2, 0, 1]])
+
+
+@pytest.mark.parametrize("frames", ["slice-major", "no-temporal-index", "shuffled-time-only"])
+def test_enhanced_frame_orders(tmp_path, frames):
+    """Enhanced MR frames stored slice by slice (each slice's phases together, as some
+    scanners do), without TemporalPositionIndex (the FrameAcquisitionDateTime tells), or in
+    no order at all: read by each frame's own position and time."""
+    image = make_image(seed=39)
+    study = write_study(tmp_path / "src", image, variant="enhanced", times=(0.0, 70.0, 140.0))
+    path = study.files[0][0]
+    ds = pydicom.dcmread(path)
+    n_t, n_k = image.shape[0], image.shape[3]
+    order = np.arange(n_t * n_k)  # written phase-major: frame t * n_k + k
+    if frames == "slice-major":
+        order = order.reshape(n_t, n_k).T.ravel()
+    elif frames == "shuffled-time-only":
+        order = np.random.default_rng(0).permutation(order)
+    pixels = ds.pixel_array[order]
+    ds.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[i] for i in order]
+    if frames != "slice-major":
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            del item.FrameContentSequence[0].TemporalPositionIndex
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path)
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert loaded.source.times == pytest.approx((0.0, 70.0, 140.0), abs=1e-3)
