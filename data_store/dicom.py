@@ -941,6 +941,12 @@ def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
     ref = grids[0]
     for t, g in enumerate(grids[1:], start=1):
         series = plan.series[min(t, len(plan.series) - 1)]
+        if g.shape[2] != ref.shape[2]:
+            raise InputError(
+                f"{series.name}: phase {t} has {g.shape[2]} slices, phase 0 {ref.shape[2]} "
+                "(a phase cut short, or slices missing at an end of the stack)",
+                path=str(g.frames[-1].path),
+            )
         if g.shape != ref.shape or np.abs(g.affine - ref.affine).max() > 0.01:
             raise InputError(
                 f"{series.name}: phase {t}'s grid differs from phase 0's "
