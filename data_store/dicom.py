@@ -132,12 +132,26 @@ def study_case_id(study_uid: str) -> str:
 
 
 def _walk(src: Path):
-    """Regular files under `src`, hidden files and folders left out, in a stable order."""
-    for root, dirs, files in os.walk(src):
+    """Regular files under `src`, hidden files and folders left out, in a stable order.
+
+    Linked folders are followed (exports link studies in from elsewhere), each real folder and
+    file once: a link loop ends, and a file reached by two links is one file.
+    """
+    folders: set[str] = set()
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in folders:
+            dirs[:] = []
+            continue
+        folders.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root) / name
+            path = Path(root) / name
+            if name.startswith(".") or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            yield path
 
 
 # -------------------------------------------------------------------------------- headers
@@ -580,6 +594,12 @@ def plan_study(study: _Study) -> _Plan:
     """Finds a study's DCE phases (see the module docstring); raises InputError if none."""
     if study.problem:
         raise InputError(study.problem[0], path=str(study.problem[1]))
+    if not study.series and study.segs:
+        raise InputError(
+            f"a DICOM SEG, but no images of its study (StudyInstanceUID {study.uid}) below "
+            "SRC: the images it was drawn on are missing",
+            path=str(study.segs[0]),
+        )
     _unwrap_midnight(study)
     notes: list[str] = list(study.notes)
     candidates: list[_Series] = []

@@ -937,3 +937,32 @@ def test_ingest_cli_scanner_and_pacs_exports(tmp_path, ray_session, capsys):
     assert set(store.case_ids) == {study_case_id(cd.study_uid), study_case_id(sag.study_uid)}
     times = store.case_attrs(study_case_id(sag.study_uid))["times"]
     assert times == pytest.approx([0.0, 60.0, 120.0])
+
+
+def test_symlinked_study_folders_are_followed_once(tmp_path):
+    """Research exports link studies in from elsewhere: a linked folder is read, a link loop
+    is not walked forever, and a study linked twice is one case."""
+    image = make_image(seed=46)
+    study = write_study(tmp_path / "pacs" / "s1", image, variant="multiphase")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "patient1").symlink_to(tmp_path / "pacs" / "s1")
+    (tmp_path / "src" / "again").symlink_to(tmp_path / "pacs" / "s1")
+    (tmp_path / "pacs" / "s1" / "loop").symlink_to(tmp_path / "pacs")
+    assert detect_layout(tmp_path / "src") == "dicom"
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert case.notes == ()  # one file reached by two links is one file, not a copy
+
+
+def test_seg_of_a_study_whose_images_are_absent(tmp_path):
+    """A SEG whose StudyInstanceUID matches no images in SRC: one line naming it."""
+    study = write_study(tmp_path / "src" / "a", make_image(seed=47), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    seg = _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": loaded.image[2] > 350})
+    ds = pydicom.dcmread(seg)
+    ds.StudyInstanceUID = generate_uid()
+    ds.save_as(seg)
+    cases = discover(tmp_path / "src", "dicom")
+    bad = [c for c in cases if c.problem]
+    assert len(cases) == 2 and len(bad) == 1
+    assert bad[0].problem_path == seg
+    assert "no images of its study" in bad[0].problem, bad[0].problem
