@@ -355,10 +355,49 @@ def make_image(shape=(3, 12, 10, 8), seed: int = 0) -> np.ndarray:
     return image.astype(np.int16)
 
 
+#: JPEG Lossless (process 14) and its selection value 1 form, what PACS exports most often
+#: hold: GDCM's names for them.
+_GDCM_SYNTAXES = {
+    "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14",
+    "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1",
+}
+
+
+def _gdcm_transcode(path: Path, syntax: str, name: str) -> None:
+    """Compresses the file's pixels with GDCM, keeping pydicom's header as written (GDCM's
+    writer would remake an enhanced file's functional groups)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read(), path
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, name)))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), path
+    writer = gdcm.ImageWriter()
+    tmp = path.with_name(path.name + ".gdcm")
+    writer.SetFileName(str(tmp))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), path
+    compressed = pydicom.dcmread(tmp)
+    tmp.unlink()
+    ds = pydicom.dcmread(path)
+    ds.PixelData = compressed.PixelData
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+
+
 def reencode(path: Path, syntax: str | None = None, *, preamble: bool = True) -> None:
     """Rewrites a written file in transfer syntax `syntax` (implicit VR little endian, explicit
-    VR big endian, deflated), or, with `preamble=False`, as a bare dataset in implicit VR little
-    endian: no 128-byte preamble, no ``DICM``, no file meta group (old exports write these)."""
+    VR big endian, deflated, JPEG lossless), or, with `preamble=False`, as a bare dataset in
+    implicit VR little endian: no 128-byte preamble, no ``DICM``, no file meta group (old
+    exports write these)."""
+    if syntax in _GDCM_SYNTAXES:  # JPEG lossless: pydicom does not encode it, GDCM does
+        _gdcm_transcode(path, syntax, _GDCM_SYNTAXES[syntax])
+        return
     ds = pydicom.dcmread(path)
     pixels = ds.pixel_array
     out = Dataset()

@@ -545,6 +545,19 @@ def test_uncompressed_transfer_syntaxes(tmp_path, syntax, variant):
     _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"])
+@pytest.mark.parametrize("variant", ["series", "enhanced"])
+def test_jpeg_lossless_as_pacs_export_it(tmp_path, syntax, variant):
+    """JPEG Lossless (process 14, selection value 1 or any), the compression PACS exports use
+    most: decoded by GDCM (python-gdcm, a dependency), signed values included."""
+    image = (make_image(seed=48).astype(np.int32) - 300).astype(np.int16)
+    study = write_study(tmp_path / "src", image, variant=variant)
+    for path in sorted(set(study.all_files)):
+        reencode(path, syntax)
+    assert pydicom.dcmread(study.files[0][0]).file_meta.TransferSyntaxUID == syntax
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
 GEOMETRIES = {  # orientation (row, column cosines in LPS), slice step along the normal
     "axial-reversed": ((1, 0, 0, 0, 1, 0), -2.0),
     "axial-normal-down": ((1, 0, 0, 0, -1, 0), 2.0),
