@@ -3,8 +3,10 @@
 Shape legend: T phases, i j k voxels in the DICOM grid's own order (i = column, j = row,
 k = slice along the normal), n slices.
 
-What is read (pydicom; any folder structure, any file names; a file is DICOM when it has the
-``DICM`` marker after its 128-byte preamble):
+What is read (pydicom; any folder structure, any file names, linked folders followed, each real
+file once; a file is DICOM when it has the ``DICM`` marker after its 128-byte preamble, or
+opens as a bare dataset without preamble and file meta, as old exports write them; hidden files
+and a ``DICOMDIR`` are not read, its files are):
 
 - One case per study (``StudyInstanceUID``). Its ID is ``study-`` and the first 12 hex digits of
   the SHA-256 of the Study Instance UID: stable across exports, and no patient name, ID or date
@@ -15,7 +17,9 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
   single-time series of one sequence (same EchoTime, RepetitionTime, FlipAngle), one per phase.
   Phases are ordered by acquisition time (``AcquisitionDateTime``/``AcquisitionTime``/
   ``FrameAcquisitionDateTime``, else ``TriggerTime``; series or temporal number when there is
-  none); the times, in s after phase 0, become the case's phase times.
+  none; a study whose times of day span more than 12 h went through midnight); the times, in s
+  after phase 0, become the case's phase times (none when two phases share one).
+- An identical copy of a file (same SOP Instance UID, same bytes) is read once, one note.
 - Skipped, one line each saying why (`CaseSource.notes`): series that are not MR images, derived
   or subtraction series (``ImageType`` DERIVED, SUBTRACTION, MIP...), localizers, diffusion
   series, series with no geometry, and series of another sequence than the dynamic one (T2...).
@@ -23,18 +27,27 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
   ordered by their position projected on the normal (row x column cosines); the slice spacing is
   the distance between those projections (``SliceThickness`` is not the spacing). The affine is
   LPS turned into NIfTI's RAS, as dcm2niix and nibabel do.
-- Values: ``RescaleSlope``/``RescaleIntercept`` applied (float32 when not the identity, else the
-  stored integers). Classic single-frame MR and enhanced (or legacy converted enhanced)
-  multi-frame MR are read; any transfer syntax pydicom decodes (natively, or with pyjpegls and
-  Pillow, which install with highdicom: RLE, JPEG-LS, JPEG 2000 lossless).
-- Mask: a DICOM SEG of the same study (its first segment, placed by its frames' positions), or
-  one NIfTI file in the study's folder (the folder holding all its files), on the same grid.
+- Values: ``RescaleSlope``/``RescaleIntercept`` applied, per image (float32 when not the
+  identity, else the stored integers, 8 or 16 bits, signed or not). MONOCHROME1 images are
+  read as their values: it says how to display them, not what they measure. Classic
+  single-frame MR and enhanced (or legacy converted enhanced) multi-frame MR are read; any
+  transfer syntax pydicom decodes (natively: implicit/explicit VR little endian, big endian,
+  deflated; with pyjpegls and Pillow, which install with highdicom: RLE, JPEG-LS, JPEG 2000
+  lossless; with GDCM: JPEG Lossless).
+- Mask: a DICOM SEG of the same study (its tumour segment, `_tumour_segment`, placed by its
+  frames' positions), or one NIfTI file in the study's folder (the folder holding all its files,
+  of that study alone), on the same grid.
 
 Refused, one line naming study (case), series and file: files that are not DICOM but are named
-``.dcm``, unreadable or truncated files, missing or duplicate slices, uneven slice spacing beyond
-`SPACING_TOL`, slices of one stack with different orientations or sheared off the normal (a
-stack that cannot be placed on a grid), phases whose grids differ, images larger than
-``ReadOptions.max_image_bytes``, and compressed transfer syntaxes no installed decoder reads.
+``.dcm``, unreadable or truncated files, missing or duplicate slices, a phase with fewer slices
+than phase 0, uneven slice spacing beyond `SPACING_TOL`, slices of one stack with different
+orientations or sheared off the normal (a stack that cannot be placed on a grid), an image
+without position, orientation or spacing (or a NaN in them) in a series whose others have them,
+a PixelSpacing not positive, phases whose grids differ, images larger than
+``ReadOptions.max_image_bytes``, compressed transfer syntaxes no installed decoder reads, two
+different files with one SOP Instance UID, a SEG of several segments none or several of which
+is labelled the tumour, a SEG referencing no series of the study or of a study without images,
+and a NIfTI beside several studies.
 """
 
 from __future__ import annotations
