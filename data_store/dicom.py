@@ -14,7 +14,9 @@ and a ``DICOMDIR`` are not read, its files are):
 - The DCE phases, from the DICOM itself: one series whose instances carry several temporal
   positions (``TemporalPositionIdentifier``, or the enhanced MR ``TemporalPositionIndex``, else
   distinct ``AcquisitionTime``/``TriggerTime`` at repeated slice positions), or several
-  single-time series of one sequence (same EchoTime, RepetitionTime, FlipAngle), one per phase.
+  single-time series of one sequence (same EchoTime, RepetitionTime, FlipAngle), one per phase,
+  or both (a pre-contrast series of the same sequence on the same slices beside the multi-phase
+  one is a phase too).
   Phases are ordered by acquisition time (``AcquisitionDateTime``/``AcquisitionTime``/
   ``FrameAcquisitionDateTime``, else ``TriggerTime``; series or temporal number when there is
   none; a study whose times of day span more than 12 h went through midnight); the times, in s
@@ -597,6 +599,26 @@ def _temporal_groups(s: _Series) -> dict[Any, list[_Frame]]:
     return {0: list(s.frames)}
 
 
+def _phase_key(frames: list[_Frame], series: _Series, key: Any) -> tuple:
+    """How phases sort: by acquisition time, then series number, then temporal position."""
+    time = _phase_time(frames)
+    return (time is None, time or 0.0, series.number or 0, key)
+
+
+def _same_slices(s: _Series, best: _Series, groups: dict[Any, list[_Frame]]) -> bool:
+    """Whether single-time series `s` is another phase of dynamic series `best`: the same
+    sequence and image size, its slices where each of best's phases has them."""
+    if s.sequence != best.sequence or (s.rows, s.columns) != (best.rows, best.columns):
+        return False
+    if len(_temporal_groups(s)) != 1:
+        return False
+    first = next(iter(groups.values()))
+    where = sorted(tuple(np.round(f.position, 2)) for f in first)
+    if sorted(tuple(np.round(f.position, 2)) for f in s.frames) != where:
+        return False
+    return np.allclose(s.frames[0].orientation, first[0].orientation, atol=COSINE_TOL)
+
+
 def _phase_time(frames: list[_Frame]) -> float | None:
     """The phase's acquisition time: its first slice's."""
     times = [f.time for f in frames if f.time is not None]
@@ -633,15 +655,23 @@ def plan_study(study: _Study) -> _Plan:
     multi = [(s, g) for s, g in dynamic if len(g) > 1]
     if multi:
         best, groups = max(multi, key=lambda sg: len(sg[1]))
+        # (time is None, time, series number, temporal key) -> (frames, series) of each phase
+        found = {_phase_key(groups[k], best, k): (groups[k], best) for k in groups}
+        timed = found and next(iter(found))[0] is False
         for s in candidates:
-            if s is not best:
+            if s is best:
+                continue
+            if _same_slices(s, best, groups) and (_phase_time(s.frames) is not None) == timed:
+                # A phase of its own series beside the multi-phase one (a protocol that writes
+                # the pre-contrast, or a late phase, apart): the same sequence on the same
+                # slices.
+                found[_phase_key(s.frames, s, 0)] = (list(s.frames), s)
+            else:
                 notes.append(
                     f"skipped {s.name}: not the dynamic series ({best.name} holds the phases)"
                 )
-        keys = sorted(
-            groups, key=lambda k: (_phase_time(groups[k]) is None, _phase_time(groups[k]) or 0, k)
-        )
-        phases = [groups[k] for k in keys]
+        ordered = [found[key] for key in sorted(found)]
+        phases = [frames for frames, _ in ordered]
         times = [_phase_time(p) for p in phases]
         if len(set(times)) == 1:  # one acquisition time for all: the trigger times tell them
             triggers = [
@@ -649,7 +679,7 @@ def plan_study(study: _Study) -> _Plan:
             ]
             if None not in triggers and len(set(triggers)) == len(phases):
                 times = triggers
-        return _Plan([best], phases, _relative(times), notes)
+        return _Plan([s for _, s in ordered], phases, _relative(times), notes)
     by_sequence: dict[tuple, list[_Series]] = defaultdict(list)
     for s in candidates:
         by_sequence[s.sequence].append(s)
@@ -986,8 +1016,11 @@ def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
                 f"(shape {g.shape} vs {ref.shape}, or its slices are elsewhere)",
                 path=str(g.frames[0].path),
             )
-    total = sum(s.bytes_per_frame for s in plan.series) * sum(len(p) for p in plan.phases)
-    per_series = max(s.bytes_per_frame for s in plan.series) * max(len(p) for p in plan.phases)
+    per_phase = [
+        plan.series[min(t, len(plan.series) - 1)].bytes_per_frame * len(frames)
+        for t, frames in enumerate(plan.phases)
+    ]
+    total, per_series = sum(per_phase), max(per_phase)
     if per_series > options.max_image_bytes or total > 4 * options.max_image_bytes:
         raise InputError(
             f"{plan.series[0].name}: {total / 2**30:.3g} GiB of voxels, above the limit of "

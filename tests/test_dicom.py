@@ -979,3 +979,39 @@ def test_seg_of_a_study_whose_images_are_absent(tmp_path):
     assert len(cases) == 2 and len(bad) == 1
     assert bad[0].problem_path == seg
     assert "no images of its study" in bad[0].problem, bad[0].problem
+
+
+@pytest.mark.parametrize("keep", ["temporal", "acquisition"])
+def test_pre_contrast_series_beside_a_multiphase_post_series(tmp_path, keep):
+    """A protocol that writes the pre-contrast phase as its own series and the post-contrast
+    phases as one multi-phase series (same sequence, same slices): all are the phases, the
+    pre-contrast first; a same-sequence series on other slices stays skipped."""
+    image = make_image(shape=(4, 12, 10, 8), seed=49)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    _phase_tags(study, keep, times=(0.0, 90.0, 150.0, 210.0))
+    pre = generate_uid()
+    for path in study.files[0]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = pre, 9, "pre"
+        if "TemporalPositionIdentifier" in ds:
+            del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+        ds.save_as(path)
+    case, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    if keep == "acquisition":
+        assert loaded.source.times == pytest.approx((0.0, 90.0, 150.0, 210.0), abs=1e-3)
+    assert [p["series_instance_uid"] for p in loaded.dicom["phases"]] == [
+        pre,
+        *[study.series_uids[1]] * 3,
+    ]
+    assert case.notes == ()
+
+
+def test_size_limit_counts_each_phase_once(tmp_path):
+    """One series per phase: the limit weighs each phase's voxels once (it weighed every
+    series' images times every phase's slices, T times too much, refusing long dynamics)."""
+    image = make_image(shape=(6, 12, 10, 8), seed=50)  # 1920 bytes a phase, 11520 in all
+    write_study(tmp_path / "src", image, variant="series")
+    case = _one(tmp_path / "src")
+    load_case(case, ReadOptions(max_image_bytes=3000))  # 4 x 3000 > 11520: within the limit
+    with pytest.raises(InputError, match="above the limit"):
+        load_case(case, ReadOptions(max_image_bytes=1900))  # a phase is above it
