@@ -657,13 +657,18 @@ def test_rescale_slope_per_slice_applied(tmp_path):
     assert loaded.image.dtype == np.float32
 
 
-@pytest.mark.parametrize("fmt", ["uint8", "uint16-high", "int16-negative", "monochrome1"])
+@pytest.mark.parametrize(
+    "fmt", ["uint8", "uint16-high", "int16-negative", "monochrome1", "12-bit-overlay"]
+)
 def test_pixel_formats(tmp_path, fmt):
-    """8-bit, unsigned 16-bit above 32767, signed with negative values: the stored values. A
+    """8-bit, unsigned 16-bit above 32767, signed with negative values, 12 bits stored in 16
+    with an old overlay's bits set above them: the stored values. A
     MONOCHROME1 image reads as its stored (rescaled) values: the photometric interpretation says
     how to display them, not what they measure (decided)."""
     image = make_image(seed=28).astype(np.int32)
-    dtype = {"uint8": np.uint8, "uint16-high": np.uint16}.get(fmt, np.int16)
+    dtype = {"uint8": np.uint8, "uint16-high": np.uint16, "12-bit-overlay": np.uint16}.get(
+        fmt, np.int16
+    )
     if fmt == "uint8":
         image = np.clip(image // 4, 0, 255)
     elif fmt == "uint16-high":
@@ -676,6 +681,13 @@ def test_pixel_formats(tmp_path, fmt):
     if fmt == "monochrome1":
         for path in study.all_files:
             edit(path, PhotometricInterpretation="MONOCHROME1")
+    if fmt == "12-bit-overlay":
+        assert image.max() < 4096
+        for path in study.all_files:
+            ds = pydicom.dcmread(path)
+            ds.BitsStored, ds.HighBit = 12, 11
+            ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16) | 0x4000).tobytes()
+            ds.save_as(path)
     _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
     np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image)
 
@@ -1015,3 +1027,18 @@ def test_size_limit_counts_each_phase_once(tmp_path):
     load_case(case, ReadOptions(max_image_bytes=3000))  # 4 x 3000 > 11520: within the limit
     with pytest.raises(InputError, match="above the limit"):
         load_case(case, ReadOptions(max_image_bytes=1900))  # a phase is above it
+
+
+def test_seg_of_a_study_of_bare_datasets_carries_its_patient(tmp_path):
+    """The SEG written for a study read from bare datasets (no preamble) takes the patient and
+    study identification from them, as from Part 10 files, so that it files with the study."""
+    study = write_study(tmp_path / "src", make_image(seed=51), variant="multiphase")
+    for path in study.all_files:
+        reencode(path, preamble=False)
+    loaded = load_case(_one(tmp_path / "src"))
+    truth = (loaded.image[2] > 350).astype(np.uint8)
+    seg = tmp_path / "x.dcm"
+    sources = [str(p) for p in study.all_files]
+    write_seg(seg, truth, loaded.geometry, loaded.dicom, model_uri="m", source_paths=sources)
+    read = pydicom.dcmread(seg)
+    assert read.PatientName == "DOE^JANE" and read.PatientID == "PID-12345"
