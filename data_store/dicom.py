@@ -47,9 +47,9 @@ orientations or sheared off the normal (a stack that cannot be placed on a grid)
 without position, orientation or spacing (or a NaN in them) in a series whose others have them,
 a PixelSpacing not positive, phases whose grids differ, images larger than
 ``ReadOptions.max_image_bytes``, compressed transfer syntaxes no installed decoder reads, two
-different files with one SOP Instance UID, a SEG of several segments none or several of which
-is labelled the tumour, a SEG referencing no series of the study or of a study without images,
-and a NIfTI beside several studies.
+different files with one SOP Instance UID, two multi-phase series of as many phases, a SEG of
+several segments none or several of which is labelled the tumour, a SEG referencing no series
+of the study or of a study without images, and a NIfTI beside several studies.
 """
 
 from __future__ import annotations
@@ -655,6 +655,16 @@ def plan_study(study: _Study) -> _Plan:
     multi = [(s, g) for s, g in dynamic if len(g) > 1]
     if multi:
         best, groups = max(multi, key=lambda sg: len(sg[1]))
+        tied = [s for s, g in multi if len(g) == len(groups) and s is not best]
+        if tied:
+            # Two series of as many phases: a bilateral acquisition written as two series (one
+            # per breast) or a repeated dynamic. Either guess reads a wrong case.
+            raise InputError(
+                f"two dynamic series with {len(groups)} phases each, {best.name} and "
+                f"{tied[0].name}: which is the case cannot be told (one breast each, or a "
+                "repeat); keep one of them below SRC",
+                path=str(tied[0].files[0]),
+            )
         # (time is None, time, series number, temporal key) -> (frames, series) of each phase
         found = {_phase_key(groups[k], best, k): (groups[k], best) for k in groups}
         timed = found and next(iter(found))[0] is False

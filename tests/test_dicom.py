@@ -1042,3 +1042,31 @@ def test_seg_of_a_study_of_bare_datasets_carries_its_patient(tmp_path):
     write_seg(seg, truth, loaded.geometry, loaded.dicom, model_uri="m", source_paths=sources)
     read = pydicom.dcmread(seg)
     assert read.PatientName == "DOE^JANE" and read.PatientID == "PID-12345"
+
+
+def test_two_dynamic_series_of_as_many_phases_refused(tmp_path):
+    """A sagittal bilateral DCE written as two multi-phase series (left and right breast), or
+    a repeated dynamic: which one is the case cannot be told; one line naming both (it read
+    one breast, saying so in a note only)."""
+    uid = generate_uid()
+    sag = (0, 1, 0, 0, 0, -1)
+    left = write_study(
+        tmp_path / "src" / "L",
+        make_image(seed=52),
+        variant="multiphase",
+        orientation=sag,
+        origin=(60.0, -30.0, 10.0),
+        study_uid=uid,
+    )
+    right = write_study(
+        tmp_path / "src" / "R",
+        make_image(seed=53),
+        variant="multiphase",
+        orientation=sag,
+        origin=(-60.0, -30.0, 10.0),
+        study_uid=uid,
+    )
+    case = _one(tmp_path / "src")
+    assert case.problem, case.notes
+    assert "two dynamic series" in case.problem
+    assert left.series_uids[0] in case.problem and right.series_uids[0] in case.problem
