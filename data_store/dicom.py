@@ -809,7 +809,14 @@ def _stack(frames: list[_Frame], series: _Series, what: str) -> _Grid:
     if off.any():
         i = int(np.flatnonzero(off)[0])
         ratio = gaps[i] / step
-        if ratio > 1.5 and abs(ratio - round(ratio)) < 0.1:
+        if ratio > 4.5:  # more than a few slices: two slabs (a bilateral sagittal DCE...)
+            problem = (
+                f"the slices form separate stacks: a gap of {gaps[i]:.4g} mm ({ratio:.1f}x the "
+                f"slice spacing) between {d[i]:.3f} and {d[i + 1]:.3f} mm along the normal "
+                "(one slab per breast, or many slices missing): the stack cannot be placed on "
+                "one grid"
+            )
+        elif ratio > 1.5 and abs(ratio - round(ratio)) < 0.1:
             problem = (
                 f"{round(ratio) - 1} missing slice(s) between {d[i]:.3f} and {d[i + 1]:.3f} mm "
                 f"along the normal (slice spacing {step:.4g} mm)"

@@ -1070,3 +1070,21 @@ def test_two_dynamic_series_of_as_many_phases_refused(tmp_path):
     assert case.problem, case.notes
     assert "two dynamic series" in case.problem
     assert left.series_uids[0] in case.problem and right.series_uids[0] in case.problem
+
+
+def test_two_slabs_in_one_series_refused_saying_so(tmp_path):
+    """A bilateral sagittal DCE with one slab per breast in one series: the slices form two
+    stacks far apart, which the line says (not 'missing slices')."""
+    sag = (0, 1, 0, 0, 0, -1)
+    study = write_study(
+        tmp_path / "src", make_image(seed=54), variant="multiphase", orientation=sag
+    )
+    for files in study.files.values():
+        for path in files[4:]:  # the other breast: 100 mm further along the normal
+            x, y, z = (float(v) for v in pydicom.dcmread(path).ImagePositionPatient)
+            edit(path, ImagePositionPatient=[x - 100.0, y, z])
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "series 10" in text and "separate stacks" in text, text
