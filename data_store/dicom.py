@@ -653,7 +653,14 @@ def plan_study(study: _Study) -> _Plan:
         candidates.append(s)
     dynamic = [(s, _temporal_groups(s)) for s in candidates]
     multi = [(s, g) for s, g in dynamic if len(g) > 1]
-    if multi:
+    singles: dict[tuple, list[_Series]] = defaultdict(list)
+    for s, g in dynamic:
+        if len(g) == 1:
+            singles[s.sequence].append(s)
+    most_singles = max((len(v) for v in singles.values()), default=0)
+    # A series of repeated slices (two averages, a repeat) is not the dynamic when more series
+    # of one sequence, one per phase, are.
+    if multi and max(len(g) for _, g in multi) >= most_singles:
         best, groups = max(multi, key=lambda sg: len(sg[1]))
         tied = [s for s, g in multi if len(g) == len(groups) and s is not best]
         if tied:
@@ -690,9 +697,9 @@ def plan_study(study: _Study) -> _Plan:
             if None not in triggers and len(set(triggers)) == len(phases):
                 times = triggers
         return _Plan([s for _, s in ordered], phases, _relative(times), notes)
-    by_sequence: dict[tuple, list[_Series]] = defaultdict(list)
-    for s in candidates:
-        by_sequence[s.sequence].append(s)
+    for s, _ in multi:
+        notes.append(f"skipped {s.name}: not the dynamic series (one series per phase is)")
+    by_sequence = singles
     groups_ = sorted(by_sequence.values(), key=lambda g: -len(g))
     if not groups_ or len(groups_[0]) < 2:
         raise InputError(
@@ -701,7 +708,7 @@ def plan_study(study: _Study) -> _Plan:
             + (f" ({notes[0]})" if notes else "")
         )
     chosen = groups_[0]
-    for s in candidates:
+    for s in sum(by_sequence.values(), []):
         if s not in chosen:
             notes.append(
                 f"skipped {s.name}: another sequence than the dynamic series "

@@ -1088,3 +1088,20 @@ def test_two_slabs_in_one_series_refused_saying_so(tmp_path):
         load_case(case)
     text = str(err.value)
     assert "\n" not in text and "series 10" in text and "separate stacks" in text, text
+
+
+def test_series_per_phase_beats_a_series_of_repeated_slices(tmp_path):
+    """Three single-time series of the DCE sequence, and a T2 whose slices were acquired twice
+    (two temporal positions): the DCE is the three series, not the T2's two 'phases'."""
+    image = make_image(seed=55)
+    study = write_study(tmp_path / "src", image, variant="series")
+    t2 = write_study(
+        tmp_path / "src" / "t2",
+        make_image(shape=(2, 12, 10, 8), seed=56),
+        variant="multiphase",
+        study_uid=study.study_uid,
+    )
+    for path in t2.all_files:
+        edit(path, EchoTime=80.0, RepetitionTime=3000.0, SeriesNumber=5)
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert len(case.notes) == 1 and "series 5" in case.notes[0], case.notes
