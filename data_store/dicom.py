@@ -3,8 +3,10 @@
 Shape legend: T phases, i j k voxels in the DICOM grid's own order (i = column, j = row,
 k = slice along the normal), n slices.
 
-What is read (pydicom; any folder structure, any file names; a file is DICOM when it has the
-``DICM`` marker after its 128-byte preamble):
+What is read (pydicom; any folder structure, any file names, linked folders followed, each real
+file once; a file is DICOM when it has the ``DICM`` marker after its 128-byte preamble, or
+opens as a bare dataset without preamble and file meta, as old exports write them; hidden files
+and a ``DICOMDIR`` are not read, its files are):
 
 - One case per study (``StudyInstanceUID``). Its ID is ``study-`` and the first 12 hex digits of
   the SHA-256 of the Study Instance UID: stable across exports, and no patient name, ID or date
@@ -12,10 +14,14 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
 - The DCE phases, from the DICOM itself: one series whose instances carry several temporal
   positions (``TemporalPositionIdentifier``, or the enhanced MR ``TemporalPositionIndex``, else
   distinct ``AcquisitionTime``/``TriggerTime`` at repeated slice positions), or several
-  single-time series of one sequence (same EchoTime, RepetitionTime, FlipAngle), one per phase.
+  single-time series of one sequence (same EchoTime, RepetitionTime, FlipAngle), one per phase,
+  or both (a pre-contrast series of the same sequence on the same slices beside the multi-phase
+  one is a phase too).
   Phases are ordered by acquisition time (``AcquisitionDateTime``/``AcquisitionTime``/
   ``FrameAcquisitionDateTime``, else ``TriggerTime``; series or temporal number when there is
-  none); the times, in s after phase 0, become the case's phase times.
+  none; a study whose times of day span more than 12 h went through midnight); the times, in s
+  after phase 0, become the case's phase times (none when two phases share one).
+- An identical copy of a file (same SOP Instance UID, same bytes) is read once, one note.
 - Skipped, one line each saying why (`CaseSource.notes`): series that are not MR images, derived
   or subtraction series (``ImageType`` DERIVED, SUBTRACTION, MIP...), localizers, diffusion
   series, series with no geometry, and series of another sequence than the dynamic one (T2...).
@@ -23,22 +29,33 @@ What is read (pydicom; any folder structure, any file names; a file is DICOM whe
   ordered by their position projected on the normal (row x column cosines); the slice spacing is
   the distance between those projections (``SliceThickness`` is not the spacing). The affine is
   LPS turned into NIfTI's RAS, as dcm2niix and nibabel do.
-- Values: ``RescaleSlope``/``RescaleIntercept`` applied (float32 when not the identity, else the
-  stored integers). Classic single-frame MR and enhanced (or legacy converted enhanced)
-  multi-frame MR are read; any transfer syntax pydicom decodes (natively, or with pyjpegls and
-  Pillow, which install with highdicom: RLE, JPEG-LS, JPEG 2000 lossless).
-- Mask: a DICOM SEG of the same study (its first segment, placed by its frames' positions), or
-  one NIfTI file in the study's folder (the folder holding all its files), on the same grid.
+- Values: ``RescaleSlope``/``RescaleIntercept`` applied, per image (float32 when not the
+  identity, else the stored integers, 8 or 16 bits, signed or not). MONOCHROME1 images are
+  read as their values: it says how to display them, not what they measure. Classic
+  single-frame MR and enhanced (or legacy converted enhanced) multi-frame MR are read; any
+  transfer syntax pydicom decodes (natively: implicit/explicit VR little endian, big endian,
+  deflated; with pyjpegls and Pillow, which install with highdicom: RLE, JPEG-LS, JPEG 2000
+  lossless; with GDCM: JPEG Lossless).
+- Mask: a DICOM SEG of the same study (its tumour segment, `_tumour_segment`, placed by its
+  frames' positions), or one NIfTI file in the study's folder (the folder holding all its files,
+  of that study alone), on the same grid.
 
 Refused, one line naming study (case), series and file: files that are not DICOM but are named
-``.dcm``, unreadable or truncated files, missing or duplicate slices, uneven slice spacing beyond
-`SPACING_TOL`, slices of one stack with different orientations or sheared off the normal (a
-stack that cannot be placed on a grid), phases whose grids differ, images larger than
-``ReadOptions.max_image_bytes``, and compressed transfer syntaxes no installed decoder reads.
+``.dcm``, unreadable or truncated files, missing or duplicate slices, a phase with fewer slices
+than phase 0, uneven slice spacing beyond `SPACING_TOL`, slices of one stack with different
+orientations or sheared off the normal (a stack that cannot be placed on a grid), an image
+without position, orientation or spacing (or a NaN in them) in a series whose others have them,
+a PixelSpacing not positive, phases whose grids differ, images larger than
+``ReadOptions.max_image_bytes``, compressed transfer syntaxes no installed decoder reads, two
+different files with one SOP Instance UID, two multi-phase series of as many phases, a SEG of
+several segments none or several of which is labelled the tumour, a SEG referencing no series
+of the study or of a study without images, and a NIfTI beside several studies.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import filecmp
 import hashlib
 import os
 from collections import defaultdict
@@ -85,13 +102,26 @@ _DIFFUSION_WORDS = ("dwi", "diff", "adc", "trace", "ep_b")
 
 
 def is_dicom(path: Path) -> bool:
-    """Whether `path` is a regular file with the DICOM ``DICM`` marker at byte 128."""
+    """Whether `path` is a regular file with the DICOM ``DICM`` marker at byte 128, or a bare
+    dataset (`_bare_dataset`)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return (len(head) == 132 and head[128:132] == b"DICM") or _bare_dataset(head)
+
+
+def _bare_dataset(head: bytes) -> bool:
+    """Whether `head` (a file's first bytes) opens a DICOM dataset written without the 128-byte
+    preamble and ``DICM`` (old exports, some scanners' raw files): a little-endian element of
+    group 0002 or 0008 followed by an explicit VR (two capital letters) or by a short implicit
+    length. Other files (text, images, Thumbs.db) do not open so."""
+    if len(head) < 8 or head[0:2] not in (b"\x02\x00", b"\x08\x00") or head[3] != 0:
+        return False
+    if head[4:6].isalpha() and head[4:6].isupper():
+        return True
+    return int.from_bytes(head[4:8], "little") < 1024
 
 
 def has_dicom(src: Path, limit: int = 2000) -> bool:
@@ -117,12 +147,26 @@ def study_case_id(study_uid: str) -> str:
 
 
 def _walk(src: Path):
-    """Regular files under `src`, hidden files and folders left out, in a stable order."""
-    for root, dirs, files in os.walk(src):
+    """Regular files under `src`, hidden files and folders left out, in a stable order.
+
+    Linked folders are followed (exports link studies in from elsewhere), each real folder and
+    file once: a link loop ends, and a file reached by two links is one file.
+    """
+    folders: set[str] = set()
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in folders:
+            dirs[:] = []
+            continue
+        folders.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(root) / name
+            path = Path(root) / name
+            if name.startswith(".") or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            yield path
 
 
 # -------------------------------------------------------------------------------- headers
@@ -204,8 +248,12 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
 
 
 def _tm_seconds(tm: Any) -> float | None:
-    """``HHMMSS.ffffff`` (a TM, or the time part of a DT) as seconds of the day."""
-    text = str(tm or "").strip()
+    """``HHMMSS.ffffff`` (a TM, or the time part of a DT) as seconds of the day.
+
+    A DT's UTC offset (``+0100``) is left out: the times of one study share it. The old
+    ``HH:MM:SS`` form (ACR-NEMA, still written by some exports) is read too.
+    """
+    text = str(tm or "").strip().split("+")[0].split("-")[0].replace(":", "")
     if len(text) < 2 or not text[:2].isdigit():
         return None
     try:
@@ -218,13 +266,19 @@ def _tm_seconds(tm: Any) -> float | None:
 
 
 def _time_of(ds: Any, frame_content: Any = None) -> float | None:
-    """The acquisition time (s of day) of an image or a frame, else its TriggerTime in s."""
-    if frame_content is not None and frame_content.get("FrameAcquisitionDateTime"):
-        return _tm_seconds(str(frame_content.FrameAcquisitionDateTime)[8:])
-    if ds.get("AcquisitionDateTime"):
-        return _tm_seconds(str(ds.AcquisitionDateTime)[8:])
-    if ds.get("AcquisitionTime"):
-        return _tm_seconds(ds.AcquisitionTime)
+    """The acquisition time (s of day) of an image or a frame, else its TriggerTime in s: the
+    first of these that holds a time (a DT may hold a date only)."""
+    found = (
+        frame_content.get("FrameAcquisitionDateTime") if frame_content is not None else None,
+        ds.get("AcquisitionDateTime"),
+    )
+    for dt in found:
+        seconds = _tm_seconds(str(dt)[8:]) if dt else None
+        if seconds is not None:
+            return seconds
+    seconds = _tm_seconds(ds.get("AcquisitionTime"))
+    if seconds is not None:
+        return seconds
     trigger = _num(ds.get("TriggerTime"))
     return None if trigger is None else trigger / 1000.0
 
@@ -300,13 +354,38 @@ def _frames_of(ds: Any, path: Path) -> list[_Frame]:
     return frames
 
 
+def _part10(path: Path) -> bool:
+    """Whether the file has the preamble and ``DICM`` (else it is a bare dataset, which pydicom
+    reads with ``force``)."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:132] == b"DICM"
+
+
+def _read_dataset(path: Path, **kwargs) -> Any:
+    """The file's dataset, a bare one (no preamble, no file meta) included: its transfer syntax
+    is then the encoding pydicom found, so that its pixels decode."""
+    import pydicom
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if _part10(path):
+        return pydicom.dcmread(path, **kwargs)
+    ds = pydicom.dcmread(path, force=True, **kwargs)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    return ds
+
+
 def _read_header(path: Path) -> Any:
     """The file's dataset without pixel data; raises InputError naming the problem."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return _read_dataset(path, stop_before_pixels=True)
     except InvalidDicomError:
         raise InputError("not a DICOM file (no DICM marker)", path=str(path)) from None
     except (OSError, EOFError) as err:
@@ -349,8 +428,11 @@ class _Study:
     uid: str
     series: dict[str, _Series] = field(default_factory=dict)
     segs: list[Path] = field(default_factory=list)
+    seg_refs: dict[Path, tuple[str, ...]] = field(default_factory=dict)  # referenced series
     folders: set[Path] = field(default_factory=set)
     problem: tuple[str, Path] | None = None
+    instances: dict[str, Path] = field(default_factory=dict)  # SOP Instance UID -> file
+    notes: list[str] = field(default_factory=list)
 
 
 def _add(studies: dict[str, _Study], path: Path, ds: Any) -> None:
@@ -360,10 +442,31 @@ def _add(studies: dict[str, _Study], path: Path, ds: Any) -> None:
     if not study_uid:
         raise InputError("DICOM file without a StudyInstanceUID", path=str(path))
     sop_class = str(ds.get("SOPClassUID", ""))
+    study = studies.get(study_uid) or _Study(study_uid)
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    first = study.instances.get(sop_uid) if sop_uid else None
+    if first is not None:
+        # Exports repeat files (the same image in two folders of a CD): an identical copy is
+        # read once; another file under the same UID is two images claiming one identity.
+        if filecmp.cmp(first, path, shallow=False):
+            study.notes.append(f"ignored {path}: an identical copy of {first}")
+        elif study.problem is None:
+            study.problem = (
+                f"the same SOPInstanceUID {sop_uid} in two different files: {first} and "
+                f"{path.name}",
+                path,
+            )
+        return
     if sop_class == SEG_SOP_CLASS:
-        study = studies.setdefault(study_uid, _Study(study_uid))
+        refs = tuple(
+            str(item.get("SeriesInstanceUID", ""))
+            for item in ds.get("ReferencedSeriesSequence") or ()
+        )
+        studies.setdefault(study_uid, study)
+        study.instances[sop_uid] = path
         study.folders.add(path.parent)
         study.segs.append(path)
+        study.seg_refs[path] = refs
         return
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     frames = _frames_of(ds, path)
@@ -388,7 +491,9 @@ def _add(studies: dict[str, _Study], path: Path, ds: Any) -> None:
         diffusion=_diffusion(ds),
         frame_of_reference=str(ds.get("FrameOfReferenceUID", "")),
     )
-    study = studies.setdefault(study_uid, _Study(study_uid))
+    studies.setdefault(study_uid, study)
+    if sop_uid:
+        study.instances[sop_uid] = path
     series = study.series.setdefault(series_uid, header)
     study.folders.add(path.parent)
     series.files.append(path)
@@ -445,10 +550,14 @@ def _skip_reason(s: _Series) -> str | None:
         return "localizer"
     if s.diffusion:
         return "diffusion series"
-    if any(f.position is None or f.orientation is None or f.spacing is None for f in s.frames):
+    if all(f.position is None or f.orientation is None or f.spacing is None for f in s.frames):
         return "no geometry (ImagePositionPatient/ImageOrientationPatient/PixelSpacing missing)"
+    # Some images with geometry and some without: a damaged series (below), not a skipped one.
+    placed = [f for f in s.frames if f.orientation is not None]
+    if not placed:
+        return None
     counts: dict[tuple, int] = defaultdict(int)
-    for f in s.frames:
+    for f in placed:
         counts[tuple(np.round(f.orientation, 2))] += 1
     if max(counts.values()) < 0.75 * len(s.frames):  # one odd slice is a defect, not a scout
         return f"slices in {len(counts)} orientations (a localizer)"
@@ -467,21 +576,47 @@ def _temporal_groups(s: _Series) -> dict[Any, list[_Frame]]:
             return dict(out)
     positions = {tuple(np.round(f.position, 3)) for f in s.frames}
     n = len(positions)
-    if n < len(s.frames) and len(s.frames) % n == 0:
+    if n < len(s.frames):
         # Several times per slice position. A phase's slices may carry slightly different
-        # times (each slice's own), so the frames are cut, in time order, into groups of one
-        # per position. Some scanners give every instance the series' start as its
-        # AcquisitionTime and the phase in TriggerTime: then the trigger time orders them.
+        # times (each slice's own), so the frames are walked in time order and a phase ends
+        # where a position comes again: a phase short of slices stays a phase (and is refused
+        # by the grid checks, naming its file) instead of shifting every later one. Some
+        # scanners give every instance the series' start as its AcquisitionTime and the phase
+        # in TriggerTime: then the trigger time orders them.
         for key in (lambda f: f.time, lambda f: f.trigger):
             times = {key(f) for f in s.frames}
             if None not in times and len(times) > 1:
-                order = sorted(s.frames, key=key)
-                groups = {i: order[i * n : (i + 1) * n] for i in range(len(order) // n)}
-                if all(
-                    len({tuple(np.round(f.position, 3)) for f in g}) == n for g in groups.values()
-                ):
+                groups: dict[int, list[_Frame]] = {0: []}
+                seen: set[tuple] = set()
+                for f in sorted(s.frames, key=key):
+                    where = tuple(np.round(f.position, 3))
+                    if where in seen:
+                        groups[len(groups)], seen = [], set()
+                    groups[len(groups) - 1].append(f)
+                    seen.add(where)
+                if all(len({key(f) for f in g}) < len(times) for g in groups.values()):
                     return groups
     return {0: list(s.frames)}
+
+
+def _phase_key(frames: list[_Frame], series: _Series, key: Any) -> tuple:
+    """How phases sort: by acquisition time, then series number, then temporal position."""
+    time = _phase_time(frames)
+    return (time is None, time or 0.0, series.number or 0, key)
+
+
+def _same_slices(s: _Series, best: _Series, groups: dict[Any, list[_Frame]]) -> bool:
+    """Whether single-time series `s` is another phase of dynamic series `best`: the same
+    sequence and image size, its slices where each of best's phases has them."""
+    if s.sequence != best.sequence or (s.rows, s.columns) != (best.rows, best.columns):
+        return False
+    if len(_temporal_groups(s)) != 1:
+        return False
+    first = next(iter(groups.values()))
+    where = sorted(tuple(np.round(f.position, 2)) for f in first)
+    if sorted(tuple(np.round(f.position, 2)) for f in s.frames) != where:
+        return False
+    return np.allclose(s.frames[0].orientation, first[0].orientation, atol=COSINE_TOL)
 
 
 def _phase_time(frames: list[_Frame]) -> float | None:
@@ -492,27 +627,68 @@ def _phase_time(frames: list[_Frame]) -> float | None:
 
 def plan_study(study: _Study) -> _Plan:
     """Finds a study's DCE phases (see the module docstring); raises InputError if none."""
-    notes: list[str] = []
+    if study.problem:
+        raise InputError(study.problem[0], path=str(study.problem[1]))
+    if not study.series and study.segs:
+        raise InputError(
+            f"a DICOM SEG, but no images of its study (StudyInstanceUID {study.uid}) below "
+            "SRC: the images it was drawn on are missing",
+            path=str(study.segs[0]),
+        )
+    _unwrap_midnight(study)
+    notes: list[str] = list(study.notes)
     candidates: list[_Series] = []
     for s in sorted(study.series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid)):
         why = _skip_reason(s)
         if why:
             notes.append(f"skipped {s.name}: {why}")
-        else:
-            candidates.append(s)
+            continue
+        for f in s.frames:
+            if f.position is None or f.orientation is None or f.spacing is None:
+                raise InputError(
+                    f"{s.name}: ImagePositionPatient, ImageOrientationPatient or PixelSpacing "
+                    "missing or not a finite number in this image (the others have them)",
+                    path=str(f.path),
+                )
+        candidates.append(s)
     dynamic = [(s, _temporal_groups(s)) for s in candidates]
     multi = [(s, g) for s, g in dynamic if len(g) > 1]
-    if multi:
+    singles: dict[tuple, list[_Series]] = defaultdict(list)
+    for s, g in dynamic:
+        if len(g) == 1:
+            singles[s.sequence].append(s)
+    most_singles = max((len(v) for v in singles.values()), default=0)
+    # A series of repeated slices (two averages, a repeat) is not the dynamic when more series
+    # of one sequence, one per phase, are.
+    if multi and max(len(g) for _, g in multi) >= most_singles:
         best, groups = max(multi, key=lambda sg: len(sg[1]))
+        tied = [s for s, g in multi if len(g) == len(groups) and s is not best]
+        if tied:
+            # Two series of as many phases: a bilateral acquisition written as two series (one
+            # per breast) or a repeated dynamic. Either guess reads a wrong case.
+            raise InputError(
+                f"two dynamic series with {len(groups)} phases each, {best.name} and "
+                f"{tied[0].name}: which is the case cannot be told (one breast each, or a "
+                "repeat); keep one of them below SRC",
+                path=str(tied[0].files[0]),
+            )
+        # (time is None, time, series number, temporal key) -> (frames, series) of each phase
+        found = {_phase_key(groups[k], best, k): (groups[k], best) for k in groups}
+        timed = found and next(iter(found))[0] is False
         for s in candidates:
-            if s is not best:
+            if s is best:
+                continue
+            if _same_slices(s, best, groups) and (_phase_time(s.frames) is not None) == timed:
+                # A phase of its own series beside the multi-phase one (a protocol that writes
+                # the pre-contrast, or a late phase, apart): the same sequence on the same
+                # slices.
+                found[_phase_key(s.frames, s, 0)] = (list(s.frames), s)
+            else:
                 notes.append(
                     f"skipped {s.name}: not the dynamic series ({best.name} holds the phases)"
                 )
-        keys = sorted(
-            groups, key=lambda k: (_phase_time(groups[k]) is None, _phase_time(groups[k]) or 0, k)
-        )
-        phases = [groups[k] for k in keys]
+        ordered = [found[key] for key in sorted(found)]
+        phases = [frames for frames, _ in ordered]
         times = [_phase_time(p) for p in phases]
         if len(set(times)) == 1:  # one acquisition time for all: the trigger times tell them
             triggers = [
@@ -520,10 +696,10 @@ def plan_study(study: _Study) -> _Plan:
             ]
             if None not in triggers and len(set(triggers)) == len(phases):
                 times = triggers
-        return _Plan([best], phases, _relative(times), notes)
-    by_sequence: dict[tuple, list[_Series]] = defaultdict(list)
-    for s in candidates:
-        by_sequence[s.sequence].append(s)
+        return _Plan([s for _, s in ordered], phases, _relative(times), notes)
+    for s, _ in multi:
+        notes.append(f"skipped {s.name}: not the dynamic series (one series per phase is)")
+    by_sequence = singles
     groups_ = sorted(by_sequence.values(), key=lambda g: -len(g))
     if not groups_ or len(groups_[0]) < 2:
         raise InputError(
@@ -532,7 +708,7 @@ def plan_study(study: _Study) -> _Plan:
             + (f" ({notes[0]})" if notes else "")
         )
     chosen = groups_[0]
-    for s in candidates:
+    for s in sum(by_sequence.values(), []):
         if s not in chosen:
             notes.append(
                 f"skipped {s.name}: another sequence than the dynamic series "
@@ -550,8 +726,30 @@ def plan_study(study: _Study) -> _Plan:
     return _Plan(chosen, [list(s.frames) for s in chosen], _relative(times), notes)
 
 
+def _unwrap_midnight(study: _Study) -> None:
+    """Puts times of day after midnight after those before it (235959 -> 000010), in place.
+
+    A study takes less than 12 h: when its times of day span more, the clock went through
+    midnight, and the times after the widest gap between them are the next day's.
+    """
+    times = sorted({f.time for s in study.series.values() for f in s.frames if f.time is not None})
+    if len(times) < 2 or times[-1] - times[0] <= 43200:
+        return
+    gap = int(np.argmax(np.diff(times)))
+    cut = times[gap + 1]  # the study's first time (its latest time of day)
+    for s in study.series.values():
+        s.frames = [
+            dataclasses.replace(f, time=f.time + 86400.0)
+            if f.time is not None and f.time < cut
+            else f
+            for f in s.frames
+        ]
+
+
 def _relative(times: list[float | None]) -> list[float] | None:
-    if any(t is None for t in times):
+    """Times in s after the first; None when one is missing or two phases share one (a scanner
+    that writes the series' start in every phase: the order came from elsewhere)."""
+    if any(t is None for t in times) or len(set(times)) < len(times):
         return None
     out = [t - times[0] for t in times]
     return [t + 86400.0 if t < 0 else t for t in out]  # a study across midnight
@@ -588,6 +786,8 @@ def _stack(frames: list[_Frame], series: _Series, what: str) -> _Grid:
             raise fail("slices have different orientations: the stack cannot be placed", f)
         if np.abs(np.array(f.spacing) - np.array(frames[0].spacing)).max() > 1e-4:
             raise fail("slices have different PixelSpacing", f)
+        if min(f.spacing) <= 0:
+            raise fail(f"PixelSpacing {list(f.spacing)} is not two positive distances (mm)", f)
     row, col = o0[:3], o0[3:]
     if (
         abs(np.linalg.norm(row) - 1) > 1e-3
@@ -616,7 +816,14 @@ def _stack(frames: list[_Frame], series: _Series, what: str) -> _Grid:
     if off.any():
         i = int(np.flatnonzero(off)[0])
         ratio = gaps[i] / step
-        if ratio > 1.5 and abs(ratio - round(ratio)) < 0.1:
+        if ratio > 4.5:  # more than a few slices: two slabs (a bilateral sagittal DCE...)
+            problem = (
+                f"the slices form separate stacks: a gap of {gaps[i]:.4g} mm ({ratio:.1f}x the "
+                f"slice spacing) between {d[i]:.3f} and {d[i + 1]:.3f} mm along the normal "
+                "(one slab per breast, or many slices missing): the stack cannot be placed on "
+                "one grid"
+            )
+        elif ratio > 1.5 and abs(ratio - round(ratio)) < 0.1:
             problem = (
                 f"{round(ratio) - 1} missing slice(s) between {d[i]:.3f} and {d[i + 1]:.3f} mm "
                 f"along the normal (slice spacing {step:.4g} mm)"
@@ -688,6 +895,7 @@ def discover_dicom(src: Path) -> list[DicomCase]:
     files = [src] if src.is_file() else list(_walk(src))
     studies, orphans = _scan([p for p in files if not _nifti(p)])
     niftis = [p for p in files if _nifti(p)]
+    tops = {uid: _top(study) for uid, study in studies.items()}
     cases = []
     for study in studies.values():
         cid = study_case_id(study.uid)
@@ -699,9 +907,11 @@ def discover_dicom(src: Path) -> list[DicomCase]:
             dce = sorted({f.path for frames in plan.phases for f in frames})
         except InputError as err:
             where = all_files[0] if all_files else (study.segs or [None])[0]
+            where = Path(err.path) if err.path else where
             dce, problem = all_files, (err.problem, where)
             plan = None
-        mask, mask_problem = _find_mask(study, niftis, plan)
+        sharing = sum(top == tops[study.uid] for top in tops.values())
+        mask, mask_problem = _find_mask(study, niftis, sharing)
         problem = problem or mask_problem
         cases.append(
             DicomCase(
@@ -727,22 +937,42 @@ def discover_dicom(src: Path) -> list[DicomCase]:
     return cases
 
 
-def _find_mask(study: _Study, niftis: list[Path], plan: _Plan | None):
-    """(mask file or None, problem or None): a SEG of the study, or one NIfTI in its folder."""
+def _top(study: _Study) -> Path | None:
+    """The folder holding all the study's files."""
+    folders = study.folders
+    return Path(os.path.commonpath([str(f) for f in folders])) if folders else None
+
+
+def _find_mask(study: _Study, niftis: list[Path], sharing: int = 1):
+    """(mask file or None, problem or None): a SEG of the study, or one NIfTI in its folder
+    (the folder holding all its files, which `sharing` studies have as theirs)."""
     if len(study.segs) > 1:
         return study.segs[0], (
             f"two DICOM SEG files for one study: {study.segs[0].name} and {study.segs[1].name}",
             study.segs[1],
         )
     if study.segs:
-        return study.segs[0], None
-    folders = study.folders
-    top = Path(os.path.commonpath([str(f) for f in folders])) if folders else None
+        seg = study.segs[0]
+        refs = [r for r in study.seg_refs.get(seg, ()) if r]
+        if refs and not any(r in study.series for r in refs):
+            return seg, (
+                f"the DICOM SEG references series {', '.join(refs)}, which is not in the study "
+                f"(its {len(study.series)} series are): not drawn on these images",
+                seg,
+            )
+        return seg, None
+    top = _top(study)
     beside = [p for p in niftis if top is not None and p.parent == top]
     if len(beside) > 1:
         return beside[0], (
             f"two NIfTI masks beside the study: {beside[0].name} and {beside[1].name}",
             beside[1],
+        )
+    if beside and sharing > 1:
+        return beside[0], (
+            f"NIfTI mask {beside[0].name} lies beside {sharing} studies (their files share the "
+            "folder): whose mask it is cannot be told; put each study in a folder of its own",
+            beside[0],
         )
     return (beside[0] if beside else None), None
 
@@ -798,14 +1028,23 @@ def _read_plan(plan: _Plan, study: _Study, options: ReadOptions) -> DicomPhases:
     ref = grids[0]
     for t, g in enumerate(grids[1:], start=1):
         series = plan.series[min(t, len(plan.series) - 1)]
+        if g.shape[2] != ref.shape[2]:
+            raise InputError(
+                f"{series.name}: phase {t} has {g.shape[2]} slices, phase 0 {ref.shape[2]} "
+                "(a phase cut short, or slices missing at an end of the stack)",
+                path=str(g.frames[-1].path),
+            )
         if g.shape != ref.shape or np.abs(g.affine - ref.affine).max() > 0.01:
             raise InputError(
                 f"{series.name}: phase {t}'s grid differs from phase 0's "
                 f"(shape {g.shape} vs {ref.shape}, or its slices are elsewhere)",
                 path=str(g.frames[0].path),
             )
-    total = sum(s.bytes_per_frame for s in plan.series) * sum(len(p) for p in plan.phases)
-    per_series = max(s.bytes_per_frame for s in plan.series) * max(len(p) for p in plan.phases)
+    per_phase = [
+        plan.series[min(t, len(plan.series) - 1)].bytes_per_frame * len(frames)
+        for t, frames in enumerate(plan.phases)
+    ]
+    total, per_series = sum(per_phase), max(per_phase)
     if per_series > options.max_image_bytes or total > 4 * options.max_image_bytes:
         raise InputError(
             f"{plan.series[0].name}: {total / 2**30:.3g} GiB of voxels, above the limit of "
@@ -899,10 +1138,8 @@ class _PixelCache:
 
 def _decode(path: Path, series: _Series) -> np.ndarray:
     """The file's stored pixel values; one line when they cannot be decoded."""
-    import pydicom
-
     try:
-        ds = pydicom.dcmread(path)
+        ds = _read_dataset(path)
     except Exception as err:
         raise InputError(
             f"{series.name}: unreadable DICOM file ({type(err).__name__})", path=str(path)
@@ -929,15 +1166,55 @@ def _decode(path: Path, series: _Series) -> np.ndarray:
 # ------------------------------------------------------------------------------ SEG masks
 
 
-def read_seg_mask(path: Path, refs: dict[str, Any], shape: tuple[int, int, int]) -> np.ndarray:
-    """The first segment of a DICOM SEG as an (i, j, k) uint8 array on the study's grid.
+#: Segment labels (lower case) and SNOMED CT property types that say "the tumour".
+_TUMOUR_WORDS = ("tumour", "tumor", "lesion", "cancer", "carcinoma", "malignan", "neoplasm", "mass")
+_TUMOUR_CODES = (
+    "108369006",
+    "86049000",
+    "254837009",
+    "4147007",
+)  # neoplasm, malignant, breast ca, mass
 
-    Each SEG frame is placed by its ``ImagePositionPatient`` on the slice of the grid at that
-    position (`refs["slices"]`); frames of other segments are left out.
+
+def _tumour_segment(ds: Any, path: Path) -> int:
+    """The number of the SEG's tumour segment: its only segment, else the one segment whose
+    label or property type says tumour (`_TUMOUR_WORDS`, `_TUMOUR_CODES`); one line else."""
+    segments = list(ds.get("SegmentSequence") or ())
+    if len(segments) <= 1:
+        return int(segments[0].get("SegmentNumber", 1)) if segments else 1
+
+    def says_tumour(item: Any) -> bool:
+        label = str(item.get("SegmentLabel", "")).lower()
+        codes = {
+            str(c.get("CodeValue", "")) for c in item.get("SegmentedPropertyTypeCodeSequence") or ()
+        }
+        return any(w in label for w in _TUMOUR_WORDS) or bool(codes & set(_TUMOUR_CODES))
+
+    tumours = [item for item in segments if says_tumour(item)]
+    if len(tumours) == 1:
+        return int(tumours[0].SegmentNumber)
+    labels = ", ".join(repr(str(item.get("SegmentLabel", "?"))) for item in segments)
+    which = "none" if not tumours else f"{len(tumours)}"
+    raise InputError(
+        f"DICOM SEG with {len(segments)} segments ({labels}), {which} labelled as the tumour "
+        "(a label saying tumour/lesion/cancer, or SNOMED CT 108369006 Neoplasm): keep the "
+        "tumour's segment only, or label it",
+        path=str(path),
+    )
+
+
+def read_seg_mask(path: Path, refs: dict[str, Any], shape: tuple[int, int, int]) -> np.ndarray:
+    """The tumour segment of a DICOM SEG as an (i, j, k) uint8 array on the study's grid.
+
+    The tumour segment is the only one, else the one labelled so (`_tumour_segment`). Each SEG
+    frame is placed by its ``ImagePositionPatient`` on the slice of the grid at that position
+    (`refs["slices"]`); frames of other segments are left out. A FRACTIONAL SEG's voxels are
+    the tumour from half its maximum value up.
 
     Raises:
-        InputError: not a SEG, another frame of reference or orientation, or a frame at a
-            position that is no slice of the grid.
+        InputError: not a SEG, several segments none or several of which say tumour, another
+            frame of reference or orientation, or a frame at a position that is no slice of the
+            grid.
     """
     import pydicom
 
@@ -964,11 +1241,14 @@ def read_seg_mask(path: Path, refs: dict[str, Any], shape: tuple[int, int, int])
     o = np.array(refs["image_orientation"])
     normal = np.cross(o[:3], o[3:])
     slice_d = np.array([np.array(s["position"]) @ normal for s in refs["slices"]])
+    tumour = _tumour_segment(ds, path)
+    fractional = str(ds.get("SegmentationType", "")).upper() == "FRACTIONAL"
+    threshold = (_num(ds.get("MaximumFractionalValue"), 255.0) or 255.0) / 2 if fractional else 0
     out = np.zeros(shape, dtype=np.uint8)
     for i in range(frames.shape[0]):
         segment = _group(ds, i, "SegmentIdentificationSequence")
         number = int(segment.ReferencedSegmentNumber) if segment is not None else 1
-        if number != 1:
+        if number != tumour:
             continue
         pos = _group(ds, i, "PlanePositionSequence")
         ori = _group(ds, i, "PlaneOrientationSequence")
@@ -988,5 +1268,5 @@ def read_seg_mask(path: Path, refs: dict[str, Any], shape: tuple[int, int, int])
                 f"SEG frame {i + 1} at {d:.3f} mm along the normal is on no slice of the study",
                 path=str(path),
             )
-        out[:, :, k] |= (frames[i] > 0).T.astype(np.uint8)  # (rows, cols) -> (i, j)
+        out[:, :, k] |= (frames[i] > threshold).T.astype(np.uint8)  # (rows, cols) -> (i, j)
     return out

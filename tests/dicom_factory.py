@@ -15,7 +15,10 @@ reader's LPS -> RAS convention, as dcm2niix's). Variants:
 
 `extra` adds non-DCE series to the study: ``t2`` (another sequence on the same grid),
 ``localizer``, ``subtraction`` (ImageType DERIVED\\SUBTRACTION), ``dwi`` (a b-value).
-`shuffle` gives every file a random name in random sub-folders.
+`shuffle` gives every file a random name in random sub-folders. `dtype` (int16, uint16, uint8)
+sets BitsAllocated and PixelRepresentation; `start` is phase 0's time of day in s.
+`reencode` rewrites a file in another transfer syntax or without its preamble, `cd_export`
+copies a study into a PACS-CD-like file set (DICOMDIR, upper-case names without extension).
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -111,6 +118,13 @@ def _base(study_uid: str, series_uid: str, sop_class: str, number: int, desc: st
     return ds
 
 
+def _pixel_format(ds: Dataset, dtype) -> None:
+    dtype = np.dtype(dtype)
+    ds.BitsAllocated = ds.BitsStored = 8 * dtype.itemsize
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(dtype.kind == "i")
+
+
 def _tm(seconds: float) -> str:
     t = datetime.datetime(2024, 1, 2) + datetime.timedelta(seconds=seconds)
     return t.strftime("%H%M%S.%f")
@@ -153,6 +167,8 @@ def write_study(
     intercept: float = 0.0,
     study_uid: str | None = None,
     seed: int = 0,
+    dtype=np.int16,
+    start: float = 9 * 3600.0,
 ) -> WrittenStudy:
     """Writes one DCE study of `image` (T, i, j, k) int16 under `root` (see module docstring).
 
@@ -160,7 +176,7 @@ def write_study(
     `image`); `times` are the phases' acquisition times in s (default 0, 60, 120...).
     """
     rng = np.random.default_rng(seed)
-    image = np.asarray(image, dtype=np.int16)
+    image = np.asarray(image, dtype=dtype)
     n_t, n_i, n_j, n_k = image.shape
     study_uid = study_uid or generate_uid()
     times = list(times) if times is not None else [60.0 * t for t in range(n_t)]
@@ -168,7 +184,6 @@ def write_study(
     positions = [np.asarray(origin, float) + k * step * normal for k in range(n_k)]
     out = WrittenStudy(study_uid, grid_affine(orientation, spacing, step, origin), image)
     name = _Namer(Path(root), shuffle, rng)
-    start = 9 * 3600.0
 
     def slice_ds(ds: Dataset, t: int, k: int, pixels: np.ndarray) -> Dataset:
         ds.SOPInstanceUID = generate_uid()
@@ -181,6 +196,7 @@ def write_study(
         ds.AcquisitionTime = _tm(start + times[t])
         if slope != 1.0 or intercept != 0.0:
             ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        _pixel_format(ds, image.dtype)
         ds.PixelData = np.ascontiguousarray(pixels.T).tobytes()  # (i, j) -> (rows, cols)
         return ds
 
@@ -284,6 +300,7 @@ def _enhanced(
             per_frame.append(item)
             frames.append(np.ascontiguousarray(image[t, :, :, k].T))
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    _pixel_format(ds, image.dtype)
     ds.PixelData = np.stack(frames).tobytes()
     return ds
 
@@ -336,3 +353,74 @@ def make_image(shape=(3, 12, 10, 8), seed: int = 0) -> np.ndarray:
     for p in range(1, t):
         image[(p, *box)] += 150 * p
     return image.astype(np.int16)
+
+
+#: JPEG Lossless (process 14) and its selection value 1 form, what PACS exports most often
+#: hold: GDCM's names for them.
+_GDCM_SYNTAXES = {
+    "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14",
+    "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1",
+}
+
+
+def _gdcm_transcode(path: Path, syntax: str, name: str) -> None:
+    """Compresses the file's pixels with GDCM, keeping pydicom's header as written (GDCM's
+    writer would remake an enhanced file's functional groups)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read(), path
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, name)))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), path
+    writer = gdcm.ImageWriter()
+    tmp = path.with_name(path.name + ".gdcm")
+    writer.SetFileName(str(tmp))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write(), path
+    compressed = pydicom.dcmread(tmp)
+    tmp.unlink()
+    ds = pydicom.dcmread(path)
+    ds.PixelData = compressed.PixelData
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+
+
+def reencode(path: Path, syntax: str | None = None, *, preamble: bool = True) -> None:
+    """Rewrites a written file in transfer syntax `syntax` (implicit VR little endian, explicit
+    VR big endian, deflated, JPEG lossless), or, with `preamble=False`, as a bare dataset in
+    implicit VR little endian: no 128-byte preamble, no ``DICM``, no file meta group (old
+    exports write these)."""
+    if syntax in _GDCM_SYNTAXES:  # JPEG lossless: pydicom does not encode it, GDCM does
+        _gdcm_transcode(path, syntax, _GDCM_SYNTAXES[syntax])
+        return
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    out = Dataset()
+    out.update(ds)  # a plain dataset: pydicom keeps a read file in its original encoding
+    out.file_meta = ds.file_meta
+    if not preamble:
+        del out.file_meta
+        pydicom.dcmwrite(path, out, implicit_vr=True, little_endian=True)
+        return
+    out.file_meta.TransferSyntaxUID = syntax
+    if syntax == ExplicitVRBigEndian:
+        out.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+    out.save_as(path, enforce_file_format=True)
+
+
+def cd_export(study: WrittenStudy, root: Path) -> list[Path]:
+    """Copies the study's files into `root` as a PACS CD holds them: a ``DICOMDIR`` at the root
+    and ``PT000000/ST000000/SE000000/IM000000`` files (upper case, no extension); returns the
+    copies."""
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    for path in study.all_files:
+        fs.add(path)
+    fs.write(root)
+    return [Path(root) / Path(*inst.ReferencedFileID) for inst in fs]

@@ -16,10 +16,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import OBLIQUE, edit, make_image, write_study
+from dicom_factory import OBLIQUE, cd_export, edit, make_image, reencode, write_study
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from data_store.dicom import SEG_SOP_CLASS, read_seg_mask, study_case_id
 from data_store.errors import InputError
@@ -471,3 +476,632 @@ def test_round_trip_dicom_seg_equals_nifti_mask(tmp_path, ray_session, mlflow_ur
     )
     err = capsys.readouterr().err
     assert status == 2 and "needs a DICOM source" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------ exports as scanners and PACS write them
+
+
+def _assert_like_twin(tmp_path: Path, src: Path, image: np.ndarray, affine: np.ndarray):
+    """The study under `src` reads as the NIfTI twin of `image` with `affine`: the same voxels
+    in the same place (slices written against the normal are read along it, so the file-order
+    affines may differ by that flip; the canonical ones do not); returns (case, loaded)."""
+    case = _one(src)
+    assert case.problem is None, case.problem
+    loaded = load_case(case)
+    twin = _nifti_twin(tmp_path, image, affine)
+    np.testing.assert_array_equal(loaded.image, twin.image)
+    np.testing.assert_allclose(
+        loaded.geometry.canonical_affine, twin.geometry.canonical_affine, atol=1e-4
+    )
+    return case, loaded
+
+
+def test_pacs_cd_export_with_dicomdir_bare_names_and_clutter(tmp_path):
+    """A CD as a PACS burns it: DICOMDIR at the root, PT/ST/SE/IM files in upper case without
+    extension, and the clutter of a desktop (a .txt, a .jpg, Thumbs.db, .DS_Store)."""
+    image = make_image(seed=20)
+    study = write_study(tmp_path / "staging", image, variant="multiphase")
+    copies = cd_export(study, tmp_path / "cd")
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    assert all(p.is_file() and p.suffix == "" and p.name.isupper() for p in copies)
+    (tmp_path / "cd" / "README.TXT").write_text("Viewer on this CD")
+    (tmp_path / "cd" / "preview.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    (tmp_path / "cd" / "PT000000" / "Thumbs.db").write_bytes(bytes(512))
+    (tmp_path / "cd" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + bytes(100))
+    assert detect_layout(tmp_path / "cd") == "dicom"
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "cd", image, study.affine)
+    assert case.notes == ()
+
+
+def test_files_without_preamble_are_read(tmp_path):
+    """Bare datasets (no 128-byte preamble, no DICM, no file meta; old exports write them), named
+    .dcm or not at all, are read like Part 10 files (decided: read, as dcm2niix does)."""
+    image = make_image(seed=21)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    for i, path in enumerate(study.all_files):
+        reencode(path, preamble=False)
+        if i % 2:
+            path.rename(path.with_suffix(""))
+    assert not is_dicom_part10(study.all_files[0])
+    assert detect_layout(tmp_path / "src") == "dicom"
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+def is_dicom_part10(path: Path) -> bool:
+    return path.read_bytes()[128:132] == b"DICM"
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, "mixed"],
+)
+@pytest.mark.parametrize("variant", ["series", "enhanced"])
+def test_uncompressed_transfer_syntaxes(tmp_path, syntax, variant):
+    image = make_image(seed=22)
+    study = write_study(tmp_path / "src", image, variant=variant)
+    every = [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
+    for i, path in enumerate(sorted(set(study.all_files))):
+        reencode(path, every[i % 3] if syntax == "mixed" else syntax)
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"])
+@pytest.mark.parametrize("variant", ["series", "enhanced"])
+def test_jpeg_lossless_as_pacs_export_it(tmp_path, syntax, variant):
+    """JPEG Lossless (process 14, selection value 1 or any), the compression PACS exports use
+    most: decoded by GDCM (python-gdcm, a dependency), signed values included."""
+    image = (make_image(seed=48).astype(np.int32) - 300).astype(np.int16)
+    study = write_study(tmp_path / "src", image, variant=variant)
+    for path in sorted(set(study.all_files)):
+        reencode(path, syntax)
+    assert pydicom.dcmread(study.files[0][0]).file_meta.TransferSyntaxUID == syntax
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+GEOMETRIES = {  # orientation (row, column cosines in LPS), slice step along the normal
+    "axial-reversed": ((1, 0, 0, 0, 1, 0), -2.0),
+    "axial-normal-down": ((1, 0, 0, 0, -1, 0), 2.0),
+    "feet-first": ((-1, 0, 0, 0, 1, 0), 2.0),
+    "sagittal": ((0, 1, 0, 0, 0, -1), 1.5),
+    "sagittal-reversed": ((0, 1, 0, 0, 0, -1), -1.5),
+    "sagittal-flipped": ((0, -1, 0, 0, 0, -1), 1.5),
+    "coronal": ((1, 0, 0, 0, 0, -1), 2.5),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("variant", ["multiphase", "enhanced"])
+def test_orientations_and_slice_directions_read_like_nifti(tmp_path, geometry, variant):
+    """Sagittal (common for breast DCE), coronal, feet-first, slices written against the normal:
+    the volume is the NIfTI twin's with the affine the geometry implies."""
+    orientation, step = GEOMETRIES[geometry]
+    image = make_image(seed=23)
+    study = write_study(
+        tmp_path / "src", image, variant=variant, orientation=orientation, step=step, shuffle=True
+    )
+    _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+
+
+def _phase_tags(study, keep: str, times=(0.0, 60.0, 120.0), start=9 * 3600.0) -> None:
+    """Rewrites a multiphase study's instances so that only `keep` tells the phases apart:
+    ``acquisition`` (Siemens: each slice its own AcquisitionTime), ``temporal`` (Philips:
+    TemporalPositionIdentifier, one AcquisitionTime for all), ``trigger`` (GE: TriggerTime)."""
+    from dicom_factory import _tm
+
+    for t, files in study.files.items():
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            if keep != "temporal":
+                del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+            if keep == "acquisition":
+                ds.AcquisitionTime = _tm(start + times[t] + 0.25 * k)
+            elif keep == "temporal":
+                ds.AcquisitionTime = _tm(start)
+            else:
+                del ds.AcquisitionTime
+                ds.TriggerTime = 1000.0 * times[t]
+            ds.save_as(path)
+
+
+@pytest.mark.parametrize("keep", ["acquisition", "temporal", "trigger"])
+def test_phases_told_apart_by_one_vendor_tag(tmp_path, keep):
+    image = make_image(seed=24)
+    study = write_study(tmp_path / "src", image, variant="multiphase", shuffle=True)
+    _phase_tags(study, keep, times=(0.0, 62.5, 125.0))
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    if keep == "temporal":  # one time for every phase: no phase times rather than 0, 0, 0
+        assert loaded.source.times is None
+    else:
+        assert loaded.source.times == pytest.approx((0.0, 62.5, 125.0), abs=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["series", "multiphase-acquisition", "enhanced"])
+def test_acquisition_across_midnight_keeps_phase_order(tmp_path, variant):
+    """235959 -> 000010 -> 000110: the phase after midnight is the later one."""
+    image = make_image(seed=25)
+    start, times = 86399.0, (0.0, 11.0, 71.0)
+    kind = variant.split("-")[0]
+    study = write_study(tmp_path / "src", image, variant=kind, start=start, times=times)
+    if variant == "multiphase-acquisition":
+        _phase_tags(study, "acquisition", times=times, start=start)
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert loaded.source.times == pytest.approx(times, abs=1e-3)
+
+
+@pytest.mark.parametrize("keep", ["temporal", "acquisition", "series"])
+def test_phase_cut_short_refused_naming_the_series(tmp_path, keep):
+    image = make_image(seed=26)
+    variant = "series" if keep == "series" else "multiphase"
+    study = write_study(tmp_path / "src", image, variant=variant)
+    if keep != "series":
+        _phase_tags(study, keep)
+    study.files[2][-1].unlink()  # the last phase lacks its top slice
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"case {case.case_id}: ")
+    assert "series 1" in text and "phase 2 has 7 slices, phase 0 8" in text, text
+    assert study.files[2][-2].name in text  # the phase's last slice there is
+
+
+def test_rescale_slope_per_slice_applied(tmp_path):
+    image = make_image(seed=27)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    expected = image.astype(np.float32)
+    for t, files in study.files.items():
+        for k, path in enumerate(files):
+            edit(path, RescaleSlope=0.5 + 0.125 * k, RescaleIntercept=-3.25 * t)
+            expected[t, :, :, k] = image[t, :, :, k] * np.float32(0.5 + 0.125 * k) - 3.25 * t
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", expected, study.affine)
+    assert loaded.image.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "fmt", ["uint8", "uint16-high", "int16-negative", "monochrome1", "12-bit-overlay"]
+)
+def test_pixel_formats(tmp_path, fmt):
+    """8-bit, unsigned 16-bit above 32767, signed with negative values, 12 bits stored in 16
+    with an old overlay's bits set above them: the stored values. A
+    MONOCHROME1 image reads as its stored (rescaled) values: the photometric interpretation says
+    how to display them, not what they measure (decided)."""
+    image = make_image(seed=28).astype(np.int32)
+    dtype = {"uint8": np.uint8, "uint16-high": np.uint16, "12-bit-overlay": np.uint16}.get(
+        fmt, np.int16
+    )
+    if fmt == "uint8":
+        image = np.clip(image // 4, 0, 255)
+    elif fmt == "uint16-high":
+        image = image * 100 + 20000  # up to ~65000: wrong if read as signed
+        assert image.max() > 32767
+    elif fmt == "int16-negative":
+        image = image - 400
+    image = image.astype(dtype)
+    study = write_study(tmp_path / "src", image, variant="series", dtype=dtype)
+    if fmt == "monochrome1":
+        for path in study.all_files:
+            edit(path, PhotometricInterpretation="MONOCHROME1")
+    if fmt == "12-bit-overlay":
+        assert image.max() < 4096
+        for path in study.all_files:
+            ds = pydicom.dcmread(path)
+            ds.BitsStored, ds.HighBit = 12, 11
+            ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16) | 0x4000).tobytes()
+            ds.save_as(path)
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image)
+
+
+def test_two_studies_in_one_folder_and_one_study_in_two(tmp_path):
+    a, b = make_image(seed=29), make_image(seed=30)
+    sa = write_study(tmp_path / "src" / "flat", a, variant="multiphase")
+    sb = write_study(tmp_path / "src" / "flat", b, variant="series")
+    for path in sb.all_files:  # study b's files beside study a's, in the same folder
+        path.rename(tmp_path / "src" / "flat" / "dynamic" / f"b_{path.parent.name}_{path.name}")
+    sc = write_study(tmp_path / "src" / "c", make_image(seed=31), variant="series")
+    moved = tmp_path / "src" / "elsewhere" / "series2"
+    shutil.move(str(sc.files[2][0].parent), str(moved))  # phase 2 of study c in another folder
+    cases = {c.case_id: c for c in discover(tmp_path / "src", "dicom")}
+    assert len(cases) == 3 and all(c.problem is None for c in cases.values())
+    for study, image in ((sa, a), (sb, b), (sc, sc.image)):
+        loaded = load_case(cases[study_case_id(study.study_uid)])
+        np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image)
+
+
+def test_nifti_beside_two_studies_is_no_ones_mask(tmp_path):
+    """Two studies in one folder and a NIfTI beside them: whose mask? one line, not a guess."""
+    sa = write_study(tmp_path / "src", make_image(seed=32), variant="multiphase")
+    sb = write_study(tmp_path / "b", make_image(seed=33), variant="multiphase")
+    for path in sb.all_files:
+        path.rename(tmp_path / "src" / "dynamic" / ("b_" + path.name))
+    nib.save(
+        nib.Nifti1Image(np.zeros((12, 10, 8), np.uint8), sa.affine),
+        str(tmp_path / "src" / "dynamic" / "mask.nii.gz"),
+    )
+    cases = discover(tmp_path / "src", "dicom")
+    assert len(cases) == 2
+    for case in cases:
+        assert case.problem and "mask.nii.gz" in case.problem and "2 studies" in case.problem
+
+
+def test_copies_of_one_instance(tmp_path):
+    """An identical copy of a file (same SOP Instance UID, same bytes; exports repeat files) is
+    read once and said in one note; a different file under the same SOP Instance UID is
+    refused naming both (decided)."""
+    image = make_image(seed=34)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    copy = tmp_path / "src" / "copies" / "again.dcm"
+    copy.parent.mkdir()
+    shutil.copy(study.files[1][3], copy)
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert any("again.dcm" in n and "copy" in n for n in case.notes), case.notes
+    edit(copy, InstanceNumber=99)  # same UID, other content
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "again.dcm" in text and study.files[1][3].name in text
+    assert "SOPInstanceUID" in text
+
+
+def _seg_file(path: Path, study, loaded, segments: dict[str, np.ndarray], kind="BINARY") -> Path:
+    """A highdicom SEG of phase 0 with one segment per label (masks (Z, Y, X) canonical), of
+    segmentation type `kind` (BINARY, or FRACTIONAL with the masks' values in [0, 1])."""
+    sources = [pydicom.dcmread(p) for p in study.files[0]]
+    descs, arrays = [], []
+    for n, (label, mask) in enumerate(segments.items(), start=1):
+        descs.append(
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=label,
+                segmented_property_category=hd.sr.CodedConcept("49755003", "SCT", "Morphology"),
+                segmented_property_type=hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+                if "tum" in label.lower()
+                else hd.sr.CodedConcept("85756007", "SCT", "Tissue"),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        )
+        ijk = loaded.geometry.to_original(mask)  # (i, j, k)
+        arrays.append(np.stack([ijk[:, :, k].T for k in range(ijk.shape[2])]))
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.stack(arrays, axis=-1).astype(np.uint8 if kind == "BINARY" else np.float32),
+        segmentation_type=hd.seg.SegmentationTypeValues[kind],
+        segment_descriptions=descs,
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(path)
+    return path
+
+
+def test_seg_with_two_segments_takes_the_tumour_or_says_which(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=35), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    tumour = (loaded.image[2] > 350).astype(np.uint8)
+    breast = (loaded.image[0] > 150).astype(np.uint8)
+    seg = _seg_file(
+        tmp_path / "src" / "seg.dcm", study, loaded, {"Breast": breast, "Tumour": tumour}
+    )
+    np.testing.assert_array_equal(load_case(_one(tmp_path / "src")).mask, tumour)
+    _seg_file(seg, study, loaded, {"Region A": breast, "Region B": tumour})
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "seg.dcm" in text and "2 segments" in text
+    assert "'Region A'" in text and "'Region B'" in text
+    _seg_file(seg, study, loaded, {"Tumour": tumour, "Tumour 2": breast})
+    with pytest.raises(InputError, match="2 segments .*, 2 labelled as the tumour"):
+        load_case(_one(tmp_path / "src"))
+
+
+def test_fractional_seg_is_the_tumour_from_half_its_maximum(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=40), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    tumour = loaded.image[2] > 350
+    halo = loaded.image[0] > 150
+    fraction = np.where(tumour, 0.9, np.where(halo, 0.3, 0.0)).astype(np.float32)
+    assert (halo & ~tumour).any()
+    _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": fraction}, "FRACTIONAL")
+    np.testing.assert_array_equal(load_case(_one(tmp_path / "src")).mask, tumour)
+
+
+def test_seg_referencing_another_series_refused(tmp_path):
+    study = write_study(tmp_path / "src", make_image(seed=36), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    seg = _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": loaded.image[2] > 350})
+    ds = pydicom.dcmread(seg)
+    ds.ReferencedSeriesSequence[0].SeriesInstanceUID = "1.2.3.4.5"
+    ds.save_as(seg)
+    case = _one(tmp_path / "src")
+    assert case.problem and "seg.dcm" in str(case.problem_path) and "1.2.3.4.5" in case.problem
+
+
+@pytest.mark.parametrize(
+    "kind", ["short-pixels", "zero-spacing", "negative-spacing", "nan-position", "no-thickness"]
+)
+def test_hostile_headers(tmp_path, kind):
+    image = make_image(seed=37)
+    study = write_study(tmp_path / "src", image, variant="series")
+    bad = study.files[1][4]
+    if kind == "short-pixels":
+        ds = pydicom.dcmread(bad)
+        ds.PixelData = ds.PixelData[:-100]
+        ds.save_as(bad)
+    elif kind.endswith("spacing"):
+        value = 0.0 if kind == "zero-spacing" else -0.8
+        for path in study.all_files:  # every phase: one grid, but not a placeable one
+            edit(path, PixelSpacing=[value, 0.7])
+    elif kind == "nan-position":
+        raw = bad.read_bytes()
+        ds = pydicom.dcmread(bad)
+        old = b"\\".join(str(v).encode() for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = ["NaN", "-30.0", "18.0"]
+        ds.save_as(bad)
+        assert raw != bad.read_bytes() and old
+    elif kind == "no-thickness":
+        for path in study.all_files:
+            ds = pydicom.dcmread(path)
+            del ds.SliceThickness
+            ds.save_as(path)
+        _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+        return
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"case {case.case_id}: ")
+    assert "series 1" in text
+    if kind in ("short-pixels", "nan-position"):
+        assert bad.name in text
+    words = {"short-pixels": "pixel data", "nan-position": "ImagePositionPatient"}
+    assert words.get(kind, "PixelSpacing") in text, text
+
+
+@pytest.mark.parametrize("form", ["datetime-utc-offset", "colons", "datetime-date-only"])
+def test_acquisition_time_forms(tmp_path, form):
+    """Time forms seen in exports: a DT with a UTC offset (``...090200.000000+0100``), an old
+    ``09:02:00`` TM, a DT holding only the date (then AcquisitionTime tells). The phases are
+    written out of series-number order, so a time that is not understood shows."""
+    from dicom_factory import _tm
+
+    image = make_image(seed=38)
+    times = (120.0, 240.0, 0.0)
+    study = write_study(tmp_path / "src", image, times=times)
+    for t, files in study.files.items():
+        tm = _tm(9 * 3600.0 + times[t])
+        for path in files:
+            ds = pydicom.dcmread(path)
+            if form == "datetime-utc-offset":
+                del ds.AcquisitionTime
+                ds.AcquisitionDateTime = f"20240102{tm}+0100"
+            elif form == "colons":
+                ds.AcquisitionTime = f"{tm[:2]}:{tm[2:4]}:{tm[4:]}"
+            else:
+                ds.AcquisitionDateTime = "20240102"
+            ds.save_as(path)
+    loaded = load_case(_one(tmp_path / "src"))
+    assert loaded.source.times == pytest.approx((0.0, 120.0, 240.0), abs=1e-3)
+    np.testing.assert_array_equal(loaded.geometry.to_original(loaded.image), image[[2, 0, 1]])
+
+
+@pytest.mark.parametrize("frames", ["slice-major", "no-temporal-index", "shuffled-time-only"])
+def test_enhanced_frame_orders(tmp_path, frames):
+    """Enhanced MR frames stored slice by slice (each slice's phases together, as some
+    scanners do), without TemporalPositionIndex (the FrameAcquisitionDateTime tells), or in
+    no order at all: read by each frame's own position and time."""
+    image = make_image(seed=39)
+    study = write_study(tmp_path / "src", image, variant="enhanced", times=(0.0, 70.0, 140.0))
+    path = study.files[0][0]
+    ds = pydicom.dcmread(path)
+    n_t, n_k = image.shape[0], image.shape[3]
+    order = np.arange(n_t * n_k)  # written phase-major: frame t * n_k + k
+    if frames == "slice-major":
+        order = order.reshape(n_t, n_k).T.ravel()
+    elif frames == "shuffled-time-only":
+        order = np.random.default_rng(0).permutation(order)
+    pixels = ds.pixel_array[order]
+    ds.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[i] for i in order]
+    if frames != "slice-major":
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            del item.FrameContentSequence[0].TemporalPositionIndex
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path)
+    _, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert loaded.source.times == pytest.approx((0.0, 70.0, 140.0), abs=1e-3)
+
+
+def test_ingest_cli_scanner_and_pacs_exports(tmp_path, ray_session, capsys):
+    """One cohort as exports come: a PACS CD (DICOMDIR, bare upper-case names, clutter, a file
+    repeated in another folder), a sagittal Siemens-style study across midnight, and three bad
+    studies (a phase cut short, a NaN position, a SEG of two unlabelled segments). Exit 1, one
+    line per bad study naming it, the good ones stored, the repeated file said once."""
+    from data_store.store import open_store
+    from tsesnet.cli import main
+
+    src = tmp_path / "cohort"
+    cd = write_study(tmp_path / "staging", make_image(seed=41), variant="multiphase")
+    copies = cd_export(cd, src / "CD")
+    (src / "CD" / "README.TXT").write_text("viewer inside")
+    (src / "CD" / "Thumbs.db").write_bytes(bytes(64))
+    shutil.copy(copies[5], src / "CD" / "IM_AGAIN")
+    sag = write_study(
+        src / "sag",
+        make_image(seed=42),
+        variant="multiphase",
+        orientation=(0, 1, 0, 0, 0, -1),
+        start=86390.0,
+    )
+    _phase_tags(sag, "acquisition", start=86390.0)
+    short = write_study(src / "short", make_image(seed=43), variant="multiphase")
+    _phase_tags(short, "acquisition")
+    short.files[2][-1].unlink()
+    nan = write_study(src / "nan", make_image(seed=44))
+    edit(nan.files[1][3], ImagePositionPatient=["NaN", "-30.0", "16.0"])
+    segged = write_study(src / "segged", make_image(seed=45))
+    loaded = load_case(_one(src / "segged"))
+    two = {"A": loaded.image[2] > 350, "B": loaded.image[0] > 150}
+    _seg_file(src / "segged" / "seg.dcm", segged, loaded, two)
+    status = main(["ingest", str(src), str(tmp_path / "store"), "--workers", "2"])
+    out, err = capsys.readouterr()
+    assert status == 1 and "Traceback" not in err
+    lines = [line.strip() for line in err.splitlines() if line.strip().startswith("case ")]
+    assert len(lines) == 3, err
+    for study, words in ((short, "phase 2"), (nan, "ImagePositionPatient"), (segged, "segments")):
+        line = next(x for x in lines if study_case_id(study.study_uid) in x)
+        assert words in line, line
+    assert sum("identical copy" in line for line in out.splitlines()) == 1, out
+    store = open_store(tmp_path / "store")
+    assert set(store.case_ids) == {study_case_id(cd.study_uid), study_case_id(sag.study_uid)}
+    times = store.case_attrs(study_case_id(sag.study_uid))["times"]
+    assert times == pytest.approx([0.0, 60.0, 120.0])
+
+
+def test_symlinked_study_folders_are_followed_once(tmp_path):
+    """Research exports link studies in from elsewhere: a linked folder is read, a link loop
+    is not walked forever, and a study linked twice is one case."""
+    image = make_image(seed=46)
+    study = write_study(tmp_path / "pacs" / "s1", image, variant="multiphase")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "patient1").symlink_to(tmp_path / "pacs" / "s1")
+    (tmp_path / "src" / "again").symlink_to(tmp_path / "pacs" / "s1")
+    (tmp_path / "pacs" / "s1" / "loop").symlink_to(tmp_path / "pacs")
+    assert detect_layout(tmp_path / "src") == "dicom"
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert case.notes == ()  # one file reached by two links is one file, not a copy
+
+
+def test_seg_of_a_study_whose_images_are_absent(tmp_path):
+    """A SEG whose StudyInstanceUID matches no images in SRC: one line naming it."""
+    study = write_study(tmp_path / "src" / "a", make_image(seed=47), variant="series")
+    loaded = load_case(_one(tmp_path / "src"))
+    seg = _seg_file(tmp_path / "src" / "seg.dcm", study, loaded, {"Tumour": loaded.image[2] > 350})
+    ds = pydicom.dcmread(seg)
+    ds.StudyInstanceUID = generate_uid()
+    ds.save_as(seg)
+    cases = discover(tmp_path / "src", "dicom")
+    bad = [c for c in cases if c.problem]
+    assert len(cases) == 2 and len(bad) == 1
+    assert bad[0].problem_path == seg
+    assert "no images of its study" in bad[0].problem, bad[0].problem
+
+
+@pytest.mark.parametrize("keep", ["temporal", "acquisition"])
+def test_pre_contrast_series_beside_a_multiphase_post_series(tmp_path, keep):
+    """A protocol that writes the pre-contrast phase as its own series and the post-contrast
+    phases as one multi-phase series (same sequence, same slices): all are the phases, the
+    pre-contrast first; a same-sequence series on other slices stays skipped."""
+    image = make_image(shape=(4, 12, 10, 8), seed=49)
+    study = write_study(tmp_path / "src", image, variant="multiphase")
+    _phase_tags(study, keep, times=(0.0, 90.0, 150.0, 210.0))
+    pre = generate_uid()
+    for path in study.files[0]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = pre, 9, "pre"
+        if "TemporalPositionIdentifier" in ds:
+            del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+        ds.save_as(path)
+    case, loaded = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    if keep == "acquisition":
+        assert loaded.source.times == pytest.approx((0.0, 90.0, 150.0, 210.0), abs=1e-3)
+    assert [p["series_instance_uid"] for p in loaded.dicom["phases"]] == [
+        pre,
+        *[study.series_uids[1]] * 3,
+    ]
+    assert case.notes == ()
+
+
+def test_size_limit_counts_each_phase_once(tmp_path):
+    """One series per phase: the limit weighs each phase's voxels once (it weighed every
+    series' images times every phase's slices, T times too much, refusing long dynamics)."""
+    image = make_image(shape=(6, 12, 10, 8), seed=50)  # 1920 bytes a phase, 11520 in all
+    write_study(tmp_path / "src", image, variant="series")
+    case = _one(tmp_path / "src")
+    load_case(case, ReadOptions(max_image_bytes=3000))  # 4 x 3000 > 11520: within the limit
+    with pytest.raises(InputError, match="above the limit"):
+        load_case(case, ReadOptions(max_image_bytes=1900))  # a phase is above it
+
+
+def test_seg_of_a_study_of_bare_datasets_carries_its_patient(tmp_path):
+    """The SEG written for a study read from bare datasets (no preamble) takes the patient and
+    study identification from them, as from Part 10 files, so that it files with the study."""
+    study = write_study(tmp_path / "src", make_image(seed=51), variant="multiphase")
+    for path in study.all_files:
+        reencode(path, preamble=False)
+    loaded = load_case(_one(tmp_path / "src"))
+    truth = (loaded.image[2] > 350).astype(np.uint8)
+    seg = tmp_path / "x.dcm"
+    sources = [str(p) for p in study.all_files]
+    write_seg(seg, truth, loaded.geometry, loaded.dicom, model_uri="m", source_paths=sources)
+    read = pydicom.dcmread(seg)
+    assert read.PatientName == "DOE^JANE" and read.PatientID == "PID-12345"
+
+
+def test_two_dynamic_series_of_as_many_phases_refused(tmp_path):
+    """A sagittal bilateral DCE written as two multi-phase series (left and right breast), or
+    a repeated dynamic: which one is the case cannot be told; one line naming both (it read
+    one breast, saying so in a note only)."""
+    uid = generate_uid()
+    sag = (0, 1, 0, 0, 0, -1)
+    left = write_study(
+        tmp_path / "src" / "L",
+        make_image(seed=52),
+        variant="multiphase",
+        orientation=sag,
+        origin=(60.0, -30.0, 10.0),
+        study_uid=uid,
+    )
+    right = write_study(
+        tmp_path / "src" / "R",
+        make_image(seed=53),
+        variant="multiphase",
+        orientation=sag,
+        origin=(-60.0, -30.0, 10.0),
+        study_uid=uid,
+    )
+    case = _one(tmp_path / "src")
+    assert case.problem, case.notes
+    assert "two dynamic series" in case.problem
+    assert left.series_uids[0] in case.problem and right.series_uids[0] in case.problem
+
+
+def test_two_slabs_in_one_series_refused_saying_so(tmp_path):
+    """A bilateral sagittal DCE with one slab per breast in one series: the slices form two
+    stacks far apart, which the line says (not 'missing slices')."""
+    sag = (0, 1, 0, 0, 0, -1)
+    study = write_study(
+        tmp_path / "src", make_image(seed=54), variant="multiphase", orientation=sag
+    )
+    for files in study.files.values():
+        for path in files[4:]:  # the other breast: 100 mm further along the normal
+            x, y, z = (float(v) for v in pydicom.dcmread(path).ImagePositionPatient)
+            edit(path, ImagePositionPatient=[x - 100.0, y, z])
+    case = _one(tmp_path / "src")
+    with pytest.raises(InputError) as err:
+        load_case(case)
+    text = str(err.value)
+    assert "\n" not in text and "series 10" in text and "separate stacks" in text, text
+
+
+def test_series_per_phase_beats_a_series_of_repeated_slices(tmp_path):
+    """Three single-time series of the DCE sequence, and a T2 whose slices were acquired twice
+    (two temporal positions): the DCE is the three series, not the T2's two 'phases'."""
+    image = make_image(seed=55)
+    study = write_study(tmp_path / "src", image, variant="series")
+    t2 = write_study(
+        tmp_path / "src" / "t2",
+        make_image(shape=(2, 12, 10, 8), seed=56),
+        variant="multiphase",
+        study_uid=study.study_uid,
+    )
+    for path in t2.all_files:
+        edit(path, EchoTime=80.0, RepetitionTime=3000.0, SeriesNumber=5)
+    case, _ = _assert_like_twin(tmp_path, tmp_path / "src", image, study.affine)
+    assert len(case.notes) == 1 and "series 5" in case.notes[0], case.notes

@@ -137,8 +137,8 @@ def _identification(refs: dict[str, Any], source_paths: list[str]) -> dict[str, 
     for path in source_paths[:3]:
         if not os.path.isfile(path):
             continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        try:  # force: a bare dataset (no preamble, as ingest reads them) is read too
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception:  # moved, replaced or unreadable: the SEG goes without it
             continue
         if str(ds.get("StudyInstanceUID", "")) == refs["study_instance_uid"]:
