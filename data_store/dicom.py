@@ -637,6 +637,26 @@ def plan_study(study: _Study) -> _Plan:
         )
     _unwrap_midnight(study)
     notes: list[str] = list(study.notes)
+    candidates = _candidate_series(study, notes)
+    dynamic = [(s, _temporal_groups(s)) for s in candidates]
+    multi = [(s, g) for s, g in dynamic if len(g) > 1]
+    singles: dict[tuple, list[_Series]] = defaultdict(list)
+    for s, g in dynamic:
+        if len(g) == 1:
+            singles[s.sequence].append(s)
+    most_singles = max((len(v) for v in singles.values()), default=0)
+    # A series of repeated slices (two averages, a repeat) is not the dynamic when more series
+    # of one sequence, one per phase, are.
+    if multi and max(len(g) for _, g in multi) >= most_singles:
+        return _plan_multiphase(multi, candidates, notes)
+    for s, _ in multi:
+        notes.append(f"skipped {s.name}: not the dynamic series (one series per phase is)")
+    return _plan_series_per_phase(study, singles, notes)
+
+
+def _candidate_series(study: _Study, notes: list[str]) -> list[_Series]:
+    """The study's series that may be DCE phases, in series-number order; each other one gets
+    a note saying why it is skipped."""
     candidates: list[_Series] = []
     for s in sorted(study.series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid)):
         why = _skip_reason(s)
@@ -651,64 +671,59 @@ def plan_study(study: _Study) -> _Plan:
                     path=str(f.path),
                 )
         candidates.append(s)
-    dynamic = [(s, _temporal_groups(s)) for s in candidates]
-    multi = [(s, g) for s, g in dynamic if len(g) > 1]
-    singles: dict[tuple, list[_Series]] = defaultdict(list)
-    for s, g in dynamic:
-        if len(g) == 1:
-            singles[s.sequence].append(s)
-    most_singles = max((len(v) for v in singles.values()), default=0)
-    # A series of repeated slices (two averages, a repeat) is not the dynamic when more series
-    # of one sequence, one per phase, are.
-    if multi and max(len(g) for _, g in multi) >= most_singles:
-        best, groups = max(multi, key=lambda sg: len(sg[1]))
-        tied = [s for s, g in multi if len(g) == len(groups) and s is not best]
-        if tied:
-            # Two series of as many phases: a bilateral acquisition written as two series (one
-            # per breast) or a repeated dynamic. Either guess reads a wrong case.
-            raise InputError(
-                f"two dynamic series with {len(groups)} phases each, {best.name} and "
-                f"{tied[0].name}: which is the case cannot be told (one breast each, or a "
-                "repeat); keep one of them below SRC",
-                path=str(tied[0].files[0]),
-            )
-        # (time is None, time, series number, temporal key) -> (frames, series) of each phase
-        found = {_phase_key(groups[k], best, k): (groups[k], best) for k in groups}
-        timed = found and next(iter(found))[0] is False
-        for s in candidates:
-            if s is best:
-                continue
-            if _same_slices(s, best, groups) and (_phase_time(s.frames) is not None) == timed:
-                # A phase of its own series beside the multi-phase one (a protocol that writes
-                # the pre-contrast, or a late phase, apart): the same sequence on the same
-                # slices.
-                found[_phase_key(s.frames, s, 0)] = (list(s.frames), s)
-            else:
-                notes.append(
-                    f"skipped {s.name}: not the dynamic series ({best.name} holds the phases)"
-                )
-        ordered = [found[key] for key in sorted(found)]
-        phases = [frames for frames, _ in ordered]
-        times = [_phase_time(p) for p in phases]
-        if len(set(times)) == 1:  # one acquisition time for all: the trigger times tell them
-            triggers = [
-                min((f.trigger for f in p if f.trigger is not None), default=None) for p in phases
-            ]
-            if None not in triggers and len(set(triggers)) == len(phases):
-                times = triggers
-        return _Plan([s for _, s in ordered], phases, _relative(times), notes)
-    for s, _ in multi:
-        notes.append(f"skipped {s.name}: not the dynamic series (one series per phase is)")
-    by_sequence = singles
-    groups_ = sorted(by_sequence.values(), key=lambda g: -len(g))
-    if not groups_ or len(groups_[0]) < 2:
+    return candidates
+
+
+def _plan_multiphase(multi: list, candidates: list[_Series], notes: list[str]) -> _Plan:
+    """The phases of the series with the most temporal positions (`multi`: (series, groups)),
+    with any phase written as a series of its own beside it."""
+    best, groups = max(multi, key=lambda sg: len(sg[1]))
+    tied = [s for s, g in multi if len(g) == len(groups) and s is not best]
+    if tied:
+        # Two series of as many phases: a bilateral acquisition written as two series (one
+        # per breast) or a repeated dynamic. Either guess reads a wrong case.
+        raise InputError(
+            f"two dynamic series with {len(groups)} phases each, {best.name} and "
+            f"{tied[0].name}: which is the case cannot be told (one breast each, or a "
+            "repeat); keep one of them below SRC",
+            path=str(tied[0].files[0]),
+        )
+    # (time is None, time, series number, temporal key) -> (frames, series) of each phase
+    found = {_phase_key(groups[k], best, k): (groups[k], best) for k in groups}
+    timed = found and next(iter(found))[0] is False
+    for s in candidates:
+        if s is best:
+            continue
+        if _same_slices(s, best, groups) and (_phase_time(s.frames) is not None) == timed:
+            # A phase of its own series beside the multi-phase one (a protocol that writes
+            # the pre-contrast, or a late phase, apart): the same sequence on the same slices.
+            found[_phase_key(s.frames, s, 0)] = (list(s.frames), s)
+        else:
+            notes.append(f"skipped {s.name}: not the dynamic series ({best.name} holds the phases)")
+    ordered = [found[key] for key in sorted(found)]
+    phases = [frames for frames, _ in ordered]
+    times = [_phase_time(p) for p in phases]
+    if len(set(times)) == 1:  # one acquisition time for all: the trigger times tell them
+        triggers = [
+            min((f.trigger for f in p if f.trigger is not None), default=None) for p in phases
+        ]
+        if None not in triggers and len(set(triggers)) == len(phases):
+            times = triggers
+    return _Plan([s for _, s in ordered], phases, _relative(times), notes)
+
+
+def _plan_series_per_phase(study: _Study, singles: dict, notes: list[str]) -> _Plan:
+    """The phases as the most numerous group of single-phase series of one sequence
+    (`singles`: sequence -> series), in acquisition order."""
+    groups = sorted(singles.values(), key=lambda g: -len(g))
+    if not groups or len(groups[0]) < 2:
         raise InputError(
             "no DCE series: need one series with several temporal positions, or several series "
             f"of one sequence (one per phase); {len(study.series)} series, none dynamic"
             + (f" ({notes[0]})" if notes else "")
         )
-    chosen = groups_[0]
-    for s in sum(by_sequence.values(), []):
+    chosen = groups[0]
+    for s in sum(singles.values(), []):
         if s not in chosen:
             notes.append(
                 f"skipped {s.name}: another sequence than the dynamic series "
@@ -716,11 +731,7 @@ def plan_study(study: _Study) -> _Plan:
             )
     chosen = sorted(
         chosen,
-        key=lambda s: (
-            _phase_time(s.frames) is None,
-            _phase_time(s.frames) or 0,
-            s.number or 0,
-        ),
+        key=lambda s: (_phase_time(s.frames) is None, _phase_time(s.frames) or 0, s.number or 0),
     )
     times = [_phase_time(s.frames) for s in chosen]
     return _Plan(chosen, [list(s.frames) for s in chosen], _relative(times), notes)
