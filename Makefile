@@ -16,15 +16,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Test processes (pytest-xdist), each taking whole files in turn: the suite waits a lot (servers
+# starting, outages and lost nodes in the cluster rehearsal), so 2 fill 2 cores.
+WORKERS ?= 2
+
 # Everything (what CI runs), its wall time printed at the end.
 test: $(STAMP)
-	@start=$$(date +%s); $(BIN)/pytest -q --durations=15; status=$$?; \
+	@start=$$(date +%s); $(BIN)/pytest -q -n $(WORKERS) --dist loadfile --durations=15; status=$$?; \
 	echo "make test: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
 	exit $$status
 
 # The edit-test loop: no Ray cluster, no training (the tests marked slow are left out).
 test-fast: $(STAMP)
-	@start=$$(date +%s); $(BIN)/pytest -q -m "not slow" --durations=5; status=$$?; \
+	@start=$$(date +%s); $(BIN)/pytest -q -m "not slow" -n $(WORKERS) --dist loadfile --durations=5; status=$$?; \
 	echo "make test-fast: $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"; \
 	exit $$status
 

@@ -23,12 +23,35 @@ def _state_home(tmp_path_factory):
     mp.undo()
 
 
+#: The files that take minutes, run first: under `make test` (2 processes, whole files each) the
+#: other process fills the waits of the longest with the short files instead of leaving a tail.
+LONGEST_FIRST = ("test_rehearsal.py", "test_readme.py", "test_sweep.py", "test_train.py")
+
+
+def pytest_configure(config):
+    """Once per run, before pytest-xdist starts its processes: the user's Ray token file, which
+    the first Ray started on a machine writes (`data_store.local_ray`), so that two test
+    processes starting their first Ray at once never race to create it."""
+    if not hasattr(config, "workerinput"):  # the controlling process (or a run without -n)
+        from data_store.local_ray import token_path, write_private_token
+
+        if not os.environ.get("RAY_AUTH_TOKEN"):
+            write_private_token(token_path())
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that needs the session's Ray (directly or through a fixture such as `tiny_store`)
-    is slow whatever its own marks say: `make test-fast` (`-m "not slow"`) starts no Ray."""
+    is slow whatever its own marks say: `make test-fast` (`-m "not slow"`) starts no Ray. The
+    files in `LONGEST_FIRST` go first (in that order; the rest as collected)."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")
