@@ -572,3 +572,17 @@ def test_mlflow_steps_are_epoch_numbers_and_old_runs_keep_theirs(mlflow_uri):
     assert client.get_run(new).data.tags[STEP_TAG] == "epoch" and STEP_TAG not in (
         client.get_run(old).data.tags
     )
+
+
+def test_an_error_leaves_a_ray_the_caller_started_running(
+    ray_session, tiny_store, tmp_path, capsys
+):
+    """`tsesnet.cli.main` called from Python beside the caller's own Ray (a notebook's, this
+    session's): a command that fails ends only a Ray it connected to itself, never the caller's
+    (it used to shut the caller's down, and the next command started another)."""
+    from tsesnet.cli import main
+
+    bad = ["train", "--store", str(tiny_store), "--config", str(TINY), "--set", "run.workers=64"]
+    assert main([*bad, "--set", f"run.storage_path={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert ray_session.is_initialized()

@@ -9,7 +9,8 @@ started here runs them at 0 (measured by `tests/benchmarks/bench_train.py`): eac
 `RAY_worker_niceness` from its own environment, which the job's runtime env sets, so this process's
 environment is left alone. Workers' output (the training loop's epoch lines, the prediction
 progress) is forwarded to the driver, where `tsesnet` and `ray job logs` show it. An already
-initialised session is used as it is.
+initialised session is used as it is, and left running: `disconnect` ends only a connection
+`connect` made (a caller's own Ray, a notebook's or the tests' session, outlives the command).
 
 Token authentication and the local instance itself: `data_store.local_ray`.
 """
@@ -21,6 +22,9 @@ import os
 
 from data_store import local_ray
 
+#: Whether `connect` started or joined the Ray this process is connected to (`disconnect`).
+_connected_here = False
+
 
 def connect():
     """Return the `ray` module, connected to the current session, `$RAY_ADDRESS` or a new one.
@@ -28,6 +32,7 @@ def connect():
     A command's driver says which, in one line, before the seconds Ray takes to start, and
     then prints its workers' output through `tsesnet.common.console`.
     """
+    global _connected_here
     import ray
 
     if ray.is_initialized():
@@ -41,16 +46,20 @@ def connect():
     # Tune's included (a task's own `env_vars` are merged with these).
     local_env = {"env_vars": {"RAY_worker_niceness": "0"}}
     ray = local_ray.connect(log_to_driver=True, runtime_env=local_env)
+    _connected_here = True
     console.attach_ray()
     return ray
 
 
 def disconnect() -> None:
-    """Leave Ray (if connected) before a command prints its last line: Ray forwards its workers'
-    log lines from a thread of its own, which would otherwise go on printing after the error."""
+    """Leave the Ray that `connect` connected to before a command prints its last line: Ray
+    forwards its workers' log lines from a thread of its own, which would otherwise go on
+    printing after the error. A Ray the caller had initialised is not this command's to end."""
     import sys
 
+    global _connected_here
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if _connected_here and ray is not None and ray.is_initialized():
         with contextlib.suppress(Exception):
             ray.shutdown()
+    _connected_here = False
