@@ -1,7 +1,7 @@
 """The one error type that user input raises: its message is a single line a user can act on.
 
 A message may name parameters (a function's arguments, a config's settings) as ``{name}``
-placeholders, so that each caller shows them by the name it knows them by (`Naming`): a
+placeholders, so that each caller shows them by the name it knows them by (`InputError`): a
 library caller reads the Python spelling, the command line its flags.
 """
 
@@ -11,21 +11,25 @@ import contextlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 
-#: ``{name}`` or ``{name=VALUE}``: a parameter named in a message (`Naming`).
+#: ``{name}`` or ``{name=VALUE}``: a parameter named in a message (`InputError`).
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)(?:=([^{}]*))?\}")
 
 
-class Naming:
-    """A message that names parameters as placeholders, shown by each caller's names.
+class InputError(ValueError):
+    """Bad user input (a file, a case, a store, a value given).
+
+    `str(err)` is one line: case, file, problem. An error about one value given names the
+    parameter that took it (`param`); a message may also name other parameters (`params`), e.g.
+    the one that would get past it. Each is a placeholder, so that a caller that knows a
+    parameter by another name (the command line by its flag) renders the line with it
+    (`naming`): a library caller reads the Python spelling, the command line its flags.
 
     A placeholder is written like a keyword argument in braces: ``{name}`` names the parameter,
     ``{name=VALUE}`` the parameter given a value (``"pass {overwrite=True} to replace it"``,
-    ``"pass {wait=SECONDS} to wait longer"``). Only the parameters declared (`params`) are
-    placeholders: any other brace in the text (a path, JSON) stays as it is, and no
-    `str.format` runs on it. In an f-string, write a placeholder with doubled braces
-    (``f"... {{overwrite=True}} ..."``).
-
-    The rule that renders a placeholder (`naming`):
+    ``"pass {wait=SECONDS} to wait longer"``). Only the parameters declared are placeholders:
+    any other brace in the text (a path, JSON) stays as it is, and no `str.format` runs on it.
+    In an f-string, write a placeholder with doubled braces (``f"... {{overwrite=True}} ..."``).
+    A placeholder is rendered:
 
     - without a display name for the parameter (a library caller, ``str(err)``), as written,
       in Python's spelling: ``overwrite=True``, ``wait=SECONDS``, ``trials``;
@@ -34,60 +38,12 @@ class Naming:
       ``--overwrite``, ``--wait SECONDS``, ``--trials``.
 
     Attributes:
-        params: the parameters the message names.
-        shown: display names a caller above gave before passing the error on (e.g. a command
-            that names the flag of another command the message suggests); the names given to
-            `naming` come first.
-    """
-
-    _template: str
-    params: tuple[str, ...]
-    shown: dict[str, str]
-
-    def _declare(self, template: str, params: Iterable[str]) -> None:
-        self._template = template
-        self.params = tuple(dict.fromkeys(p for p in params if p))
-        self.shown = {}
-
-    def _render(self, names: Mapping[str, str | None]) -> str:
-        def one(match: re.Match) -> str:
-            param, value = match.group(1), match.group(2)
-            if param not in self.params:
-                return match.group(0)
-            shown = names.get(param)
-            if not shown:
-                return match.group(0)[1:-1]
-            return shown if value is None or value == "True" else f"{shown} {value}"
-
-        return _PLACEHOLDER.sub(one, self._template)
-
-    def naming(self, names: Mapping[str, str | None] | str | None = None) -> str:
-        """The message with its parameters shown by `names`.
-
-        Args:
-            names: display names by parameter (the command line passes all its flags: ``{dest:
-                flag}``); a single name, for `param` (an `InputError`'s); None for the
-                library's own spelling. A parameter without a display name is shown in it.
-        """
-        if isinstance(names, str):
-            names = {getattr(self, "param", None) or "": names}
-        return self._render({**self.shown, **(names or {})})
-
-
-class InputError(Naming, ValueError):
-    """Bad user input (a file, a case, a store, a value given).
-
-    `str(err)` is one line: case, file, problem. An error about one value given names the
-    parameter that took it (`param`); a message may also name other parameters (`params`), e.g.
-    the one that would get past it. Each is a placeholder (`Naming`), so that a caller that
-    knows a parameter by another name (the command line by its flag) renders the line with it
-    (`naming`).
-
-    Attributes:
         case: the case concerned, or None.
         path: the file or store concerned, or None.
         param: the parameter (argument or setting) whose value is wrong, or None.
         params: every parameter the message names (`param` first).
+        shown: display names a caller above gave before passing the error on (`shown_as`);
+            the names given to `naming` come first.
         problem: the message without the case and the file, in the library's spelling.
     """
 
@@ -120,19 +76,40 @@ class InputError(Naming, ValueError):
                 message = message.replace("{param}", "{" + param + "}")
             elif param not in _names_in(message):
                 message = "{" + param + "} " + message
-        self._declare(message, [param, *params])
+        self._template = message
+        self.params = tuple(dict.fromkeys(p for p in (param, *params) if p))
+        self.shown: dict[str, str] = {}
         super().__init__(self.naming())
         self.problem = self._render({})
 
     def naming(self, names: Mapping[str, str | None] | str | None = None) -> str:
-        """The one line with its parameters shown by `names` (`Naming.naming`): e.g. the flag
-        that set each; the library's spelling where `names` has none."""
+        """The one line with its parameters shown by `names`.
+
+        Args:
+            names: display names by parameter (the command line passes all its flags: ``{dest:
+                flag}``); a single name, for `param`; None for the library's own spelling. A
+                parameter without a display name is shown in it.
+        """
+        if isinstance(names, str):
+            names = {self.param or "": names}
         parts = [
             p
             for p in (f"case {self.case}" if self.case else None, self.path and str(self.path))
             if p
         ]
-        return ": ".join([*parts, super().naming(names)])
+        return ": ".join([*parts, self._render({**self.shown, **(names or {})})])
+
+    def _render(self, names: Mapping[str, str | None]) -> str:
+        def one(match: re.Match) -> str:
+            param, value = match.group(1), match.group(2)
+            if param not in self.params:
+                return match.group(0)
+            shown = names.get(param)
+            if not shown:
+                return match.group(0)[1:-1]
+            return shown if value is None or value == "True" else f"{shown} {value}"
+
+        return _PLACEHOLDER.sub(one, self._template)
 
     def moved(self, *, case: str | None = None, path: str | None = None) -> InputError:
         """The same error about another case or file (its parameters still placeholders)."""
@@ -143,8 +120,8 @@ class InputError(Naming, ValueError):
 
 @contextlib.contextmanager
 def shown_as(names: Mapping[str, str]) -> Iterator[None]:
-    """Gives a `Naming` error raised inside the display names `names` for the parameters it
-    names, then lets it go on (`Naming.shown`; its own come first): for a command whose flags
+    """Gives an `InputError` raised inside the display names `names` for the parameters it
+    names, then lets it go on (`InputError.shown`; its own come first): for a command whose flags
     the library knows by other names, or a hint about another command's flag.
 
     Args:
@@ -152,9 +129,8 @@ def shown_as(names: Mapping[str, str]) -> Iterator[None]:
     """
     try:
         yield
-    except Exception as err:
-        if isinstance(err, Naming):  # a mixin: `except` takes exception classes only
-            err.shown = {**names, **err.shown}
+    except InputError as err:
+        err.shown = {**names, **err.shown}
         raise
 
 

@@ -174,7 +174,7 @@ def ingest(
         options: what source files may be (size limit, assumed spacing).
         break_lock: remove a lock held by someone unknown (`data_store.lock.StoreLock`).
         names: how a rejected case's line shows the parameters it names (e.g.
-            ``max_image_bytes``), by parameter (`data_store.errors.Naming`): the command line
+            ``max_image_bytes``), by parameter (`data_store.errors.InputError`): the command line
             passes its flags; None shows the Python names.
 
     Returns:

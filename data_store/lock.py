@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from data_store.errors import InputError
 from data_store.location import Owner, StoreLocation, pid_running
 
-#: The parameters a lock's errors name (placeholders, `data_store.errors.Naming`).
+#: The parameters a lock's errors name (placeholders, `data_store.errors.InputError`).
 _LOCK_PARAMS = ("wait", "break_lock")
 
 #: Seconds a writer waits for another writer's lock unless told otherwise (`--wait`).

@@ -16,7 +16,7 @@ and `importlib.import_module("...")` / `__import__("...")` calls with a literal 
   only by the modules in `ENVIRON_WRITES`, each with the reason.
 - Below the command line, an error speaks of parameters, not of the command line's flags: no
   string in a `raise` names a `--flag` (the CLI maps parameter placeholders to its flags:
-  `data_store.errors.Naming`), except in the command modules and handlers (`FLAGS_SPOKEN`), a
+  `data_store.errors.InputError`), except in the command modules and handlers (`FLAGS_SPOKEN`), a
   quoted `tsesnet ...` command suggested, and the lines in `FLAGS_KEPT`.
 - Each rule is shown failing on a violation planted in a small package tree (`PLANTS`).
 - No function is longer than 80 lines (declarative tables excepted, by name, below).
@@ -348,7 +348,7 @@ RULES = {
     "private": f"private third-party names only through {', '.join(COMPAT)}",
     "dynamic": f"imports of a computed name only in {', '.join(DYNAMIC)}",
     "environ": f"the process environment written only in {', '.join(ENVIRON_WRITES)}",
-    "flags": "errors below the command line name parameters, not --flags (Naming placeholders)",
+    "flags": "errors below the command line name parameters, not --flags (InputError placeholders)",
 }
 
 

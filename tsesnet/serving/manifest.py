@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = "tsesnet-prediction"
 _MASK_SUFFIXES = (".nii.gz", ".nii", ".dcm")
-#: The way past `check_prediction_folder` (a placeholder, `data_store.errors.Naming`).
+#: The way past `check_prediction_folder` (a placeholder, `data_store.errors.InputError`).
 _UNCHECKED = "pass {pred_unchecked=True} to score its masks as found"
 _PRED_PARAMS = ("overwrite", "pred_unchecked")
 
