@@ -723,9 +723,6 @@ def _signals_deferred():
 
 
 def _end_killed(run_id: str) -> None:
-    """Mark run `run_id` KILLED unless someone has ended it already: a sweep trial that ASHA
-    stopped is killed by Tune, and its dying driver must not undo the FINISHED the sweep gave
-    the run (under load that marking came after the sweep's and left a finished trial KILLED)."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -755,7 +752,7 @@ def ended_as(run_id: str, undo: list | None = None):
         with _signals_deferred():  # a second signal must not stop the marking
             for step in reversed(undo or []):
                 step()
-            _end_killed(run_id)
+            client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, "FAILED")
