@@ -472,6 +472,7 @@ def register_best(best: TrialRow, plan: SweepPlan, promote: bool = False):
 
     from tsesnet.common.yaml_config import with_values
     from tsesnet.tracking.runs import git_commit
+    from tsesnet.training.checkpoint import local_directory
     from tsesnet.training.driver import register
 
     ckpt = best.checkpoint_path
@@ -494,7 +495,7 @@ def register_best(best: TrialRow, plan: SweepPlan, promote: bool = False):
         "sweep": plan.name,
     }
     train_ids, val_ids = plan.store.split(cfg.data.fold)
-    with Checkpoint(ckpt).as_directory() as d:
+    with local_directory(Checkpoint(ckpt)) as d:
         return register(
             d,
             cfg,

@@ -246,6 +246,44 @@ def test_default_run_names_of_earlier_runs_do_not_change(tmp_path):
     assert default_run_name("/x/demo.zarr", runtime) == "demo-tiny-tsff-fold0-48dc59d8"
 
 
+def test_two_readers_of_a_remote_checkpoint_never_share_its_files(tmp_path):
+    """Two workers restoring on one node each read their own download. Ray's `as_directory`
+    shares one folder per node, and the second reader downloaded again over the files the first
+    was reading: a torn optim.pt after a lost node in the cluster rehearsal."""
+    import fsspec
+    import pyarrow.fs
+    import torch
+    from ray.train import Checkpoint
+
+    from tsesnet.training import checkpoint
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    (tmp_path / "ckpt").mkdir()
+    checkpoint.save(tmp_path / "ckpt", net, opt, net.state_dict(), checkpoint.TrainState(epoch=4))
+    remote = fsspec.filesystem("memory")
+    remote.put(str(tmp_path / "ckpt"), "/bucket/ckpt", recursive=True)
+    fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(remote))
+    ckpt = Checkpoint("/bucket/ckpt", filesystem=fs)
+    with checkpoint.local_directory(ckpt) as first:
+        before = os.stat(Path(first) / checkpoint.OPTIM_FILE)
+        with checkpoint.local_directory(ckpt) as second:  # the same checkpoint, as every rank gets
+            assert Path(second) != Path(first)
+            assert checkpoint.read_state(second).epoch == 4
+        after = os.stat(Path(first) / checkpoint.OPTIM_FILE)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        state, _ = checkpoint.restore(
+            first, torch.nn.Linear(3, 2), torch.optim.Adam(net.parameters())
+        )
+        assert state.epoch == 4
+    assert not Path(first).exists(), "the download is removed after the block"
+    # a checkpoint on local disk is read where it is, not copied
+    with checkpoint.local_directory(Checkpoint.from_directory(str(tmp_path / "ckpt"))) as here:
+        assert Path(here) == tmp_path / "ckpt"
+
+
 def test_checkpoint_state_and_run_file_of_earlier_runs_still_read(tmp_path):
     import json
 

@@ -15,8 +15,10 @@ model on the same store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,26 @@ def restore(directory: str | Path, module, optimizer) -> tuple[TrainState, dict]
     module.load_state_dict(_load(d / MODEL_FILE))
     optimizer.load_state_dict(_load(d / OPTIM_FILE))
     return read_state(d), load_best(d)
+
+
+@contextlib.contextmanager
+def local_directory(ckpt):
+    """A Ray `Checkpoint` as a local folder of this process's own, for the block's duration.
+
+    A checkpoint on local disk is read where it is. One on remote storage (S3) is downloaded to
+    a private temporary folder. Ray's `Checkpoint.as_directory()` shares one download folder
+    among the processes of a node, and a process that arrives after the first download ended
+    downloads again over the files the first is reading: two workers restoring on one node then
+    read a torn `optim.pt` ("PytorchStreamReader failed reading file"), seen in the cluster
+    rehearsal after a lost node.
+    """
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+        yield ckpt.path
+        return
+    with tempfile.TemporaryDirectory(prefix="tsesnet-checkpoint-") as d:
+        yield ckpt.to_directory(d)
 
 
 def read_state(directory: str | Path) -> TrainState:

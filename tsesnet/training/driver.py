@@ -119,7 +119,7 @@ def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
         check_stop()
         result = fit(plan, callbacks)
         check_stop()
-        with result.checkpoint.as_directory() as ckpt_dir:
+        with checkpoint.local_directory(result.checkpoint) as ckpt_dir:
             state = checkpoint.read_state(ckpt_dir)
             with _signals_deferred():  # all of a registration or none of it
                 check_stop()

@@ -143,7 +143,7 @@ def _build(cfg: TrainConfig, me: Rank):
     state, best, resumed = TrainState(), None, -1
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
+        with checkpoint.local_directory(ckpt) as d:
             state, best = checkpoint.restore(d, net, optimizer)
         state.restarts += 1
         resumed = state.epoch
