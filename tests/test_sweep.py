@@ -246,6 +246,46 @@ def _tiny_cfg(tmp_path, trials=4):
     return cfg
 
 
+def test_a_killed_trial_leaves_its_run_to_the_sweep(mlflow_uri, tmp_path):
+    """Tune kills a trial ASHA stops, and the sweep ends the trial's run FINISHED. The trial's
+    training must not take the SIGTERM for a Ctrl-C and end the run KILLED on its way out (in CI
+    that came after the sweep's FINISHED). Here the training is the driver's own signal handling
+    and run ending around a wait, in a process that exits on SIGTERM as a Ray worker does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("trial")).info.run_id
+    ready = tmp_path / "training"
+    script = tmp_path / "trial_task.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "from sweeps import trial\n"
+        "from tsesnet.training import driver\n"
+        "def train(store, cfg, name, callbacks):\n"
+        "    driver._catch_signals()\n"
+        f"    with driver.ended_as({run_id!r}):\n"
+        f"        open({str(ready)!r}, 'w').close()\n"
+        "        time.sleep(120)\n"
+        "driver.train = train\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a Ray worker's main loop\n"
+        "trial._train('store', None, 'name', None)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the training never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 1
+    assert client.get_run(run_id).info.status == "RUNNING"  # for the sweep to end
+
+
 def _children(client, parent_id):
     exp = client.get_run(parent_id).info.experiment_id
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
