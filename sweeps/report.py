@@ -106,9 +106,9 @@ def _nan0(x: float) -> float:
 
 def finish_child_runs(client, rows: list[TrialRow], max_epochs: int) -> None:
     """End every trial's run as Tune ended the trial: FINISHED when it completed or ASHA stopped
-    it (a stopped trial's training is killed mid-way, which leaves its run RUNNING or marked by the
-    dying driver), FAILED when it errored. The epochs a stopped trial trained are what its run's
-    history shows (`collect_rows`)."""
+    it (a stopped trial's training is killed mid-way and leaves its run RUNNING:
+    `sweeps.trial._train`), FAILED when it errored. The epochs a stopped trial trained are what
+    its run's history shows (`collect_rows`)."""
     for r in rows:
         if not r.run_id:
             continue

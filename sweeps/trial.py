@@ -10,7 +10,6 @@ training code here. Each trial's training run is an MLflow child of the sweep's 
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,31 +118,14 @@ def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def _train(store: str, cfg, name: str, callback) -> None:
-    """`train` in a thread of its own, so that signals stay the sweep's business.
-
-    ASHA stops a trial by having Tune kill it. In the worker's main thread the training driver
-    took that SIGTERM for a user's Ctrl-C and ended the trial's run KILLED, under load after the
-    sweep had ended it FINISHED. Off the main thread it installs no handler, and a kill ends the
-    process without touching the run: the sweep ends every trial's run as Tune ended the trial
-    (`report.finish_child_runs`), and a Ctrl-C of the sweep ends the unfinished ones KILLED
-    (`runner._interrupted`).
-    """
+    """`train`, leaving a run that does not complete to the sweep: ASHA stops a trial by having
+    Tune kill it, and the dying driver ended the trial's run KILLED (or FAILED, as Ray shut down
+    around it), under load after the sweep had ended it FINISHED. The sweep ends every trial's
+    run as Tune ended the trial (`report.finish_child_runs`), and a Ctrl-C of the sweep ends the
+    unfinished ones KILLED (`runner._interrupted`)."""
     from tsesnet.training.driver import train
 
-    failed: list[BaseException] = []
-
-    def target():
-        try:
-            train(store, cfg, name, callbacks=[callback])
-        except BaseException as err:  # raised again in this task's thread
-            failed.append(err)
-
-    thread = threading.Thread(target=target, name="tsesnet-trial", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)  # a short wait: Ray's SIGTERM exit is acted on at once
-    if failed:
-        raise failed[0]
+    train(store, cfg, name, callbacks=[callback], ends_failed_runs=False)
 
 
 def _child_run(setup: TrialSetup, name: str, trial: str) -> str:

@@ -250,7 +250,8 @@ def test_a_killed_trial_leaves_its_run_to_the_sweep(mlflow_uri, tmp_path):
     """Tune kills a trial ASHA stops, and the sweep ends the trial's run FINISHED. The trial's
     training must not take the SIGTERM for a Ctrl-C and end the run KILLED on its way out (in CI
     that came after the sweep's FINISHED). Here the training is the driver's own signal handling
-    and run ending around a wait, in a process that exits on SIGTERM as a Ray worker does."""
+    and run ending around a wait, with the driver's choice of who ends a failed run, in a
+    process that exits on SIGTERM as a Ray worker does."""
     import signal
     import subprocess
     import sys
@@ -266,9 +267,9 @@ def test_a_killed_trial_leaves_its_run_to_the_sweep(mlflow_uri, tmp_path):
         "import signal, sys, time\n"
         "from sweeps import trial\n"
         "from tsesnet.training import driver\n"
-        "def train(store, cfg, name, callbacks):\n"
+        "def train(store, cfg, name, callbacks, ends_failed_runs=True):\n"
         "    driver._catch_signals()\n"
-        f"    with driver.ended_as({run_id!r}):\n"
+        f"    with driver.ended_as({run_id!r}, ends_failed=ends_failed_runs):\n"
         f"        open({str(ready)!r}, 'w').close()\n"
         "        time.sleep(120)\n"
         "driver.train = train\n"

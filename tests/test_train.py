@@ -3,6 +3,7 @@ one-epoch tiny training on Ray Train that is tracked in MLflow, registered, and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -501,6 +502,30 @@ def test_a_run_always_ends_with_a_status(error, status, mlflow_uri):
         with pytest.raises(error), ended_as(run.info.run_id):
             raise error("worker died")
     assert client.get_run(run.info.run_id).info.status == status
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(None, "FINISHED"), (RuntimeError, "RUNNING"), (KeyboardInterrupt, "RUNNING")],
+)
+def test_a_run_whose_caller_ends_failures_is_only_ever_finished(error, status, mlflow_uri):
+    """A sweep trial's training (`ends_failed=False`) writes FINISHED when it completes and
+    nothing when it fails or is killed: the sweep ends that run."""
+    import mlflow
+
+    from tsesnet.training.driver import ended_as
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("trial"))
+    undone = []
+    with (
+        contextlib.suppress(error or ()),
+        ended_as(run.info.run_id, undo=[lambda: undone.append(1)], ends_failed=False),
+    ):
+        if error:
+            raise error("stopped")
+    assert client.get_run(run.info.run_id).info.status == status
+    assert undone == ([1] if error is KeyboardInterrupt else [])
 
 
 def _descendants(root: int) -> dict[int, tuple[int, str]]:

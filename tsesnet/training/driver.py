@@ -72,6 +72,7 @@ def train(
     name: str | None = None,
     *,
     callbacks: list | None = None,
+    ends_failed_runs: bool = True,
 ) -> TrainResult:
     """Train on Ray Train, track in MLflow, register the best checkpoint.
 
@@ -80,6 +81,9 @@ def train(
         config: the training config (default: the paper's recipe).
         name: run name; the same name (and storage path) resumes from the latest checkpoint.
         callbacks: extra Ray Train `RunConfig` callbacks, e.g. the sweep's report to Tune.
+        ends_failed_runs: end the MLflow run KILLED or FAILED when the training does not
+            complete. A sweep passes False: it ends each trial's run as Tune ended the trial,
+            and a trial's driver, killed when ASHA stops the trial, must not overwrite that.
 
     Returns:
         The run's MLflow id, best validation Dice, registered version and alias.
@@ -90,9 +94,9 @@ def train(
     try:
         with contextlib.ExitStack() as claims:
             plan = plan_run(store, cfg, name, created=created, claims=claims)
-            result, reg, state = _train_planned(plan, cfg, callbacks)
+            result, reg, state = _train_planned(plan, cfg, callbacks, ends_failed_runs)
     except KeyboardInterrupt:
-        if created:  # a signal between the run's creation and `ended_as`
+        if created and ends_failed_runs:  # a signal between the run's creation and `ended_as`
             _end_killed(created[0])
         raise
     return TrainResult(
@@ -111,11 +115,11 @@ def train(
     )
 
 
-def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None):
+def _train_planned(plan: RunPlan, cfg: TrainConfig, callbacks: list | None, ends_failed: bool):
     """Fit a planned run and register its best checkpoint; (Ray's result, registration, the
     checkpoint's state). The MLflow run ends FINISHED, KILLED or FAILED (`ended_as`)."""
     undo: list = []
-    with ended_as(plan.run_id, undo=undo):
+    with ended_as(plan.run_id, undo=undo, ends_failed=ends_failed):
         check_stop()
         result = fit(plan, callbacks)
         check_stop()
@@ -731,9 +735,10 @@ def _end_killed(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def ended_as(run_id: str, undo: list | None = None):
+def ended_as(run_id: str, undo: list | None = None, ends_failed: bool = True):
     """End MLflow run `run_id` as FINISHED when the block completes, KILLED on Ctrl-C (or a
     SIGTERM turned into KeyboardInterrupt), FAILED on any other error; the error propagates.
+    With `ends_failed` False only FINISHED is written: the caller ends a run that failed.
 
     `undo`, if given, holds what the block did that a KILLED run must not keep (a model
     version it registered): called, newest first, before the run is marked KILLED. A signal
@@ -752,10 +757,12 @@ def ended_as(run_id: str, undo: list | None = None):
         with _signals_deferred():  # a second signal must not stop the marking
             for step in reversed(undo or []):
                 step()
-            client.set_terminated(run_id, "KILLED")
+            if ends_failed:
+                client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        if ends_failed:
+            client.set_terminated(run_id, "FAILED")
         raise
 
 
