@@ -106,6 +106,32 @@ def test_verbose_training_prints_rays_output_uncoloured(tiny_store, tmp_path):
     assert "(RayTrainWorker pid=" in log_file.read_text()
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_rays_own_log_records_go_to_the_log_and_to_the_console_only_with_v(verbose, tmp_path):
+    """Ray's logger has a stderr handler of its own. Tune's "which may be a performance
+    bottleneck" warnings, written through it on a loaded machine, took a sweep's console past
+    SWEEP_LINES_MAX in CI. They go where every other library's records go."""
+    script = (
+        "import logging, sys\n"
+        "from tsesnet.common import console\n"
+        f"console.start('sweep', verbose={verbose})\n"
+        "import ray  # Ray's logger and its handler are made here, after the console\n"
+        "console.attach_ray()\n"
+        "logging.getLogger('ray.tune.utils.util').warning("
+        "'The `process_trial_result` operation took 0.563 s, which may be a performance "
+        "bottleneck.')\n"
+    )
+    env = {**_env(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    on_console = "performance bottleneck" in out.stdout + out.stderr
+    assert on_console == verbose, out.stdout + out.stderr
+    assert "performance bottleneck" in _log_of(out, tmp_path)
+
+
 @pytest.mark.slow
 def test_sweep_prints_trials_and_epochs_without_tunes_banners(tiny_store, tmp_path):
     """A 2-trial tiny sweep (2 epochs per trial at most): each trial's epoch lines are the

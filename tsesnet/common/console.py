@@ -181,7 +181,8 @@ def attach_ray() -> None:
     """After `ray.init` in a command's driver: print the workers' output as this module says.
 
     Replaces Ray's printer of forwarded worker output (`ray_print_logs`, which colours its
-    prefixes and deduplicates) with `_worker_lines`; without `-v`, MLflow's direct messages
+    prefixes and deduplicates) with `_worker_lines`, and sends Ray's logger's records through the
+    root logger (the log; the console with `-v`); without `-v`, MLflow's direct messages
     ("Registered model ... already exists", "Created version") go to the log only: `register`
     says what it registered in one line. Does nothing when no console was started.
     """
@@ -195,6 +196,11 @@ def attach_ray() -> None:
     # The cluster's error messages (the raylet's "N PYTHON worker processes have been started"
     # warnings among them) are printed by a thread of Ray's through this module function.
     ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: _worker_lines(data)
+    # Ray's logger has a stderr handler of its own: Tune's "The `process_trial_result` operation
+    # took 0.56 s, which may be a performance bottleneck" reached the console on a loaded
+    # machine. Its records go through the root logger instead, as the other libraries' do.
+    ray_logger = logging.getLogger("ray")
+    ray_logger.handlers, ray_logger.propagate = [], True
     if not _STATE[0].verbose and "mlflow" in sys.modules:
         from mlflow.utils import logging_utils
 
