@@ -36,6 +36,37 @@ def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path):
     assert (tmp_path / "mlflow.db").is_file()
 
 
+def test_a_trial_that_loses_the_race_to_insert_its_store_still_logs_it(mlflow_uri, monkeypatch):
+    """Two sweep trials log the same store to one experiment at once. MLflow's SQL store looks
+    the dataset up, then inserts it, so the later insert fails on its unique key: a trial of the
+    tiny sweep failed that way in a full run. Here the other trial inserts the dataset between
+    the lookup and the insert (its real `log_input`), and the insert fails as it did there."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tsesnet.tracking import runs
+
+    exp = mlflow.create_experiment("trials")
+    real, calls = mlflow.log_input, []
+
+    def racing(dataset, context=None):
+        calls.append(context)
+        if len(calls) == 1:
+            with mlflow.start_run(experiment_id=exp, nested=True):  # the other trial
+                real(dataset, context=context)
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest"
+            )
+        return real(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run(experiment_id=exp) as run:
+        runs.log_store_input("/data/cohort.zarr", "f" * 16, 0)
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["cohort.zarr"] and calls == ["fold 0"] * 2
+
+
 def test_search_values_are_quoted_safely():
     import pytest
 

@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "tsesnet"
@@ -422,7 +423,17 @@ def log_store_input(store: str, fingerprint: str, fold: int) -> None:
         source = resolve_dataset_source(store)
     name = Path(str(store).rstrip("/")).name
     dataset = MetaDataset(source, name=name, digest=fingerprint[:36])
-    mlflow.log_input(dataset, context=f"fold {fold}")
+    # Two sweep trials starting at once log the same store to one experiment. MLflow's SQL store
+    # looks the dataset up, then inserts it, so the later insert fails on its unique (experiment,
+    # name, digest) key and the trial failed. Tried again, it finds the dataset and links it.
+    for attempt in range(1, 4):
+        try:
+            mlflow.log_input(dataset, context=f"fold {fold}")
+            return
+        except Exception:  # the store's IntegrityError, as MLflow wraps it (SQL or HTTP)
+            if attempt == 3:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def ui_base() -> str:
